@@ -1,0 +1,277 @@
+"""The configuration schema: the single source of every default.
+
+One TOML file describes a run; presets are such files. Each section is a pydantic model with
+`extra="forbid"`, so a typo is an error rather than a silently ignored key. Stage sections
+(`[pretrain]`, later `[sft]`, ...) list only the training keys that stage changes; `Config.stage_train`
+merges them over `[train]`. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# sentencepiece needs room for its own pieces (unk, bos/eos) plus our reserved specials and the 256
+# byte-fallback pieces; above this it refuses or trains pathologically small pieces on laptop data.
+MIN_VOCAB_SIZE = 320
+MAX_VOCAB_SIZE = 262_144
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|GB|MB|GiB|MiB|KB|KiB|TB|TiB)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from `90`, `90s`, `10m`, `2h` (what --max-time accepts)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use seconds, or e.g. 90s, 10m, 2h)")
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def parse_memory(value: str | float | int, total_bytes: int) -> int:
+    """Bytes from a memory cap: a bare number is percent of `total_bytes`; `1.5GB`, `6GiB` absolute."""
+    match = _MEMORY.match(str(value))
+    if not match:
+        raise ValueError(
+            f"{value!r} is not a memory size (use a percent like 70, or 1.5GB, 6GiB, 512MB)"
+        )
+    number, unit = float(match.group(1)), (match.group(2) or "%")
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ValueError(f"memory percent must be in (0, 100], got {value!r}")
+        return int(total_bytes * number / 100)
+    scale = {
+        "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    }[unit.lower()]
+    if number <= 0:
+        raise ValueError(f"memory size must be positive, got {value!r}")
+    return int(number * scale)
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The network's shape. The vocabulary size comes from the tokenizer section."""
+
+    n_layer: int = Field(4, ge=1, le=256)
+    n_head: int = Field(2, ge=1)
+    n_kv_head: int | None = Field(None, ge=1, description="grouped-query heads; None = n_head")
+    n_embd: int = Field(128, ge=8)
+    intermediate_size: int | None = Field(None, ge=8, description="SwiGLU width; None = computed")
+    context_length: int = Field(256, ge=8, le=131_072)
+    rope_theta: float = Field(10_000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: float = Field(0.02, gt=0)
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even "
+                "(rotary embeddings rotate pairs)"
+            )
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: Llama's 8/3 · d rounded up to a multiple of 64."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        hidden = int(8 * self.n_embd / 3)
+        return 64 * ((hidden + 63) // 64)
+
+
+class TokenizerConfig(Section):
+    """sentencepiece BPE settings (byte fallback, split digits and identity normalisation are fixed)."""
+
+    vocab_size: int = Field(5000, ge=MIN_VOCAB_SIZE, le=MAX_VOCAB_SIZE)
+    character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
+    max_training_chars: int = Field(
+        20_000_000, ge=10_000, description="text sampled to train the tokenizer"
+    )
+
+
+class DataConfig(Section):
+    """Where training text comes from and how validation is split off."""
+
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    builtin_size: int = Field(
+        6000, ge=10, description="records the built-in generator makes per kind"
+    )
+
+
+class TrainConfig(Section):
+    """Every training hyperparameter's default; stage sections override a subset."""
+
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    max_steps: int | None = Field(400, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    max_time: str | None = None
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Precision = "auto"
+    device: Device = "auto"
+    compile: bool = False
+    seed: int = Field(1337, ge=0)
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=0)
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(20, ge=1, description="micro-batches per validation pass")
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("max_time")
+    @classmethod
+    def _check_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
+            )
+        return self
+
+
+class StageTrainConfig(Section):
+    """A stage's overrides of [train]: the same keys, all optional."""
+
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    min_lr: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    max_time: str | None = None
+    micro_batch_size: int | None = Field(None, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    weight_decay: float | None = Field(None, ge=0)
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    adam_eps: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, ge=0)
+    precision: Precision | None = None
+    device: Device | None = None
+    compile: bool | None = None
+    seed: int | None = Field(None, ge=0)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int | None = Field(None, ge=0)
+    eval_every: int | None = Field(None, ge=1)
+    eval_batches: int | None = Field(None, ge=1)
+    log_every: int | None = Field(None, ge=1)
+
+    @field_validator("max_time")
+    @classmethod
+    def _check_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
+class PretrainConfig(StageTrainConfig):
+    """[pretrain]: overrides of [train] for `minigpt pretrain`."""
+
+
+class GenerateConfig(Section):
+    """Sampling defaults for generate (and later chat/eval)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    num_beams: int = Field(1, ge=1)
+    length_penalty: float = 1.0
+
+
+class ResourcesConfig(Section):
+    """Caps the governor enforces. max_memory: a bare number is percent of physical RAM."""
+
+    max_memory: float | str = 70
+    max_cpu: float = Field(100, gt=0, le=100)
+    threads: int | None = Field(None, ge=1)
+    nice: int | None = Field(None, ge=0, le=19)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_memory(cls, value: float | str) -> float | str:
+        parse_memory(value, 2**40)
+        return value
+
+
+class LogConfig(Section):
+    """How progress is shown and what is written besides metrics.jsonl."""
+
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    plot: bool = True
+
+
+class Config(Section):
+    """A whole run's configuration, as written to `config.toml` in the run directory."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def stage_train(self, stage: str) -> TrainConfig:
+        """[train] with the stage section's keys laid over it (a stage key beats [train])."""
+        overrides = getattr(self, stage, None)
+        merged = self.train.model_dump()
+        if isinstance(overrides, StageTrainConfig):
+            merged.update(overrides.model_dump(exclude_none=True))
+        return TrainConfig.model_validate(merged)
