@@ -52,8 +52,14 @@ def parse_memory(value: str | float | int, total_bytes: int) -> int:
             raise ValueError(f"memory percent must be in (0, 100], got {value!r}")
         return int(total_bytes * number / 100)
     scale = {
-        "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
     }[unit.lower()]
     if number <= 0:
         raise ValueError(f"memory size must be positive, got {value!r}")
@@ -85,9 +91,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even "
@@ -120,7 +124,7 @@ class TokenizerConfig(Section):
     """sentencepiece BPE settings (byte fallback, split digits and identity normalisation are fixed)."""
 
     vocab_size: int = Field(5000, ge=MIN_VOCAB_SIZE, le=MAX_VOCAB_SIZE)
-    character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
+    character_coverage: float = Field(0.9995, ge=0.98, le=1.0)
     max_training_chars: int = Field(
         20_000_000, ge=10_000, description="text sampled to train the tokenizer"
     )
@@ -157,7 +161,7 @@ class TrainConfig(Section):
     compile: bool = False
     seed: int = Field(1337, ge=0)
     save_every: int = Field(100, ge=1)
-    keep_last: int = Field(2, ge=0)
+    keep_last: int = Field(2, ge=1, description="snapshots kept under checkpoints/")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1, description="micro-batches per validation pass")
     log_every: int = Field(10, ge=1)
@@ -175,10 +179,6 @@ class TrainConfig(Section):
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
-            )
-        if self.min_lr > self.learning_rate:
-            raise ValueError(
-                f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
         return self
 
@@ -205,7 +205,7 @@ class StageTrainConfig(Section):
     compile: bool | None = None
     seed: int | None = Field(None, ge=0)
     save_every: int | None = Field(None, ge=1)
-    keep_last: int | None = Field(None, ge=0)
+    keep_last: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     eval_batches: int | None = Field(None, ge=1)
     log_every: int | None = Field(None, ge=1)
@@ -237,8 +237,8 @@ class GenerateConfig(Section):
 class ResourcesConfig(Section):
     """Caps the governor enforces. max_memory: a bare number is percent of physical RAM."""
 
-    max_memory: float | str = 70
-    max_cpu: float = Field(100, gt=0, le=100)
+    max_memory: float | str = 70.0
+    max_cpu: float = Field(100.0, gt=0, le=100)
     threads: int | None = Field(None, ge=1)
     nice: int | None = Field(None, ge=0, le=19)
 

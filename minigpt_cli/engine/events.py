@@ -23,7 +23,7 @@ class Event:
 EventCallback = Callable[[Event], None]
 
 
-def emit(on_event: EventCallback | None, kind: str, stage: str, **data: Any) -> None:
+def emit(on_event: EventCallback | None, kind: str, stage: str, /, **data: Any) -> None:
     """Send an event if anyone listens; engine code calls this instead of printing."""
     if on_event is not None:
         on_event(Event(kind, stage, data))

@@ -1,0 +1,242 @@
+"""`minigpt generate RUN`: continue a prompt with a trained run, streaming text as it is produced.
+
+Defaults come from the run's own `[generate]` section (so a run can ship its preferred sampling
+settings); every flag overrides one of them. The prompt is conditioned as the start of a document
+(the end-of-text id that separates training documents comes first), generation ends at an
+end-of-text or end-of-turn token, and the text is printed as it is produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from minigpt_cli.errors import UserError
+
+SAMPLE_SEPARATOR = "-" * 15  # between --num-samples outputs, as nanoGPT's sample.py prints
+
+
+def generate(
+    run: Annotated[
+        Path, typer.Argument(help="Run directory to generate with (e.g. runs/pretrain-tiny).")
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="Text to continue. Without it the prompt is read from stdin when stdin is not a "
+            "terminal; otherwise generation starts a new document.",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy."),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", min=0, help="Sample among the k most likely tokens; 0 = off."),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus sampling: smallest set with this much probability."),
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(
+            "--repetition-penalty", help="Above 1 discourages tokens already in the text (CTRL)."
+        ),
+    ] = None,
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Always take the most likely token.")
+    ] = False,
+    num_beams: Annotated[
+        int | None,
+        typer.Option("--num-beams", min=1, help="Beam search with N beams (deterministic)."),
+    ] = None,
+    length_penalty: Annotated[
+        float | None,
+        typer.Option(
+            "--length-penalty",
+            help="Beam search: score = log-prob / length^this; above 0 favours longer text.",
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed: the same seed gives the same text.")
+    ] = None,
+    num_samples: Annotated[
+        int,
+        typer.Option(
+            "--num-samples", min=1, help="Independent samples, generated together as one batch."
+        ),
+    ] = 1,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help="Plain text continuation, no chat template, even for a chat-tuned run (base "
+            "runs are always raw).",
+        ),
+    ] = False,
+    echo: Annotated[
+        bool, typer.Option("--echo/--no-echo", help="Print the prompt before the continuation.")
+    ] = True,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Report speed (tokens/s) on stderr.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, MPS, then CPU).")
+    ] = "auto",
+) -> None:
+    """Generate text with a trained run, streamed to stdout as it is produced.
+
+    Sampling defaults come from the run's [generate] config section. Example:
+    minigpt generate runs/pretrain-tiny --prompt "Once upon a time" --top-p 0.9 --seed 1
+    """
+    import torch
+
+    from minigpt_cli.engine.checkpoint import load_run
+    from minigpt_cli.engine.device import resolve_device
+    from minigpt_cli.engine.generation import (
+        SamplingSettings,
+        TextStream,
+        decode_threads,
+        generate_batch,
+    )
+
+    text = _read_prompt(prompt)
+    target = resolve_device(device)
+    loaded = load_run(run, str(target))
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
+    if target.type == "cpu":
+        cap = max(1, round((os.cpu_count() or 1) * config.resources.max_cpu / 100))
+        torch.set_num_threads(
+            config.resources.threads or decode_threads(model.num_parameters(), cap)
+        )
+    # `raw` matters once chat-tuned runs exist (they get the shared chat template unless --raw);
+    # until then every run is a base run and generation is always a raw continuation.
+    del raw
+
+    overrides: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k or None,  # 0 (off) is applied below: None here means "keep the default"
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "num_beams": num_beams,
+        "length_penalty": length_penalty,
+        "seed": seed,
+    }
+    stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None and i >= 0)
+    settings = SamplingSettings.from_config(
+        config.generate,
+        **overrides,
+        greedy=greedy,
+        stop_ids=stop_ids,
+        stop_strings=tuple(stop or ()),
+    )
+    if top_k == 0:
+        settings = dataclasses.replace(settings, top_k=None)
+
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+    context = model.config.context_length
+    if len(prompt_ids) > context:
+        sys.stderr.write(
+            f"note: the prompt is {len(prompt_ids)} tokens; the model sees its last {context} "
+            "(its context length)\n"
+        )
+
+    out = sys.stdout
+    stream = TextStream(tokenizer, settings.stop_strings, prompt_ids)
+    first_token_at: list[float] = []
+
+    def show(_row: int, token: int) -> None:
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        delta = stream.push(token)
+        if delta:
+            out.write(delta)
+            out.flush()
+
+    try:
+        if echo and num_samples == 1:
+            out.write(text)
+            out.flush()
+        start = time.perf_counter()
+        results = generate_batch(
+            model,
+            prompt_ids,
+            settings,
+            num_samples,
+            tokenizer=tokenizer,
+            on_token=show if num_samples == 1 else None,
+        )
+        elapsed = time.perf_counter() - start
+        if num_samples == 1:
+            out.write(stream.finish() + "\n")
+        else:
+            for index, tokens in enumerate(results):
+                if index:
+                    out.write(SAMPLE_SEPARATOR + "\n")
+                sample = TextStream(tokenizer, (), prompt_ids)
+                body = "".join(sample.push(t) for t in tokens) + sample.finish()
+                out.write((text if echo else "") + body + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+    if verbose:
+        produced = sum(len(tokens) for tokens in results)
+        rate = produced / elapsed if elapsed > 0 else float("inf")
+        first = (
+            f", first token after {1000 * (first_token_at[0] - start):.0f} ms"
+            if first_token_at
+            else ""
+        )
+        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        sys.stderr.write(
+            f"{produced} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s{first}); prompt "
+            f"{min(len(prompt_ids), context)} tokens; {num_samples} sample(s); "
+            f"{target.type} {dtype}, {torch.get_num_threads()} threads\n"
+        )
+
+
+def _read_prompt(prompt: str | None) -> str:
+    """The prompt flag, else piped stdin, else empty (start a new document)."""
+    if prompt is not None:
+        return prompt
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        return ""
+    try:
+        interactive = stdin.isatty()
+    except ValueError:
+        return ""
+    if interactive:
+        return ""
+    try:
+        return stdin.read()
+    except UnicodeDecodeError as error:
+        raise UserError(f"<stdin>: the prompt is not valid UTF-8 ({error.reason})") from error
+
+
+def register(app: typer.Typer) -> None:
+    """Add `minigpt generate`."""
+    app.command("generate")(generate)

@@ -1,0 +1,142 @@
+"""`minigpt pretrain`: train a tokenizer and a model from raw text (built-in text by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from minigpt_cli.cli import common
+from minigpt_cli.errors import UserError
+
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option("--tokenizer", help="Use this tokenizer (folder or run) instead of training one."),
+]
+FromOpt = Annotated[
+    Path | None,
+    typer.Option("--from", help="Continue pretraining this run (its shape, tokenizer, weights)."),
+]
+
+
+def pretrain(
+    preset: common.PresetOpt = None,
+    config_file: common.ConfigOpt = None,
+    data: common.DataOpt = None,
+    val_data: common.ValDataOpt = None,
+    tokenizer: TokenizerOpt = None,
+    from_run: FromOpt = None,
+    out: common.OutOpt = None,
+    max_steps: common.MaxStepsOpt = None,
+    max_tokens: common.MaxTokensOpt = None,
+    epochs: common.EpochsOpt = None,
+    max_time: common.MaxTimeOpt = None,
+    max_memory: common.MaxMemoryOpt = None,
+    max_cpu: common.MaxCpuOpt = None,
+    resume: common.ResumeOpt = False,
+    overwrite: common.OverwriteOpt = False,
+    seed: common.SeedOpt = None,
+    precision: common.PrecisionOpt = None,
+    device: common.DeviceOpt = None,
+    compile_model: common.CompileOpt = None,
+    sets: common.SetOpt = None,
+) -> None:
+    """Pretrain a GPT on text: tokenizer, encoding, training, checkpoints, validation bits/byte.
+
+    With no arguments it trains the tiny preset on the built-in English+Chinese corpus.
+    """
+    from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.data import expand_paths, validate
+    from minigpt_cli.engine.monitor import configure_threads
+    from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
+    from minigpt_cli.engine.trainer import RunSpec, TrainingInterrupted
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    run_dir = out or common.default_run_dir("pretrain", preset)
+    overrides = common.stage_overrides(
+        "pretrain",
+        max_steps=max_steps,
+        max_tokens=max_tokens,
+        epochs=epochs,
+        max_time=max_time,
+        seed=seed,
+        precision=precision,
+        device=device,
+        compile=compile_model,
+        max_memory=max_memory,
+        max_cpu=max_cpu,
+    )
+    config = common.resolve_config(
+        "pretrain",
+        preset=preset,
+        config_file=config_file,
+        overrides=overrides,
+        sets=sets,
+        run_dir=run_dir,
+        resume=resume,
+    )
+    sources: dict = {}
+    if resume:
+        point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
+        if point is None:
+            raise UserError(f"{run_dir}: nothing to resume (no complete checkpoint there)")
+        sources = ckpt.read_state(point).get("sources", {})
+    inputs = PretrainInputs(
+        data=list(data or [Path(p) for p in sources.get("data", [])]),
+        val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
+        tokenizer=tokenizer,
+        from_run=from_run or (Path(sources["from_run"]) if sources.get("from_run") else None),
+    )
+    if inputs.from_run is not None and not resume:
+        parent = read_run_config(inputs.from_run)
+        config.model = parent.model
+        config.tokenizer = parent.tokenizer
+    for paths in (inputs.data, inputs.val_data):
+        if paths and not (len(paths) == 1 and (paths[0] / "meta.json").is_file()):
+            validate(expand_paths(paths), "pretrain")
+    spec = RunSpec(
+        run_dir=run_dir,
+        resume=resume,
+        parent=str(inputs.from_run) if inputs.from_run else None,
+        sources={
+            "data": [str(p) for p in inputs.data],
+            "val_data": [str(p) for p in inputs.val_data],
+            "from_run": str(inputs.from_run) if inputs.from_run else None,
+            "preset": preset or sources.get("preset") or "tiny",
+        },
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with ckpt.RunLock(run_dir):
+        if ckpt.holds_run(run_dir) and not (resume or overwrite):
+            raise UserError(
+                f"{run_dir} already holds a run: pass --resume to continue it or --overwrite "
+                "to start over (or --out to train elsewhere)"
+            )
+        if overwrite:
+            ckpt.clear_run(run_dir)
+        configure_threads(config.resources.max_cpu, config.resources.threads)
+        with EventRenderer(config.log.progress) as render:
+            try:
+                summary = run_pretrain(config, spec, inputs, on_event=render)
+            except TrainingInterrupted as stop:
+                render.close()
+                typer.echo(
+                    f"\ninterrupted: checkpoint saved at step {stop.step}. Resume with:\n"
+                    f"  minigpt pretrain --out {run_dir} --resume",
+                    err=True,
+                )
+                raise typer.Exit(130) from None
+    if summary.get("nothing_to_do"):
+        typer.echo(
+            f"{run_dir}: already finished at step {summary['step']} "
+            f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `pretrain` to the CLI."""
+    app.command("pretrain")(pretrain)

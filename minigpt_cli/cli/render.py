@@ -1,0 +1,211 @@
+"""Turns engine events into what a person sees: a live rich display on a terminal, plain lines
+otherwise (logs, pipes, CI). Imported inside verbs only, since it pulls in rich."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from minigpt_cli.engine.events import Event
+
+
+def format_duration(seconds: float | None) -> str:
+    """`1h02m`, `3m05s`, `42s`: short enough for a progress line."""
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_rate(tokens_per_sec: float) -> str:
+    return (
+        f"{tokens_per_sec / 1000:.1f}k tok/s"
+        if tokens_per_sec >= 1000
+        else f"{tokens_per_sec:.0f} tok/s"
+    )
+
+
+def step_line(data: dict[str, Any]) -> str:
+    """The one-line summary of a training step shared by both display modes."""
+    parts = [f"loss {data['loss']:.4f}"] if "loss" in data else []
+    if "lr" in data:
+        parts.append(f"lr {data['lr']:.2e}")
+    if "tokens_per_sec" in data:
+        parts.append(format_rate(data["tokens_per_sec"]))
+    if data.get("mfu") is not None:
+        parts.append(f"MFU {100 * data['mfu']:.1f}%")
+    if "rss_mb" in data:
+        parts.append(f"mem {data['rss_mb']:.0f}/{data.get('rss_cap_mb', 0):.0f} MB")
+    if "cpu_pct" in data:
+        parts.append(f"cpu {data['cpu_pct']:.0f}/{data.get('cpu_cap_pct', 100):.0f}%")
+    if "eta_sec" in data:
+        parts.append(f"ETA {format_duration(data['eta_sec'])}")
+    return " | ".join(parts)
+
+
+def eval_line(data: dict[str, Any]) -> str:
+    skip = {"stage", "kind", "step", "tokens", "time"}
+    values = []
+    for key, value in data.items():
+        if key in skip:
+            continue
+        values.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(values)
+
+
+class EventRenderer:
+    """Callable event sink; use as a context manager so the live display is closed cleanly."""
+
+    def __init__(self, mode: str = "auto", console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        live = sys.stdout.isatty() if mode == "auto" else mode == "rich"
+        self.quiet = mode == "none"
+        self.live = live and not self.quiet
+        self.progress: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self._last_progress: dict[str, float] = {}
+        self._last_phase: dict[str, object] = {}
+
+    def __enter__(self) -> EventRenderer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def _ensure_progress(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+        return self.progress
+
+    def __call__(self, event: Event) -> None:
+        handler = getattr(self, f"_on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    # ------------------------------------------------------------------------ event handlers
+
+    def _on_note(self, event: Event) -> None:
+        self.print(f"{event.stage}: {event.data['message']}")
+
+    def _on_progress(self, event: Event) -> None:
+        data = event.data
+        key = f"{event.stage}:{data['task']}"
+        if self.live:
+            progress = self._ensure_progress()
+            if key not in self.tasks:
+                self.tasks[key] = progress.add_task(data["task"], total=data.get("total"), info="")
+            info = data.get("message", "")
+            progress.update(
+                self.tasks[key], completed=data.get("done", 0), total=data.get("total"), info=info
+            )
+            return
+        # Plain mode prints quarters of known totals, and a heartbeat only when its phase changes.
+        total, done = data.get("total"), data.get("done", 0)
+        if not total:
+            phase = data.get("phase", data.get("message", ""))
+            if self._last_phase.get(key) != phase:
+                self._last_phase[key] = phase
+                self.print(f"{event.stage}: {data['task']}: {data.get('message', phase)}")
+            return
+        fraction = done / total
+        last = self._last_progress.get(key, -1.0)
+        if fraction >= 1.0 or fraction - last >= 0.25:
+            self._last_progress[key] = fraction
+            self.print(f"{event.stage}: {data['task']} {100 * fraction:.0f}%")
+
+    def _on_stage_start(self, event: Event) -> None:
+        data = event.data
+        verb = "resuming" if data.get("resumed") else "training"
+        self.print(
+            f"{event.stage}: {verb} to step {data['total_steps']} "
+            f"({data['tokens_per_step']:,} tokens/step, micro-batch {data['micro_batch_size']} "
+            f"x {data['accumulation']} accumulation) -> {data['run_dir']}"
+        )
+        self.print(f"{event.stage}: precision {data['precision']}")
+        if self.live:
+            progress = self._ensure_progress()
+            key = f"{event.stage}:train"
+            self.tasks[key] = progress.add_task(
+                event.stage, total=data["total_steps"], completed=data["step"], info=""
+            )
+
+    def _on_step(self, event: Event) -> None:
+        data = event.data
+        line = step_line(data)
+        if self.live and f"{event.stage}:train" in self.tasks:
+            assert self.progress is not None
+            self.progress.update(
+                self.tasks[f"{event.stage}:train"], completed=data["step"], info=line
+            )
+        else:
+            self.print(f"{event.stage} step {data['step']}/{data['total_steps']} | {line}")
+
+    def _on_eval(self, event: Event) -> None:
+        self.print(f"{event.stage} eval @ step {event.data['step']}: {eval_line(event.data)}")
+
+    def _on_checkpoint(self, event: Event) -> None:
+        if not self.live:
+            self.print(f"{event.stage}: checkpoint saved at step {event.data['step']}")
+
+    def _on_governor(self, event: Event) -> None:
+        self.print(f"{event.stage}: governor: {event.data['message']}")
+
+    def _on_tokenizer(self, event: Event) -> None:
+        report = event.data["report"]
+        ratios = ", ".join(f"{lang} {value:.2f}" for lang, value in report.chars_per_token.items())
+        self.print(
+            f"{event.stage}: tokenizer trained: {report.vocab_size} pieces in "
+            f"{report.seconds:.1f}s; characters per token: {ratios}"
+        )
+
+    def _on_stage_end(self, event: Event) -> None:
+        self.close()
+        data = event.data
+        parts = [
+            f"{event.stage}: done at step {data['step']} ({data['stop_reason']}) in "
+            f"{format_duration(data['seconds'])}, {data['tokens']:,} tokens"
+        ]
+        if "val_loss" in data:
+            parts.append(f"val_loss {data['val_loss']:.4f}")
+        if "val_bpb" in data:
+            parts.append(f"val_bpb {data['val_bpb']:.4f}")
+        self.print(", ".join(parts))
+        self.print(f"{event.stage}: run saved in {data['run_dir']}")

@@ -1,0 +1,428 @@
+"""Checkpoints and run directories: atomic, inspectable, never unpickled.
+
+A checkpoint is a folder of safetensors files plus `trainer_state.json`. Each save writes a complete
+snapshot under `checkpoints/step-NNNNNNNN/` (built in a temporary folder, then renamed), and only
+then points the run's top-level files at it (hard links, each swapped in atomically, the state file
+last). Every tensor file records its step in the safetensors metadata, so a crash between two swaps
+is detected on resume and the newest complete snapshot is used instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minigpt_cli.engine.io import _fsync_dir, atomic_write_bytes, atomic_write_text
+from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from minigpt_cli.config.schema import Config
+    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.toml"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+_SNAPSHOT_PREFIX = "step-"
+_MAX_HEADER = 100 * 2**20
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header ourselves: a pickle or a truncated file gets a clear message."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if prefix[:1] == b"\x80" or prefix[:2] == b"PK":
+                raise UserError(
+                    f"{path}: this is a pickle/zip (torch.save) file, not safetensors; minigpt "
+                    "never unpickles files because loading them can run arbitrary code"
+                )
+            if len(prefix) < 8:
+                raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise UserError(f"{path}: not a safetensors file, or truncated (bad header)")
+            header = json.loads(handle.read(header_len))
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a safetensors file (header is not JSON)") from error
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not an object)")
+    data_end = max(
+        (int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"),
+        default=0,
+    )
+    if 8 + header_len + data_end > size:
+        raise UserError(
+            f"{path}: truncated ({size} bytes, the header promises {8 + header_len + data_end}); "
+            "the run's older snapshots under checkpoints/ may still be complete"
+        )
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (validated as safetensors first)."""
+    return dict(_read_header(Path(path)).get("__metadata__") or {})
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with one-line errors for missing, pickled or truncated files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such file")
+    _read_header(file)
+    try:
+        return load_file(str(file), device=device)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{file}: cannot load safetensors file ({error})") from error
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file atomically (contiguous CPU copies; metadata values are strings)."""
+    from safetensors.torch import save
+
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten optimizer state into named tensors (keyed by parameter name, not position)."""
+    tensors: dict[str, torch.Tensor] = {}
+    state = optimizer.state_dict()
+    groups = []
+    for group in state["param_groups"]:
+        groups.append(
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [names[index] for index in group["params"]],
+            }
+        )
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            import torch
+
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{names[index]}::{key}"] = tensor
+    return tensors, {"param_groups": json.dumps(groups)}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    names: dict[int, str],
+) -> None:
+    """Inverse of `optimizer_tensors`; refuses a state saved for different parameters."""
+    index_of = {name: index for index, name in names.items()}
+    saved_groups = json.loads(metadata.get("param_groups", "[]"))
+    current = optimizer.state_dict()
+    if [g["params"] for g in saved_groups] != [
+        [names[i] for i in g["params"]] for g in current["param_groups"]
+    ]:
+        raise UserError(
+            "optimizer.safetensors was saved for different trainable parameters than this run has"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition("::")
+        if name not in index_of:
+            raise UserError(f"optimizer.safetensors: state for unknown parameter {name!r}")
+        state.setdefault(index_of[name], {})[field] = tensor
+    groups = []
+    for saved, live in zip(saved_groups, current["param_groups"], strict=True):
+        restored = {k: v for k, v in saved.items() if k != "params"}
+        if "betas" in restored:
+            restored["betas"] = tuple(restored["betas"])
+        groups.append({**restored, "params": live["params"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def _snapshot_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(_SNAPSHOT_PREFIX) or not name[len(_SNAPSHOT_PREFIX) :].isdigit():
+        return None
+    return int(name[len(_SNAPSHOT_PREFIX) :])
+
+
+def snapshots(run_dir: Path) -> list[Path]:
+    """Complete snapshot folders, oldest first."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _snapshot_step(p) is not None]
+    return sorted(found, key=lambda p: _snapshot_step(p) or 0)
+
+
+def _link_into_place(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source`, atomically (a hard link, else a copy)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.link")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    tensor_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write snapshot `step` with the given safetensors files and state, then publish it.
+
+    `tensor_files` maps a file name (model.safetensors, optimizer.safetensors, adapter...) to its
+    tensors and metadata; each file's metadata gets `step` so resume can check consistency.
+    """
+    folder = run_dir / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{_SNAPSHOT_PREFIX}{step:08d}"
+    building = folder / f".{final.name}.tmp"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    for file_name, (tensors, metadata) in tensor_files.items():
+        save_tensors(building / file_name, tensors, {**metadata, "step": str(step)})
+    state = {**trainer_state, "step": step, "files": sorted(tensor_files)}
+    atomic_write_text(building / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(building, final)
+    _fsync_dir(folder)
+    for file_name in [*sorted(tensor_files), STATE_FILE]:
+        _link_into_place(final / file_name, run_dir / file_name)
+    _fsync_dir(run_dir)
+    for old in snapshots(run_dir)[: -max(keep_last, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """`trainer_state.json` of a run or snapshot folder."""
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise UserError(f"{directory}: not a run directory (no {STATE_FILE})") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable trainer state ({error})") from error
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{path}: not a minigpt trainer state (no integer 'step')")
+    return state
+
+
+def _is_consistent(directory: Path) -> bool:
+    try:
+        state = read_state(directory)
+        return all(
+            read_metadata(directory / name).get("step") == str(state["step"])
+            for name in state.get("files", [])
+        )
+    except UserError:
+        return False
+
+
+def find_resume_point(run_dir: Path) -> Path | None:
+    """Where to resume: the run itself if its files agree, else the newest good snapshot."""
+    if _is_consistent(run_dir):
+        return run_dir
+    for snapshot in reversed(snapshots(run_dir)):
+        if _is_consistent(snapshot):
+            return snapshot
+    return None
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` already contains a run (anything a training verb writes)."""
+    markers = (CONFIG_FILE, STATE_FILE, MODEL_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+    return any((run_dir / marker).exists() for marker in markers)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Empty a run directory for --overwrite (everything but the lock we hold)."""
+    for child in run_dir.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+class RunLock:
+    """One writer per run directory: a lock file naming the holder, taken over when it died."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        import psutil
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        )
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text(encoding="utf-8"))
+                    pid, host = int(holder["pid"]), str(holder["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pid, host = -1, socket.gethostname()  # unreadable lock: treat as stale
+                alive = pid > 0 and psutil.pid_exists(pid) and pid != os.getpid()
+                if host != socket.gethostname() or alive:
+                    raise UserError(
+                        f"{self.path.parent}: in use by process {pid} on {host} "
+                        f"(lock {self.path}); wait for it to finish or stop it"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # stale lock from a dead process: take it over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+            self.held = True
+            return
+        raise UserError(f"{self.path}: could not take the run lock")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written; trimmed on resume."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None) -> None:
+        self.path = path
+        if keep_through_step is not None and path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
+                    kept.append(line)
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        self._handle = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete records of a run's metrics.jsonl."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, ready for generate/chat/eval or as the parent of a new stage."""
+
+    run_dir: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: Config
+    state: dict[str, Any]
+
+
+def load_model_weights(model: GPT, path: Path) -> None:
+    """Load weights into `model`, refusing files whose names or shapes do not match its config."""
+    tensors = load_tensors(path)
+    expected = model.export_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{path}: weights do not match the run's config.toml ({detail})")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{path}: weights do not match the run's config.toml ({name} has shape "
+                f"{tuple(tensor.shape)}, the config makes {tuple(expected[name].shape)})"
+            )
+    model.load_exported_state_dict(tensors)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Open a run directory: config, tokenizer, state and the latest weights, in eval mode."""
+    from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.tokenizer import Tokenizer
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run directory")
+    config = read_run_config(folder)
+    tokenizer = Tokenizer.load(folder)
+    state = read_state(folder)
+    if not (folder / MODEL_FILE).exists():
+        raise UserError(f"{folder}: no {MODEL_FILE} (the run has not saved weights yet)")
+    model = GPT(config.model, tokenizer.vocab_size)
+    load_model_weights(model, folder / MODEL_FILE)
+    model.to(device).eval()
+    return LoadedRun(folder, model, tokenizer, config, state)

@@ -1,0 +1,603 @@
+"""Turning a trained model into text: sampling, greedy and beam search over a KV cache.
+
+One decoding loop serves `minigpt generate` now and `chat`/`eval`/RL rollouts later, so the pieces
+are separate and testable: `SamplingSettings` (what the user asked for), `choose_next` (the logits
+processors: repetition penalty, temperature, top-k, top-p, then a draw from a seeded generator),
+`generate_batch`/`generate` (prefill the prompt once, then one token per step through the cache),
+`beam_search`, and `TextStream` (incremental detokenisation that never prints half a character or
+the beginning of a stop string it will later take back).
+
+Choices a user may want to know about:
+- Prompts longer than the context keep their last `context_length` tokens.
+- Generation does not stop at the context length: when the cache is full the window slides. The
+  cache is rebuilt from the last three quarters of the context in one prefill (rotary positions are
+  relative, so the model sees an ordinary, shorter context) and decoding continues. This is
+  nanoGPT's crop-to-the-last-block behaviour, paid for once every quarter context, not every token.
+- Stop ids end a sequence and are not part of the result. A stop string ends it too: the result's
+  text is everything before the string (`decode(result)` equals the text before the stop string;
+  the last few tokens may be re-encoded to cut a token that straddles the string).
+- The same seed gives the same tokens (a private `torch.Generator`; the global RNG is untouched).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from minigpt_cli.config.schema import GenerateConfig
+    from minigpt_cli.engine.model import GPT, KVCache
+
+# When the cache is full, keep this fraction of the context and continue (see the module doc).
+_SLIDE_KEEP = 0.75
+
+# Below this many parameters a decoding step is a few dozen tiny kernels: a second thread only adds
+# synchronisation, and on a busy machine OpenMP's waiting makes it many times slower.
+_SINGLE_THREAD_DECODE_PARAMS = 8_000_000
+
+
+class TextCodec(Protocol):
+    """What generation needs from a tokenizer: `encode` and `decode` (minigpt's Tokenizer)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class SamplingSettings:
+    """How to pick tokens; defaults are the `[generate]` section's.
+
+    `temperature == 0` or `greedy` means argmax. `top_k=None` and `top_p=None` (or 1.0) switch those
+    filters off. `num_beams > 1` selects beam search (deterministic; sampling options are unused
+    there). `seed=None` draws a fresh seed.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop_ids: Sequence[int] = field(default_factory=tuple)
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            problems.append(f"temperature must be 0 or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if any(not text for text in self.stop_strings):
+            problems.append("a stop string must not be empty")
+        if problems:
+            raise UserError("; ".join(problems))
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
+        self.stop_strings = tuple(self.stop_strings)
+
+    @classmethod
+    def from_config(cls, config: GenerateConfig, **overrides: Any) -> SamplingSettings:
+        """Settings from a run's `[generate]` section, with explicit (non-None) overrides on top."""
+        values: dict[str, Any] = config.model_dump()
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+# --------------------------------------------------------------------------------------------
+# choosing the next token
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's penalty: seen tokens' logits divided by `penalty` if positive, multiplied if not."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def choose_next(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V), processed in HF's order.
+
+    Repetition penalty, then greedy argmax, or temperature, top-k, top-p and a draw. Top-p works on
+    the top-k survivors only (already sorted by `topk`), so a full-vocabulary sort happens only when
+    top-k is off.
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / settings.temperature
+    vocab = logits.shape[-1]
+    use_top_p = settings.top_p is not None and settings.top_p < 1.0
+    candidates: torch.Tensor | None = None
+    if settings.top_k is not None and settings.top_k < vocab:
+        logits, candidates = torch.topk(logits, settings.top_k, dim=-1)
+    elif use_top_p:
+        logits, candidates = torch.sort(logits, dim=-1, descending=True)
+    if use_top_p:
+        probs = torch.softmax(logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # The nucleus is the shortest prefix whose mass reaches top_p; the best token always stays.
+        outside = mass_before >= settings.top_p
+        outside[..., 0] = False
+        logits = logits.masked_fill(outside, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A draw from `probs`: argmax of p / Exp(1) noise (the exponential-race form of the Gumbel-max
+    # trick). Same distribution as torch.multinomial, without its per-call validity checks.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    draw = (probs / noise).argmax(dim=-1, keepdim=True)
+    if candidates is not None:
+        draw = candidates.gather(-1, draw)
+    return draw.squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# text
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: text deltas that are never taken back.
+
+    `push(id)` returns the new printable text. Text is held back while it ends in an incomplete
+    UTF-8 sequence (sentencepiece byte-fallback pieces decode to U+FFFD until the character is
+    complete) or while its end could be the start of a stop string. Once a stop string appears,
+    `stopped` is set and nothing from the stop string on is ever returned. `finish()` returns
+    whatever was held back when generation ended for another reason.
+
+    Decoding uses the previous emission's tokens as context (as Hugging Face TGI does), so the cost
+    per token is constant and tokenizers that drop a leading space at the start of `decode` still
+    stream spaces correctly. Pass the prompt's last ids as `context_ids` for the same reason.
+    """
+
+    _CONTEXT_TOKENS = 4
+
+    def __init__(
+        self,
+        tokenizer: TextCodec,
+        stop_strings: Sequence[str] = (),
+        context_ids: Sequence[int] = (),
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self._longest_stop = max((len(s) for s in self.stop_strings), default=0)
+        self._ids = list(context_ids)[-self._CONTEXT_TOKENS :]
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._context_len = len(self._ids)
+        self.text = ""  # decoded text of the generated tokens so far (stable part)
+        self.emitted = 0  # characters of `text` already returned
+        self.stopped = False
+        self.stop_at: int | None = None  # index in `text` where the stop string starts
+        # (tokens consumed, length of `text`) after each stable decode: lets a caller map a cut in
+        # the text back to the tokens that produced it.
+        self.boundaries: list[tuple[int, int]] = [(0, 0)]
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self._ids[self._context_len :]
+
+    def _decode_delta(self) -> str:
+        prefix = self.tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self.tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return full[len(prefix) :]
+        return ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that is now safe to show (maybe "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(int(token_id))
+        delta = self._decode_delta()
+        if not delta:
+            return ""
+        search_from = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += delta
+        self.boundaries.append((len(self._ids) - self._context_len, len(self.text)))
+        found = [
+            index
+            for index in (self.text.find(stop, search_from) for stop in self.stop_strings)
+            if index >= 0
+        ]
+        if found:
+            self.stopped = True
+            self.stop_at = min(found)
+            return self._emit_to(self.stop_at)
+        return self._emit_to(len(self.text) - self._held_back())
+
+    def _held_back(self) -> int:
+        """Length of the longest end of `text` that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _emit_to(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out
+
+    def finish(self) -> str:
+        """Text held back at the end (a stop-string prefix that never completed)."""
+        if self.stopped:
+            return ""
+        return self._emit_to(len(self.text))
+
+    def visible_text(self) -> str:
+        """All text a reader should see: up to the stop string, or everything."""
+        return self.text[: self.stop_at] if self.stop_at is not None else self.text
+
+    def ids_before_stop(self) -> list[int]:
+        """Token ids whose decoded text is exactly `visible_text()`.
+
+        Whole tokens are kept up to the last stable point before the stop string; the remaining
+        few characters (a token that straddles the stop string) are re-encoded.
+        """
+        generated = self.generated_ids
+        if self.stop_at is None:
+            return generated
+        tokens, length = max(
+            (b for b in self.boundaries if b[1] <= self.stop_at), key=lambda b: b[1]
+        )
+        rest = self.text[length : self.stop_at]
+        return generated[:tokens] + (list(self.tokenizer.encode(rest)) if rest else [])
+
+
+# --------------------------------------------------------------------------------------------
+# sampling / greedy
+
+
+def decode_threads(num_parameters: int, max_threads: int) -> int:
+    """CPU threads for token-by-token decoding of a model this size, at most `max_threads`.
+
+    Small models decode fastest on one thread. Larger ones are bound by memory bandwidth, which
+    more threads do help, but only on cores that are free: with every core busy, a thread that
+    waits for a descheduled sibling at each of the hundreds of kernels per token can make decoding
+    5-70x slower (measured on a shared 2-core machine). So the count is the cores left idle by the
+    current load average, within the cap.
+    """
+    if num_parameters < _SINGLE_THREAD_DECODE_PARAMS or max_threads <= 1:
+        return 1
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on Windows
+        busy = 0.0
+    idle = int(cores - busy + 0.5)
+    return max(1, min(max_threads, idle))
+
+
+def _model_device(model: GPT) -> torch.device:
+    return model.lm_head.weight.device
+
+
+def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return generator
+
+
+def _fit_prompt(model: GPT, prompt_ids: Sequence[int]) -> list[int]:
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise ValueError("the prompt must contain at least one token (e.g. the end-of-text id)")
+    vocab = model.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
+    return ids[-model.config.context_length :]
+
+
+def _slide(model: GPT, cache: KVCache, history: torch.Tensor) -> torch.Tensor:
+    """Rebuild a full cache from the last part of `history` (B, T); logits of its last position."""
+    keep = max(1, int(model.config.context_length * _SLIDE_KEEP))
+    cache.reset()
+    return model(history[:, -keep:], kv_cache=cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    settings: SamplingSettings,
+    num_samples: int = 1,
+    *,
+    tokenizer: TextCodec | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """`num_samples` continuations of one prompt, decoded together through one batched KV cache.
+
+    Returns the new tokens of each sample (stop ids and stop strings cut off, see the module doc).
+    `on_token(sample_index, token_id)` is called for every token as it is drawn (before stop-string
+    trimming, which `TextStream` handles for display). Rows that have stopped keep riding along in
+    the batch (their draws are ignored) until every row stops or `max_new_tokens` is reached.
+    """
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    if settings.num_beams > 1:
+        if num_samples > 1:
+            raise UserError(
+                "beam search is deterministic: --num-samples above 1 needs sampling, "
+                "not --num-beams"
+            )
+        eos = settings.stop_ids
+        result = beam_search(
+            model,
+            prompt_ids,
+            settings.num_beams,
+            settings.max_new_tokens,
+            settings.length_penalty,
+            eos,
+        )
+        if settings.stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop strings need a tokenizer to decode the text")
+            stream = TextStream(tokenizer, settings.stop_strings, prompt_ids)
+            for token in result:
+                stream.push(token)
+                if stream.stopped:
+                    break
+            result = stream.ids_before_stop()
+        if on_token is not None:
+            for token in result:
+                on_token(0, token)
+        return [result]
+    if settings.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the text")
+
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_loop(model, prompt_ids, settings, num_samples, tokenizer, on_token)
+    finally:
+        model.train(was_training)
+
+
+def _sample_loop(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    settings: SamplingSettings,
+    rows: int,
+    tokenizer: TextCodec | None,
+    on_token: Callable[[int, int], None] | None,
+) -> list[list[int]]:
+    device = _model_device(model)
+    prompt = _fit_prompt(model, prompt_ids)
+    generator = None if settings.is_greedy else _make_generator(device, settings.seed)
+    stop_ids = set(settings.stop_ids)
+    streams = (
+        [TextStream(tokenizer, settings.stop_strings, prompt) for _ in range(rows)]
+        if settings.stop_strings and tokenizer is not None
+        else None
+    )
+
+    # history holds every token (prompt + generated) so a full cache can slide.
+    history = torch.empty(
+        rows, len(prompt) + settings.max_new_tokens, dtype=torch.long, device=device
+    )
+    history[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    length = len(prompt)
+    seen = None
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros(rows, model.vocab_size, dtype=torch.bool, device=device)
+        seen[:, history[0, :length]] = True
+
+    cache = model.new_kv_cache(rows)
+    logits = model(history[:, :length], kv_cache=cache, last_only=True)[:, -1]
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    active = [True] * rows
+    for _ in range(settings.max_new_tokens):
+        next_ids = choose_next(logits, settings, generator, seen)
+        history[:, length] = next_ids
+        length += 1
+        if seen is not None:
+            seen.scatter_(1, next_ids.unsqueeze(1), True)
+        for row, token in enumerate(next_ids.tolist()):
+            if not active[row]:
+                continue
+            if token in stop_ids:
+                active[row] = False
+                continue
+            outputs[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            if streams is not None:
+                streams[row].push(token)
+                if streams[row].stopped:
+                    active[row] = False
+        if not any(active) or length == history.shape[1]:
+            break
+        if cache.length == cache.max_len:
+            logits = _slide(model, cache, history[:, :length])
+        else:
+            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
+    if streams is not None:
+        outputs = [stream.ids_before_stop() for stream in streams]
+    return outputs
+
+
+def generate(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    settings: SamplingSettings,
+    *,
+    tokenizer: TextCodec | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """New tokens continuing `prompt_ids` (sampling, greedy or beam search per `settings`).
+
+    `on_token(id)` is called as each token is produced (after the search, for beam search), so a
+    caller can stream text through a `TextStream`. `tokenizer` is needed for stop strings.
+    """
+    callback = None if on_token is None else (lambda _row, token: on_token(token))
+    return generate_batch(model, prompt_ids, settings, 1, tokenizer=tokenizer, on_token=callback)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# beam search
+
+
+def _length_normalised(score: float, length: int, length_penalty: float) -> float:
+    return score / (length**length_penalty)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    eos_ids: Sequence[int] = (),
+) -> list[int]:
+    """The highest-scoring continuation found by beam search (eos not included).
+
+    A hypothesis scores `sum(log p) / length ** length_penalty` as in Hugging Face, where `length`
+    counts the new tokens including the eos that ended it (so an immediate eos is length 1, never a
+    division by zero). Each step considers the 2·num_beams best extensions: those ending in an
+    eos become finished hypotheses (the best `num_beams` are kept), the best `num_beams` others
+    continue.
+    The search stops when no running beam can still beat the worst kept hypothesis (an exact bound:
+    log-probabilities only lower a sum) or after `max_new_tokens`. `num_beams=1` is greedy decoding,
+    as in HF.
+    """
+    if num_beams < 1:
+        raise UserError(f"num_beams must be at least 1, got {num_beams}")
+    if num_beams == 1:
+        greedy = SamplingSettings(
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            top_k=None,
+            top_p=None,
+            stop_ids=tuple(eos_ids),
+        )
+        return generate(model, prompt_ids, greedy)
+    was_training = model.training
+    model.eval()
+    try:
+        return _beam_loop(model, prompt_ids, num_beams, max_new_tokens, length_penalty, eos_ids)
+    finally:
+        model.train(was_training)
+
+
+def _beam_loop(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    beams: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    eos_ids: Sequence[int],
+) -> list[int]:
+    device = _model_device(model)
+    prompt = _fit_prompt(model, prompt_ids)
+    eos = set(int(i) for i in eos_ids)
+    vocab = model.vocab_size
+    history = torch.empty(beams, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
+    history[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    length = len(prompt)
+    cache = model.new_kv_cache(beams)
+    logits = model(history[:, :length], kv_cache=cache, last_only=True)[:, -1]
+    # Only beam 0 is real at the start (the others are copies of it with score -inf).
+    scores = torch.full((beams,), float("-inf"), device=device)
+    scores[0] = 0.0
+    finished: list[tuple[float, int, list[int]]] = []  # min-heap of (score, tiebreak, tokens)
+    counter = 0
+
+    def add_finished(score: float, tokens: list[int]) -> None:
+        nonlocal counter
+        counter += 1
+        item = (score, -counter, tokens)
+        if len(finished) < beams:
+            heapq.heappush(finished, item)
+        elif score > finished[0][0]:
+            heapq.heapreplace(finished, item)
+
+    for step in range(max_new_tokens):
+        new_len = step + 1
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        candidates = (scores.unsqueeze(1) + logprobs).view(-1)
+        top_scores, top_index = candidates.topk(min(2 * beams, candidates.numel()))
+        survivors: list[tuple[float, int, int]] = []
+        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
+            if score == float("-inf"):
+                break
+            beam, token = divmod(index, vocab)
+            if token in eos:
+                tokens = history[beam, len(prompt) : length].tolist()
+                add_finished(_length_normalised(score, new_len, length_penalty), tokens)
+            elif len(survivors) < beams:
+                survivors.append((score, beam, token))
+        if not survivors:
+            break
+        if step == max_new_tokens - 1:
+            for score, beam, token in survivors:
+                tokens = [*history[beam, len(prompt) : length].tolist(), token]
+                add_finished(_length_normalised(score, new_len, length_penalty), tokens)
+            break
+        if len(finished) == beams:
+            best_running = survivors[0][0]
+            # A running beam's sum can only fall; its length ends between new_len + 1 and the
+            # maximum, and the normalised score of a fixed negative sum is monotone in length.
+            bound = max(
+                _length_normalised(best_running, new_len + 1, length_penalty),
+                _length_normalised(best_running, max_new_tokens, length_penalty),
+            )
+            if bound <= finished[0][0]:
+                break
+        while len(survivors) < beams:  # fewer real candidates than beams (tiny vocabularies)
+            survivors.append((float("-inf"), survivors[0][1], survivors[0][2]))
+        rows = torch.tensor([beam for _, beam, _ in survivors], device=device)
+        next_ids = torch.tensor([token for _, _, token in survivors], device=device)
+        scores = torch.tensor([score for score, _, _ in survivors], device=device)
+        history[:, :length] = history[rows, :length]
+        history[:, length] = next_ids
+        length += 1
+        cache.reorder(rows)
+        if cache.length == cache.max_len:
+            logits = _slide(model, cache, history[:, :length])
+        else:
+            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
+    if not finished:
+        return []
+    best = max(finished, key=lambda item: (item[0], item[1]))
+    return best[2]

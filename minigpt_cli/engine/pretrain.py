@@ -1,0 +1,320 @@
+"""Pretraining: next-token prediction over a token stream, and the pipeline that builds that stream.
+
+`run_pretrain` is the one engine function behind `minigpt pretrain`: it finds or trains the
+tokenizer, encodes the data (built-in text when no --data is given), splits off validation, builds
+or loads the model and hands a `PretrainStage` to the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt_cli.config.schema import Config
+from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.trainer import Batch, RunSpec, Trainer, seed_everything
+from minigpt_cli.errors import UserError
+
+BUILTIN_DATA_SEED = 0
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """UTF-8 bytes each token stands for, so validation can report bits per byte exactly."""
+    special = set(tokenizer.special_ids)
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for token_id in range(tokenizer.vocab_size):
+        if token_id in special:
+            continue
+        piece = tokenizer.piece(token_id)
+        if _BYTE_PIECE.fullmatch(piece):
+            lengths[token_id] = 1
+        elif not (piece.startswith("<") and piece.endswith(">") and tokenizer.is_control(token_id)):
+            lengths[token_id] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+class PretrainStage:
+    """Non-overlapping windows of the token stream, reshuffled every epoch from the seed."""
+
+    name = "pretrain"
+
+    def __init__(
+        self,
+        train_tokens: TokenRange,
+        val_tokens: TokenRange,
+        seq_len: int,
+        seed: int,
+        token_bytes: np.ndarray,
+        eval_sequences: int,
+    ) -> None:
+        self.train_tokens = train_tokens
+        self.val_tokens = val_tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.token_bytes = torch.from_numpy(token_bytes)
+        self.num_windows = (len(train_tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise UserError(
+                f"too little training text: {len(train_tokens)} tokens, need more than one "
+                f"context window of {seq_len} (add data or lower model.context_length)"
+            )
+        val_windows = (len(val_tokens) - 1) // seq_len
+        if val_windows < 1:
+            raise UserError(
+                f"too little validation text: {len(val_tokens)} tokens for a {seq_len}-token "
+                "window (raise data.val_fraction or pass a larger --val-data)"
+            )
+        count = min(val_windows, eval_sequences)
+        self.val_starts = np.linspace(0, (val_windows - 1) * seq_len, count).astype(np.int64)
+        self.val_starts = (self.val_starts // seq_len) * seq_len
+        self.eval_batch = 8
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def _windows(self, tokens: TokenRange, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack(
+            [np.asarray(tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
+        )
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+    def next_batch(self, num_sequences: int) -> Batch:
+        starts = []
+        for _ in range(num_sequences):
+            if self.cursor >= self.num_windows:
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._permutation(self.epoch)
+            starts.append(int(self._order[self.cursor]) * self.seq_len)
+            self.cursor += 1
+        inputs, targets = self._windows(self.train_tokens, np.array(starts))
+        return {"input_ids": inputs, "targets": targets}
+
+    def count_tokens(self, batch: Batch) -> int:
+        return int(batch["targets"].numel())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        _, loss = model(batch["input_ids"], targets=batch["targets"], reduction="sum")
+        return loss, {}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        total_nats, total_tokens, total_bytes = 0.0, 0, 0
+        device = next(model.parameters()).device
+        for index in range(0, len(self.val_starts), self.eval_batch):
+            inputs, targets = self._windows(
+                self.val_tokens, self.val_starts[index : index + self.eval_batch]
+            )
+            _, loss = model(inputs.to(device), targets=targets.to(device), reduction="sum")
+            total_nats += float(loss)
+            total_tokens += targets.numel()
+            total_bytes += int(self.token_bytes[targets].sum())
+        mean = total_nats / max(total_tokens, 1)
+        return {
+            "val_loss": round(mean, 5),
+            "val_ppl": round(math.exp(min(mean, 50.0)), 3),
+            "val_bpb": round(total_nats / math.log(2) / max(total_bytes, 1), 5),
+        }
+
+    def epochs_done(self) -> float:
+        return self.epoch + self.cursor / self.num_windows
+
+    def sequences_per_epoch(self) -> int:
+        return self.num_windows
+
+    def data_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+    def before_step(self, model: torch.nn.Module, step: int) -> None:
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class TokenRange:
+    """A window onto a token stream (array or memory-mapped shards) without copying it."""
+
+    def __init__(self, source: Any, start: int = 0, stop: int | None = None) -> None:
+        self.source = source
+        self.start = start
+        self.stop = len(source) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        begin, end, _ = key.indices(len(self))
+        return np.asarray(self.source[self.start + begin : self.start + end])
+
+
+@dataclass
+class PretrainInputs:
+    """Where the text and tokenizer come from (None everywhere = the built-in corpus)."""
+
+    data: list[Path] = field(default_factory=list)
+    val_data: list[Path] = field(default_factory=list)
+    tokenizer: Path | None = None
+    from_run: Path | None = None
+
+
+def _is_shard_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "meta.json").is_file()
+
+
+def _builtin_texts(config: Config) -> list[str]:
+    from minigpt_cli.datasets.builtin import pretrain_records
+
+    return [r["text"] for r in pretrain_records(config.data.builtin_size, seed=BUILTIN_DATA_SEED)]
+
+
+def _encode_texts(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    ids: list[int] = []
+    for encoded in tokenizer.encode_batch(texts):
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def _prepare_tokenizer(
+    config: Config,
+    inputs: PretrainInputs,
+    run_dir: Path,
+    resume: bool,
+    on_event: EventCallback | None,
+) -> Any:
+    from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+
+    own = run_dir / "tokenizer.model"
+    if resume and own.exists():
+        return Tokenizer.load(run_dir)
+    source = inputs.tokenizer or inputs.from_run
+    if source is not None:
+        tokenizer = Tokenizer.load(source)
+        tokenizer.save(run_dir)
+        return tokenizer
+    if any(_is_shard_folder(p) for p in inputs.data):
+        raise UserError(
+            "--data is a shard folder: pass the tokenizer that encoded it with --tokenizer DIR"
+        )
+    emit(on_event, "note", "pretrain", message="training a tokenizer on the training text")
+    training_input: Any = list(inputs.data) if inputs.data else _builtin_texts(config)
+    report = train_tokenizer(
+        training_input,
+        config.tokenizer.vocab_size,
+        run_dir,
+        character_coverage=config.tokenizer.character_coverage,
+        max_training_chars=config.tokenizer.max_training_chars,
+        on_event=on_event,
+        stage="pretrain",
+    )
+    emit(on_event, "tokenizer", "pretrain", report=report)
+    return Tokenizer.load(run_dir)
+
+
+def _token_stream(
+    tokenizer: Any, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
+) -> TokenRange:
+    """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
+    from minigpt_cli.engine.shards import TokenShards, encode_to_shards
+
+    if len(paths) == 1 and _is_shard_folder(paths[0]):
+        shards = TokenShards(paths[0])
+        expected = shards.meta.get("tokenizer_sha256")
+        if expected and expected != tokenizer.sha256:
+            raise UserError(f"{paths[0]}: shards were encoded with a different tokenizer")
+    else:
+        encode_to_shards(tokenizer, paths, cache_dir, on_event=on_event, stage="pretrain")
+        shards = TokenShards(cache_dir)
+    return TokenRange(shards)
+
+
+def load_tokens(
+    config: Config,
+    inputs: PretrainInputs,
+    tokenizer: Any,
+    run_dir: Path,
+    on_event: EventCallback | None,
+) -> tuple[TokenRange, TokenRange]:
+    """Training and validation token streams (validation: --val-data, else the tail)."""
+    if inputs.data:
+        tokens = _token_stream(tokenizer, inputs.data, run_dir / "shards" / "train", on_event)
+    else:
+        emit(on_event, "note", "pretrain", message="no --data given: using the built-in corpus")
+        tokens = TokenRange(_encode_texts(tokenizer, _builtin_texts(config)))
+    if inputs.val_data:
+        val = _token_stream(tokenizer, inputs.val_data, run_dir / "shards" / "val", on_event)
+        return tokens, val
+    split = int(len(tokens) * (1 - config.data.val_fraction))
+    return (
+        TokenRange(tokens.source, tokens.start, tokens.start + split),
+        TokenRange(tokens.source, tokens.start + split, tokens.stop),
+    )
+
+
+def run_pretrain(
+    config: Config,
+    spec: RunSpec,
+    inputs: PretrainInputs,
+    on_event: EventCallback | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a pretraining run in `spec.run_dir`; returns the Trainer's summary."""
+    from minigpt_cli.engine.checkpoint import load_model_weights
+    from minigpt_cli.engine.device import apply_matmul_precision, resolve_device, resolve_precision
+    from minigpt_cli.engine.model import GPT
+
+    train = config.stage_train("pretrain")
+    device = resolve_device(train.device)
+    precision = resolve_precision(train.precision, device)
+    apply_matmul_precision(precision)
+    tokenizer = _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event)
+    config.tokenizer.vocab_size = tokenizer.vocab_size
+    train_tokens, val_tokens = load_tokens(config, inputs, tokenizer, spec.run_dir, on_event)
+    emit(
+        on_event,
+        "note",
+        "pretrain",
+        message=f"{len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens",
+    )
+    stage = PretrainStage(
+        train_tokens,
+        val_tokens,
+        config.model.context_length,
+        seed=train.seed,
+        token_bytes=token_byte_lengths(tokenizer),
+        eval_sequences=train.eval_batches * train.micro_batch_size,
+    )
+    seed_everything(train.seed)
+    model = GPT(config.model, tokenizer.vocab_size)
+    if inputs.from_run is not None and not spec.resume:
+        load_model_weights(model, inputs.from_run / "model.safetensors")
+    model.to(device)
+    trainer = Trainer(
+        config,
+        stage,
+        model,
+        spec,
+        device=device,
+        precision=precision,
+        on_event=on_event,
+        vocab_size=tokenizer.vocab_size,
+    )
+    return trainer.fit()

@@ -1,0 +1,550 @@
+"""The one training loop every stage runs on.
+
+A `Stage` supplies what differs between pretraining, SFT, DPO and RL: its batches (with a position
+that can be saved and restored), its loss, its evaluation and any work between optimizer steps.
+The `Trainer` owns everything else — optimizer, schedule, accumulation, clipping, autocast,
+evaluation cadence, checkpoints, exact resume, metrics and events — so a new stage never copies
+the loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from minigpt_cli.config.loader import dump_config
+from minigpt_cli.config.params import flops_per_token
+from minigpt_cli.config.schema import Config, TrainConfig, parse_duration, parse_memory
+from minigpt_cli.engine import checkpoint as ckpt
+from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.io import atomic_write_text
+from minigpt_cli.engine.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.errors import UserError
+
+Batch = dict[str, torch.Tensor]
+
+
+class Stage(Protocol):
+    """What a training stage supplies to the Trainer."""
+
+    name: str
+
+    def next_batch(self, num_sequences: int) -> Batch:
+        """The next `num_sequences` training examples (CPU tensors; the trainer moves them)."""
+
+    def count_tokens(self, batch: Batch) -> int:
+        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded)."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss over the batch's loss tokens, and metrics to average into the log line."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (val_loss, val_ppl, val_bpb, ...)."""
+
+    def epochs_done(self) -> float:
+        """Passes over the training data so far (for --epochs)."""
+
+    def sequences_per_epoch(self) -> int:
+        """Training examples in one pass (to turn --epochs into steps)."""
+
+    def data_state(self) -> dict[str, Any]:
+        """The data position, JSON-serialisable."""
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Restore a position from `data_state`."""
+
+    def before_step(self, model: torch.nn.Module, step: int) -> None:
+        """Work between optimizer steps (RL rollouts); a no-op for supervised stages."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Anything else the stage must checkpoint (JSON-serialisable)."""
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore `extra_state`."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved at `step`; the CLI prints how to resume."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.run_dir = run_dir
+        self.step = step
+
+
+@dataclass
+class RunSpec:
+    """Everything about a run that is not in the config: where, from what, resumed or not."""
+
+    run_dir: Path
+    resume: bool = False
+    parent: str | None = None
+    chat: bool = False
+    sources: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_steps(
+    train: TrainConfig, tokens_per_step: int, sequences_per_step: int, stage: Stage
+) -> int:
+    """Optimizer steps the schedule spans: the tightest of max_steps, max_tokens and epochs."""
+    limits = []
+    if train.max_steps is not None:
+        limits.append(train.max_steps)
+    if train.max_tokens is not None:
+        limits.append(max(1, math.ceil(train.max_tokens / max(tokens_per_step, 1))))
+    if train.epochs is not None:
+        limits.append(
+            max(1, math.ceil(train.epochs * stage.sequences_per_epoch() / sequences_per_step))
+        )
+    if not limits:
+        raise UserError(
+            "no training length: set one of max_steps, max_tokens or epochs "
+            "(--max-steps, --max-tokens, --epochs)"
+        )
+    return min(limits)
+
+
+def learning_rate(
+    step: int, total_steps: int, warmup_steps: int, peak: float, floor: float
+) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`.
+
+    A floor above the peak (min_lr left at a preset's value after lowering learning_rate) is
+    clamped to the peak rather than refused, so lowering one number never breaks a config.
+    """
+    floor = min(floor, peak)
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, device: torch.device
+) -> tuple[torch.optim.Optimizer, dict[int, str]]:
+    """AdamW with weight decay on matrices only; fused where this device supports it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = {
+        "lr": train.learning_rate,
+        "betas": (train.beta1, train.beta2),
+        "eps": train.adam_eps,
+    }
+    try:
+        optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, foreach=True, **kwargs)
+    ordered = decay + no_decay
+    name_of = {id(p): n for n, p in named}
+    return optimizer, {index: name_of[id(p)] for index, p in enumerate(ordered)}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": _numpy_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [
+                torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+                for s in state["cuda"]
+            ]
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from, so a seed names one run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs a Stage to completion, checkpointing and logging as the config says."""
+
+    def __init__(
+        self,
+        config: Config,
+        stage: Stage,
+        model: torch.nn.Module,
+        spec: RunSpec,
+        *,
+        device: torch.device,
+        precision: Any,
+        on_event: EventCallback | None = None,
+        vocab_size: int,
+    ) -> None:
+        from minigpt_cli.engine.device import autocast_context
+
+        self.config = config
+        self.train = config.stage_train(stage.name)
+        self.stage = stage
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self.on_event = on_event
+        self.vocab_size = vocab_size
+        self._autocast = lambda: autocast_context(precision, device)
+        self.micro_batch_size = self.train.micro_batch_size
+        self.optimizer, self.param_names = build_optimizer(model, self.train, device)
+        self.scaler = (
+            torch.amp.GradScaler(device.type)
+            if getattr(precision, "use_grad_scaler", False)
+            else None
+        )
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0
+        self.finished = False
+        self.stop_reason = ""
+        self._forward_model: torch.nn.Module = model
+        self._compile_pending = bool(self.train.compile)
+
+    # -------------------------------------------------------------------------------- helpers
+
+    @property
+    def accumulation(self) -> int:
+        return self.train.global_batch_size // self.micro_batch_size
+
+    def _event(self, kind: str, /, **data: Any) -> None:
+        # Metric rows carry their own `stage`/`kind` keys; the event already says both.
+        payload = {k: v for k, v in data.items() if k not in ("stage", "kind")}
+        emit(self.on_event, kind, self.stage.name, **payload)
+
+    def _state(self, data_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._start),
+            "data_state": data_state,
+            "rng": rng,
+            "micro_batch_size": self.micro_batch_size,
+            "total_steps": self.total_steps,
+            "parent": self.spec.parent,
+            "chat": self.spec.chat,
+            "finished": self.finished,
+            "stop_reason": self.stop_reason,
+            "sources": self.spec.sources,
+            "extra": self.stage.extra_state(),
+        }
+
+    def save(self, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
+        """Checkpoint the model, optimizer and trainer state at the current step."""
+        optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+        files = {
+            ckpt.MODEL_FILE: (self.model.export_state_dict(), {"format": "minigpt"}),
+            ckpt.OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
+        }
+        folder = ckpt.save_checkpoint(
+            self.spec.run_dir, self.step, files, self._state(data_state, rng), self.train.keep_last
+        )
+        self._event("checkpoint", step=self.step, path=str(folder))
+        self.metrics.write(self._row("event", event="checkpoint", message=f"saved {folder.name}"))
+        return folder
+
+    def _row(self, kind: str, **values: Any) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "kind": kind,
+            "step": self.step,
+            "tokens": self.tokens,
+            "time": round(self.elapsed_before + time.perf_counter() - self._start, 3),
+            **values,
+        }
+
+    def _restore(self) -> None:
+        point = ckpt.find_resume_point(self.spec.run_dir)
+        if point is None:
+            raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
+        state = ckpt.read_state(point)
+        from minigpt_cli.engine.checkpoint import load_model_weights
+
+        load_model_weights(self.model, point / ckpt.MODEL_FILE)
+        tensors = ckpt.load_tensors(point / ckpt.OPTIMIZER_FILE)
+        ckpt.restore_optimizer(
+            self.optimizer,
+            tensors,
+            ckpt.read_metadata(point / ckpt.OPTIMIZER_FILE),
+            self.param_names,
+        )
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.micro_batch_size = int(state.get("micro_batch_size", self.micro_batch_size))
+        if self.train.global_batch_size % self.micro_batch_size:
+            self.micro_batch_size = self.train.micro_batch_size
+        self.stage.load_data_state(state["data_state"])
+        self.stage.load_extra_state(state.get("extra", {}))
+        _restore_rng(state["rng"])
+        self._resumed_from = point
+
+    def _warmup_steps(self) -> int:
+        warmup = self.train.warmup_steps
+        limit = max(self.total_steps // 10, 0)
+        if warmup > limit:
+            self._event(
+                "note",
+                message=f"warmup shortened from {warmup} to {limit} steps "
+                f"(a tenth of this {self.total_steps}-step run)",
+            )
+            return limit
+        return warmup
+
+    # -------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train until a limit is reached; returns the final summary (also emitted as stage_end)."""
+        run_dir = self.spec.run_dir
+        self._start = time.perf_counter()
+        sequences_per_step = self.train.global_batch_size
+        tokens_per_step = sequences_per_step * int(getattr(self.stage, "seq_len", 1))
+        self.total_steps = plan_steps(self.train, tokens_per_step, sequences_per_step, self.stage)
+        self._resumed_from: Path | None = None
+        if self.spec.resume:
+            self._restore()
+        self.metrics = ckpt.MetricsLog(
+            run_dir / ckpt.METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
+        )
+        if self.spec.resume and self.step >= self.total_steps:
+            self.metrics.close()
+            return {"nothing_to_do": True, "step": self.step, "total_steps": self.total_steps}
+        self.finished = False
+        atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_config(self.config))
+        warmup = self._warmup_steps()
+        max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
+        cap_mb = parse_memory(self.config.resources.max_memory, physical_memory_bytes()) / 2**20
+        flops_token = flops_per_token(self.config.model, self.vocab_size, self.stage_seq_len())
+        peak = self._peak_flops()
+        cpu = CpuMeter()
+        if self._resumed_from is not None:
+            self.metrics.write(
+                self._row("event", event="resume", message=f"resumed from {self._resumed_from}")
+            )
+        self._event(
+            "stage_start",
+            step=self.step,
+            total_steps=self.total_steps,
+            tokens_per_step=tokens_per_step,
+            micro_batch_size=self.micro_batch_size,
+            accumulation=self.accumulation,
+            precision=getattr(self.precision, "reason", str(self.precision)),
+            run_dir=str(run_dir),
+            resumed=self._resumed_from is not None,
+        )
+        window_tokens, window_time, window_metrics = 0, 0.0, {}
+        last_rate = 0.0
+        data_state, rng = self.stage.data_state(), _rng_state()
+        try:
+            while True:
+                data_state, rng = self.stage.data_state(), _rng_state()
+                step_start = time.perf_counter()
+                self.model.train()
+                self.stage.before_step(self.model, self.step)
+                lr = learning_rate(
+                    self.step, self.total_steps, warmup, self.train.learning_rate, self.train.min_lr
+                )
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_value, step_metrics, step_tokens = self._optimizer_step()
+                grad_norm = step_metrics.pop("grad_norm")
+                self.step += 1
+                self.tokens += step_tokens
+                step_seconds = time.perf_counter() - step_start
+                window_tokens += step_tokens
+                window_time += step_seconds
+                for key, value in {"loss": loss_value, **step_metrics}.items():
+                    window_metrics.setdefault(key, []).append(value)
+                elapsed = self.elapsed_before + time.perf_counter() - self._start
+                stop = self._stop_reason(elapsed, max_seconds)
+                if self.step % self.train.log_every == 0 or stop:
+                    last_rate = window_tokens / max(window_time, 1e-9)
+                    averaged = {k: float(np.mean(v)) for k, v in window_metrics.items()}
+                    rss_mb = tree_rss_bytes() / 2**20
+                    row = self._row(
+                        "train",
+                        **averaged,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        tokens_per_sec=round(last_rate, 1),
+                        mfu=round(flops_token * last_rate / peak, 4) if peak else None,
+                        rss_mb=round(rss_mb, 1),
+                        rss_cap_mb=round(cap_mb, 1),
+                        cpu_pct=round(cpu.read(), 1),
+                        cpu_cap_pct=self.config.resources.max_cpu,
+                        micro_batch_size=self.micro_batch_size,
+                        eta_sec=round(
+                            (self.total_steps - self.step)
+                            * window_time
+                            / max(len(window_metrics["loss"]), 1),
+                            1,
+                        ),
+                    )
+                    self.metrics.write(row)
+                    self._event("step", **row, total_steps=self.total_steps)
+                    window_tokens, window_time, window_metrics = 0, 0.0, {}
+                if self.step % self.train.eval_every == 0 or stop:
+                    self._evaluate()
+                if stop:
+                    self.finished = True
+                    self.stop_reason = stop
+                if self.step % self.train.save_every == 0 or stop:
+                    self.save(self.stage.data_state(), _rng_state())
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            # Roll back to the start of the unfinished step so the checkpoint is exact.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stage.load_data_state(data_state)
+            self.save(data_state, rng)
+            self.metrics.close()
+            raise TrainingInterrupted(run_dir, self.step) from None
+        self.metrics.close()
+        summary = self._summary(last_rate)
+        self._plot()
+        self._event("stage_end", **summary)
+        return summary
+
+    def stage_seq_len(self) -> int:
+        return int(getattr(self.stage, "seq_len", self.config.model.context_length))
+
+    def _peak_flops(self) -> float | None:
+        try:
+            from minigpt_cli.engine.doctor import peak_flops
+
+            return peak_flops(self.device.type, self.precision.dtype_name)
+        except (ImportError, RuntimeError, OSError):
+            return None
+
+    def _stop_reason(self, elapsed: float, max_seconds: float | None) -> str:
+        if self.step >= self.total_steps:
+            return "max_steps"
+        if self.train.max_tokens is not None and self.tokens >= self.train.max_tokens:
+            return "max_tokens"
+        if self.train.epochs is not None and self.stage.epochs_done() >= self.train.epochs:
+            return "epochs"
+        if max_seconds is not None and elapsed >= max_seconds:
+            return "max_time"
+        return ""
+
+    def _optimizer_step(self) -> tuple[float, dict[str, float], int]:
+        micro_batches = [
+            self.stage.next_batch(self.micro_batch_size) for _ in range(self.accumulation)
+        ]
+        step_tokens = sum(self.stage.count_tokens(batch) for batch in micro_batches)
+        normaliser = max(step_tokens, 1)
+        total_loss = 0.0
+        summed: dict[str, float] = {}
+        for batch in micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss_sum, metrics = self._forward(batch)
+            scaled = loss_sum / normaliser
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            total_loss += float(loss_sum.detach())
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.train.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip))
+        else:
+            grad_norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
+                )
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        summed["grad_norm"] = grad_norm
+        return total_loss / normaliser, summed, step_tokens
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if self._compile_pending:
+            self._compile_pending = False
+            try:
+                compiled = torch.compile(self.model)
+                with self._autocast():
+                    result = self.stage.loss(compiled, batch)
+                self._forward_model = compiled
+                self._event("note", message="torch.compile is on")
+                return result
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                self._event("note", message=f"torch.compile failed, running eagerly ({error})")
+                self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            return self.stage.loss(self._forward_model, batch)
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            results = self.stage.evaluate(self.model)
+        self.model.train()
+        row = self._row("eval", **results)
+        self.metrics.write(row)
+        self._event("eval", **row)
+        self._last_eval = results
+        return results
+
+    def _summary(self, tokens_per_sec: float) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.spec.run_dir),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "seconds": round(self.elapsed_before + time.perf_counter() - self._start, 2),
+            "tokens_per_sec": round(tokens_per_sec, 1),
+            "stop_reason": self.stop_reason,
+            **getattr(self, "_last_eval", {}),
+        }
+
+    def _plot(self) -> None:
+        if not self.config.log.plot:
+            return
+        with contextlib.suppress(ImportError):
+            from minigpt_cli.engine.plot import plot_metrics
+
+            plot_metrics(self.spec.run_dir)

@@ -1,0 +1,89 @@
+"""Shared fixtures: the expensive artefacts (a tiny pretrained run) are built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A model small enough to train in seconds on two cores, yet a real run of every mechanism.
+TINY_SETS = [
+    "model.n_embd=64",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.context_length=64",
+    "tokenizer.vocab_size=600",
+    "data.builtin_size=400",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.warmup_steps=2",
+    "train.eval_every=10",
+    "train.save_every=10",
+    "train.log_every=5",
+    "train.eval_batches=2",
+    "log.plot=false",
+]
+
+
+def set_args(sets: list[str]) -> list[str]:
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def run_cli(
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m minigpt_cli ARGS` the way a user runs `minigpt` (own process, own exit code)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt_cli", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep doctor's measurement cache out of the user's home during tests (shared per session)."""
+    cache = tmp_path_factory.getbasetemp() / "minigpt-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 30-step pretraining run on the built-in corpus (fp32, CPU), built once."""
+    base = tmp_path_factory.mktemp("tiny-pretrain")
+    cache = tmp_path_factory.getbasetemp() / "minigpt-cache"
+    cache.mkdir(exist_ok=True)
+    run_dir = base / "run"
+    result = run_cli(
+        "pretrain",
+        "--out",
+        run_dir,
+        "--max-steps",
+        "30",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *set_args(TINY_SETS),
+        env={"MINIGPT_CACHE_DIR": str(cache)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir

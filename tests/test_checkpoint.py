@@ -1,0 +1,137 @@
+"""Checkpoint files: atomic, consistent on resume, never unpickled, one writer per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt_cli.engine import checkpoint as ckpt
+from minigpt_cli.engine.io import atomic_write_text
+from minigpt_cli.errors import UserError
+
+
+def _files(step: int) -> dict:
+    weights = {"w": torch.full((3, 2), float(step))}
+    return {ckpt.MODEL_FILE: (weights, {"format": "minigpt"})}
+
+
+def test_save_publishes_snapshot_and_prunes(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, _files(step), {"tokens": step}, keep_last=2)
+    names = [p.name for p in ckpt.snapshots(tmp_path)]
+    assert names == ["step-00000020", "step-00000030"]
+    assert ckpt.read_state(tmp_path)["step"] == 30
+    assert float(ckpt.load_tensors(tmp_path / ckpt.MODEL_FILE)["w"][0, 0]) == 30.0
+    assert ckpt.read_metadata(tmp_path / ckpt.MODEL_FILE)["step"] == "30"
+    assert ckpt.find_resume_point(tmp_path) == tmp_path
+
+
+def test_torn_publish_falls_back_to_newest_complete_snapshot(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, 10, _files(10), {}, keep_last=3)
+    ckpt.save_checkpoint(tmp_path, 20, _files(20), {}, keep_last=3)
+    # A crash after the new weights were swapped in but before the state file was: they disagree.
+    state = json.loads((tmp_path / ckpt.STATE_FILE).read_text())
+    os.unlink(tmp_path / ckpt.STATE_FILE)
+    state["step"] = 10
+    atomic_write_text(tmp_path / ckpt.STATE_FILE, json.dumps(state))
+    assert ckpt.find_resume_point(tmp_path) == tmp_path / "checkpoints" / "step-00000020"
+
+
+def test_truncated_safetensors_is_a_clean_error(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, 1, _files(1), {}, keep_last=1)
+    data = (tmp_path / ckpt.MODEL_FILE).read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(data[: len(data) - 5])
+    with pytest.raises(UserError, match="truncated"):
+        ckpt.load_tensors(broken)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        ckpt.load_tensors(tiny)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a loader executed pickle code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_checkpoint_is_refused_and_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "model.safetensors"
+    planted.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(UserError, match="never unpickles"):
+        ckpt.load_tensors(planted)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "zip.safetensors")
+    with pytest.raises(UserError, match="pickle/zip"):
+        ckpt.load_tensors(tmp_path / "zip.safetensors")
+    assert not marker.exists()
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from minigpt_cli.engine.checkpoint import RunLock; "
+            "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
+            ckpt.RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is stale and is taken over.
+    lock = ckpt.RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / ckpt.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ckpt.LOCK_FILE).exists()
+
+
+def test_metrics_log_drops_lines_after_the_restored_step(tmp_path: Path) -> None:
+    path = tmp_path / ckpt.METRICS_FILE
+    log = ckpt.MetricsLog(path)
+    for step in range(1, 6):
+        log.write({"stage": "pretrain", "kind": "train", "step": step})
+    log.close()
+    with path.open("a") as handle:
+        handle.write('{"stage": "pretrain", "kind": "tr')  # a line cut by a kill
+    log = ckpt.MetricsLog(path, keep_through_step=3)
+    log.write({"stage": "pretrain", "kind": "event", "step": 3, "event": "resume"})
+    log.close()
+    steps = [r["step"] for r in ckpt.read_metrics(tmp_path)]
+    assert steps == [1, 2, 3, 3]
+
+
+def test_optimizer_state_round_trips_by_parameter_name(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    names = {i: n for i, (n, _) in enumerate(model.named_parameters())}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    tensors, meta = ckpt.optimizer_tensors(optimizer, names)
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.5)
+    ckpt.restore_optimizer(fresh, tensors, meta, names)
+    for before, after in zip(optimizer.state.values(), fresh.state.values(), strict=True):
+        assert torch.equal(before["exp_avg_sq"], after["exp_avg_sq"])
+    assert fresh.param_groups[0]["lr"] == 0.1

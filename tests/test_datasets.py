@@ -1,0 +1,322 @@
+"""The built-in data generator: deterministic, balanced, and honest about what it holds out."""
+
+from __future__ import annotations
+
+import functools
+import re
+import statistics
+import time
+
+import pytest
+
+from minigpt_cli.datasets import builtin, tables
+from minigpt_cli.engine.data import builtin_records, normalize_record
+
+SMALL = 400  # records per kind/split in most tests: enough for every family and language
+
+
+@pytest.fixture(scope="module")
+def pretrain_default() -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    docs = builtin.pretrain_records(builtin.default_size("pretrain"))
+    return docs, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def pretrain_text(pretrain_default: tuple[list[dict], float]) -> str:
+    return "\n\n".join(doc["text"] for doc in pretrain_default[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Shape, determinism, sizes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", builtin.KINDS)
+def test_same_seed_same_data_other_seed_other_data(kind: str) -> None:
+    first = builtin.records(kind, "train", 50, seed=3)
+    assert first == builtin.records(kind, "train", 50, seed=3)
+    assert first != builtin.records(kind, "train", 50, seed=4)
+
+
+@pytest.mark.parametrize("kind", builtin.KINDS)
+def test_fewer_records_are_a_prefix_of_more(kind: str) -> None:
+    # `data show -n 5` must show the first five records a stage trains on.
+    assert builtin.records(kind, "train", 30, 1) == builtin.records(kind, "train", 80, 1)[:30]
+
+
+def test_record_fields_and_types() -> None:
+    for record in builtin.pretrain_records(50):
+        assert set(record) == {"text", "task"} and record["task"] in builtin.PRETRAIN_TOPICS
+        assert record["text"].strip()
+    expected = {
+        "sft": {"instruction", "input", "output", "task"},
+        "dpo": {"prompt", "chosen", "rejected", "task"},
+        "rlhf": {"prompt", "answer", "task"},
+    }
+    for kind, fields in expected.items():
+        for split in builtin.SPLITS:
+            for record in builtin.records(kind, split, SMALL, 0):
+                assert set(record) - {"history"} == fields, record
+                assert record["task"] in builtin.TASK_FAMILIES
+                assert all(isinstance(record[f], str) for f in fields)
+                normalize_record(record, kind)  # every built-in record is valid input
+
+
+def test_history_only_on_a_few_training_records() -> None:
+    train = builtin.sft_records("train", 2000, 0)
+    with_history = [r for r in train if "history" in r]
+    assert 0.02 < len(with_history) / len(train) < 0.07
+    for record in with_history:
+        assert 1 <= len(record["history"]) <= 2
+        assert all(len(turn) == 2 and all(turn) for turn in record["history"])
+    assert not any("history" in r for r in builtin.sft_records("val", SMALL, 0))
+    messages = normalize_record(with_history[0], "sft")["messages"]
+    assert [m["role"] for m in messages][-2:] == ["user", "assistant"]
+    assert len(messages) == 2 * len(with_history[0]["history"]) + 2
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
+def test_families_and_languages_are_balanced(kind: str) -> None:
+    records = builtin.records(kind, "train", 800, 5)
+    for family in builtin.TASK_FAMILIES:
+        share = sum(r["task"] == family for r in records) / len(records)
+        assert share == pytest.approx(1 / len(builtin.TASK_FAMILIES), abs=0.01)
+    text_of = {"sft": "instruction", "dpo": "prompt", "rlhf": "prompt"}[kind]
+    chinese = sum(bool(re.search(r"[\u4e00-\u9fff]", r[text_of])) for r in records)
+    assert 0.45 < chinese / len(records) < 0.75  # zh questions, plus en questions about zh words
+
+
+def test_default_sizes_and_dispatch() -> None:
+    assert builtin.default_size("pretrain") == builtin.DEFAULT_TRAIN_SIZE == 6000
+    assert builtin.default_size("sft", "val") == 400
+    assert builtin.default_size("sft", "val", train_size=600) == 40
+    assert builtin.default_size("dpo", "val", train_size=20) == builtin.MIN_VAL_SIZE
+    assert len(builtin.records("rlhf", "val")) == 400
+    assert builtin.records("sft", "train", 0) == []
+    with pytest.raises(ValueError, match="no separate val split"):
+        builtin.records("pretrain", "val", 5)
+    with pytest.raises(ValueError, match="unknown data kind"):
+        builtin.records("chat", "train", 5)
+    with pytest.raises(ValueError, match="negative"):
+        builtin.sft_records("train", -1)
+    assert "built-in" in builtin.describe("sft", "train", 6000)
+
+
+def test_default_pretraining_corpus_size_and_speed(
+    pretrain_default: tuple[list[dict], float],
+) -> None:
+    docs, seconds = pretrain_default
+    size = sum(len(d["text"].encode("utf-8")) for d in docs)
+    assert 1_000_000 < size < 4_000_000  # a tokenizer trains in seconds, a tiny model sees it twice
+    assert seconds < 5  # about 0.6 s on an idle laptop core; generous for a loaded CI machine
+    topics = {d["task"] for d in docs}
+    assert topics == set(builtin.PRETRAIN_TOPICS)
+    # Shuffled: the last 5 % (what the trainer holds out) covers every topic too.
+    assert {d["task"] for d in docs[-len(docs) // 20 :]} == topics
+    assert re.search(r"[\u4e00-\u9fff]", docs[-1]["text"] + docs[-2]["text"] + docs[-3]["text"])
+
+
+def test_builtin_records_glue_normalises() -> None:
+    sft = builtin_records("sft", "val", size=300, seed=0)
+    assert len(sft) == 20 and all("messages" in r and r["task"] for r in sft)
+    assert builtin_records("reward", "train", 10)[0]["prompt_messages"][0]["role"] == "user"
+    assert builtin_records("pretrain", "train", 10)[0]["text"]
+
+
+# --------------------------------------------------------------------------------------------
+# The tables behind the data
+# --------------------------------------------------------------------------------------------
+
+
+def test_tables_give_one_answer_per_question() -> None:
+    english = [en for en, _ in tables.DICTIONARY]
+    chinese = [zh for _, zh in tables.DICTIONARY]
+    assert len(set(english)) == len(english) and len(set(chinese)) == len(chinese)
+    for rows in (tables.CAPITALS, tables.ANIMAL_SOUNDS, tables.COLOURS_OF_THINGS):
+        assert len({r[0] for r in rows}) == len(rows) and len({r[2] for r in rows}) == len(rows)
+    words = [w for pair in tables.OPPOSITE_PAIRS for w in pair[:2]]
+    assert len(set(words)) == len(words)
+
+
+def test_every_fact_and_dictionary_entry_is_stated_in_pretraining(pretrain_text: str) -> None:
+    for relation in builtin._RELATIONS:
+        for row in relation.rows:
+            for lang in builtin.LANGS:
+                subject, answer = builtin._fact_row(relation, row, lang)
+                forms = [builtin._fill(t, subject, answer) for t in relation.statements[lang]]
+                assert any(form in pretrain_text for form in forms), (relation.name, row, lang)
+    for en, zh in tables.DICTIONARY:
+        assert en in pretrain_text and zh in pretrain_text
+        templates = [t for ts in builtin._DICTIONARY_STATEMENTS.values() for t in ts]
+        forms = [t.format(en=en, zh=zh) for t in templates]
+        assert any(form in pretrain_text for form in forms) or f"{en} - {zh}" in pretrain_text
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out splits are disjoint by construction
+# --------------------------------------------------------------------------------------------
+
+
+def _user_text(kind: str, record: dict) -> str:
+    if kind == "sft":
+        return builtin.join_instruction(record["instruction"], record["input"])
+    return record["prompt"]
+
+
+def _records_of(kind: str, split: str, family: str, n: int = 1200) -> list[dict]:
+    return [r for r in builtin.records(kind, split, n, 7) if r["task"] == family]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    numbers = [int(x) for x in re.findall(r"\d+", text)]
+    assert len(numbers) == 2, text
+    return min(numbers), max(numbers)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
+def test_addition_operand_pairs_are_held_out(kind: str) -> None:
+    train = {_pair(_user_text(kind, r)) for r in _records_of(kind, "train", "addition")}
+    val = {_pair(_user_text(kind, r)) for r in _records_of(kind, "val", "addition")}
+    assert len(val) > 50 and not train & val
+    assert all(builtin._pair_held_out(*p) for p in val)
+    assert not any(builtin._pair_held_out(*p) for p in train)
+
+
+def test_addition_answers_are_right() -> None:
+    for record in builtin.sft_records("val", SMALL, 2) + builtin.sft_records("train", SMALL, 2):
+        if record["task"] == "addition":
+            assert int(record["output"]) == sum(_pair(_user_text("sft", record)))
+    for record in builtin.dpo_records("train", SMALL, 2):
+        if record["task"] == "addition":
+            right = str(sum(_pair(record["prompt"])))
+            assert re.search(rf"(^|\D){right}\D*$", record["chosen"])
+            assert not re.search(rf"(^|\D){right}\D*$", record["rejected"])
+
+
+def test_pretraining_never_shows_a_held_out_pair(
+    pretrain_default: tuple[list[dict], float],
+) -> None:
+    checked = 0
+    for doc in pretrain_default[0]:
+        if doc["task"] == "addition":
+            for line in doc["text"].splitlines():
+                a, b, total = (int(x) for x in re.findall(r"\d+", line))
+                assert a + b == total and not builtin._pair_held_out(a, b), line
+                checked += 1
+        elif doc["task"] == "quiz":
+            for question in re.findall(r"(?:Q: |问：)(.*?)\n(?:A: |答：)", doc["text"], re.S):
+                numbers = [int(x) for x in re.findall(r"\d+", question)]
+                if len(numbers) == 2:
+                    assert not builtin._pair_held_out(*numbers), question
+    assert checked > 5_000
+
+
+@functools.cache
+def _subject_patterns(names: tuple[str, ...]) -> list[re.Pattern[str]]:
+    forms = []
+    for name in sorted(names, key=len, reverse=True):
+        article = builtin._article(name)
+        forms += [builtin._cap(article), article, builtin._cap(name), name]
+    return [re.compile(rf"(?<![A-Za-z]){re.escape(form)}(?![A-Za-z])") for form in forms]
+
+
+@functools.cache
+def _skeleton(text: str, names: tuple[str, ...]) -> str:
+    """The phrasing of a question with its subject (the longest known name in it) as `{s}`."""
+    for pattern in _subject_patterns(names):
+        if pattern.search(text):
+            return pattern.sub("{s}", text, count=1)
+    raise AssertionError(f"no known subject in {text!r}")
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
+def test_facts_and_translation_val_phrasings_are_unseen(kind: str, pretrain_text: str) -> None:
+    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    words = tuple(w for pair in tables.DICTIONARY for w in pair)
+    for family, names in (("facts", subjects), ("translation", words)):
+        train = {_skeleton(_user_text(kind, r), names) for r in _records_of(kind, "train", family)}
+        val_records = _records_of(kind, "val", family)
+        val = {_skeleton(_user_text(kind, r), names) for r in val_records}
+        assert len(val) >= 8 and not train & val, family
+        for record in val_records:  # nor does pretraining ever ask a held-out question
+            assert _user_text(kind, record) not in pretrain_text
+
+
+def _list_words(text: str) -> list[str]:
+    listed = text.split("\n", 1)[1] if "\n" in text else re.split(r": |：", text)[-1]
+    return re.split(r"、| ", listed.strip())
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
+def test_string_ops_words_are_held_out(kind: str) -> None:
+    for split in builtin.SPLITS:
+        seen = set()
+        for record in _records_of(kind, split, "string_ops"):
+            words = _list_words(_user_text(kind, record))
+            assert 2 <= len(words) <= 6
+            seen.update(words)
+        assert {builtin.word_split(w) for w in seen} == {split}, split
+        assert len(seen) > 40
+
+
+def test_string_ops_answers_are_right() -> None:
+    for record in builtin.sft_records("val", SMALL, 1):
+        if record["task"] != "string_ops":
+            continue
+        text = _user_text("sft", record)
+        words = _list_words(text)
+        sep = "、" if "、" in text else " "
+        allowed = {sep.join(reversed(words)), words[0], words[-1], str(len(words))}
+        assert record["output"] in allowed
+
+
+def test_pretraining_lists_use_training_words_only(
+    pretrain_default: tuple[list[dict], float],
+) -> None:
+    checked = set()
+    for doc in pretrain_default[0]:
+        if doc["task"] != "string_ops":
+            continue
+        for listed in re.findall(r"(?:a list of words: |这是一组词：)(.*?)[。.] ", doc["text"]):
+            checked.update(re.split(r"、| ", listed))
+    assert len(checked) > 100
+    assert {builtin.word_split(w) for w in checked} == {"train"}
+
+
+# --------------------------------------------------------------------------------------------
+# DPO pairs: right vs wrong or unhelpful, and length says nothing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", builtin.SPLITS)
+def test_dpo_lengths_are_balanced(split: str) -> None:
+    pairs = builtin.dpo_records(split, 2000 if split == "train" else 400, 0)
+    chosen = statistics.mean(len(p["chosen"]) for p in pairs)
+    rejected = statistics.mean(len(p["rejected"]) for p in pairs)
+    assert abs(chosen - rejected) / chosen < 0.10
+    differing = [p for p in pairs if len(p["chosen"]) != len(p["rejected"])]
+    longer_wins = sum(len(p["chosen"]) > len(p["rejected"]) for p in differing) / len(differing)
+    assert 0.35 < longer_wins < 0.65  # "pick the longer one" is no better than a coin
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_dpo_rejected_is_wrong_or_unhelpful() -> None:
+    unhelpful = {reply for replies in builtin._UNHELPFUL.values() for reply in replies}
+    pairs = builtin.dpo_records("train", 800, 0)
+    kinds = {"unhelpful": 0, "wrong": 0}
+    for pair in pairs:
+        kinds["unhelpful" if pair["rejected"] in unhelpful else "wrong"] += 1
+        assert pair["chosen"] not in unhelpful
+    assert 0.15 < kinds["unhelpful"] / len(pairs) < 0.35
+
+
+def test_rlhf_answers_match_sft_outputs_for_the_same_question() -> None:
+    answers = {r["prompt"]: r["answer"] for r in builtin.rlhf_records("train", 1500, 0)}
+    matched = 0
+    for record in builtin.sft_records("train", 1500, 0):
+        question = _user_text("sft", record)
+        if question in answers:
+            assert answers[question] == record["output"]
+            matched += 1
+    assert matched > 50

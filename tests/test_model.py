@@ -1,0 +1,412 @@
+"""The model: cache-exact decoding, HF layout, parameter counts, the fused loss, checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt_cli.config.params import (
+    count_non_embedding_parameters,
+    count_parameters,
+    flops_per_token,
+    format_count,
+)
+from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.model import GPT, IGNORE_INDEX
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's
+    spin-waiting makes them up to ~70x slower; one thread keeps this file fast anywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_cfg(**changes) -> ModelConfig:
+    values = dict(n_layer=2, n_head=4, n_embd=32, context_length=32)
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def make_model(seed: int = 0, vocab: int = VOCAB, **changes) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(small_cfg(**changes), vocab)
+
+
+# ------------------------------------------------------------------------------ KV cache
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_kv_cache_logits_equal_full_forward(kv_heads: int | None) -> None:
+    model = make_model(n_kv_head=kv_heads).eval()
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(3)
+        pieces = [model(ids[:, :9], kv_cache=cache)]  # prefill
+        pieces.append(model(ids[:, 9:14], kv_cache=cache))  # several tokens after a prefix
+        pieces += [model(ids[:, i : i + 1], kv_cache=cache) for i in range(14, 24)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reorder_moves_rows() -> None:
+    model = make_model().eval()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2)
+        model(ids, kv_cache=cache)
+        cache.reorder(torch.tensor([1, 1]))
+        next_token = torch.tensor([[5], [5]])
+        logits = model(next_token, kv_cache=cache)
+        reference = model(torch.cat((ids[1:2], next_token[:1]), dim=1))[:, -1]
+    torch.testing.assert_close(logits[0, -1], reference[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, -1], reference[0], atol=1e-5, rtol=1e-5)
+
+
+def test_positions_beyond_context_are_refused() -> None:
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="exceed"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = model.new_kv_cache(1, max_len=8)
+    model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_stacked_weight_cache_follows_weight_changes() -> None:
+    """Decoding reuses stacked q/k/v and gate/up weights; an in-place edit must invalidate them."""
+    model = make_model().eval()
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = model(ids)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+        model.model.layers[1].mlp.up_proj.weight.add_(0.5)
+    with torch.inference_mode():
+        after = model(ids)
+    model.train()
+    expected = model(ids).detach()  # the training path concatenates afresh
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+def test_hugging_face_tensor_names_and_shapes() -> None:
+    model = make_model(n_kv_head=2, tie_embeddings=False)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    ffn = small_cfg().ffn_dim
+    expected = {"model.embed_tokens.weight": (VOCAB, 32), "model.norm.weight": (32,)}
+    expected["lm_head.weight"] = (VOCAB, 32)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        expected.update(
+            {
+                p + "self_attn.q_proj.weight": (32, 32),
+                p + "self_attn.k_proj.weight": (16, 32),  # 2 kv heads x head_dim 8
+                p + "self_attn.v_proj.weight": (16, 32),
+                p + "self_attn.o_proj.weight": (32, 32),
+                p + "mlp.gate_proj.weight": (ffn, 32),
+                p + "mlp.up_proj.weight": (ffn, 32),
+                p + "mlp.down_proj.weight": (32, ffn),
+                p + "input_layernorm.weight": (32,),
+                p + "post_attention_layernorm.weight": (32,),
+            }
+        )
+    assert shapes == expected
+
+
+def _reference_llama_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """HF LlamaForCausalLM's forward written out from its formulas, reading our state dict.
+
+    Independent of engine/model.py's code paths (no fused weights, no SDPA, explicit repeat_kv and
+    rotate_half), so agreement proves the weights can be exported to HF by name alone.
+    """
+    cfg = model.config
+    sd = model.state_dict()
+    h, kv, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    batch, seq = ids.shape
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps))
+
+    def rotate_half(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+
+    x = sd["model.embed_tokens.weight"][ids]
+    causal = torch.full((seq, seq), float("-inf")).triu(1)
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        a = rms(x, sd[p + "input_layernorm.weight"])
+        q = (a @ sd[p + "self_attn.q_proj.weight"].T).view(batch, seq, h, hd).transpose(1, 2)
+        k = (a @ sd[p + "self_attn.k_proj.weight"].T).view(batch, seq, kv, hd).transpose(1, 2)
+        v = (a @ sd[p + "self_attn.v_proj.weight"].T).view(batch, seq, kv, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(h // kv, dim=1)
+        v = v.repeat_interleave(h // kv, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + causal
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, h * hd)
+        x = x + out @ sd[p + "self_attn.o_proj.weight"].T
+        m = rms(x, sd[p + "post_attention_layernorm.weight"])
+        gate = m @ sd[p + "mlp.gate_proj.weight"].T
+        up = m @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+    x = rms(x, sd["model.norm.weight"])
+    return x @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_matches_hugging_face_llama_formulas(kv_heads: int | None) -> None:
+    model = make_model(n_kv_head=kv_heads, rope_theta=500.0).eval()
+    with torch.no_grad():  # norms away from 1 so their weights matter
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model(ids)
+        reference = _reference_llama_logits(model, ids)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_tied_embeddings_share_storage_and_export_once() -> None:
+    model = make_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.num_parameters() == count_parameters(model.config, VOCAB)
+    exported = model.export_state_dict()
+    assert "lm_head.weight" not in exported
+    clone = make_model(seed=9)
+    clone.load_exported_state_dict(exported)
+    assert clone.lm_head.weight is clone.model.embed_tokens.weight
+    torch.testing.assert_close(clone.lm_head.weight, model.model.embed_tokens.weight)
+    assert len(list(clone.parameters())) == len(list(model.parameters()))
+
+
+def test_untied_head_is_separate_and_exported() -> None:
+    model = make_model(tie_embeddings=False)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" in model.export_state_dict()
+    assert model.num_parameters() == count_parameters(model.config, VOCAB)
+
+
+def test_tied_model_refuses_a_different_head() -> None:
+    state = make_model(tie_embeddings=False).state_dict()
+    with pytest.raises(ValueError, match="ties them"):
+        make_model().load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ sizes
+
+
+PRESET_SHAPES = {
+    "tiny": (dict(n_embd=128, n_layer=4, n_head=2, context_length=256), 5000),
+    "small": (dict(n_embd=512, n_layer=6, n_head=8, context_length=256), 10000),
+    "medium": (dict(n_embd=640, n_layer=10, n_head=10, context_length=512), 16000),
+    "large": (dict(n_embd=768, n_layer=12, n_head=12, context_length=512), 32000),
+    "gqa": (dict(n_embd=256, n_layer=3, n_head=8, n_kv_head=2, context_length=128), 1000),
+    "untied": (dict(n_embd=96, n_layer=2, n_head=3, tie_embeddings=False), 700),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESET_SHAPES))
+def test_count_parameters_equals_the_real_model(name: str) -> None:
+    shape, vocab = PRESET_SHAPES[name]
+    cfg = ModelConfig(**shape)
+    with torch.device("meta"):
+        model = GPT(cfg, vocab)
+    assert model.num_parameters() == count_parameters(cfg, vocab)
+    non_embedding = model.num_parameters(exclude_embeddings=True)
+    assert non_embedding == count_non_embedding_parameters(cfg)
+
+
+def test_preset_sizes_are_the_expected_orders_of_magnitude() -> None:
+    sizes = {
+        name: count_parameters(ModelConfig(**shape), vocab)
+        for name, (shape, vocab) in PRESET_SHAPES.items()
+        if name in ("tiny", "small", "medium", "large")
+    }
+    assert format_count(sizes["tiny"]) == "1.49M"
+    assert sizes["tiny"] < sizes["small"] < sizes["medium"] < sizes["large"]
+    assert 100e6 < sizes["large"] < 150e6
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
+    cfg = ModelConfig(n_embd=128, n_layer=4, n_head=2, context_length=256)
+    blocks = count_non_embedding_parameters(cfg)
+    assert flops_per_token(cfg, 5000) == 6 * (blocks + 5000 * 128) + 12 * 4 * 128 * 256
+    assert flops_per_token(cfg, 5000, seq_len=64) == 6 * (blocks + 5000 * 128) + 12 * 4 * 128 * 64
+    untied = ModelConfig(n_embd=128, n_layer=4, n_head=2, tie_embeddings=False)
+    # The untied input table is a lookup, not a matmul: same FLOPs, more parameters.
+    assert flops_per_token(untied, 5000) == flops_per_token(cfg, 5000)
+    assert count_parameters(untied, 5000) == count_parameters(cfg, 5000) + 5000 * 128
+    model = GPT(cfg, 5000)
+    assert model.estimate_flops_per_token() == flops_per_token(cfg, 5000)
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0"), (999, "999"), (1000, "1.00K"), (12_345, "12.3K"), (999_960, "1.00M")]
+    + [(1_234_567, "1.23M"), (123_456_789, "123M"), (4_560_000_000, "4.56B")],
+)
+def test_format_count(count: int, text: str) -> None:
+    assert format_count(count) == text
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def _reference_loss(model: GPT, ids, targets, reduction):
+    logits = model(ids)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_loss_and_gradients_equal_plain_cross_entropy(reduction: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    targets = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    targets[0, :7] = IGNORE_INDEX
+    targets[2, :] = IGNORE_INDEX
+    fused_model, plain_model = make_model(), make_model()
+    logits, loss = fused_model(ids, targets=targets, reduction=reduction)
+    assert logits is None  # not materialised on the training path
+    loss.backward()
+    reference = _reference_loss(plain_model, ids, targets, reduction)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(
+        fused_model.named_parameters(), plain_model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import minigpt_cli.engine.model as model_module
+
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ROWS", 7)  # 48 rows -> 7 chunks, last partial
+    test_fused_loss_and_gradients_equal_plain_cross_entropy("sum")
+
+
+def test_per_token_losses_and_returned_logits() -> None:
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    logits, per_token = model(ids, targets=targets, reduction="none")
+    assert per_token.shape == (2, 10)
+    assert torch.all(per_token[:, -1] == 0)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, :-1].flatten())
+    torch.testing.assert_close(per_token[:, :-1].mean(), expected)
+    logits, mean = model(ids, targets=targets, return_logits=True)
+    assert logits.shape == (2, 10, VOCAB)
+    torch.testing.assert_close(mean, expected)
+
+
+def test_loss_under_bf16_autocast_is_fp32_and_close() -> None:
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    targets = ids.roll(-1, dims=1)
+    _, fp32 = model(ids, targets=targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16 = model(ids, targets=targets)
+    bf16.backward()
+    assert bf16.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) < 0.05
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_no_gradient_work_under_no_grad() -> None:
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        _, loss = model(ids, targets=ids)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _reference_loss(model, ids, ids, "mean").detach())
+
+
+def test_activation_checkpointing_gives_same_loss_and_gradients() -> None:
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    targets = ids.roll(-1, dims=1)
+    results = []
+    for checkpointing in (False, True):
+        model = make_model(activation_checkpointing=checkpointing, dropout=0.0).train()
+        _, loss = model(ids, targets=targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-7, rtol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------ init / training
+
+
+def test_initialisation_scales_residual_outputs() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_embd=256, n_layer=8, n_head=4, init_std=0.02)
+    model = GPT(cfg, 500)
+    layer = model.model.layers[3]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(0.005, rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.005, rel=0.05)
+    assert torch.all(layer.input_layernorm.weight == 1)
+    # A fresh model predicts close to uniform: loss near log(vocab), not a blown-up start. (The
+    # tied head favours the current token a little, hence the tolerance.)
+    ids = torch.randint(0, 500, (2, 64))
+    _, loss = model(ids, targets=torch.randint(0, 500, (2, 64)))
+    assert abs(loss.item() - math.log(500)) < 0.5
+
+
+def test_a_few_adamw_steps_learn_a_repeated_sequence() -> None:
+    model = make_model(dropout=0.1).train()
+    ids = torch.arange(0, 32).remainder(VOCAB).unsqueeze(0).repeat(4, 1)
+    targets = ids.roll(-1, dims=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        _, loss = model(ids, targets=targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_of_a_hopeless_prediction_stays_exact() -> None:
+    """A target probability that underflows fp32 must still give the true (huge) loss."""
+    from minigpt_cli.engine.model import _softmax_and_losses
+
+    logits = torch.tensor([[0.0, -200.0, 5.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    target = torch.tensor([[1], [2], [0]])
+    valid = torch.tensor([True, True, False])
+    probs, losses = _softmax_and_losses(logits, target, valid)
+    expected = torch.logsumexp(logits, -1) - logits.gather(1, target).squeeze(1)
+    torch.testing.assert_close(losses[:2], expected[:2])
+    assert losses[0].item() > 200 and losses[2].item() == 0.0
+    torch.testing.assert_close(probs, logits.softmax(-1))
+    _, easy = _softmax_and_losses(logits[1:], target[1:], valid[1:])  # the fast path
+    torch.testing.assert_close(easy[0], expected[1])

@@ -1,0 +1,233 @@
+"""`minigpt pretrain` end to end: it learns, it writes the run-directory contract, it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import SHARED_DATA, TINY_SETS, run_cli, set_args
+
+CONTRACT_KEYS = {"stage", "kind", "step", "tokens", "time"}
+TRAIN_KEYS = {
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+    "mfu",
+    "rss_mb",
+    "rss_cap_mb",
+    "cpu_pct",
+    "cpu_cap_pct",
+    "micro_batch_size",
+    "eta_sec",
+}
+FP32 = ["--precision", "fp32", "--device", "cpu"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(tiny_pretrain_run: Path) -> None:
+    for name in (
+        "config.toml",
+        "tokenizer.model",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "metrics.jsonl",
+    ):
+        assert (tiny_pretrain_run / name).is_file(), name
+    state = json.loads((tiny_pretrain_run / "trainer_state.json").read_text())
+    assert state["step"] == 30 and state["finished"] is True and state["chat"] is False
+    assert state["micro_batch_size"] == 4
+    snapshots = sorted(p.name for p in (tiny_pretrain_run / "checkpoints").iterdir())
+    assert snapshots == ["step-00000020", "step-00000030"]  # keep_last = 2
+    weights = load_file(str(tiny_pretrain_run / "model.safetensors"))
+    assert "model.embed_tokens.weight" in weights and "model.norm.weight" in weights
+
+
+def test_metrics_follow_the_contract_and_loss_falls(tiny_pretrain_run: Path) -> None:
+    rows = metrics(tiny_pretrain_run)
+    assert all(CONTRACT_KEYS <= row.keys() for row in rows)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert all(TRAIN_KEYS <= r.keys() for r in train)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert 0 < evals[-1]["val_bpb"] < 8
+    tokens = [r["tokens"] for r in train]
+    assert tokens == sorted(tokens) and tokens[-1] == 30 * 8 * 64
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tiny_pretrain_run: Path) -> None:
+    result = run_cli("pretrain", "--out", tiny_pretrain_run, *set_args(TINY_SETS))
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resuming_a_finished_run_with_nothing_left_exits_zero(tiny_pretrain_run: Path) -> None:
+    result = run_cli("pretrain", "--out", tiny_pretrain_run, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "already finished at step 30" in result.stdout
+
+
+def test_bad_data_line_exits_2_naming_file_and_line(tmp_path: Path) -> None:
+    data = tmp_path / "corpus.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
+    result = run_cli("pretrain", "--data", data, "--out", tmp_path / "run", *set_args(TINY_SETS))
+    assert result.returncode == 2
+    assert f"{data}:2:" in result.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_config_that_does_not_match_the_weights_is_a_clean_error(
+    tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.toml", "tokenizer.model", "trainer_state.json"):
+        (broken / name).write_bytes((tiny_pretrain_run / name).read_bytes())
+    config = (broken / "config.toml").read_text().replace("n_layer = 2", "n_layer = 3")
+    (broken / "config.toml").write_text(config)
+    (broken / "model.safetensors").write_bytes((tiny_pretrain_run / "model.safetensors").read_bytes())
+    result = run_cli("generate", broken, "--prompt", "hi", "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert "do not match" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_from_run_continues_from_the_parent_weights(tiny_pretrain_run: Path, tmp_path: Path) -> None:
+    child = tmp_path / "child"
+    result = run_cli(
+        "pretrain", "--from", tiny_pretrain_run, "--out", child, "--max-steps", "5", *FP32,
+        *set_args(TINY_SETS),
+    )
+    assert result.returncode == 0, result.stderr
+    parent_rows = [r for r in metrics(tiny_pretrain_run) if r["kind"] == "train"]
+    child_rows = [r for r in metrics(child) if r["kind"] == "train"]
+    # A fresh model starts near ln(vocab) = 6.4; the child starts where the parent ended.
+    assert child_rows[0]["loss"] < parent_rows[0]["loss"] - 0.5
+    state = json.loads((child / "trainer_state.json").read_text())
+    assert state["parent"] == str(tiny_pretrain_run)
+    assert (child / "tokenizer.model").read_bytes() == (tiny_pretrain_run / "tokenizer.model").read_bytes()
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = run_dir / "trainer_state.json"
+    while time.monotonic() < deadline:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["step"] >= step:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read() if process.stdout else "process ended")
+        time.sleep(0.005)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def _popen_pretrain(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", "pretrain", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+RESUME_SETS = [*TINY_SETS, "train.save_every=20", "train.eval_every=20", "train.keep_last=3"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical_to_a_straight_run(tmp_path: Path) -> None:
+    steps = 80
+    straight = tmp_path / "straight"
+    result = run_cli(
+        "pretrain", "--out", straight, "--max-steps", steps, *FP32, *set_args(RESUME_SETS)
+    )
+    assert result.returncode == 0, result.stderr
+
+    killed = tmp_path / "killed"
+    process = _popen_pretrain(
+        "--out", killed, "--max-steps", steps, *FP32, *set_args(RESUME_SETS)
+    )
+    try:
+        _wait_for_step(killed, steps // 2, process, timeout=240)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    state = json.loads((killed / "trainer_state.json").read_text())
+    assert state["finished"] is False, "the kill came too late to test anything"
+    result = run_cli("pretrain", "--out", killed, "--resume")
+    assert result.returncode == 0, result.stderr
+
+    first = load_file(str(straight / "model.safetensors"))
+    second = load_file(str(killed / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].equal(second[name]), name
+    straight_losses = [(r["step"], r["loss"]) for r in metrics(straight) if r["kind"] == "train"]
+    resumed_losses = [(r["step"], r["loss"]) for r in metrics(killed) if r["kind"] == "train"]
+    assert straight_losses == resumed_losses
+    assert any(r.get("event") == "resume" for r in metrics(killed))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = _popen_pretrain("--out", run_dir, "--max-steps", 5000, *FP32, *set_args(TINY_SETS))
+    try:
+        _wait_for_step(run_dir, 10, process, timeout=240)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    assert f"minigpt pretrain --out {run_dir} --resume" in output
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert state["step"] > 10 and state["finished"] is False
+    result = run_cli("pretrain", "--out", run_dir, "--resume", "--max-steps", state["step"] + 2)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "trainer_state.json").read_text())["step"] == state["step"] + 2
+
+
+def test_larger_max_steps_extends_a_finished_run(tiny_pretrain_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(tiny_pretrain_run), str(copy)], check=True)
+    result = run_cli("pretrain", "--out", copy, "--resume", "--max-steps", "34")
+    assert result.returncode == 0, result.stderr
+    state = json.loads((copy / "trainer_state.json").read_text())
+    assert state["step"] == 34 and state["finished"] is True
+    rows = metrics(copy)
+    assert rows[-1]["step"] == 34
+
+
+def test_chinese_text_trains(tmp_path: Path) -> None:
+    source = SHARED_DATA / "zh_classical_poetry.jsonl"
+    if not source.exists():
+        pytest.skip("shared data not present")
+    data = tmp_path / "zh.jsonl"
+    data.write_text("".join(source.read_text(encoding="utf-8").splitlines(True)[:600]), "utf-8")
+    run_dir = tmp_path / "zh-run"
+    result = run_cli(
+        "pretrain", "--data", data, "--out", run_dir, "--max-steps", "12", *FP32,
+        *set_args(TINY_SETS),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "zh" in result.stdout  # characters-per-token reported for Chinese
+    rows = metrics(run_dir)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    final = [r for r in rows if r["kind"] == "eval"][-1]
+    assert 0 < final["val_bpb"] < 8
