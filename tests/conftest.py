@@ -42,7 +42,7 @@ def run_cli(
     timeout: float = 300,
     input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m minigpt_cli ARGS` the way a user runs `minigpt` (own process, own exit code)."""
+    """Run `python -m minigpt_cli ARGS` as a user runs `minigpt` (own process, own exit code)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "minigpt_cli", *map(str, args)],

@@ -305,7 +305,8 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(reduction: str) -> N
 def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     import minigpt_cli.engine.model as model_module
 
-    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ROWS", 7)  # 48 rows -> 7 chunks, last partial
+    # 7 rows per chunk: 48 rows -> 7 chunks, the last one partial.
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)
     test_fused_loss_and_gradients_equal_plain_cross_entropy("sum")
 
 
@@ -410,3 +411,46 @@ def test_loss_of_a_hopeless_prediction_stays_exact() -> None:
     torch.testing.assert_close(probs, logits.softmax(-1))
     _, easy = _softmax_and_losses(logits[1:], target[1:], valid[1:])  # the fast path
     torch.testing.assert_close(easy[0], expected[1])
+
+
+def test_rms_norm_gradients_are_exact() -> None:
+    from minigpt_cli.engine.model import RMSNorm, _RMSNormFunction
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-5), (x, weight))
+    norm = RMSNorm(8, 1e-5)
+    data = torch.randn(4, 8) * 3
+    expected = F.rms_norm(data, (8,), norm.weight, 1e-5)
+    torch.testing.assert_close(norm(data), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(data), expected)
+        assert norm(data.bfloat16()).dtype == torch.bfloat16  # computed in fp32, returned as given
+
+
+def test_grouped_query_attention_without_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch before 2.5 lacks SDPA's enable_gqa: repeating keys/values must give the same."""
+    import minigpt_cli.engine.model as model_module
+
+    model = make_model(n_kv_head=2).eval()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        native = model(ids)
+        monkeypatch.setattr(model_module, "_SDPA_GQA", False)
+        repeated = model(ids)
+    torch.testing.assert_close(native, repeated, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient_but_the_body_does() -> None:
+    """LoRA-style training freezes the embedding/head: the fused loss must skip their gradient."""
+    model = make_model()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    reference = make_model()
+    reference.model.embed_tokens.weight.requires_grad_(False)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(12))
+    _, loss = model(ids, targets=ids.roll(-1, 1))
+    loss.backward()
+    _reference_loss(reference, ids, ids.roll(-1, 1), "mean").backward()
+    assert model.lm_head.weight.grad is None
+    layer, ref_layer = model.model.layers[1].mlp.down_proj, reference.model.layers[1].mlp.down_proj
+    torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad, atol=1e-6, rtol=1e-4)

@@ -2,8 +2,8 @@
 
 One TOML file describes a run; presets are such files. Each section is a pydantic model with
 `extra="forbid"`, so a typo is an error rather than a silently ignored key. Stage sections
-(`[pretrain]`, later `[sft]`, ...) list only the training keys that stage changes; `Config.stage_train`
-merges them over `[train]`. This module imports no torch.
+(`[pretrain]`, later `[sft]`, ...) list only the training keys that stage changes;
+`Config.stage_train` merges them over `[train]`. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def parse_duration(value: str | float | int) -> float:
 
 
 def parse_memory(value: str | float | int, total_bytes: int) -> int:
-    """Bytes from a memory cap: a bare number is percent of `total_bytes`; `1.5GB`, `6GiB` absolute."""
+    """Bytes from a memory cap: a bare number is percent of `total_bytes`; `1.5GB`, `6GiB` are
+    absolute."""
     match = _MEMORY.match(str(value))
     if not match:
         raise ValueError(
@@ -121,7 +122,7 @@ class ModelConfig(Section):
 
 
 class TokenizerConfig(Section):
-    """sentencepiece BPE settings (byte fallback, split digits and identity normalisation are fixed)."""
+    """sentencepiece BPE settings (byte fallback, split digits, identity normalisation: fixed)."""
 
     vocab_size: int = Field(5000, ge=MIN_VOCAB_SIZE, le=MAX_VOCAB_SIZE)
     character_coverage: float = Field(0.9995, ge=0.98, le=1.0)
