@@ -207,7 +207,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path: Path)
     assert process.returncode == 130, output
     assert f"minigpt pretrain --out {run_dir} --resume" in output
     state = json.loads((run_dir / "trainer_state.json").read_text())
-    assert state["step"] > 10 and state["finished"] is False
+    assert state["step"] >= 10 and state["finished"] is False
     result = run_cli("pretrain", "--out", run_dir, "--resume", "--max-steps", state["step"] + 2)
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "trainer_state.json").read_text())["step"] == state["step"] + 2
