@@ -205,7 +205,7 @@ def test_pretraining_never_shows_a_held_out_pair(
                 assert a + b == total and not builtin._pair_held_out(a, b), line
                 checked += 1
         elif doc["task"] == "quiz":
-            for question in re.findall(r"(?:Q: |问：)(.*?)\n(?:A: |答：)", doc["text"], re.S):
+            for question in re.findall(r"(?:Q:|问：)\n(.*?)\n(?:A:|答：)\n", doc["text"], re.S):
                 numbers = [int(x) for x in re.findall(r"\d+", question)]
                 if len(numbers) == 2:
                     assert not builtin._pair_held_out(*numbers), question
@@ -244,8 +244,8 @@ def test_facts_and_translation_val_phrasings_are_unseen(kind: str, pretrain_text
 
 
 def _list_words(text: str) -> list[str]:
-    listed = text.split("\n", 1)[1] if "\n" in text else re.split(r": |：", text)[-1]
-    return re.split(r"、| ", listed.strip())
+    """The words of a string_ops question: its input, one a line (en) or joined by "、" (zh)."""
+    return re.split(r"、|\n", text.split("\n", 1)[1])
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
@@ -266,7 +266,7 @@ def test_string_ops_answers_are_right() -> None:
             continue
         text = _user_text("sft", record)
         words = _list_words(text)
-        sep = "、" if "、" in text else " "
+        sep = "、" if "、" in text else "\n"
         allowed = {sep.join(reversed(words)), words[0], words[-1], str(len(words))}
         assert record["output"] in allowed
 
@@ -278,8 +278,9 @@ def test_pretraining_lists_use_training_words_only(
     for doc in pretrain_default[0]:
         if doc["task"] != "string_ops":
             continue
-        for listed in re.findall(r"(?:a list of words: |这是一组词：)(.*?)[。.] ", doc["text"]):
-            checked.update(re.split(r"、| ", listed))
+        pattern = r"(?:a list of words:\n|这是一组词：)(.*?)(?:\nBackwards|。倒过来)"
+        for listed in re.findall(pattern, doc["text"], re.S):
+            checked.update(re.split(r"、|\n", listed))
     assert len(checked) > 100
     assert {builtin.word_split(w) for w in checked} == {"train"}
 

@@ -75,10 +75,6 @@ def _debug_requested() -> bool:
 
 def main() -> None:
     """Entry point of the console script: every user error becomes one line and exit status 2."""
-    # OpenMP threads that spin while waiting turn a busy laptop's cores into a fight: on two shared
-    # cores a training step measured 7x slower with spinning. Sleeping waiters cost little when the
-    # machine is idle. Set before torch is imported; a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except UserError as error:

@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML config file (over the preset, under flags and --set)."),
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (over the preset, under flags and --set).",
+    ),
 ]
 PresetOpt = Annotated[
     str | None,
@@ -27,15 +31,20 @@ PresetOpt = Annotated[
 DataOpt = Annotated[
     list[Path] | None,
     typer.Option(
-        "--data", help="Training data: file or folder; repeat for several. Default: built-in."
+        "--data",
+        metavar="PATH",
+        help="Training data: file or folder; repeat for several. Default: built-in.",
     ),
 ]
 ValDataOpt = Annotated[
     list[Path] | None,
-    typer.Option("--val-data", help="Validation data (default: the last data.val_fraction)."),
+    typer.Option(
+        "--val-data", metavar="PATH", help="Validation data (default: the last data.val_fraction)."
+    ),
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", help="Run directory (default: runs/<stage>-<preset>).")
+    Path | None,
+    typer.Option("--out", metavar="DIR", help="Run directory (default: runs/<stage>-<preset>)."),
 ]
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to train.")]
 MaxTokensOpt = Annotated[
@@ -75,7 +84,9 @@ CompileOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", help="Override any config key: --set train.learning_rate=1e-3 (repeatable)."
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override any config key: --set train.learning_rate=1e-3 (repeatable).",
     ),
 ]
 

@@ -50,7 +50,7 @@ def pretrain(
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine import checkpoint as ckpt
     from minigpt_cli.engine.data import expand_paths, validate
-    from minigpt_cli.engine.monitor import configure_threads
+    from minigpt_cli.engine.monitor import apply_nice, configure_threads
     from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
     from minigpt_cli.engine.trainer import RunSpec, TrainingInterrupted
 
@@ -118,8 +118,10 @@ def pretrain(
             )
         if overwrite:
             ckpt.clear_run(run_dir)
-        configure_threads(config.resources.max_cpu, config.resources.threads)
+        apply_nice(config.resources.nice)
+        _, thread_note = configure_threads(config.resources.max_cpu, config.resources.threads)
         with EventRenderer(config.log.progress) as render:
+            render.print(f"pretrain: {thread_note}")
             try:
                 summary = run_pretrain(config, spec, inputs, on_event=render)
             except TrainingInterrupted as stop:

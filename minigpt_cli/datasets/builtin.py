@@ -12,10 +12,10 @@ Task families (`TASK_FAMILIES`), each asked in English and in Chinese:
 - ``facts``: four fixed tables (capital of a country, sound an animal makes, colour of a thing,
   opposite of a word). Pretraining text states every fact in many ways; training questions use
   one set of phrasings, held-out questions use other phrasings that appear nowhere in training data.
-- ``translation``: single words between English and Chinese, both directions, from a 152-word
+- ``translation``: single words between English and Chinese, both directions, from a 110-word
   dictionary that pretraining text spells out. Held out: the question phrasings, as for facts.
 - ``string_ops``: reverse a list of words, name its first or last word, count its words. Held out:
-  the words. About a fifth of each word pool (by CRC-32: 44 of 235 English words, 26 of 152
+  the words. About a fifth of each word pool (by CRC-32: 37 of 193 English words, 23 of 110
   Chinese ones) appears only in held-out lists; no training list, in any kind of record or in
   pretraining text, contains one of them (they do occur as ordinary words elsewhere, e.g. in the
   dictionary, so the model knows them as tokens but never saw them manipulated).
@@ -364,6 +364,10 @@ def _opposite_rows() -> tuple[tuple[str, str, str, str], ...]:
     return tuple(rows)
 
 
+# Held-out phrasings keep the words right around the subject the same as some training phrasing
+# ("... the capital of {s}?", "{s}的首都是..."): BPE merges Chinese characters with their neighbours
+# and marks a word's leading space, so a new context could change the subject's very tokens, and the
+# test would be one of tokenization instead of phrasing.
 _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="capital",
@@ -378,8 +382,8 @@ _RELATIONS: tuple[_Relation, ...] = (
             "zh": ("{s}的首都是哪里？", "请说出{s}的首都。", "{s}的首都叫什么？"),
         },
         val_questions={
-            "en": ("Which city is the capital of {s}?", "What city is the capital of {s}?"),
-            "zh": ("哪座城市是{s}的首都？", "{s}的首都是哪座城市？"),
+            "en": ("Which city is the capital of {s}?", "Do you know the capital of {s}?"),
+            "zh": ("{s}的首都是哪座城市？", "{s}的首都叫什么名字？"),
         },
         statements={
             "en": (
@@ -409,8 +413,8 @@ _RELATIONS: tuple[_Relation, ...] = (
             "zh": ("{s}怎么叫？", "{s}的叫声是什么？"),
         },
         val_questions={
-            "en": ("{As} makes what sound?", "What noise does {as} make?"),
-            "zh": ("{s}发出什么声音？", "{s}会发出什么叫声？"),
+            "en": ("What noise does {as} make?", "Do you know what {as} says?"),
+            "zh": ("{s}的叫声是怎样的？", "{s}怎么叫呢？"),
         },
         statements={
             "en": (
@@ -434,8 +438,8 @@ _RELATIONS: tuple[_Relation, ...] = (
             "zh": ("{s}是什么颜色的？", "{s}的颜色是什么？"),
         },
         val_questions={
-            "en": ("Which colour is {s}?", "{S} is what colour?"),
-            "zh": ("{s}是哪种颜色？", "{s}通常是什么颜色？"),
+            "en": ("Which colour is {s}?", "Do you know the colour of {s}?"),
+            "zh": ("{s}是什么颜色？", "{s}的颜色是哪种？"),
         },
         statements={
             "en": ("{S} is {a}.", "The colour of {s} is {a}.", "{S} has a {a} colour."),
@@ -449,13 +453,13 @@ _RELATIONS: tuple[_Relation, ...] = (
             "en": (
                 "What is the opposite of {s}?",
                 "Give the opposite of {s}.",
-                'Tell me the opposite of "{s}".',
+                "Tell me the opposite of {s}.",
             ),
             "zh": ("{s}的反义词是什么？", "请说出{s}的反义词。"),
         },
         val_questions={
-            "en": ("Which word means the opposite of {s}?", "What word is the opposite of {s}?"),
-            "zh": ("“{s}”的反义词是哪个词？", "和{s}意思相反的词是什么？"),
+            "en": ("What word is the opposite of {s}?", "Do you know the opposite of {s}?"),
+            "zh": ("{s}的反义词是哪个词？", "{s}的反义词是哪个？"),
         },
         statements={
             "en": ("The opposite of {s} is {a}.", "{S} is the opposite of {a}."),
@@ -536,10 +540,10 @@ _TRANSLATE_TRAIN = {
     ),
 }
 _TRANSLATE_VAL = {
-    ("en", "en2zh"): (('Give the Chinese word for "{w}".', ""), ("Say {w} in Chinese.", "")),
-    ("en", "zh2en"): (('Give the English word for "{w}".', ""), ("Say {w} in English.", "")),
-    ("zh", "en2zh"): (("请给出{w}的中文。", ""), ("英文单词{w}是什么意思？", "")),
-    ("zh", "zh2en"): (("请给出{w}的英文单词。", ""), ("{w}在英语里叫什么？", "")),
+    ("en", "en2zh"): (("Do you know the Chinese word for {w}?", ""), ("Say {w} in Chinese.", "")),
+    ("en", "zh2en"): (("Do you know the English word for {w}?", ""), ("Say {w} in English.", "")),
+    ("zh", "en2zh"): (("“{w}”的中文是哪个词？", ""), ("{w}用中文怎么讲？", "")),
+    ("zh", "zh2en"): (("“{w}”的英文是哪个词？", ""), ("{w}用英文怎么讲？", "")),
 }
 
 
@@ -607,40 +611,44 @@ def word_split(word: str) -> str:
     return "val" if _held_out(f"word:{word}", 5) else "train"
 
 
-_LIST_SEP = {"en": " ", "zh": "、"}
+# English lists put one word on each line: a word at the start of a line is tokenized the way the
+# answer is (no leading-space marker), so naming or reversing words is a copy of the same tokens.
+# Chinese has no such marker, and "、" is how Chinese writes a list.
+_LIST_SEP = {"en": "\n", "zh": "、"}
 
-# op -> language -> phrasings; "{list}" inside the instruction, or as the input when it is empty.
+# op -> language -> (instruction, input) phrasings; the list is always the input.
 _STRING_OPS = {
     "reverse": {
         "en": (
+            ("Write these words in reverse order.", "{list}"),
             ("Reverse the order of these words.", "{list}"),
-            ("Write these words in reverse order: {list}", ""),
         ),
-        "zh": (("把这些词倒过来排列。", "{list}"), ("请倒序写出这些词：{list}", "")),
+        "zh": (("把这些词倒过来排列。", "{list}"), ("请倒序写出这些词。", "{list}")),
     },
     "first": {
         "en": (
             ("What is the first word in this list?", "{list}"),
-            ("Which word comes first: {list}", ""),
+            ("Which word comes first in this list?", "{list}"),
         ),
-        "zh": (("这组词里第一个词是什么？", "{list}"), ("第一个词是哪个：{list}", "")),
+        "zh": (("这组词里第一个词是什么？", "{list}"), ("第一个词是哪个？", "{list}")),
     },
     "last": {
         "en": (
             ("What is the last word in this list?", "{list}"),
-            ("Which word comes last: {list}", ""),
+            ("Which word comes last in this list?", "{list}"),
         ),
-        "zh": (("这组词里最后一个词是什么？", "{list}"), ("最后一个词是哪个：{list}", "")),
+        "zh": (("这组词里最后一个词是什么？", "{list}"), ("最后一个词是哪个？", "{list}")),
     },
     "count": {
         "en": (
             ("How many words are in this list?", "{list}"),
-            ("Count the words: {list}", ""),
+            ("Count the words in this list.", "{list}"),
         ),
-        "zh": (("这组词一共有几个？", "{list}"), ("数一数有几个词：{list}", "")),
+        "zh": (("这组词一共有几个？", "{list}"), ("数一数有几个词。", "{list}")),
     },
 }
-_LIST_LENGTHS = {"reverse": (3, 4), "first": (3, 5), "last": (3, 5), "count": (2, 6)}
+_OP_WEIGHTS = {"reverse": 0.2, "first": 0.3, "last": 0.3, "count": 0.2}
+_LIST_LENGTHS = {"reverse": (3, 3), "first": (3, 5), "last": (3, 5), "count": (2, 5)}
 
 
 def _string_op_answers(op: str, words: list[str], lang: str) -> tuple[str, str]:
@@ -659,7 +667,7 @@ def _string_op_answers(op: str, words: list[str], lang: str) -> tuple[str, str]:
 def _string_op_sentence(op: str, lang: str, value: str) -> str:
     if lang == "en":
         return {
-            "reverse": "In reverse order: {v}.",
+            "reverse": "In reverse order:\n{v}",
             "first": "The first word is {v}.",
             "last": "The last word is {v}.",
             "count": "There are {v} words.",
@@ -673,7 +681,7 @@ def _string_op_sentence(op: str, lang: str, value: str) -> str:
 
 
 def _string_ops_item(rng: random.Random, split: str, lang: str) -> _Item:
-    op = rng.choice(tuple(_STRING_OPS))
+    op = rng.choices(tuple(_OP_WEIGHTS), tuple(_OP_WEIGHTS.values()))[0]
     low, high = _LIST_LENGTHS[op]
     words = rng.sample(_word_pool(lang, split), rng.randint(low, high))
     listed = _LIST_SEP[lang].join(words)
@@ -990,7 +998,7 @@ def _lists_doc(rng: random.Random) -> tuple[str, str]:
         listed, backwards = sep.join(words), sep.join(reversed(words))
         if lang == "en":
             parts.append(
-                f"Here is a list of words: {listed}. Backwards, the list reads: {backwards}. "
+                f"Here is a list of words:\n{listed}\nBackwards, the list reads:\n{backwards}\n"
                 f"The first word is {words[0]} and the last word is {words[-1]}. "
                 f"The list has {len(words)} words."
             )
@@ -999,26 +1007,27 @@ def _lists_doc(rng: random.Random) -> tuple[str, str]:
                 f"这是一组词：{listed}。倒过来是：{backwards}。"
                 f"第一个词是{words[0]}，最后一个词是{words[-1]}。这组词一共有{len(words)}个。"
             )
-    return "\n".join(parts), "string_ops"
+    return "\n\n".join(parts), "string_ops"
 
 
 def _quiz_doc(rng: random.Random) -> tuple[str, str]:
+    # Question and answer each start a line, as they start a chat turn: same tokens as in SFT.
     lang = rng.choice(LANGS)
-    q, a = ("Q: ", "A: ") if lang == "en" else ("问：", "答：")
+    q, a = ("Q:", "A:") if lang == "en" else ("问：", "答：")
     blocks = []
     for _ in range(rng.randint(8, 14)):
         item = _make_item(rng, "train", rng.choice(TASK_FAMILIES), lang)
-        blocks.append(f"{q}{item.user_text}\n{a}{item.answer}")
+        blocks.append(f"{q}\n{item.user_text}\n{a}\n{item.answer}")
     return "\n\n".join(blocks), "quiz"
 
 
 _PRETRAIN_MIX: tuple[tuple[Callable[[random.Random], tuple[str, str]], float], ...] = (
-    (_story_en, 0.15),
-    (_story_zh, 0.13),
-    (_parallel_doc, 0.08),
-    (_facts_doc, 0.18),
-    (_dictionary_doc, 0.12),
-    (_arithmetic_doc, 0.12),
-    (_lists_doc, 0.07),
-    (_quiz_doc, 0.15),
+    (_story_en, 0.12),
+    (_story_zh, 0.10),
+    (_parallel_doc, 0.07),
+    (_facts_doc, 0.16),
+    (_dictionary_doc, 0.10),
+    (_arithmetic_doc, 0.10),
+    (_lists_doc, 0.10),
+    (_quiz_doc, 0.25),  # closest to what SFT asks: questions and answers, training split only
 )
