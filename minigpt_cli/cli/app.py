@@ -76,7 +76,7 @@ def _debug_requested() -> bool:
 def main() -> None:
     """Entry point of the console script: every user error becomes one line and exit status 2."""
     try:
-        app()
+        app(prog_name="minigpt")
     except UserError as error:
         if _debug_requested():
             raise

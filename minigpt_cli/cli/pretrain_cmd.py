@@ -80,11 +80,16 @@ def pretrain(
         resume=resume,
     )
     sources: dict = {}
+    threads, thread_source = config.resources.threads, "set explicitly"
     if resume:
         point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
         if point is None:
             raise UserError(f"{run_dir}: nothing to resume (no complete checkpoint there)")
-        sources = ckpt.read_state(point).get("sources", {})
+        saved = ckpt.read_state(point)
+        sources = saved.get("sources", {})
+        # The same thread count gives the same float reductions: resume stays bit-exact.
+        if threads is None and saved.get("threads"):
+            threads, thread_source = saved["threads"], "as when the run started, for exact resume"
     inputs = PretrainInputs(
         data=list(data or [Path(p) for p in sources.get("data", [])]),
         val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
@@ -119,7 +124,7 @@ def pretrain(
         if overwrite:
             ckpt.clear_run(run_dir)
         apply_nice(config.resources.nice)
-        _, thread_note = configure_threads(config.resources.max_cpu, config.resources.threads)
+        _, thread_note = configure_threads(config.resources.max_cpu, threads, thread_source)
         with EventRenderer(config.log.progress) as render:
             render.print(f"pretrain: {thread_note}")
             try:

@@ -58,7 +58,9 @@ def idle_cores(sample_seconds: float = 0.3) -> float:
     return max(cores - busy, 0.0)
 
 
-def configure_threads(max_cpu_pct: float, threads: int | None = None) -> tuple[int, str]:
+def configure_threads(
+    max_cpu_pct: float, threads: int | None = None, source: str = "set explicitly"
+) -> tuple[int, str]:
     """Set torch's thread pools from the CPU cap; returns the count and why it was chosen.
 
     Without an explicit thread count, cores that other programs are using are left alone: OpenMP
@@ -69,7 +71,7 @@ def configure_threads(max_cpu_pct: float, threads: int | None = None) -> tuple[i
 
     cores = psutil.cpu_count(logical=True) or 1
     if threads is not None:
-        count, reason = threads, f"{threads} threads (set explicitly)"
+        count, reason = threads, f"{threads} threads ({source})"
     else:
         allowed = max(1, round(cores * max_cpu_pct / 100))
         free = max(1, round(idle_cores()))

@@ -256,6 +256,7 @@ class Trainer:
             "data_state": data_state,
             "rng": rng,
             "micro_batch_size": self.micro_batch_size,
+            "threads": torch.get_num_threads(),
             "total_steps": self.total_steps,
             "parent": self.spec.parent,
             "chat": self.spec.chat,
@@ -332,6 +333,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until a limit is reached; returns the final summary (also emitted as stage_end)."""
         run_dir = self.spec.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self._start = time.perf_counter()
         sequences_per_step = self.train.global_batch_size
         tokens_per_step = sequences_per_step * int(getattr(self.stage, "seq_len", 1))

@@ -1,0 +1,101 @@
+"""The installed command as a whole: start-up imports, version, completion, the one error path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from minigpt_cli import __version__
+from tests.conftest import run_cli
+
+
+def test_importing_the_cli_pulls_in_no_heavy_library() -> None:
+    code = (
+        "import sys, minigpt_cli.cli.app\n"
+        "heavy = ('torch', 'numpy', 'sentencepiece', 'rich', 'pydantic', 'safetensors')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_version_and_help_list_the_verbs() -> None:
+    assert run_cli("--version").stdout.strip() == f"minigpt {__version__}"
+    help_text = run_cli("--help").stdout
+    for verb in ("doctor", "pretrain", "generate", "config", "data", "tokenize"):
+        assert verb in help_text
+    # Verbs of later issues are not registered until they work.
+    for verb in ("sft", "dpo", "rlhf", "chat", "quickstart"):
+        assert f"\n  {verb} " not in help_text
+
+
+def test_console_script_is_installed() -> None:
+    script = shutil.which("minigpt", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run([script, "--version"], capture_output=True, text=True)
+    assert result.stdout.strip() == f"minigpt {__version__}"
+
+
+def test_shell_completion_script_and_completions() -> None:
+    script = run_cli("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    assert script.returncode == 0
+    assert "_minigpt_completion" in script.stdout and "complete " in script.stdout
+    completed = subprocess.run(
+        [sys.executable, "-m", "minigpt_cli"],
+        env={
+            **os.environ,
+            "_MINIGPT_COMPLETE": "complete_bash",
+            "COMP_WORDS": "minigpt pre",
+            "COMP_CWORD": "1",
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert completed.stdout.split() == ["pretrain"]
+
+
+def test_user_errors_exit_2_in_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    result = run_cli("pretrain", "--data", missing, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("error: ")
+    debug = run_cli("--debug", "pretrain", "--data", missing, "--out", tmp_path / "run")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_flag_errors_are_usage_errors_with_status_2() -> None:
+    result = run_cli("pretrain", "--max-steps", "many")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--max-steps" in result.stderr
+
+
+def test_contradictory_flags_are_refused(tmp_path: Path) -> None:
+    result = run_cli("pretrain", "--resume", "--overwrite", "--out", tmp_path / "x")
+    assert result.returncode == 2
+    assert "contradict" in result.stderr
+
+
+def test_pickle_given_as_a_checkpoint_is_refused_and_never_run(
+    tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "planted"
+    shutil.copytree(tiny_pretrain_run, run_dir)
+    payload = (
+        "import pickle, pathlib\n"
+        "class P:\n"
+        "    def __reduce__(self):\n"
+        f"        return (pathlib.Path.touch, (pathlib.Path({str(marker)!r}),))\n"
+        f"pathlib.Path({str(run_dir / 'model.safetensors')!r}).write_bytes(pickle.dumps(P()))\n"
+    )
+    os.unlink(run_dir / "model.safetensors")
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    result = run_cli("generate", run_dir, "--prompt", "hello", "--max-new-tokens", "3")
+    assert result.returncode == 2
+    assert "never unpickles" in result.stderr
+    assert not marker.exists()
