@@ -82,9 +82,9 @@ def main() -> None:
             "| command | wall time | steps | tokens | tok/s | val bpb | unigram bpb | log2(V) bpb |"
         )
         print("|---|---|---|---|---|---|---|---|")
+        shown = " ".join(["minigpt pretrain --preset", args.preset, *args.extra])
         print(
-            f"| `minigpt pretrain --preset {args.preset} {' '.join(args.extra)}`".rstrip()
-            + f" | {wall:.0f} s | {final['step']} | {final['tokens']:,} | {rate:,.0f} "
+            f"| `{shown}` | {wall:.0f} s | {final['step']} | {final['tokens']:,} | {rate:,.0f} "
             f"| {final['val_bpb']:.3f} | {unigram:.3f} | {uniform:.3f} |"
         )
 

@@ -387,7 +387,7 @@ class _Timing:
         return 2.0 * self.n**3 / self.best / 1e9
 
 
-_MEASURE_ERRORS = (RuntimeError, TypeError, NotImplementedError)
+_MEASURE_ERRORS = (RuntimeError, TypeError)  # RuntimeError includes not-implemented ops
 
 
 def _error_text(exc: BaseException) -> str:
@@ -699,7 +699,17 @@ def store_measurements(measurements: Mapping[str, Any]) -> bool:
     costs a re-measurement later, so it must never stop a training run.
     """
     cache = _read_cache()
-    cache["entries"][fingerprint_key(measurements["fingerprint"])] = dict(measurements)
+    key = fingerprint_key(measurements["fingerprint"])
+    entry = dict(measurements)
+    # A peak is the best this machine has shown: a measurement taken while other programs were
+    # busy must not lower it, or MFU (tokens/s over the peak) would read above 100 %.
+    previous = cache["entries"].get(key)
+    peaks = dict(previous.get("peak_gflops", {})) if isinstance(previous, dict) else {}
+    for name, value in entry.get("gflops", {}).items():
+        if isinstance(value, int | float) and value > peaks.get(name, 0):
+            peaks[name] = value
+    entry["peak_gflops"] = peaks
+    cache["entries"][key] = entry
     try:
         atomic_write_text(cache_path(), json.dumps(cache, indent=2, sort_keys=True) + "\n")
     except OSError:
@@ -787,7 +797,7 @@ def peak_flops(device: str | torch.device, precision: Any) -> float:
     """
     key = precision_key(device, precision)
     measurements = cached_measurements(device, keys=(key,))
-    gflops = measurements["gflops"].get(key)
+    gflops = measurements.get("peak_gflops", {}).get(key) or measurements["gflops"].get(key)
     if not gflops:
         reason = measurements.get("errors", {}).get(key, "no measurement")
         raise RuntimeError(f"cannot measure {key} matmul on {torch.device(device)}: {reason}")
