@@ -249,3 +249,65 @@ def test_chinese_text_trains(tmp_path: Path) -> None:
     assert train[-1]["loss"] < train[0]["loss"]
     final = [r for r in rows if r["kind"] == "eval"][-1]
     assert 0 < final["val_bpb"] < 8
+
+
+def _estimate_mb(micro_batch: int, data_bytes: int) -> float:
+    from minigpt_cli.config.loader import load_config
+    from minigpt_cli.engine.estimate import estimate_training_memory
+
+    config = load_config("tiny", sets=GOVERNOR_SETS)
+    estimate = estimate_training_memory(
+        config.model,
+        600,
+        micro_batch_size=micro_batch,
+        precision="fp32",
+        global_batch_size=8,
+        data_bytes=data_bytes,
+        eval_sequences=8,
+    )
+    return estimate.total / 2**20
+
+
+GOVERNOR_SETS = [
+    *TINY_SETS,
+    "model.n_embd=128",
+    "model.context_length=256",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=8",
+]
+
+
+def test_memory_cap_lowers_the_micro_batch_and_keeps_the_global_batch(tmp_path: Path) -> None:
+    # A cap between the estimates for micro-batch 8 and 4 (the token buffer is < 1 MB either way).
+    cap_mb = (_estimate_mb(8, 0) + _estimate_mb(4, 1_000_000)) / 2
+    run_dir = tmp_path / "capped"
+    result = run_cli(
+        "pretrain",
+        "--out",
+        run_dir,
+        "--max-steps",
+        "3",
+        "--max-memory",
+        f"{cap_mb:.1f}MiB",
+        *FP32,
+        *set_args(GOVERNOR_SETS),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "training with micro-batch 4 x 2 accumulation" in result.stdout
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert state["micro_batch_size"] == 4
+    rows = metrics(run_dir)
+    assert any(r.get("event") == "governor" for r in rows)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train[-1]["micro_batch_size"] == 4
+    assert train[-1]["tokens"] == 3 * 8 * 256  # the global batch did not change
+
+
+def test_a_cap_nothing_fits_under_exits_2_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "tiny-cap"
+    result = run_cli(
+        "pretrain", "--out", run_dir, "--max-memory", "64MB", *FP32, *set_args(GOVERNOR_SETS)
+    )
+    assert result.returncode == 2
+    assert "does not fit in memory" in result.stderr and "--max-memory" in result.stderr
+    assert not (run_dir / "model.safetensors").exists()

@@ -74,7 +74,7 @@ class PretrainStage:
         count = min(val_windows, eval_sequences)
         self.val_starts = np.linspace(0, (val_windows - 1) * seq_len, count).astype(np.int64)
         self.val_starts = (self.val_starts // seq_len) * seq_len
-        self.eval_batch = 8
+        self.eval_batch = 8  # the trainer lowers it with the micro-batch (see fit_memory)
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
@@ -270,6 +270,81 @@ def load_tokens(
     )
 
 
+def fit_memory(
+    config: Config,
+    vocab_size: int,
+    precision: str,
+    data_bytes: int,
+    on_event: EventCallback | None,
+) -> tuple[int, list[str]]:
+    """Estimate peak memory before anything large is allocated and fit the micro-batch to the cap.
+
+    Returns the micro-batch to train with and the governor messages to log. The global batch never
+    changes (accumulation rises instead); activation checkpointing is the last lever; when nothing
+    fits the run stops here with exit status 2.
+    """
+    from minigpt_cli.config.schema import parse_memory
+    from minigpt_cli.engine.estimate import estimate_training_memory, largest_micro_batch
+    from minigpt_cli.engine.monitor import physical_memory_bytes
+
+    train = config.stage_train("pretrain")
+    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    shape = {
+        "precision": precision,
+        "global_batch_size": train.global_batch_size,
+        "data_bytes": data_bytes,
+        "eval_sequences": min(8, train.micro_batch_size),
+    }
+    configured = train.micro_batch_size
+    estimate = estimate_training_memory(
+        config.model, vocab_size, micro_batch_size=configured, **shape
+    )
+    cap_mb = cap / 2**20
+    emit(
+        on_event, "note", "pretrain", message=f"memory: {estimate.describe()}; cap {cap_mb:,.0f} MB"
+    )
+    if estimate.total <= cap:
+        return configured, []
+    messages = []
+    for checkpointing in (config.model.activation_checkpointing, True):
+        chosen = largest_micro_batch(
+            cap,
+            config.model,
+            vocab_size,
+            configured=configured,
+            activation_checkpointing=checkpointing,
+            **shape,
+        )
+        if chosen is not None:
+            if checkpointing and not config.model.activation_checkpointing:
+                config.model.activation_checkpointing = True
+                messages.append("activation checkpointing switched on to fit the memory cap")
+            fitted = estimate_training_memory(
+                config.model, vocab_size, micro_batch_size=chosen, **shape
+            )
+            messages.append(
+                f"micro-batch {configured} needs about {estimate.total / 2**20:,.0f} MB, over the "
+                f"{cap_mb:,.0f} MB cap: training with micro-batch {chosen} x "
+                f"{train.global_batch_size // chosen} accumulation (global batch unchanged, "
+                f"about {fitted.total / 2**20:,.0f} MB)"
+            )
+            for message in messages:
+                emit(on_event, "governor", "pretrain", message=message)
+            return chosen, messages
+    smallest = estimate_training_memory(
+        config.model,
+        vocab_size,
+        micro_batch_size=1,
+        activation_checkpointing=True,
+        **{**shape, "eval_sequences": 1},
+    )
+    raise UserError(
+        f"does not fit in memory: even micro-batch 1 with activation checkpointing needs about "
+        f"{smallest.total / 2**20:,.0f} MB ({smallest.describe()}), over the {cap_mb:,.0f} MB "
+        "cap; raise --max-memory, or choose a smaller preset or model.context_length"
+    )
+
+
 def run_pretrain(
     config: Config,
     spec: RunSpec,
@@ -294,6 +369,14 @@ def run_pretrain(
         "pretrain",
         message=f"{len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens",
     )
+    micro_batch, governor_messages = fit_memory(
+        config,
+        tokenizer.vocab_size,
+        "fp32" if precision.dtype_name == "fp32" else precision.dtype_name,
+        4 * (len(train_tokens) + len(val_tokens)),
+        on_event,
+    )
+    spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     stage = PretrainStage(
         train_tokens,
         val_tokens,
@@ -302,6 +385,7 @@ def run_pretrain(
         token_bytes=token_byte_lengths(tokenizer),
         eval_sequences=train.eval_batches * train.micro_batch_size,
     )
+    stage.eval_batch = min(stage.eval_batch, micro_batch)
     seed_everything(train.seed)
     model = GPT(config.model, tokenizer.vocab_size)
     if inputs.from_run is not None and not spec.resume:
@@ -316,5 +400,6 @@ def run_pretrain(
         precision=precision,
         on_event=on_event,
         vocab_size=tokenizer.vocab_size,
+        micro_batch_size=micro_batch,
     )
     return trainer.fit()

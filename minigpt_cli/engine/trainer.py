@@ -90,6 +90,7 @@ class RunSpec:
     parent: str | None = None
     chat: bool = False
     sources: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # logged as event rows at start
 
 
 def plan_steps(
@@ -209,6 +210,7 @@ class Trainer:
         precision: Any,
         on_event: EventCallback | None = None,
         vocab_size: int,
+        micro_batch_size: int | None = None,
     ) -> None:
         from minigpt_cli.engine.device import autocast_context
 
@@ -222,7 +224,8 @@ class Trainer:
         self.on_event = on_event
         self.vocab_size = vocab_size
         self._autocast = lambda: autocast_context(precision, device)
-        self.micro_batch_size = self.train.micro_batch_size
+        # The governor may start below the configured micro-batch; a resumed run restores its own.
+        self.micro_batch_size = micro_batch_size or self.train.micro_batch_size
         self.optimizer, self.param_names = build_optimizer(model, self.train, device)
         self.scaler = (
             torch.amp.GradScaler(device.type)
@@ -359,6 +362,8 @@ class Trainer:
             self.metrics.write(
                 self._row("event", event="resume", message=f"resumed from {self._resumed_from}")
             )
+        for extra in self.spec.events:
+            self.metrics.write(self._row("event", **extra))
         self._event(
             "stage_start",
             step=self.step,

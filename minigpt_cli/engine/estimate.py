@@ -1,0 +1,513 @@
+"""Peak memory of a training run, predicted from the config before anything large is allocated.
+
+The resource governor shows this estimate beside the memory cap before the first step, lowers the
+micro-batch (then turns on activation checkpointing) when the configured one would not fit, and
+refuses to start when nothing fits; `doctor` recommends a preset from the same numbers. All of that
+happens before torch allocates the model, so this is plain arithmetic on the config: no torch
+import, here or inside.
+
+The estimate is of the process's peak RSS on the CPU, term by term (bytes):
+
+- framework: the interpreter, torch and the libraries a training run imports, the optimizer's
+  first-use imports, and the heap that preparing the data (tokenizer training, encoding) leaves
+  behind. Measured (FRAMEWORK_BYTES + PIPELINE_BYTES), or passed in by a caller that measured.
+- weights: fp32 parameters (the master copy, also under bf16 autocast), the rotary tables, and any
+  frozen models a stage holds (DPO's reference, PPO's reference and reward models).
+- gradients: one fp32 gradient per trainable parameter. They live across the micro-batches of an
+  optimizer step, so they coexist with a whole micro-batch's activations.
+- optimizer: AdamW's two fp32 moments per trainable parameter.
+- activations: what autograd saves for backward over one micro-batch, counted tensor by tensor
+  from `engine/model.py` (`_layer_tensors`; a test checks the count against saved-tensor hooks on
+  the real model), plus the largest short-lived working set of the step (a chunk of the fused
+  loss's logits, or the SwiGLU backward).
+- allocator: heap that glibc keeps resident beyond the live tensors (ALLOCATOR_SLACK).
+- data: token buffers (the built-in corpus as an int32 array; the resident pages of memory-mapped
+  shards) and the token ids of one optimizer step's micro-batches.
+- other: anything else a stage holds (a KV cache for rollouts, ...).
+
+A training step is one peak; two more come between steps, when gradients and activations are freed
+but most of the heap they used stays resident (SAVE_RESIDUE): saving a snapshot, with the
+serialised files on top (checkpoint), and validation, whose 8-sequence batches can be larger than
+a small micro-batch (evaluation). `MemoryEstimate.total` is the largest of the three.
+
+Calibration (`benchmarks/memory.py`, x86-64 Linux, glibc malloc, torch 2.13 CPU, one thread, fp32):
+shapes tiny, small, a grouped-query and a deep narrow one, micro-batches 1-32, with and without
+activation checkpointing; the constants below are fitted there and the benchmark's table is in the
+README. bf16 autocast is counted structurally (2-byte saved tensors, autocast's weight copies) and
+not calibrated separately; on CUDA and MPS the tensors live in device memory and only `framework`
+and `data` are host RSS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minigpt_cli.config.params import count_parameters
+from minigpt_cli.config.schema import Config, ModelConfig
+
+MiB = 2**20
+
+# ------------------------------------------------------------------------------- constants
+
+FRAMEWORK_BYTES = 310 * MiB
+"""RSS of a training process once everything but the model is in place: about 220 MiB right after
+`import torch`, 230 MiB with the model code, and another ~70 MiB when the first `torch.optim.AdamW`
+is built (its lazy imports). Measured as RSS after the Trainer is built minus weights and data:
+310-312 MiB for every benchmarked shape."""
+
+ALLOCATOR_SLACK = 0.75
+"""Resident heap beyond the live tensors, as a fraction of one micro-batch's heap-allocated
+activations. glibc serves blocks under its adaptive mmap threshold (up to 32 MiB) from the heap,
+and a freed block between live ones stays resident; forward and backward allocate and free in
+different orders, so the heap settles well above what is live at once (per benchmark row 0.55-0.95,
+varying from run to run too). A fixed mmap threshold (mallopt M_MMAP_THRESHOLD = 1 MiB) removes
+this slack but made a `tiny` step 50 % slower (page faults on every fresh block), so it is counted
+rather than avoided."""
+
+CHECKPOINTED_SLACK = 0.55
+"""The same with activation checkpointing, as a fraction of the activations the micro-batch would
+have without it: what fragments the heap is everything the forward allocates, kept or not, but
+each checkpointed layer frees its tensors before the next one allocates (fitted: 0.45-0.72)."""
+
+SAVE_RESIDUE = 0.7
+"""Fraction of a step's gradients + activations + allocator heap (blocks mapped on their own aside)
+still resident while a snapshot is saved after it: glibc trims only the top of the heap. Varies
+from run to run (fitted: 0.57-0.81)."""
+
+CHECKPOINT_COPIES = 2
+"""In-memory copies of the largest file while a snapshot is written: `engine/checkpoint.py` has
+safetensors serialise each file into a buffer and then into bytes (measured: a 192 MiB file raised
+peak RSS by 385 MiB)."""
+
+MMAP_MAX_BYTES = 32 * MiB
+"""glibc's ceiling for its adaptive mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks
+at least this large always get their own mapping, so they neither fragment the heap nor stay
+resident once freed."""
+
+PIPELINE_BYTES = 45 * MiB
+"""Heap that preparing the data leaves resident in a `minigpt` training process: training the
+tokenizer (sentencepiece) and encoding the corpus into Python lists before the int32 array.
+Measured on `minigpt pretrain` with the built-in corpus: 40-50 MiB over a bare training process.
+Counted by default; `framework_bytes` replaces FRAMEWORK_BYTES + PIPELINE_BYTES."""
+
+OPTIMIZER_IMPORT_BYTES = 72 * MiB
+"""RSS added by building the first `torch.optim` optimizer: it imports some 800 modules (dynamo,
+sympy, mpmath). Part of FRAMEWORK_BYTES; for callers that measure their RSS before building one."""
+
+LOSS_CHUNK_ELEMENTS = 4 * 2**20
+"""Logits the fused loss holds at once: `engine.model._LOSS_CHUNK_ELEMENTS`, repeated here to stay
+torch-free (a test checks that they agree)."""
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ------------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak RSS of a training run, in bytes, by what holds the memory.
+
+    The terms are the module doc's; besides them, `mapped` is the part of `activations` in blocks
+    glibc maps on their own (returned when freed), and `evaluation` the resident cost of one
+    validation forward of `eval_sequences` sequences.
+    """
+
+    framework: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    allocator: int
+    checkpoint: int
+    data: int
+    other: int
+    micro_batch_size: int
+    seq_len: int
+    sequences_per_example: int = 1
+    activation_checkpointing: bool = False
+    precision: str = "fp32"
+    mapped: int = 0
+    evaluation: int = 0
+    eval_sequences: int = 8
+
+    @property
+    def resident(self) -> int:
+        """What stays allocated all run: framework, weights, AdamW moments, data, other."""
+        return self.framework + self.weights + self.optimizer + self.data + self.other
+
+    @property
+    def step_heap(self) -> int:
+        """What a training step adds: gradients, one micro-batch's activations, allocator slack."""
+        return self.gradients + self.activations + self.allocator
+
+    @property
+    def step_peak(self) -> int:
+        """Peak RSS during a training step."""
+        return self.resident + self.step_heap
+
+    @property
+    def settled_heap(self) -> int:
+        """What stays resident of a step's heap once the step is over (glibc trims only the top
+        of the heap; blocks that had their own mapping are returned)."""
+        return int(SAVE_RESIDUE * (self.step_heap - self.mapped))
+
+    @property
+    def save_peak(self) -> int:
+        """Peak RSS while saving a snapshot: the settled heap plus the serialised files."""
+        return self.resident + self.settled_heap + self.checkpoint
+
+    @property
+    def eval_peak(self) -> int:
+        """Peak RSS while evaluating after a step: the settled heap plus the evaluation's forward
+        (its batch can be larger than the micro-batch), or the step's heap if that is larger."""
+        return self.resident + max(self.step_heap, self.settled_heap + self.evaluation)
+
+    @property
+    def peaks(self) -> dict[str, int]:
+        """Each moment's peak RSS: a training step, an evaluation, a checkpoint save."""
+        return {"step": self.step_peak, "eval": self.eval_peak, "checkpoint": self.save_peak}
+
+    @property
+    def total(self) -> int:
+        """The predicted peak RSS of the whole process: the largest of the three peaks."""
+        return max(self.peaks.values())
+
+    @property
+    def peak_when(self) -> str:
+        """Which moment sets the peak: "step", "eval" or "checkpoint" (a tie goes to the step)."""
+        peaks = self.peaks
+        return max(peaks, key=lambda name: (peaks[name], name == "step"))
+
+    def describe(self) -> str:
+        """One line in MB (2^20 bytes): the total and the terms that add up to it."""
+
+        def mb(value: float) -> str:
+            return f"{value / MiB:,.0f}"
+
+        shape = f"micro-batch {self.micro_batch_size}"
+        if self.sequences_per_example != 1:
+            shape += f" x {self.sequences_per_example} sequences"
+        shape += f" x {self.seq_len} tokens"
+        if self.activation_checkpointing:
+            shape += ", checkpointed"
+        parts = [
+            f"framework {mb(self.framework)}",
+            f"weights {mb(self.weights)}",
+            f"grads {mb(self.gradients)}",
+            f"AdamW {mb(self.optimizer)}",
+            f"activations {mb(self.activations)} ({shape})",
+            f"allocator {mb(self.allocator)}",
+            f"data {mb(self.data)}",
+        ]
+        if self.other:
+            parts.append(f"other {mb(self.other)}")
+        terms = " + ".join(parts)
+        when = self.peak_when
+        if when == "step":
+            return f"estimated peak {mb(self.total)} MB = {terms}"
+        moment = {
+            "checkpoint": f"while saving a checkpoint ({mb(self.checkpoint)} MB serialised)",
+            "eval": f"while evaluating ({self.eval_sequences} sequences at a time)",
+        }[when]
+        return (
+            f"estimated peak {mb(self.total)} MB {moment}; a training step peaks at "
+            f"{mb(self.step_peak)} MB = {terms}"
+        )
+
+
+def _dtype_bytes(precision: str) -> int:
+    try:
+        return _DTYPE_BYTES[precision]
+    except KeyError:
+        raise ValueError(
+            f"precision must be one of {', '.join(_DTYPE_BYTES)}, got {precision!r}"
+        ) from None
+
+
+def _layer_tensors(cfg: ModelConfig, compute: int) -> list[int]:
+    """Bytes per token of each tensor autograd saves in one decoder layer (`DecoderLayer`).
+
+    Counted from what each op keeps for backward (checked with saved-tensor hooks):
+    - each RMSNorm: the fp32 normalised input and 1/rms, and its output, which the next matmul
+      saves (in the compute dtype);
+    - attention: the fused q/k/v projection (its whole storage stays alive: v is a view of it),
+      the rotated queries and keys (one tensor), SDPA's output (which o_proj saves) and its fp32
+      log-sum-exp per head (the CPU flash kernel: no T x T matrix, grouped heads included);
+    - SwiGLU: the fused gate/up output (silu saves a view of it), silu(gate), and silu(gate) * up
+      (which down_proj saves).
+    The residual stream itself is saved by nothing.
+    """
+    d, f, hd = cfg.n_embd, cfg.ffn_dim, cfg.head_dim
+    heads, kv = cfg.n_head, cfg.kv_heads
+    norm = [4 * d, 4, compute * d]
+    attention = [
+        compute * (heads + 2 * kv) * hd,
+        compute * (heads + kv) * hd,
+        compute * heads * hd,
+        4 * heads,
+    ]
+    mlp = [compute * 2 * f, compute * f, compute * f]
+    return norm + attention + norm + mlp
+
+
+def _saved_per_layer_fixed(cfg: ModelConfig, compute: int) -> int:
+    """Bytes saved per layer whatever the batch: the concatenated q/k/v and gate/up weights
+    (`model._concat_weights` makes them per forward and the matmul saves them)."""
+    d, f, hd = cfg.n_embd, cfg.ffn_dim, cfg.head_dim
+    qkv = (cfg.n_head + 2 * cfg.kv_heads) * hd * d
+    stacked = compute * (qkv + 2 * f * d)
+    if compute != 4:
+        # Autocast caches a low-precision copy of each plain weight (o_proj, down_proj).
+        stacked += compute * (cfg.n_head * hd * d + f * d)
+    return stacked
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """One micro-batch's activations: saved for backward, the short-lived working set on top, and
+    how much of the saved bytes sit in blocks glibc maps on their own (>= MMAP_MAX_BYTES)."""
+
+    saved: int
+    working_set: int
+    mapped: int
+
+    @property
+    def live(self) -> int:
+        return self.saved + self.working_set
+
+    @property
+    def heap(self) -> int:
+        """Live bytes served from the heap (what fragments and stays resident)."""
+        return self.live - self.mapped
+
+
+def activation_bytes(
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    tokens: int,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+) -> ActivationBytes:
+    """Live bytes of one micro-batch of `tokens` tokens (see `ActivationBytes`).
+
+    The working set is the largest short-lived allocation on top of what is saved: a chunk of
+    logits and their softmax in the fused loss (fp32; under autocast also the low-precision logits
+    and their gradient), or the SwiGLU backward of the last layer (gradients of gate/up, silu and
+    their product), whichever is larger.
+    """
+    compute = _dtype_bytes(precision)
+    d, f = model_cfg.n_embd, model_cfg.ffn_dim
+    layers = model_cfg.n_layer
+    per_layer = [tokens * size for size in _layer_tensors(model_cfg, compute)]
+    layer_saved = sum(per_layer) + _saved_per_layer_fixed(model_cfg, compute)
+    layer_mapped = sum(size for size in per_layer if size >= MMAP_MAX_BYTES)
+    if activation_checkpointing:
+        # Each layer keeps only its fp32 input; backward recomputes one layer at a time.
+        inputs = tokens * 4 * d
+        saved = layers * inputs + layer_saved
+        mapped = layers * inputs * (inputs >= MMAP_MAX_BYTES) + layer_mapped
+    else:
+        saved = layers * layer_saved
+        mapped = layers * layer_mapped
+    # Embedding (its int64 ids), final norm (fp32 normalised input, 1/rms) and the fused loss,
+    # which keeps d(loss)/d(hidden) in the compute dtype and d(loss)/d(head) in fp32.
+    saved += tokens * (8 + 4 * d + 4 + compute * d) + 4 * vocab_size * d
+    rows = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // vocab_size))
+    loss_chunk = rows * vocab_size * (8 + (2 * compute if compute != 4 else 0))
+    mlp_backward = tokens * compute * 3 * f
+    return ActivationBytes(saved, max(loss_chunk, mlp_backward), mapped)
+
+
+def evaluation_bytes(
+    model_cfg: ModelConfig, vocab_size: int, *, tokens: int, precision: str = "fp32"
+) -> int:
+    """Live bytes of a forward pass without gradients over `tokens` tokens (validation).
+
+    Nothing is saved, so the peak is the larger of one layer's tensors alive at once (the residual
+    stream, the norm's fp32 output and its compute-dtype copy, then gate/up, silu and their product)
+    and the fused loss's chunk of logits and softmax beside the final hidden states.
+    """
+    compute = _dtype_bytes(precision)
+    d, f, hd = model_cfg.n_embd, model_cfg.ffn_dim, model_cfg.head_dim
+    heads, kv = model_cfg.n_head, model_cfg.kv_heads
+    attention = 4 * 2 * d + compute * (
+        d + (heads + 2 * kv) * hd + 2 * (heads + kv) * hd + heads * hd
+    )
+    mlp = 4 * 2 * d + compute * (d + 4 * f)
+    rows = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // vocab_size))
+    loss = rows * vocab_size * (8 + (compute if compute != 4 else 0)) + tokens * (4 + compute) * d
+    return max(tokens * max(attention, mlp), loss)
+
+
+def estimate_training_memory(
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    micro_batch_size: int,
+    seq_len: int | None = None,
+    precision: str = "fp32",
+    activation_checkpointing: bool | None = None,
+    trainable_params: int | None = None,
+    extra_frozen_params: int = 0,
+    sequences_per_example: int = 1,
+    global_batch_size: int | None = None,
+    data_bytes: int = 0,
+    other_bytes: int = 0,
+    eval_sequences: int = 8,
+    framework_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Predicted peak RSS of training `GPT(model_cfg, vocab_size)` at this micro-batch.
+
+    - `seq_len`: tokens per sequence (default: the model's context length).
+    - `precision`: "fp32", or "bf16"/"fp16" autocast (weights and AdamW stay fp32). A run whose
+      precision is still "auto" should pass "fp32", the larger estimate.
+    - `activation_checkpointing`: default: the model config's flag.
+    - `trainable_params`: parameters with gradients and AdamW moments (default: all; LoRA passes
+      its adapters' count).
+    - `extra_frozen_params`: parameters of other models the stage holds without training them
+      (DPO's reference model; PPO's reference and reward models), fp32.
+    - `sequences_per_example`: sequences one example puts through the model (DPO: 2, chosen and
+      rejected), so a micro-batch of n examples runs n x this many sequences.
+    - `global_batch_size`: examples per optimizer step (default: the micro-batch); the Trainer
+      gathers the token ids of all of a step's micro-batches before the first forward.
+    - `data_bytes`: token buffers held in memory (the built-in corpus: 4 bytes per token;
+      memory-mapped shards: the pages a run touches). `other_bytes`: anything else the stage holds.
+    - `eval_sequences`: sequences per validation forward (`PretrainStage` evaluates 8 at a time,
+      whatever the micro-batch).
+    - `framework_bytes`: the process's own footprint. Default: FRAMEWORK_BYTES + PIPELINE_BYTES,
+      a training process that prepared its data itself. A caller that can measure does better:
+      `framework_from_rss(rss)` with its RSS just before the model is built (the data's heap
+      included; then pass data already loaded as data_bytes=0).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+    if sequences_per_example < 1:
+        raise ValueError(f"sequences_per_example must be at least 1, got {sequences_per_example}")
+    if min(extra_frozen_params, data_bytes, other_bytes, framework_bytes or 0) < 0:
+        raise ValueError(
+            "extra_frozen_params, data_bytes, other_bytes and framework_bytes must not be negative"
+        )
+    if eval_sequences < 1:
+        raise ValueError(f"eval_sequences must be at least 1, got {eval_sequences}")
+    seq = model_cfg.context_length if seq_len is None else seq_len
+    if not 1 <= seq <= model_cfg.context_length:
+        raise ValueError(f"seq_len must be in 1..{model_cfg.context_length}, got {seq}")
+    checkpointing = (
+        model_cfg.activation_checkpointing
+        if activation_checkpointing is None
+        else activation_checkpointing
+    )
+    total_params = count_parameters(model_cfg, vocab_size)
+    trainable = total_params if trainable_params is None else trainable_params
+    if not 0 <= trainable <= total_params:
+        raise ValueError(f"trainable_params must be in 0..{total_params}, got {trainable}")
+    rotary = 2 * model_cfg.context_length * model_cfg.head_dim * 4
+    tokens = micro_batch_size * sequences_per_example * seq
+    acts = activation_bytes(
+        model_cfg,
+        vocab_size,
+        tokens=tokens,
+        precision=precision,
+        activation_checkpointing=checkpointing,
+    )
+    # The heap fragments with everything the forward allocates, kept or recomputed.
+    churn = activation_bytes(model_cfg, vocab_size, tokens=tokens, precision=precision).heap
+    slack = CHECKPOINTED_SLACK if checkpointing else ALLOCATOR_SLACK
+    evaluation = evaluation_bytes(
+        model_cfg, vocab_size, tokens=eval_sequences * seq, precision=precision
+    )
+    examples = micro_batch_size if global_batch_size is None else global_batch_size
+    if examples < micro_batch_size:
+        raise ValueError(
+            f"global_batch_size ({examples}) is smaller than micro_batch_size ({micro_batch_size})"
+        )
+    batch_ids = examples * sequences_per_example * (seq + 1) * 8
+    return MemoryEstimate(
+        framework=FRAMEWORK_BYTES + PIPELINE_BYTES if framework_bytes is None else framework_bytes,
+        weights=4 * (total_params + extra_frozen_params) + rotary,
+        gradients=4 * trainable,
+        optimizer=8 * trainable,
+        activations=acts.live,
+        mapped=acts.mapped,
+        allocator=int(slack * churn),
+        # The optimizer file (two moments per trainable parameter) or the model file.
+        checkpoint=CHECKPOINT_COPIES * max(8 * trainable, 4 * total_params),
+        data=data_bytes + batch_ids,
+        other=other_bytes,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq,
+        sequences_per_example=sequences_per_example,
+        activation_checkpointing=checkpointing,
+        precision=precision,
+        evaluation=int((1 + ALLOCATOR_SLACK) * evaluation),
+        eval_sequences=eval_sequences,
+    )
+
+
+def framework_from_rss(rss_bytes: int, optimizer_built: bool = False) -> int:
+    """`framework_bytes` from the process's RSS measured before the model is built: that, plus
+    what building the first optimizer will import, and never less than a bare process's
+    FRAMEWORK_BYTES (other imports may still come)."""
+    return max(FRAMEWORK_BYTES, rss_bytes + (0 if optimizer_built else OPTIMIZER_IMPORT_BYTES))
+
+
+def estimate_for_config(
+    config: Config,
+    vocab_size: int | None = None,
+    *,
+    stage: str = "pretrain",
+    micro_batch_size: int | None = None,
+    precision: str | None = None,
+    **kwargs: object,
+) -> MemoryEstimate:
+    """The estimate for a resolved run config: its stage's micro- and global batch, its model.
+
+    `precision` defaults to the stage's setting, with "auto" counted as fp32 (the larger of the
+    two); `vocab_size` to the tokenizer section's. Other keywords go to
+    `estimate_training_memory` (data_bytes, trainable_params, ...).
+    """
+    train = config.stage_train(stage)
+    chosen = precision or train.precision
+    return estimate_training_memory(
+        config.model,
+        config.tokenizer.vocab_size if vocab_size is None else vocab_size,
+        micro_batch_size=micro_batch_size or train.micro_batch_size,
+        global_batch_size=train.global_batch_size,
+        precision="fp32" if chosen == "auto" else chosen,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def largest_micro_batch(
+    cap_bytes: int,
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    configured: int,
+    global_batch_size: int,
+    **kwargs: object,
+) -> int | None:
+    """The largest micro-batch <= `configured` that divides `global_batch_size` and whose
+    estimate fits under `cap_bytes`; None when not even 1 fits.
+
+    The governor never raises the micro-batch above the configured one, and only picks divisors of
+    the global batch so accumulation keeps the global batch exact. Other keywords (seq_len,
+    precision, activation_checkpointing, trainable_params, ...) go to `estimate_training_memory`.
+    """
+    if configured < 1 or global_batch_size < 1:
+        raise ValueError("configured and global_batch_size must be at least 1")
+    for size in range(min(configured, global_batch_size), 0, -1):
+        if global_batch_size % size:
+            continue
+        estimate = estimate_training_memory(
+            model_cfg,
+            vocab_size,
+            micro_batch_size=size,
+            global_batch_size=global_batch_size,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if estimate.total <= cap_bytes:
+            return size
+    return None
