@@ -311,3 +311,28 @@ def test_a_cap_nothing_fits_under_exits_2_before_training(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "does not fit in memory" in result.stderr and "--max-memory" in result.stderr
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_threads_and_nice_flags_apply_and_resume_keeps_the_thread_count(tmp_path: Path) -> None:
+    run_dir = tmp_path / "threads"
+    result = run_cli(
+        "pretrain",
+        "--out",
+        run_dir,
+        "--max-steps",
+        "2",
+        "--threads",
+        "1",
+        "--nice",
+        "5",
+        *FP32,
+        *set_args(TINY_SETS),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 threads (set explicitly)" in result.stdout
+    assert json.loads((run_dir / "trainer_state.json").read_text())["threads"] == 1
+    config = (run_dir / "config.toml").read_text()
+    assert "threads = 1" in config and "nice = 5" in config
+    resumed = run_cli("pretrain", "--out", run_dir, "--resume", "--max-steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 threads" in resumed.stdout

@@ -64,6 +64,16 @@ MaxMemoryOpt = Annotated[
 MaxCpuOpt = Annotated[
     float | None, typer.Option("--max-cpu", help="CPU cap, percent of all logical cores.")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="Torch threads (overrides what --max-cpu would choose)."),
+]
+NiceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nice", min=0, max=19, help="Lower the scheduling priority (0 normal, 19 lowest)."
+    ),
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
 ]

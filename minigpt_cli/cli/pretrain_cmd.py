@@ -34,6 +34,8 @@ def pretrain(
     max_time: common.MaxTimeOpt = None,
     max_memory: common.MaxMemoryOpt = None,
     max_cpu: common.MaxCpuOpt = None,
+    threads: common.ThreadsOpt = None,
+    nice: common.NiceOpt = None,
     resume: common.ResumeOpt = False,
     overwrite: common.OverwriteOpt = False,
     seed: common.SeedOpt = None,
@@ -69,6 +71,8 @@ def pretrain(
         compile=compile_model,
         max_memory=max_memory,
         max_cpu=max_cpu,
+        threads=threads,
+        nice=nice,
     )
     config = common.resolve_config(
         "pretrain",
@@ -80,7 +84,7 @@ def pretrain(
         resume=resume,
     )
     sources: dict = {}
-    threads, thread_source = config.resources.threads, "set explicitly"
+    thread_count, thread_source = config.resources.threads, "set explicitly"
     if resume:
         point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
         if point is None:
@@ -88,8 +92,11 @@ def pretrain(
         saved = ckpt.read_state(point)
         sources = saved.get("sources", {})
         # The same thread count gives the same float reductions: resume stays bit-exact.
-        if threads is None and saved.get("threads"):
-            threads, thread_source = saved["threads"], "as when the run started, for exact resume"
+        if thread_count is None and saved.get("threads"):
+            thread_count, thread_source = (
+                saved["threads"],
+                "as when the run started, for exact resume",
+            )
     inputs = PretrainInputs(
         data=list(data or [Path(p) for p in sources.get("data", [])]),
         val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
@@ -124,7 +131,7 @@ def pretrain(
         if overwrite:
             ckpt.clear_run(run_dir)
         apply_nice(config.resources.nice)
-        _, thread_note = configure_threads(config.resources.max_cpu, threads, thread_source)
+        _, thread_note = configure_threads(config.resources.max_cpu, thread_count, thread_source)
         with EventRenderer(config.log.progress) as render:
             render.print(f"pretrain: {thread_note}")
             try:
