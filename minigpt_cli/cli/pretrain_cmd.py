@@ -54,6 +54,7 @@ def pretrain(
     from minigpt_cli.engine.data import expand_paths, validate
     from minigpt_cli.engine.monitor import apply_nice, configure_threads
     from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
+    from minigpt_cli.engine.shards import is_shard_folder
     from minigpt_cli.engine.trainer import RunSpec, TrainingInterrupted
 
     if resume and overwrite:
@@ -108,7 +109,7 @@ def pretrain(
         config.model = parent.model
         config.tokenizer = parent.tokenizer
     for paths in (inputs.data, inputs.val_data):
-        if paths and not (len(paths) == 1 and (paths[0] / "meta.json").is_file()):
+        if paths and not (len(paths) == 1 and is_shard_folder(paths[0])):
             validate(expand_paths(paths), "pretrain")
     spec = RunSpec(
         run_dir=run_dir,

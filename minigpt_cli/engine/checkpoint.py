@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minigpt_cli.engine.io import _fsync_dir, atomic_write_bytes, atomic_write_text
+from minigpt_cli.engine.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ def optimizer_tensors(
     optimizer: torch.optim.Optimizer, names: dict[int, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Flatten optimizer state into named tensors (keyed by parameter name, not position)."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     state = optimizer.state_dict()
     groups = []
@@ -129,8 +131,6 @@ def optimizer_tensors(
         )
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
-            import torch
-
             tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"{names[index]}::{key}"] = tensor
     return tensors, {"param_groups": json.dumps(groups)}
@@ -223,10 +223,10 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(building, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for file_name in [*sorted(tensor_files), STATE_FILE]:
         _link_into_place(final / file_name, run_dir / file_name)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     for old in snapshots(run_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

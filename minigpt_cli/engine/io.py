@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (best effort where directories cannot be opened)."""
     with contextlib.suppress(OSError):  # some filesystems refuse to open a directory
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -36,14 +37,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace `path` with UTF-8 `text` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_copy(source: str | Path, target: str | Path) -> None:
-    """Copy a (small) file into place atomically."""
-    atomic_write_bytes(target, Path(source).read_bytes())

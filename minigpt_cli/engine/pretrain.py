@@ -8,7 +8,6 @@ or loads the model and hands a `PretrainStage` to the Trainer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ import torch
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.shards import is_shard_folder
 from minigpt_cli.engine.trainer import Batch, RunSpec, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:
@@ -32,11 +31,10 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     for token_id in range(tokenizer.vocab_size):
         if token_id in special:
             continue
-        piece = tokenizer.piece(token_id)
-        if _BYTE_PIECE.fullmatch(piece):
+        if tokenizer.is_byte(token_id):
             lengths[token_id] = 1
-        elif not (piece.startswith("<") and piece.endswith(">") and tokenizer.is_control(token_id)):
-            lengths[token_id] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        elif not tokenizer.is_control(token_id):
+            lengths[token_id] = len(tokenizer.piece(token_id).replace("\u2581", " ").encode())
     return lengths
 
 
@@ -176,10 +174,6 @@ class PretrainInputs:
     from_run: Path | None = None
 
 
-def _is_shard_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "meta.json").is_file()
-
-
 def _builtin_texts(config: Config) -> list[str]:
     from minigpt_cli.datasets.builtin import pretrain_records
 
@@ -211,7 +205,7 @@ def _prepare_tokenizer(
         tokenizer = Tokenizer.load(source)
         tokenizer.save(run_dir)
         return tokenizer
-    if any(_is_shard_folder(p) for p in inputs.data):
+    if any(is_shard_folder(p) for p in inputs.data):
         raise UserError(
             "--data is a shard folder: pass the tokenizer that encoded it with --tokenizer DIR"
         )
@@ -236,7 +230,7 @@ def _token_stream(
     """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
     from minigpt_cli.engine.shards import TokenShards, encode_to_shards
 
-    if len(paths) == 1 and _is_shard_folder(paths[0]):
+    if len(paths) == 1 and is_shard_folder(paths[0]):
         shards = TokenShards(paths[0])
         expected = shards.meta.get("tokenizer_sha256")
         if expected and expected != tokenizer.sha256:
@@ -372,7 +366,7 @@ def run_pretrain(
     micro_batch, governor_messages = fit_memory(
         config,
         tokenizer.vocab_size,
-        "fp32" if precision.dtype_name == "fp32" else precision.dtype_name,
+        precision.dtype_name,
         4 * (len(train_tokens) + len(val_tokens)),
         on_event,
     )

@@ -298,9 +298,7 @@ class Trainer:
         if point is None:
             raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
         state = ckpt.read_state(point)
-        from minigpt_cli.engine.checkpoint import load_model_weights
-
-        load_model_weights(self.model, point / ckpt.MODEL_FILE)
+        ckpt.load_model_weights(self.model, point / ckpt.MODEL_FILE)
         tensors = ckpt.load_tensors(point / ckpt.OPTIMIZER_FILE)
         ckpt.restore_optimizer(
             self.optimizer,
