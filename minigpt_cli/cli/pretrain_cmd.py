@@ -52,7 +52,7 @@ def pretrain(
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine import checkpoint as ckpt
     from minigpt_cli.engine.data import expand_paths, validate
-    from minigpt_cli.engine.monitor import apply_nice, configure_threads
+    from minigpt_cli.engine.governor import apply_resources
     from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
     from minigpt_cli.engine.shards import is_shard_folder
     from minigpt_cli.engine.trainer import RunSpec, TrainingInterrupted
@@ -131,8 +131,7 @@ def pretrain(
             )
         if overwrite:
             ckpt.clear_run(run_dir)
-        apply_nice(config.resources.nice)
-        _, thread_note = configure_threads(config.resources.max_cpu, thread_count, thread_source)
+        thread_note = apply_resources(config.resources, thread_count, thread_source)
         with EventRenderer(config.log.progress) as render:
             render.print(f"pretrain: {thread_note}")
             try:

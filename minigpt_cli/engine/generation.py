@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from minigpt_cli.engine.governor import throttle_point
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -427,6 +428,7 @@ def _sample_loop(
     outputs: list[list[int]] = [[] for _ in range(rows)]
     active = [True] * rows
     for _ in range(settings.max_new_tokens):
+        throttle_point()
         next_ids = choose_next(logits, settings, generator, seen)
         history[:, length] = next_ids
         length += 1

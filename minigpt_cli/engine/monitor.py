@@ -7,6 +7,7 @@ resource governor builds its decisions on the same readings.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -58,6 +59,14 @@ def idle_cores(sample_seconds: float = 0.3) -> float:
     return max(cores - busy, 0.0)
 
 
+_thread_budget: int | None = None
+
+
+def thread_budget() -> int | None:
+    """The thread count `configure_threads` chose, for pools torch does not own (sentencepiece)."""
+    return _thread_budget
+
+
 def configure_threads(
     max_cpu_pct: float, threads: int | None = None, source: str = "set explicitly"
 ) -> tuple[int, str]:
@@ -73,7 +82,8 @@ def configure_threads(
     if threads is not None:
         count, reason = threads, f"{threads} threads ({source})"
     else:
-        allowed = max(1, round(cores * max_cpu_pct / 100))
+        # Whole cores round up; the fraction is held by duty-cycling (governor.CpuThrottle).
+        allowed = max(1, math.ceil(cores * max_cpu_pct / 100 - 1e-9))
         free = max(1, round(idle_cores()))
         count = min(allowed, free)
         reason = f"{count} threads ({max_cpu_pct:g}% of {cores} cores)"
@@ -82,6 +92,8 @@ def configure_threads(
                 f"{count} threads: other programs keep {cores - free} of {cores} cores busy "
                 f"(the {max_cpu_pct:g}% cap allows {allowed})"
             )
+    global _thread_budget
+    _thread_budget = count
     torch.set_num_threads(count)
     # Inter-op threads can only be set before the first parallel region; later calls keep the old.
     with contextlib.suppress(RuntimeError):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.governor import throttle_point
 from minigpt_cli.engine.io import atomic_write_text
 from minigpt_cli.errors import UserError
 
@@ -322,6 +323,7 @@ def encode_to_shards(
                 documents += int(last)
                 text_bytes += size
                 if pending_bytes >= _BATCH_BYTES:
+                    throttle_point()
                     ids = _encode_batch(tokenizer, pending, num_threads)
                     writer.write(np.asarray(ids, dtype=dtype))
                     in_file += pending_bytes

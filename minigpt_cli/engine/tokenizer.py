@@ -80,7 +80,12 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (respects taskset/cgroup affinity where the OS says)."""
+    """The threads the CPU cap allows, else the CPUs this process may run on (taskset/cgroup)."""
+    from minigpt_cli.engine.monitor import thread_budget
+
+    budget = thread_budget()
+    if budget is not None:
+        return budget
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows

@@ -26,6 +26,14 @@ from minigpt_cli.config.params import flops_per_token
 from minigpt_cli.config.schema import Config, TrainConfig, parse_duration, parse_memory
 from minigpt_cli.engine import checkpoint as ckpt
 from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.governor import (
+    Adjustment,
+    CpuThrottle,
+    Governor,
+    MemoryCapExceeded,
+    cap_device_memory,
+    install_throttle,
+)
 from minigpt_cli.engine.io import atomic_write_text
 from minigpt_cli.engine.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.errors import UserError
@@ -189,6 +197,14 @@ def _restore_rng(state: dict[str, Any]) -> None:
         )
 
 
+def _is_percent(max_memory: float | str) -> bool:
+    try:
+        float(max_memory)
+    except ValueError:
+        return False
+    return True
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from, so a seed names one run."""
     random.seed(seed)
@@ -259,6 +275,7 @@ class Trainer:
             "data_state": data_state,
             "rng": rng,
             "micro_batch_size": self.micro_batch_size,
+            "activation_checkpointing": self._checkpointing(),
             "threads": torch.get_num_threads(),
             "total_steps": self.total_steps,
             "parent": self.spec.parent,
@@ -312,6 +329,8 @@ class Trainer:
         self.micro_batch_size = int(state.get("micro_batch_size", self.micro_batch_size))
         if self.train.global_batch_size % self.micro_batch_size:
             self.micro_batch_size = self.train.micro_batch_size
+        if state.get("activation_checkpointing") and hasattr(self.model, "config"):
+            self.model.config.activation_checkpointing = True
         self.stage.load_data_state(state["data_state"])
         self.stage.load_extra_state(state.get("extra", {}))
         _restore_rng(state["rng"])
@@ -333,6 +352,15 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until a limit is reached; returns the final summary (also emitted as stage_end)."""
+        self.throttle = CpuThrottle.from_percent(self.config.resources.max_cpu)
+        # Evaluation and rollouts generate under the same CPU cap as the steps.
+        previous_throttle = install_throttle(self.throttle)
+        try:
+            return self._fit()
+        finally:
+            install_throttle(previous_throttle)
+
+    def _fit(self) -> dict[str, Any]:
         run_dir = self.spec.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self._start = time.perf_counter()
@@ -352,7 +380,18 @@ class Trainer:
         atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_config(self.config))
         warmup = self._warmup_steps()
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
-        cap_mb = parse_memory(self.config.resources.max_memory, physical_memory_bytes()) / 2**20
+        cap_bytes = parse_memory(self.config.resources.max_memory, physical_memory_bytes())
+        cap_mb = cap_bytes / 2**20
+        self.governor = Governor(cap_bytes, on_pause=self._governor_notice)
+        if self.device.type in ("cuda", "mps"):
+            note = cap_device_memory(
+                self.device.type,
+                cap_bytes,
+                physical_memory_bytes(),
+                _is_percent(self.config.resources.max_memory),
+            )
+            if note:
+                self._event("note", message=note)
         flops_token = flops_per_token(self.config.model, self.vocab_size, self.stage_seq_len())
         peak = self._peak_flops()
         cpu = CpuMeter()
@@ -376,6 +415,8 @@ class Trainer:
         window_tokens, window_time, window_metrics = 0, 0.0, {}
         last_rate = 0.0
         data_state, rng = self.stage.data_state(), _rng_state()
+        self.governor.start()
+        self.throttle.restart()
         try:
             while True:
                 data_state, rng = self.stage.data_state(), _rng_state()
@@ -424,6 +465,8 @@ class Trainer:
                     self.metrics.write(row)
                     self._event("step", **row, total_steps=self.total_steps)
                     window_tokens, window_time, window_metrics = 0, 0.0, {}
+                # After the step's row (which shows the settings it ran with), before any save.
+                self._govern_memory()
                 if self.step % self.train.eval_every == 0 or stop:
                     self._evaluate()
                 if stop:
@@ -433,6 +476,14 @@ class Trainer:
                     self.save(self.stage.data_state(), _rng_state())
                 if stop:
                     break
+        except MemoryCapExceeded as over:
+            # The step completed; its state is consistent, so keep it and say how to go on.
+            self.save(self.stage.data_state(), _rng_state())
+            self.metrics.close()
+            raise UserError(
+                f"{over}; checkpoint saved at step {self.step}: resume with --resume and a "
+                "higher --max-memory (or a smaller model.context_length)"
+            ) from None
         except KeyboardInterrupt:
             # Roll back to the start of the unfinished step so the checkpoint is exact.
             self.optimizer.zero_grad(set_to_none=True)
@@ -445,6 +496,27 @@ class Trainer:
         self._plot()
         self._event("stage_end", **summary)
         return summary
+
+    def _checkpointing(self) -> bool:
+        model_config = getattr(self.model, "config", None)
+        return bool(getattr(model_config, "activation_checkpointing", False))
+
+    def _govern_memory(self) -> None:
+        adjustment = self.governor.after_step(
+            self.micro_batch_size, self.train.global_batch_size, self._checkpointing()
+        )
+        if adjustment is not None:
+            self._apply(adjustment)
+
+    def _apply(self, adjustment: Adjustment) -> None:
+        self.micro_batch_size = adjustment.micro_batch_size
+        if adjustment.activation_checkpointing and not self._checkpointing():
+            self.model.config.activation_checkpointing = True
+        self._governor_notice(adjustment.message)
+
+    def _governor_notice(self, message: str) -> None:
+        self.metrics.write(self._row("event", event="governor", message=message))
+        self._event("governor", message=message)
 
     def stage_seq_len(self) -> int:
         return int(getattr(self.stage, "seq_len", self.config.model.context_length))
@@ -477,6 +549,7 @@ class Trainer:
         total_loss = 0.0
         summed: dict[str, float] = {}
         for batch in micro_batches:
+            self.throttle()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             loss_sum, metrics = self._forward(batch)
             scaled = loss_sum / normaliser
