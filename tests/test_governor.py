@@ -310,3 +310,13 @@ def test_a_fractional_cpu_cap_holds_over_fifteen_seconds(tmp_path: Path) -> None
     used = (after_cpu.user + after_cpu.system) - (before_cpu.user + before_cpu.system)
     measured_pct = 100 * used / (after_wall - before_wall) / cores
     assert abs(measured_pct - cap_pct) <= 0.2 * cap_pct, f"{measured_pct:.1f}% vs cap {cap_pct}%"
+
+
+def test_the_tokenizer_sample_shrinks_to_fit_beside_what_the_process_holds() -> None:
+    cap, held = 1000 * MB, 400 * MB
+    room = int(gov.SOFT_LIMIT_FRACTION * cap) - held
+    assert (
+        gov.tokenizer_training_chars(20_000_000, cap, held) == room // gov.TOKENIZER_BYTES_PER_CHAR
+    )
+    assert gov.tokenizer_training_chars(1_000_000, cap, held) == 1_000_000  # fits: unchanged
+    assert gov.tokenizer_training_chars(1_000_000, cap, cap) == 0
