@@ -313,7 +313,7 @@ def test_a_fractional_cpu_cap_holds_over_fifteen_seconds(tmp_path: Path) -> None
 
 
 def test_the_tokenizer_sample_shrinks_to_fit_beside_what_the_process_holds() -> None:
-    cap, held = 1000 * MB, 400 * MB
+    cap, held = 500 * MB, 400 * MB
     room = int(gov.SOFT_LIMIT_FRACTION * cap) - held
     assert (
         gov.tokenizer_training_chars(20_000_000, cap, held) == room // gov.TOKENIZER_BYTES_PER_CHAR
