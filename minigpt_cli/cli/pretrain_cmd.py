@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from minigpt_cli.cli import common
-from minigpt_cli.errors import UserError
 
 TokenizerOpt = Annotated[
     Path | None,
@@ -48,17 +47,13 @@ def pretrain(
 
     With no arguments it trains the tiny preset on the built-in English+Chinese corpus.
     """
-    from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine import checkpoint as ckpt
     from minigpt_cli.engine.data import expand_paths, validate
-    from minigpt_cli.engine.governor import apply_resources
     from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
     from minigpt_cli.engine.shards import is_shard_folder
-    from minigpt_cli.engine.trainer import RunSpec, TrainingInterrupted
+    from minigpt_cli.engine.trainer import RunSpec
 
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other: choose one")
     run_dir = out or common.default_run_dir("pretrain", preset)
     overrides = common.stage_overrides(
         "pretrain",
@@ -75,29 +70,17 @@ def pretrain(
         threads=threads,
         nice=nice,
     )
-    config = common.resolve_config(
+    run = training.prepare(
         "pretrain",
+        run_dir=run_dir,
         preset=preset,
         config_file=config_file,
         overrides=overrides,
         sets=sets,
-        run_dir=run_dir,
         resume=resume,
+        overwrite=overwrite,
     )
-    sources: dict = {}
-    thread_count, thread_source = config.resources.threads, "set explicitly"
-    if resume:
-        point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
-        if point is None:
-            raise UserError(f"{run_dir}: nothing to resume (no complete checkpoint there)")
-        saved = ckpt.read_state(point)
-        sources = saved.get("sources", {})
-        # The same thread count gives the same float reductions: resume stays bit-exact.
-        if thread_count is None and saved.get("threads"):
-            thread_count, thread_source = (
-                saved["threads"],
-                "as when the run started, for exact resume",
-            )
+    config, sources = run.config, run.saved_sources
     inputs = PretrainInputs(
         data=list(data or [Path(p) for p in sources.get("data", [])]),
         val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
@@ -122,33 +105,9 @@ def pretrain(
             "preset": preset or sources.get("preset") or "tiny",
         },
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with ckpt.RunLock(run_dir):
-        if ckpt.holds_run(run_dir) and not (resume or overwrite):
-            raise UserError(
-                f"{run_dir} already holds a run: pass --resume to continue it or --overwrite "
-                "to start over (or --out to train elsewhere)"
-            )
-        if overwrite:
-            ckpt.clear_run(run_dir)
-        thread_note = apply_resources(config.resources, thread_count, thread_source)
-        with EventRenderer(config.log.progress) as render:
-            render.print(f"pretrain: {thread_note}")
-            try:
-                summary = run_pretrain(config, spec, inputs, on_event=render)
-            except TrainingInterrupted as stop:
-                render.close()
-                typer.echo(
-                    f"\ninterrupted: checkpoint saved at step {stop.step}. Resume with:\n"
-                    f"  minigpt pretrain --out {run_dir} --resume",
-                    err=True,
-                )
-                raise typer.Exit(130) from None
-    if summary.get("nothing_to_do"):
-        typer.echo(
-            f"{run_dir}: already finished at step {summary['step']} "
-            f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
-        )
+    training.execute(
+        run, spec, lambda cfg, run_spec, on_event: run_pretrain(cfg, run_spec, inputs, on_event)
+    )
 
 
 def register(app: typer.Typer) -> None:

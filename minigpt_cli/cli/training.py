@@ -1,0 +1,121 @@
+"""What every training verb does around its engine call, written once.
+
+pretrain, sft, dpo and rlhf differ in their inputs and their engine function; the rest is the same
+promise to the user: the config they asked for (or the run's own on --resume), a refusal to write
+over a run without --resume/--overwrite, one run per directory (a lock), the CPU caps applied before
+any work, one progress display, a Ctrl-C that saves and prints the resume command, and "already
+finished" when there is nothing left to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from minigpt_cli.cli import common
+from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from minigpt_cli.config.schema import Config
+    from minigpt_cli.engine.trainer import RunSpec
+
+
+@dataclass
+class TrainingRun:
+    """A training verb's resolved request: where, with which config, continuing what."""
+
+    stage: str
+    run_dir: Path
+    config: Config
+    resume: bool
+    overwrite: bool
+    saved_sources: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    thread_source: str = "set explicitly"
+
+
+def prepare(
+    stage: str,
+    *,
+    run_dir: Path,
+    preset: str | None,
+    config_file: Path | None,
+    overrides: dict[str, Any],
+    sets: list[str] | None,
+    resume: bool,
+    overwrite: bool,
+) -> TrainingRun:
+    """Resolve the config and, on --resume, what the run recorded about its inputs and threads."""
+    from minigpt_cli.engine import checkpoint as ckpt
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    config = common.resolve_config(
+        stage,
+        preset=preset,
+        config_file=config_file,
+        overrides=overrides,
+        sets=sets,
+        run_dir=run_dir,
+        resume=resume,
+    )
+    run = TrainingRun(stage, run_dir, config, resume, overwrite, threads=config.resources.threads)
+    if resume:
+        point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
+        if point is None:
+            raise UserError(f"{run_dir}: nothing to resume (no complete checkpoint there)")
+        saved = ckpt.read_state(point)
+        run.saved_sources = saved.get("sources", {})
+        # The same thread count gives the same float reductions: resume stays bit-exact.
+        if run.threads is None and saved.get("threads"):
+            run.threads = saved["threads"]
+            run.thread_source = "as when the run started, for exact resume"
+    return run
+
+
+def execute(
+    run: TrainingRun,
+    spec: RunSpec,
+    engine: Callable[[Config, RunSpec, Any], dict[str, Any]],
+) -> dict[str, Any]:
+    """Lock the run directory, apply the caps, run `engine(config, spec, on_event)` with progress.
+
+    Exit 130 after a Ctrl-C (a checkpoint was saved); says so when a resumed run had nothing left.
+    """
+    from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.governor import apply_resources
+    from minigpt_cli.engine.trainer import TrainingInterrupted
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with ckpt.RunLock(run.run_dir):
+        if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
+            raise UserError(
+                f"{run.run_dir} already holds a run: pass --resume to continue it or --overwrite "
+                "to start over (or --out to train elsewhere)"
+            )
+        if run.overwrite:
+            ckpt.clear_run(run.run_dir)
+        thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
+        with EventRenderer(run.config.log.progress) as render:
+            render.print(f"{run.stage}: {thread_note}")
+            try:
+                summary = engine(run.config, spec, render)
+            except TrainingInterrupted as stop:
+                render.close()
+                typer.echo(
+                    f"\ninterrupted: checkpoint saved at step {stop.step}. Resume with:\n"
+                    f"  minigpt {run.stage} --out {run.run_dir} --resume",
+                    err=True,
+                )
+                raise typer.Exit(130) from None
+    if summary.get("nothing_to_do"):
+        typer.echo(
+            f"{run.run_dir}: already finished at step {summary['step']} "
+            f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
+        )
+    return summary
