@@ -16,8 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from minigpt_cli.cli.app import app
+from minigpt_cli.config.loader import load_config
 from minigpt_cli.engine import doctor
 from minigpt_cli.engine.device import resolve_precision
+from minigpt_cli.engine.estimate import estimate_for_config, plan_micro_batch
+from tests.conftest import run_cli
 
 REPORT_KEYS = {"minigpt_version", "facts", "measurements", "checks", "precision", "exit_status"}
 FACT_KEYS = {"minigpt", "os", "python", "torch", "cpu", "memory", "disk", "accelerators"}
@@ -59,6 +62,47 @@ class FakeMeasure:
             "rel_error": {key: 1e-7 for key in wanted},
             "errors": {},
         }
+
+
+# Seconds of one micro-batch's forward + backward per preset (by n_layer), for fake timings: tiny
+# and small finish within 30 minutes, medium does not.
+FAKE_MICRO_STEP = {4: 0.01, 6: 0.02, 10: 10.0, 12: 20.0}
+
+
+class FakeTiming:
+    """Stands in for `measure_training_step`: fixed timings per preset, and a record of calls."""
+
+    def __init__(self, micro_step: dict[int, float] | None = None, cpu_factor: float = 1.0) -> None:
+        self.micro_step = micro_step or FAKE_MICRO_STEP
+        self.cpu_factor = cpu_factor
+        self.calls: list[tuple[int, int, bool]] = []
+
+    def __call__(
+        self,
+        model_cfg: Any,
+        vocab: int,
+        train: Any,
+        micro: int,
+        eval_batch: int,
+        *,
+        device: Any,
+        precision: Any,
+    ) -> doctor.StepTiming:
+        self.calls.append((model_cfg.n_layer, micro, model_cfg.activation_checkpointing))
+        wall = self.micro_step[model_cfg.n_layer]
+        factor = self.cpu_factor
+        return doctor.StepTiming(wall, wall * factor, 0.001, 0.001 * factor, 0.004, 0.004 * factor)
+
+
+@pytest.fixture
+def fake_timing(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> FakeTiming:
+    """Fake step timings, cached in the test's own empty cache so no other test reads them."""
+    fake = FakeTiming()
+    monkeypatch.setattr(doctor, "measure_training_step", fake)
+    return fake
+
+
+FP32_MEASURE = {"fp32": 100.0, "fp32_medium": 100.0, "bf16": 10.0}  # `auto` picks plain fp32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,8 +489,10 @@ def _env(cache: Path) -> dict[str, str]:
 
 def test_doctor_json_parses_and_caches_the_measurement(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    # A one-second budget: tiny is timed for real (over budget), nothing larger is.
+    command = ["doctor", "--json", "--runs-dir", str(tmp_path), "--budget", "1s"]
     result = subprocess.run(
-        [sys.executable, "-m", "minigpt_cli", "doctor", "--json", "--runs-dir", str(tmp_path)],
+        [sys.executable, "-m", "minigpt_cli", *command],
         capture_output=True,
         text=True,
         timeout=120,
@@ -463,15 +509,23 @@ def test_doctor_json_parses_and_caches_the_measurement(tmp_path: Path) -> None:
     assert {"python", "torch", "memory", "disk", "accelerator", "bf16", "threads"} <= names
     precision = report["precision"]
     assert precision["dtype_name"] in {"fp32", "bf16", "fp16"} and precision["reason"]
-    cached = json.loads((cache / doctor.CACHE_FILE).read_text())["entries"]
-    assert [entry["gflops"] for entry in cached.values()] == [gflops]
+    cached = json.loads((cache / doctor.CACHE_FILE).read_text())
+    assert [entry["gflops"] for entry in cached["entries"].values()] == [gflops]
+    recommendation = report["recommendation"]
+    assert recommendation["preset"] is None and recommendation["command"] is None
+    assert recommendation["advice"].startswith("nothing finishes within 1s: tiny needs about")
+    tiny, *larger = recommendation["presets"]
+    assert tiny["speed_source"] == "measured" and tiny["tokens_per_sec"] > 0
+    assert tiny["within_budget"] is False and tiny["seconds"] > 1
+    assert all(row["tokens_per_sec"] is None for row in larger)
+    assert len(cached[doctor.SPEED_CACHE_SECTION]) == 1  # tiny's step, for the next doctor
 
 
 def test_doctor_plain_output_is_readable(
-    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
 ) -> None:
     monkeypatch.setattr(doctor, "measure_device", FakeMeasure())
-    result = CliRunner().invoke(app, ["doctor", "--runs-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["doctor", "--runs-dir", str(tmp_path), "--max-memory", "1TB"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("minigpt doctor")
@@ -480,11 +534,23 @@ def test_doctor_plain_output_is_readable(
     matmul = next(line for line in lines if line.startswith("Matmul (cpu)"))
     assert "fp32 100" in matmul and "bf16 400" in matmul
     assert any(line.startswith("Precision auto") for line in lines)
-    assert lines[-1].startswith("All checks passed")
+    assert lines[-3].startswith("All checks passed")
+    header = lines.index(next(line for line in lines if line.startswith("preset ")))
+    assert lines[header - 1].startswith("Presets under --max-memory 1TB")
+    tiny, small, medium, large = lines[header + 1 : header + 5]
+    assert tiny.split()[:4] == ["tiny", "1.49M", "yes", "8"]
+    assert small.split()[:4] == ["small", "24.4M", "yes", "8"]
+    assert medium.endswith("/ 30m over")
+    assert "not timed: medium is over the budget" in large
+    assert lines[-2] == (
+        "small is the largest preset that fits and finishes within 30m; medium would take about "
+        f"{doctor.format_duration(medium_seconds())}, over the 30m budget"
+    )
+    assert lines[-1] == "recommended: minigpt pretrain --preset small --max-memory 1TB"
 
 
 def test_doctor_exits_1_when_a_check_fails(
-    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
 ) -> None:
     monkeypatch.setattr(doctor, "measure_device", FakeMeasure())
     monkeypatch.setattr(
@@ -513,3 +579,287 @@ def test_doctor_help_does_not_import_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "torch" not in result.stdout and "numpy" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the recommendation
+
+
+def expected_seconds(preset: str, micro_batch: int | None = None) -> float:
+    """The time the fake timings give a preset's default run, computed independently here: every
+    optimizer step (accumulation x micro-step + update) and every validation pass."""
+    config = load_config(preset)
+    train = config.stage_train("pretrain")
+    micro = micro_batch or train.micro_batch_size
+    seq = config.model.context_length
+    tokens = doctor.builtin_token_estimate(config)
+    val_windows = (tokens - int(tokens * (1 - config.data.val_fraction)) - 1) // seq
+    eval_sequences = min(val_windows, train.eval_batches * train.micro_batch_size)
+    steps = train.max_steps
+    evals = -(-steps // train.eval_every)
+    forwards = -(-eval_sequences // min(8, micro))
+    step = (train.global_batch_size // micro) * FAKE_MICRO_STEP[config.model.n_layer] + 0.001
+    return steps * step + evals * forwards * 0.004
+
+
+def medium_seconds() -> float:
+    return expected_seconds("medium")
+
+
+def _recommend(**kwargs: Any) -> dict[str, Any]:
+    precision = resolve_precision("fp32", "cpu", measurements={}, cpu_features={})
+    return doctor.recommend_preset(device="cpu", precision=precision, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("budget", "chosen", "timed"),
+    [(30 * 60, "small", [4, 6, 10]), (60, "tiny", [4, 6]), (1, None, [4])],
+)
+def test_recommendation_is_the_largest_preset_within_the_budget(
+    fake_timing: FakeTiming, budget: float, chosen: str | None, timed: list[int]
+) -> None:
+    result = _recommend(max_memory="1TB", budget_seconds=budget)
+    rows = {row["preset"]: row for row in result["presets"]}
+    assert [row["preset"] for row in result["presets"]] == ["tiny", "small", "medium", "large"]
+    assert all(row["fits"] for row in rows.values())
+    # Larger presets are not timed once one is over the budget.
+    assert [layers for layers, _, _ in fake_timing.calls] == timed
+    for name in ("tiny", "small", "medium")[: len(timed)]:
+        assert rows[name]["seconds"] == pytest.approx(expected_seconds(name), abs=0.1)
+        assert rows[name]["within_budget"] == (rows[name]["seconds"] <= budget)
+        config = load_config(name)
+        train = config.stage_train("pretrain")
+        step = (train.global_batch_size // train.micro_batch_size) * FAKE_MICRO_STEP[
+            config.model.n_layer
+        ] + 0.001
+        step_tokens = train.global_batch_size * config.model.context_length
+        assert rows[name]["tokens_per_sec"] == pytest.approx(step_tokens / step, abs=0.1)
+    untimed = ["tiny", "small", "medium", "large"][len(timed) :]
+    assert all(rows[name]["tokens_per_sec"] is None for name in untimed)
+    assert all(rows[name]["note"].startswith("not timed: ") for name in untimed)
+    assert result["preset"] == chosen
+    if chosen:
+        assert result["command"] == f"minigpt pretrain --preset {chosen} --max-memory 1TB"
+    else:
+        assert result["command"] is None
+        minutes = -(-expected_seconds("tiny") // 60)
+        assert result["advice"].startswith("nothing finishes within 1s: tiny needs about")
+        assert f"raise --budget (e.g. --budget {minutes:.0f}m)" in result["advice"]
+
+
+def test_recommendation_respects_the_memory_cap(fake_timing: FakeTiming) -> None:
+    tiny, small = load_config("tiny"), load_config("small")
+    tiny_needs = plan_micro_batch(tiny, 5000, "fp32", doctor.builtin_data_bytes(tiny), 2**50)
+    small_least = plan_micro_batch(small, 10000, "fp32", doctor.builtin_data_bytes(small), 0)
+    assert tiny_needs.estimate.total < small_least.estimate.total
+    cap_mib = (tiny_needs.estimate.total + small_least.estimate.total) / 2 / 2**20
+    result = _recommend(max_memory=f"{cap_mib:.0f}MiB", max_cpu=100)
+    fits = {row["preset"]: row["fits"] for row in result["presets"]}
+    assert fits == {"tiny": True, "small": False, "medium": False, "large": False}
+    assert result["preset"] == "tiny"
+    assert (
+        result["command"]
+        == f"minigpt pretrain --preset tiny --max-memory {cap_mib:.0f}MiB --max-cpu 100"
+    )
+    assert result["advice"].endswith("; small does not fit under the memory cap")
+    assert [layers for layers, _, _ in fake_timing.calls] == [
+        4
+    ]  # nothing that does not fit is timed
+    small_row = result["presets"][1]
+    assert small_row["peak_bytes"] == small_least.estimate.total
+    assert small_row["micro_batch_size"] is None
+
+
+def test_nothing_fits_says_how_much_memory_is_needed(fake_timing: FakeTiming) -> None:
+    result = _recommend(max_memory="64MB")
+    assert result["preset"] is None and not any(row["fits"] for row in result["presets"])
+    assert fake_timing.calls == []
+    need = -(-result["presets"][0]["peak_bytes"] // 2**20)
+    assert result["advice"].startswith("nothing fits: even tiny at micro-batch 1 with activation")
+    assert result["advice"].endswith(f"raise it, e.g. --max-memory {need}MiB")
+    # That suggestion is enough: tiny fits under it.
+    assert _recommend(max_memory=f"{need}MiB")["presets"][0]["fits"]
+
+
+def test_doctor_and_pretrain_pick_the_same_micro_batch(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
+) -> None:
+    """`doctor --max-memory N` and `pretrain --max-memory N` (its fit_memory) agree, for a cap
+    under which the configured micro-batch does not fit and a smaller one does."""
+    from minigpt_cli.engine.pretrain import fit_memory
+
+    monkeypatch.setattr(doctor, "measure_device", FakeMeasure(FP32_MEASURE))
+    tiny = load_config("tiny")
+    data_bytes = doctor.builtin_data_bytes(tiny)
+
+    def needs(micro: int) -> int:
+        return estimate_for_config(
+            tiny, micro_batch_size=micro, precision="fp32", data_bytes=data_bytes
+        ).total
+
+    # Between micro-batch 4 and 8, far from both: the token count is an estimate (within 3%).
+    cap_mib = (needs(4) + needs(8)) / 2 / 2**20
+    assert needs(8) - needs(4) > 2 * 0.03 * data_bytes
+    flag = f"{cap_mib:.1f}MiB"
+    result = CliRunner().invoke(
+        app, ["doctor", "--json", "--runs-dir", str(tmp_path), "--max-memory", flag]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["precision"]["dtype_name"] == "fp32"
+    recommendation = report["recommendation"]
+    assert recommendation.keys() >= {
+        "max_memory",
+        "cap_bytes",
+        "max_cpu",
+        "threads",
+        "thread_reason",
+        "budget_seconds",
+        "device",
+        "precision",
+        "presets",
+        "preset",
+        "command",
+        "advice",
+        "not_counted",
+    }
+    assert recommendation["budget_seconds"] == 30 * 60
+    assert recommendation["max_memory"] == flag
+    tiny_row = recommendation["presets"][0]
+    assert tiny_row.keys() >= {
+        "preset",
+        "parameters",
+        "fits",
+        "micro_batch_size",
+        "configured_micro_batch_size",
+        "activation_checkpointing",
+        "peak_bytes",
+        "cap_bytes",
+        "steps",
+        "tokens",
+        "tokens_per_sec",
+        "seconds",
+        "within_budget",
+        "speed_source",
+        "note",
+    }
+    config = load_config("tiny", None, {"resources.max_memory": flag})
+    micro, messages = fit_memory(config, 5000, "fp32", data_bytes, None)
+    assert (tiny_row["micro_batch_size"], tiny_row["configured_micro_batch_size"]) == (micro, 8)
+    assert micro == 4 and messages
+    assert tiny_row["activation_checkpointing"] is config.model.activation_checkpointing is False
+    assert tiny_row["peak_bytes"] == needs(4)
+    assert fake_timing.calls[0] == (4, 4, False)  # timed at the planned micro-batch
+    assert recommendation["command"] == f"minigpt pretrain --preset tiny --max-memory {flag}"
+
+
+def test_a_fractional_cpu_cap_slows_the_estimate_by_its_duty_cycle(
+    monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
+) -> None:
+    monkeypatch.setattr(doctor.psutil, "cpu_count", lambda logical=True: 4)
+    monkeypatch.setattr(doctor.os, "cpu_count", lambda: 4)
+    # 25% of 4 cores is one core: work that used 2 CPU-seconds takes 2 wall seconds at least.
+    assert doctor.throttled_seconds(1.0, 2.0, 25) == 2.0
+    assert doctor.throttled_seconds(1.0, 0.5, 25) == 1.0
+    assert doctor.throttled_seconds(1.0, 3.0, 100) == 1.0  # no throttle when every core is allowed
+    fake_timing.cpu_factor = 2.0
+    full = _recommend(max_memory="1TB", max_cpu=100)["presets"][0]
+    capped = _recommend(max_memory="1TB", max_cpu=25)
+    assert capped["presets"][0]["seconds"] == pytest.approx(2 * full["seconds"], rel=1e-3)
+    assert capped["command"].endswith("--max-cpu 25")
+
+
+def test_format_duration() -> None:
+    cases = {0: "0s", 45: "45s", 90: "1m 30s", 1800: "30m", 5520: "1h 32m", 7200: "2h"}
+    assert {seconds: doctor.format_duration(seconds) for seconds in cases} == cases
+    assert doctor.format_duration(3 * 86400 + 4 * 3600) == "3d 4h"
+
+
+def test_builtin_token_estimate_is_a_little_above_the_real_count(tmp_path: Path) -> None:
+    """The bytes-per-token ratio still holds: train tiny's tokenizer on the built-in corpus and
+    count, as pretrain does (end-of-text tokens included)."""
+    from minigpt_cli.datasets.builtin import pretrain_records
+    from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+
+    config = load_config("tiny")
+    texts = [r["text"] for r in pretrain_records(config.data.builtin_size, seed=0)]
+    train_tokenizer(texts, config.tokenizer.vocab_size, tmp_path, num_threads=1)
+    tokenizer = Tokenizer.load(tmp_path)
+    real = sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
+    estimate = doctor.builtin_token_estimate(config)
+    assert real <= estimate <= 1.03 * real
+    assert doctor.builtin_data_bytes(config) == 4 * estimate
+
+
+def test_a_real_tiny_step_is_timed_once_then_read_from_the_cache(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config("tiny")
+    train = config.stage_train("pretrain")
+    precision = resolve_precision("fp32", "cpu", measurements={}, cpu_features={})
+    rng = torch.get_rng_state()
+    args = (config.model, config.tokenizer.vocab_size, train, 8, 8)
+    first = doctor.training_step_timing(*args, device="cpu", precision=precision)
+    assert first.source == "measured"
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
+    assert first.micro_step > 0 and first.optimizer > 0 and first.eval_forward > 0
+    # A validation forward (no backward) costs less than a training micro-step of as many tokens.
+    assert first.eval_forward < first.micro_step
+
+    # The same case again comes from the cache, nothing is measured.
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(doctor, "measure_training_step", refuse)
+    second = doctor.training_step_timing(*args, device="cpu", precision=precision)
+    assert second.source == "cached"
+    assert second.to_dict() == pytest.approx(first.to_dict())
+    # Another micro-batch is another case.
+    with pytest.raises(AssertionError, match="measured again"):
+        doctor.training_step_timing(
+            config.model,
+            config.tokenizer.vocab_size,
+            train,
+            4,
+            4,
+            device="cpu",
+            precision=precision,
+        )
+
+
+@pytest.mark.parametrize(
+    ("flags", "text"),
+    [
+        (["--budget", "soon"], "--budget: 'soon' is not a duration"),
+        (["--budget", "0m"], "--budget: duration must be positive"),
+        (["--max-memory", "lots"], "'lots' is not a memory size"),
+        (["--max-cpu", "150"], "must be at most 100"),
+    ],
+)
+def test_bad_flag_values_exit_2_with_one_line(flags: list[str], text: str) -> None:
+    result = run_cli("doctor", *flags)
+    assert result.returncode == 2
+    assert text in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def test_a_step_that_fails_is_reported_and_stops_the_timing(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: Path
+) -> None:
+    def out_of_memory(model_cfg: Any, *_: Any, **__: Any) -> doctor.StepTiming:
+        if model_cfg.n_layer > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return doctor.StepTiming(0.01, 0.01, 0.001, 0.001, 0.004, 0.004)
+
+    monkeypatch.setattr(doctor, "measure_training_step", out_of_memory)
+    result = _recommend(max_memory="1TB")
+    tiny, small, medium, _ = result["presets"]
+    assert result["preset"] == "tiny"
+    assert small["note"] == "a training step failed: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert small["tokens_per_sec"] is None and small["within_budget"] is None
+    assert medium["note"] == "not timed: small could not be timed"
+    assert result["advice"] == (
+        "tiny is the largest preset that fits and finishes within 30m; small was not timed "
+        "(a training step failed: CUDA out of memory. Tried to allocate 2.00 GiB)"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_cli.config.params import count_parameters
-from minigpt_cli.config.schema import Config, ModelConfig
+from minigpt_cli.config.schema import Config, ModelConfig, parse_memory
 from minigpt_cli.engine import estimate as est
 from minigpt_cli.engine.estimate import (
     FRAMEWORK_BYTES,
@@ -22,7 +22,9 @@ from minigpt_cli.engine.estimate import (
     estimate_training_memory,
     framework_from_rss,
     largest_micro_batch,
+    plan_micro_batch,
 )
+from minigpt_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(n_layer=4, n_embd=128, n_head=2, context_length=256)
@@ -196,6 +198,120 @@ def test_estimate_for_config_reads_the_stage_settings() -> None:
     )
     bf16 = estimate_for_config(config, precision="bf16")
     assert bf16.activations < estimate.activations
+
+
+def _plan_config(micro: int = 8, global_batch: int = 8) -> Config:
+    config = Config()
+    config.model = TINY.model_copy()
+    config.tokenizer.vocab_size = VOCAB
+    config.pretrain.micro_batch_size = micro
+    config.pretrain.global_batch_size = global_batch
+    return config
+
+
+def _plan_estimate(config: Config, micro: int, checkpointing: bool = False) -> MemoryEstimate:
+    """What the plan estimates for `micro`: validation at min(8, configured micro-batch)."""
+    return estimate_for_config(
+        config,
+        micro_batch_size=micro,
+        precision="fp32",
+        data_bytes=DATA_BYTES,
+        activation_checkpointing=checkpointing,
+        eval_sequences=min(8, config.stage_train("pretrain").micro_batch_size),
+    )
+
+
+DATA_BYTES = 4 * 300_000
+
+
+def test_plan_keeps_the_configured_micro_batch_when_it_fits() -> None:
+    config = _plan_config()
+    configured = _plan_estimate(config, 8)
+    plan = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, configured.total)
+    assert plan.fits and not plan.changed and plan.messages == []
+    assert (plan.micro_batch_size, plan.activation_checkpointing) == (8, False)
+    assert plan.estimate == plan.configured_estimate == configured
+
+
+def test_plan_lowers_the_micro_batch_to_the_largest_divisor_that_fits() -> None:
+    config = _plan_config(micro=8, global_batch=8)
+    four, eight = _plan_estimate(config, 4), _plan_estimate(config, 8)
+    cap = (four.total + eight.total) // 2
+    plan = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, cap)
+    assert plan.fits and (plan.micro_batch_size, plan.activation_checkpointing) == (4, False)
+    assert plan.estimate == four and plan.configured_estimate == eight
+    assert plan.messages == [
+        f"micro-batch 8 needs about {eight.total / 2**20:,.0f} MB, over the "
+        f"{cap / 2**20:,.0f} MB cap: training with micro-batch 4 x 2 accumulation (global batch "
+        f"unchanged, about {four.total / 2**20:,.0f} MB)"
+    ]
+    assert config.model.activation_checkpointing is False  # the plan changes nothing
+
+
+def test_plan_turns_on_checkpointing_only_when_no_micro_batch_fits_without_it() -> None:
+    config = _plan_config(micro=8, global_batch=8)
+    plain, checkpointed = _plan_estimate(config, 1), _plan_estimate(config, 1, True)
+    assert checkpointed.total < plain.total
+    cap = (plain.total + checkpointed.total) // 2
+    plan = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, cap)
+    assert plan.fits and (plan.micro_batch_size, plan.activation_checkpointing) == (1, True)
+    assert plan.estimate == checkpointed
+    assert plan.messages[0] == "activation checkpointing switched on to fit the memory cap"
+    assert "training with micro-batch 1 x 8 accumulation" in plan.messages[1]
+    assert config.model.activation_checkpointing is False
+
+
+def test_plan_says_why_when_nothing_fits() -> None:
+    config = _plan_config()
+    smallest = _plan_estimate(config, 1, True)
+    plan = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, smallest.total // 2)
+    assert not plan.fits
+    assert (plan.micro_batch_size, plan.activation_checkpointing) == (1, True)
+    # The figure it names is the least this plan accepts: a cap that large fits.
+    assert plan.estimate == smallest
+    assert plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, smallest.total).fits
+    assert plan.refusal.startswith(
+        f"does not fit in memory: even micro-batch 1 with activation checkpointing needs about "
+        f"{plan.estimate.total / 2**20:,.0f} MB ("
+    )
+    assert plan.refusal.endswith(
+        f"over the {smallest.total // 2 / 2**20:,.0f} MB cap; raise --max-memory, or choose a "
+        "smaller preset or model.context_length"
+    )
+
+
+def test_fit_memory_acts_on_the_plan() -> None:
+    """pretrain's governor and doctor share one decision: fit_memory returns the plan's choice,
+    emits its messages and switches checkpointing on in the config."""
+    from minigpt_cli.engine.pretrain import fit_memory
+
+    events: list = []
+    config = _plan_config(micro=8, global_batch=8)
+    cases = [
+        ((_plan_estimate(config, 4).total + _plan_estimate(config, 8).total) // 2, (4, False)),
+        ((_plan_estimate(config, 1).total + _plan_estimate(config, 1, True).total) // 2, (1, True)),
+    ]
+    for cap, expected in cases:
+        config = _plan_config(micro=8, global_batch=8)
+        config.resources.max_memory = f"{cap / 2**20:.3f}MiB"
+        cap_bytes = parse_memory(config.resources.max_memory, 2**40)
+        plan = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, cap_bytes)
+        events.clear()
+        micro, messages = fit_memory(config, VOCAB, "fp32", DATA_BYTES, events.append)
+        assert (micro, config.model.activation_checkpointing) == expected
+        assert (plan.micro_batch_size, plan.activation_checkpointing) == expected
+        assert messages == plan.messages
+        assert [e.data["message"] for e in events if e.kind == "governor"] == plan.messages
+        notes = [e.data["message"] for e in events if e.kind == "note"]
+        assert notes == [
+            f"memory: {plan.configured_estimate.describe()}; cap {cap_bytes / 2**20:,.0f} MB"
+        ]
+    config = _plan_config()
+    config.resources.max_memory = "64MB"
+    refusal = plan_micro_batch(config, VOCAB, "fp32", DATA_BYTES, 64 * 10**6).refusal
+    with pytest.raises(UserError) as raised:
+        fit_memory(config, VOCAB, "fp32", DATA_BYTES, None)
+    assert str(raised.value) == refusal
 
 
 def test_bad_arguments_are_refused() -> None:

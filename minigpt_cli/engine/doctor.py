@@ -10,6 +10,10 @@ Three jobs share this module:
   second, so results are cached per machine fingerprint in `matmul.json`.
 * `run_checks` turns facts and measurements into pass / warn / fail lines. Lacking an accelerator is
   never a failure: minigpt is built to train on a laptop CPU.
+* `recommend_preset` answers "which preset should I train here?" for given `--max-memory` /
+  `--max-cpu` caps and a time budget: the governor's own memory plan (`estimate.plan_micro_batch`,
+  so `doctor --max-memory 50` and `pretrain --max-memory 50` pick the same micro-batch) and the
+  measured speed of a real training step (cached like the matmuls), preset by preset.
 
 The engine never prints; `diagnose` returns one JSON-ready report that the CLI renders.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -58,6 +63,10 @@ BF16_MIN_SPEEDUP = 1.3
 MEDIUM_MIN_SPEEDUP = 1.25
 # Seconds of matmul timing `doctor` spends in total (split over the precisions of the device).
 DEFAULT_MEASURE_SECONDS = 1.0
+# The time a recommended preset's default pretraining run may take (`doctor --budget`).
+DEFAULT_BUDGET_SECONDS = 30 * 60.0
+# Where measured training-step timings live in the cache file, beside the matmul entries.
+SPEED_CACHE_SECTION = "training_speed"
 
 # What is measured per device type. `fp32_medium` is fp32 tensors under
 # torch.set_float32_matmul_precision("medium"), which on CPUs routes matmuls to oneDNN.
@@ -1072,8 +1081,13 @@ def diagnose(
     *,
     seconds_budget: float = DEFAULT_MEASURE_SECONDS,
     on_event: EventCallback | None = None,
+    recommend: bool = True,
+    max_memory: str | float | None = None,
+    max_cpu: float | None = None,
+    budget_seconds: float = DEFAULT_BUDGET_SECONDS,
 ) -> dict[str, Any]:
-    """The whole doctor report: facts, fresh measurements (cached for MFU), checks, precision.
+    """The whole doctor report: facts, fresh measurements (cached for MFU), checks, precision,
+    and (unless `recommend` is False) the preset recommendation for the caps and time budget.
 
     Measures on the device `auto` would train on, so the report says what a run would really get.
     """
@@ -1087,7 +1101,7 @@ def diagnose(
         "auto", device, measurements=measurements, cpu_features=facts["cpu"]["features"]
     )
     checks = run_checks(facts, measurements)
-    return {
+    report: dict[str, Any] = {
         "minigpt_version": __version__,
         "facts": facts,
         "measurements": measurements,
@@ -1095,3 +1109,547 @@ def diagnose(
         "precision": {"device": str(device), **decision.to_dict()},
         "exit_status": exit_status(checks),
     }
+    if recommend:
+        report["recommendation"] = recommend_preset(
+            max_memory,
+            max_cpu,
+            budget_seconds,
+            device=device,
+            precision=decision,
+            on_event=on_event,
+        )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Recommendation: the largest preset whose default run fits the caps and the time budget
+# --------------------------------------------------------------------------------------------
+
+BUILTIN_BYTES_PER_TOKEN = 3.85
+"""UTF-8 bytes per token of the built-in pretraining corpus, end-of-text tokens included: the
+lower end of what `pretrain` measures on it (3.90 with the tiny preset's 5,000-token tokenizer,
+3.95 with small's 10,000 and medium's 16,000; the synthetic corpus saturates a larger vocabulary).
+Counting the tokens exactly means training the tokenizer; the estimate only sizes the token
+buffer (4 bytes per token, a few MB beside hundreds for the model), so a ratio a little low,
+counting a few more tokens than there are, keeps the memory estimate on the safe side.
+`tests/test_doctor.py` trains the tiny tokenizer and checks the ratio still holds."""
+
+MIN_TIMING_SECONDS = 0.2
+"""Each timed part (a micro-batch's forward + backward, the optimizer update, a validation
+forward) is repeated until its repeats add up to this (at most MAX_TIMING_REPEATS times), then
+the median counts: one repeat on a CPU for anything but tiny, several on a GPU."""
+MAX_TIMING_REPEATS = 5
+
+NOT_COUNTED = (
+    "start-up and data preparation (built-in text, tokenizer training, encoding: seconds)",
+    "checkpoint saves (disk speed)",
+)
+"""What the time estimate leaves out: the figures that are not measured here. Every other part of
+a run is timed: the optimizer steps and the validation passes."""
+
+
+@functools.lru_cache(maxsize=4)
+def builtin_corpus_bytes(builtin_size: int) -> int:
+    """UTF-8 bytes of the built-in pretraining corpus `pretrain` generates at this size."""
+    from minigpt_cli.datasets.builtin import pretrain_records
+    from minigpt_cli.engine.pretrain import BUILTIN_DATA_SEED
+
+    records = pretrain_records(builtin_size, seed=BUILTIN_DATA_SEED)
+    return sum(len(record["text"].encode("utf-8")) for record in records)
+
+
+def builtin_token_estimate(config: Any) -> int:
+    """Tokens `pretrain` will make of the built-in corpus with this config (slightly above)."""
+    return math.ceil(builtin_corpus_bytes(config.data.builtin_size) / BUILTIN_BYTES_PER_TOKEN)
+
+
+def builtin_data_bytes(config: Any) -> int:
+    """The `data_bytes` `pretrain` passes to the memory plan on built-in data: 4 bytes a token
+    (int32 ids), training and validation together."""
+    return 4 * builtin_token_estimate(config)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Measured seconds of the parts of a training step, wall clock and process CPU time.
+
+    CPU time is kept beside wall time because a fractional `--max-cpu` cap is held by sleeping
+    until CPU time / wall time is under the cap (`governor.CpuThrottle`): the wall time a capped
+    run takes follows from both.
+    """
+
+    micro_step: float
+    micro_step_cpu: float
+    optimizer: float
+    optimizer_cpu: float
+    eval_forward: float
+    eval_forward_cpu: float
+    source: str = "measured"
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: value for name, value in asdict(self).items() if name != "source"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str) -> StepTiming | None:
+        """The cached timing, or None when any figure is missing or not a positive number."""
+        names = [name for name in cls.__dataclass_fields__ if name != "source"]
+        values = [data.get(name) for name in names]
+        if not all(
+            isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            for value in values
+        ):
+            return None
+        return cls(*(float(value) for value in values), source=source)  # type: ignore[arg-type]
+
+
+def _timed(fn: Any, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `fn()`, the device's queue drained on both sides."""
+    _synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _median_times(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return (
+        statistics.median(wall for wall, _ in samples),
+        statistics.median(cpu for _, cpu in samples),
+    )
+
+
+def measure_training_step(
+    model_cfg: Any,
+    vocab_size: int,
+    train: Any,
+    micro_batch_size: int,
+    eval_batch: int,
+    *,
+    device: str | torch.device,
+    precision: Any,
+) -> StepTiming:
+    """Time a real training step of `GPT(model_cfg, vocab_size)` as the Trainer runs it.
+
+    The same model, AdamW (`trainer.build_optimizer`), autocast, gradient scaler, matmul precision
+    and clipping as a run on this device; random token ids (speed does not depend on them). One
+    whole warm-up step first (lazy initialisation, kernel selection, AdamW's state), then cycles
+    of one micro-batch's forward + backward and one optimizer update, and last a validation
+    forward of `eval_batch` sequences without gradients; the median of each part counts. Runs
+    with torch's current thread count; the global RNG and the fp32 matmul precision are left as
+    they were.
+    """
+    device = torch.device(device)
+    micro, update, evaluation = _step_samples(
+        model_cfg, vocab_size, train, micro_batch_size, eval_batch, device, precision
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model is gone: the next preset gets its memory back
+    return StepTiming(*_median_times(micro), *_median_times(update), *_median_times(evaluation))
+
+
+def _repeat_timed(fn: Any, device: torch.device) -> list[tuple[float, float]]:
+    """`_timed(fn)` until the repeats add up to MIN_TIMING_SECONDS (at most MAX_TIMING_REPEATS)."""
+    samples = [_timed(fn, device)]
+    while len(samples) < MAX_TIMING_REPEATS and sum(w for w, _ in samples) < MIN_TIMING_SECONDS:
+        samples.append(_timed(fn, device))
+    return samples
+
+
+def _step_samples(
+    model_cfg: Any,
+    vocab_size: int,
+    train: Any,
+    micro_batch_size: int,
+    eval_batch: int,
+    device: torch.device,
+    precision: Any,
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]], list[tuple[float, float]]]:
+    """(wall, CPU) samples of a micro-step, an optimizer update and a validation forward."""
+    from minigpt_cli.engine.device import autocast_context
+    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.trainer import build_optimizer
+
+    fork = [device.index or 0] if device.type == "cuda" else []
+    seq = model_cfg.context_length
+    with (
+        torch.random.fork_rng(devices=fork),
+        float32_matmul_precision(precision.fp32_matmul_precision),
+    ):
+        torch.manual_seed(0)
+        model = GPT(model_cfg, vocab_size).to(device).train()
+        optimizer, _ = build_optimizer(model, train, device)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+        ids = torch.randint(0, vocab_size, (max(micro_batch_size, eval_batch), seq + 1))
+        ids = ids.to(device)
+        inputs, targets = ids[:micro_batch_size, :-1], ids[:micro_batch_size, 1:]
+        eval_inputs, eval_targets = ids[:eval_batch, :-1], ids[:eval_batch, 1:]
+
+        def micro_step() -> None:
+            with autocast_context(precision, device):
+                _, loss = model(inputs, targets=targets, reduction="sum")
+            scaled = loss / targets.numel()
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+        def update() -> None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def eval_forward() -> None:
+            with torch.no_grad(), autocast_context(precision, device):
+                model(eval_inputs, targets=eval_targets, reduction="sum")
+
+        micro_step()  # the warm-up step
+        update()
+        micro_samples: list[tuple[float, float]] = []
+        update_samples: list[tuple[float, float]] = []
+        # Alternate so every update has a micro-batch's gradients to apply, as in training.
+        while len(micro_samples) < MAX_TIMING_REPEATS and (
+            not micro_samples or sum(w for w, _ in micro_samples) < MIN_TIMING_SECONDS
+        ):
+            micro_samples.append(_timed(micro_step, device))
+            update_samples.append(_timed(update, device))
+        model.eval()
+        if device.type != "cpu":
+            eval_forward()  # a GPU picks kernels per shape on first use
+        return micro_samples, update_samples, _repeat_timed(eval_forward, device)
+
+
+def _speed_key(
+    model_cfg: Any,
+    vocab_size: int,
+    micro_batch_size: int,
+    eval_batch: int,
+    device: torch.device,
+    precision: Any,
+) -> str:
+    """What a step's speed depends on: the machine (device, threads, torch: the fingerprint), the
+    precision, the model's shape, and the batch shapes timed."""
+    return fingerprint_key(
+        {
+            **machine_fingerprint(device),
+            "precision": precision.dtype_name,
+            "matmul_precision": precision.fp32_matmul_precision,
+            "model": json.dumps(model_cfg.model_dump(), sort_keys=True),
+            "vocab": vocab_size,
+            "micro_batch": micro_batch_size,
+            "eval_batch": eval_batch,
+        }
+    )
+
+
+def training_step_timing(
+    model_cfg: Any,
+    vocab_size: int,
+    train: Any,
+    micro_batch_size: int,
+    eval_batch: int,
+    *,
+    device: str | torch.device,
+    precision: Any,
+) -> StepTiming:
+    """`measure_training_step`, read from doctor's cache when this exact case was timed before.
+
+    A new measurement is written to the cache (`training_speed` beside the matmul entries); an
+    unwritable cache only costs measuring again next time.
+    """
+    device = torch.device(device)
+    key = _speed_key(model_cfg, vocab_size, micro_batch_size, eval_batch, device, precision)
+    cache = _read_cache()
+    section = cache.get(SPEED_CACHE_SECTION)
+    cached = section.get(key) if isinstance(section, dict) else None
+    if isinstance(cached, dict):
+        timing = StepTiming.from_dict(cached, source="cached")
+        if timing is not None:
+            return timing
+    timing = measure_training_step(
+        model_cfg,
+        vocab_size,
+        train,
+        micro_batch_size,
+        eval_batch,
+        device=device,
+        precision=precision,
+    )
+    cache = _read_cache()
+    if not isinstance(cache.get(SPEED_CACHE_SECTION), dict):
+        cache[SPEED_CACHE_SECTION] = {}
+    cache[SPEED_CACHE_SECTION][key] = {
+        **timing.to_dict(),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with contextlib.suppress(OSError):
+        atomic_write_text(cache_path(), json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    return timing
+
+
+@contextlib.contextmanager
+def capped_threads(max_cpu_pct: float) -> Iterator[tuple[int, str]]:
+    """Torch's threads as `pretrain --max-cpu` would set them (`monitor.configure_threads`, the
+    same function), restored afterwards so doctor's own checks and a test process are unchanged.
+    Yields (thread count, why)."""
+    from minigpt_cli.engine import monitor
+
+    previous = torch.get_num_threads()
+    previous_budget = getattr(monitor, "_thread_budget", None)
+    try:
+        yield monitor.configure_threads(max_cpu_pct)
+    finally:
+        torch.set_num_threads(previous)
+        if hasattr(monitor, "_thread_budget"):
+            monitor._thread_budget = previous_budget
+
+
+def throttled_seconds(wall: float, cpu: float, max_cpu_pct: float) -> float:
+    """Wall seconds a piece of work takes under `--max-cpu`: the governor's throttle sleeps until
+    CPU time / wall time is at most the capped cores (`governor.CpuThrottle`), and is off when
+    the cap covers every core."""
+    cores = psutil.cpu_count(logical=True) or 1
+    cap_cores = cores * max_cpu_pct / 100
+    if cap_cores >= (os.cpu_count() or 1):
+        return wall
+    return max(wall, cpu / cap_cores)
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 2m 31s, 30m, 1h 32m, 3d 4h: two units at most, a zero second unit left out."""
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s" if secs else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m" if minutes else f"{hours}h"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h" if hours else f"{days}d"
+
+
+class _EpochStub:
+    """What `trainer.plan_steps` needs of a stage: the windows in one epoch of training data."""
+
+    def __init__(self, windows: int) -> None:
+        self.windows = windows
+
+    def sequences_per_epoch(self) -> int:
+        return self.windows
+
+
+def _run_shape(config: Any) -> dict[str, int]:
+    """Steps, tokens and validation work of the preset's default run on built-in data, as
+    `pretrain` lays it out (`load_tokens` split, `PretrainStage` windows, `plan_steps`)."""
+    from minigpt_cli.engine.trainer import plan_steps
+
+    train = config.stage_train("pretrain")
+    seq = config.model.context_length
+    tokens = builtin_token_estimate(config)
+    split = int(tokens * (1 - config.data.val_fraction))
+    train_windows = max(1, (split - 1) // seq)
+    val_windows = max(1, (tokens - split - 1) // seq)
+    steps = plan_steps(
+        train, train.global_batch_size * seq, train.global_batch_size, _EpochStub(train_windows)
+    )  # type: ignore[arg-type]
+    evals = steps // train.eval_every + (1 if steps % train.eval_every else 0)
+    return {
+        "steps": steps,
+        "tokens": steps * train.global_batch_size * seq,
+        "evals": evals,
+        "eval_sequences": min(val_windows, train.eval_batches * train.micro_batch_size),
+        "data_tokens": tokens,
+    }
+
+
+def _memory_text(value: str | float) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def recommend_preset(
+    max_memory: str | float | None = None,
+    max_cpu: float | None = None,
+    budget_seconds: float = DEFAULT_BUDGET_SECONDS,
+    *,
+    device: str | torch.device,
+    precision: Any,
+    presets: Iterable[str] | None = None,
+    on_event: EventCallback | None = None,
+) -> dict[str, Any]:
+    """The largest preset whose default `pretrain` run fits the caps and finishes in the budget.
+
+    For each preset, smallest first: the memory plan `pretrain` would make under `max_memory`
+    (`estimate.plan_micro_batch`, the same function, on the built-in corpus), then the measured
+    speed of a training step at the planned micro-batch with the threads `max_cpu` gives (cached),
+    and the run's time: its optimizer steps and validation passes at that speed, the CPU cap's
+    duty cycle included. Once a preset does not fit or would not finish in time, larger ones are
+    not timed (they only need more memory and time); their memory is still shown. Returns a
+    JSON-ready dict: the caps, one row per preset, `preset`/`command` of the recommendation (None
+    when nothing qualifies) and `advice`, one line on what to change or what was chosen.
+    """
+    from minigpt_cli.config import PRESETS
+    from minigpt_cli.config.loader import load_config
+    from minigpt_cli.config.params import count_parameters
+    from minigpt_cli.config.schema import parse_memory
+    from minigpt_cli.engine.estimate import plan_micro_batch
+    from minigpt_cli.engine.monitor import physical_memory_bytes
+
+    device = torch.device(device)
+    overrides: dict[str, Any] = {}
+    if max_memory is not None:
+        overrides["resources.max_memory"] = max_memory
+    if max_cpu is not None:
+        overrides["resources.max_cpu"] = max_cpu
+    configs = [(name, load_config(name, None, overrides)) for name in (presets or PRESETS)]
+    configs.sort(key=lambda item: count_parameters(item[1].model, item[1].tokenizer.vocab_size))
+    resources = configs[0][1].resources
+    cap = parse_memory(resources.max_memory, physical_memory_bytes())
+    rows: list[dict[str, Any]] = []
+    stopped: str | None = None
+    with capped_threads(resources.max_cpu) as (threads, thread_reason):
+        for name, config in configs:
+            vocab = config.tokenizer.vocab_size
+            train = config.stage_train("pretrain")
+            shape = _run_shape(config)
+            plan = plan_micro_batch(
+                config, vocab, precision.dtype_name, 4 * shape["data_tokens"], cap
+            )
+            row: dict[str, Any] = {
+                "preset": name,
+                "parameters": count_parameters(config.model, vocab),
+                "fits": plan.fits,
+                "micro_batch_size": plan.micro_batch_size if plan.fits else None,
+                "configured_micro_batch_size": plan.configured_micro_batch_size,
+                "activation_checkpointing": plan.activation_checkpointing if plan.fits else None,
+                "peak_bytes": plan.estimate.total,
+                "cap_bytes": cap,
+                "steps": shape["steps"],
+                "tokens": shape["tokens"],
+                "tokens_per_sec": None,
+                "seconds": None,
+                "within_budget": None,
+                "speed_source": None,
+                "note": "",
+            }
+            rows.append(row)
+            if not plan.fits:
+                row["note"] = "does not fit, even at micro-batch 1 with activation checkpointing"
+                stopped = stopped or f"{name} does not fit"
+                continue
+            if stopped:
+                row["note"] = f"not timed: {stopped}"
+                continue
+            eval_batch = min(8, plan.micro_batch_size)  # PretrainStage.eval_batch
+            model_cfg = config.model.model_copy(
+                update={"activation_checkpointing": plan.activation_checkpointing}
+            )
+            emit(
+                on_event,
+                "note",
+                "doctor",
+                message=f"timing a {name} training step (micro-batch {plan.micro_batch_size}, "
+                f"{threads} threads, {precision.dtype_name} on {device})",
+            )
+            try:
+                timing = training_step_timing(
+                    model_cfg,
+                    vocab,
+                    train,
+                    plan.micro_batch_size,
+                    eval_batch,
+                    device=device,
+                    precision=precision,
+                )
+            except (RuntimeError, MemoryError) as error:  # a GPU out of memory, a missing kernel
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row["note"] = f"a training step failed: {_error_text(error)}"
+                stopped = f"{name} could not be timed"
+                continue
+            accumulation = train.global_batch_size // plan.micro_batch_size
+            step = accumulation * throttled_seconds(
+                timing.micro_step, timing.micro_step_cpu, resources.max_cpu
+            ) + throttled_seconds(timing.optimizer, timing.optimizer_cpu, resources.max_cpu)
+            forward = throttled_seconds(
+                timing.eval_forward, timing.eval_forward_cpu, resources.max_cpu
+            )
+            validation = shape["evals"] * math.ceil(shape["eval_sequences"] / eval_batch) * forward
+            seconds = shape["steps"] * step + validation
+            row.update(
+                tokens_per_sec=round(
+                    train.global_batch_size * config.model.context_length / step, 1
+                ),
+                seconds=round(seconds, 1),
+                within_budget=seconds <= budget_seconds,
+                speed_source=timing.source,
+            )
+            if not row["within_budget"]:
+                stopped = f"{name} is over the budget, larger presets take longer"
+    chosen = next((row for row in reversed(rows) if row["fits"] and row["within_budget"]), None)
+    flags = f"--max-memory {_memory_text(resources.max_memory)}"
+    if max_cpu is not None:
+        flags += f" --max-cpu {max_cpu:g}"
+    command = f"minigpt pretrain --preset {chosen['preset']} {flags}" if chosen else None
+    return {
+        "max_memory": _memory_text(resources.max_memory),
+        "cap_bytes": cap,
+        "max_cpu": resources.max_cpu,
+        "threads": threads,
+        "thread_reason": thread_reason,
+        "budget_seconds": budget_seconds,
+        "device": str(device),
+        "precision": precision.dtype_name,
+        "presets": rows,
+        "preset": chosen["preset"] if chosen else None,
+        "command": command,
+        "advice": _advice(rows, chosen, budget_seconds, resources.max_cpu),
+        "not_counted": list(NOT_COUNTED),
+    }
+
+
+def _advice(
+    rows: list[dict[str, Any]],
+    chosen: dict[str, Any] | None,
+    budget_seconds: float,
+    max_cpu: float,
+) -> str:
+    """One line: why the recommendation is what it is, or what to change when there is none."""
+    budget = format_duration(budget_seconds)
+    if chosen is not None:
+        index = rows.index(chosen)
+        if index + 1 < len(rows):
+            larger = rows[index + 1]
+            if not larger["fits"]:
+                why = "does not fit under the memory cap"
+            elif larger["seconds"] is not None:
+                needs = format_duration(larger["seconds"])
+                why = f"would take about {needs}, over the {budget} budget"
+            else:
+                why = f"was not timed ({larger['note']})"
+            return (
+                f"{chosen['preset']} is the largest preset that fits and finishes within "
+                f"{budget}; {larger['preset']} {why}"
+            )
+        return f"{chosen['preset']} is the largest preset; it fits and finishes within {budget}"
+    smallest = rows[0]
+    if not smallest["fits"]:
+        need = math.ceil(smallest["peak_bytes"] / 2**20)
+        return (
+            f"nothing fits: even {smallest['preset']} at micro-batch 1 with activation "
+            f"checkpointing needs about {need:,} MB, over the "
+            f"{smallest['cap_bytes'] / 2**20:,.0f} MB cap; raise it, e.g. --max-memory {need}MiB"
+        )
+    needed = format_duration(smallest["seconds"])
+    more_cpu = "" if max_cpu >= 100 else ", raise --max-cpu"
+    minutes = math.ceil(smallest["seconds"] / 60)
+    return (
+        f"nothing finishes within {budget}: {smallest['preset']} needs about {needed} here; "
+        f"raise --budget (e.g. --budget {minutes}m){more_cpu}, or train fewer steps "
+        f"(minigpt pretrain --preset {smallest['preset']} --max-steps N)"
+    )

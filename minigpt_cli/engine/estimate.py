@@ -511,3 +511,136 @@ def largest_micro_batch(
         if estimate.total <= cap_bytes:
             return size
     return None
+
+
+# ------------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the governor does about memory before the first step, decided from the estimate alone.
+
+    - `micro_batch_size` / `activation_checkpointing`: the setting to train with (when nothing
+      fits: micro-batch 1 with checkpointing, the smallest there is).
+    - `estimate`: the chosen setting's estimate (when nothing fits: that smallest setting's, the
+      least this plan accepts: a cap of at least its total fits).
+    - `configured_estimate`: the configured setting's, shown beside the cap before training.
+    - `messages`: governor messages for what was changed (empty when the configured one fits).
+    - `fits`: False when not even the smallest setting fits under `cap_bytes`.
+    """
+
+    micro_batch_size: int
+    activation_checkpointing: bool
+    estimate: MemoryEstimate
+    configured_estimate: MemoryEstimate
+    messages: list[str]
+    fits: bool
+    cap_bytes: int
+    configured_micro_batch_size: int
+    global_batch_size: int
+
+    @property
+    def changed(self) -> bool:
+        """True when the governor lowers the micro-batch or switches checkpointing on."""
+        return bool(self.messages)
+
+    @property
+    def refusal(self) -> str:
+        """The one-line reason a run cannot start under this cap (meaningful when not `fits`)."""
+        return (
+            "does not fit in memory: even micro-batch 1 with activation checkpointing needs about "
+            f"{self.estimate.total / MiB:,.0f} MB ({self.estimate.describe()}), over the "
+            f"{self.cap_bytes / MiB:,.0f} MB cap; raise --max-memory, or choose a smaller preset "
+            "or model.context_length"
+        )
+
+
+def plan_micro_batch(
+    config: Config,
+    vocab_size: int,
+    precision: str,
+    data_bytes: int,
+    cap_bytes: int,
+    *,
+    stage: str = "pretrain",
+    **kwargs: object,
+) -> MemoryPlan:
+    """The governor's memory decision for a run of `config` under `cap_bytes`, before step 1.
+
+    One function so that `pretrain` (which acts on it) and `doctor` (which recommends from it)
+    cannot disagree. The order of levers is the cheapest first: keep the configured micro-batch if
+    it fits; else the largest smaller one that divides the global batch (accumulation rises, the
+    global batch never changes, so the run's result is the same, only slower); only then
+    activation checkpointing (recomputing every layer costs about a third more compute). The
+    micro-batch is never raised above the configured one: the user may have chosen it for speed.
+    Validation is estimated at `min(8, configured micro-batch)` sequences per forward.
+
+    Nothing is mutated: the caller switches `config.model.activation_checkpointing` on when the
+    plan says so. Other keywords (trainable_params, extra_frozen_params, sequences_per_example,
+    framework_bytes, other_bytes) go to `estimate_training_memory`.
+    """
+    train = config.stage_train(stage)
+    configured = train.micro_batch_size
+    configured_checkpointing = config.model.activation_checkpointing
+    shape: dict[str, object] = {
+        "precision": precision,
+        "global_batch_size": train.global_batch_size,
+        "data_bytes": data_bytes,
+        "eval_sequences": min(8, configured),
+        **kwargs,
+    }
+
+    def estimate(size: int, checkpointing: bool, **changes: object) -> MemoryEstimate:
+        return estimate_training_memory(
+            config.model,
+            vocab_size,
+            micro_batch_size=size,
+            activation_checkpointing=checkpointing,
+            **{**shape, **changes},  # type: ignore[arg-type]
+        )
+
+    def plan(
+        size: int, checkpointing: bool, chosen: MemoryEstimate, messages: list[str], fits: bool
+    ) -> MemoryPlan:
+        return MemoryPlan(
+            micro_batch_size=size,
+            activation_checkpointing=checkpointing,
+            estimate=chosen,
+            configured_estimate=configured_estimate,
+            messages=messages,
+            fits=fits,
+            cap_bytes=cap_bytes,
+            configured_micro_batch_size=configured,
+            global_batch_size=train.global_batch_size,
+        )
+
+    configured_estimate = estimate(configured, configured_checkpointing)
+    if configured_estimate.total <= cap_bytes:
+        return plan(configured, configured_checkpointing, configured_estimate, [], True)
+    cap_mb = cap_bytes / MiB
+    for checkpointing in (configured_checkpointing, True):
+        chosen = largest_micro_batch(
+            cap_bytes,
+            config.model,
+            vocab_size,
+            configured=configured,
+            activation_checkpointing=checkpointing,
+            **shape,
+        )
+        if chosen is None:
+            continue
+        messages = []
+        if checkpointing and not configured_checkpointing:
+            messages.append("activation checkpointing switched on to fit the memory cap")
+        fitted = estimate(chosen, checkpointing)
+        messages.append(
+            f"micro-batch {configured} needs about {configured_estimate.total / MiB:,.0f} MB, over "
+            f"the {cap_mb:,.0f} MB cap: training with micro-batch {chosen} x "
+            f"{train.global_batch_size // chosen} accumulation (global batch unchanged, "
+            f"about {fitted.total / MiB:,.0f} MB)"
+        )
+        return plan(chosen, checkpointing, fitted, messages, True)
+    # What the search above compared with the cap last: a cap of at least this fits, so the
+    # refusal's "raise --max-memory" has a number that works.
+    smallest = estimate(1, True)
+    return plan(1, True, smallest, [], False)

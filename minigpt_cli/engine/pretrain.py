@@ -195,7 +195,7 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
 
     own = run_dir / "tokenizer.model"
     if resume and own.exists():
@@ -211,17 +211,58 @@ def _prepare_tokenizer(
         )
     emit(on_event, "note", "pretrain", message="training a tokenizer on the training text")
     training_input: Any = list(inputs.data) if inputs.data else _builtin_texts(config)
-    report = train_tokenizer(
-        training_input,
-        config.tokenizer.vocab_size,
-        run_dir,
-        character_coverage=config.tokenizer.character_coverage,
-        max_training_chars=config.tokenizer.max_training_chars,
-        on_event=on_event,
-        stage="pretrain",
-    )
+
+    def train(vocab_size: int) -> Any:
+        return train_tokenizer(
+            training_input,
+            vocab_size,
+            run_dir,
+            character_coverage=config.tokenizer.character_coverage,
+            max_training_chars=_tokenizer_chars_under_cap(config, on_event),
+            on_event=on_event,
+            stage="pretrain",
+        )
+
+    try:
+        report = train(config.tokenizer.vocab_size)
+    except VocabularyTooLarge as error:
+        if inputs.data:
+            raise  # the user's own text: they choose the size
+        # The built-in corpus is small; a large preset's vocabulary is meant for real corpora.
+        emit(
+            on_event,
+            "note",
+            "pretrain",
+            message=f"the built-in corpus supports at most {error.supported:,} tokenizer "
+            f"pieces: using {error.supported:,} instead of {config.tokenizer.vocab_size:,}",
+        )
+        report = train(error.supported)
     emit(on_event, "tokenizer", "pretrain", report=report)
     return Tokenizer.load(run_dir)
+
+
+def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -> int:
+    from minigpt_cli.config.schema import parse_memory
+    from minigpt_cli.engine.governor import tokenizer_training_chars
+    from minigpt_cli.engine.monitor import physical_memory_bytes, tree_rss_bytes
+
+    wanted = config.tokenizer.max_training_chars
+    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    chars = tokenizer_training_chars(wanted, cap, tree_rss_bytes())
+    if chars < 10_000:
+        raise UserError(
+            f"no room to train a tokenizer under the {cap / 2**20:,.0f} MB memory cap "
+            "(the process already holds most of it): raise --max-memory"
+        )
+    if chars < wanted:
+        emit(
+            on_event,
+            "governor",
+            "pretrain",
+            message=f"tokenizer sample lowered from {wanted:,} to {chars:,} characters "
+            f"to stay under the {cap / 2**20:,.0f} MB memory cap",
+        )
+    return chars
 
 
 def _token_stream(
@@ -270,73 +311,50 @@ def fit_memory(
     precision: str,
     data_bytes: int,
     on_event: EventCallback | None,
+    *,
+    stage: str = "pretrain",
+    **estimate_kwargs: Any,
 ) -> tuple[int, list[str]]:
     """Estimate peak memory before anything large is allocated and fit the micro-batch to the cap.
 
-    Returns the micro-batch to train with and the governor messages to log. The global batch never
-    changes (accumulation rises instead); activation checkpointing is the last lever; when nothing
-    fits the run stops here with exit status 2.
+    Returns the micro-batch to train with and the governor messages to log. The decision itself is
+    `estimate.plan_micro_batch`, shared with `doctor` so its recommendation and this run agree; here
+    it is acted on: the estimate is shown beside the cap, activation checkpointing is switched on
+    in the config when the plan needs it, and when nothing fits the run stops with exit status 2.
     """
     from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.estimate import estimate_training_memory, largest_micro_batch
+    from minigpt_cli.engine.estimate import plan_micro_batch
     from minigpt_cli.engine.monitor import physical_memory_bytes
 
-    train = config.stage_train("pretrain")
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
-    shape = {
-        "precision": precision,
-        "global_batch_size": train.global_batch_size,
-        "data_bytes": data_bytes,
-        "eval_sequences": min(8, train.micro_batch_size),
-    }
-    configured = train.micro_batch_size
-    estimate = estimate_training_memory(
-        config.model, vocab_size, micro_batch_size=configured, **shape
+    plan = plan_micro_batch(
+        config, vocab_size, precision, data_bytes, cap, stage=stage, **estimate_kwargs
     )
-    cap_mb = cap / 2**20
     emit(
-        on_event, "note", "pretrain", message=f"memory: {estimate.describe()}; cap {cap_mb:,.0f} MB"
+        on_event,
+        "note",
+        stage,
+        message=f"memory: {plan.configured_estimate.describe()}; cap {cap / 2**20:,.0f} MB",
     )
-    if estimate.total <= cap:
-        return configured, []
-    messages = []
-    for checkpointing in (config.model.activation_checkpointing, True):
-        chosen = largest_micro_batch(
-            cap,
-            config.model,
-            vocab_size,
-            configured=configured,
-            activation_checkpointing=checkpointing,
-            **shape,
-        )
-        if chosen is not None:
-            if checkpointing and not config.model.activation_checkpointing:
-                config.model.activation_checkpointing = True
-                messages.append("activation checkpointing switched on to fit the memory cap")
-            fitted = estimate_training_memory(
-                config.model, vocab_size, micro_batch_size=chosen, **shape
-            )
-            messages.append(
-                f"micro-batch {configured} needs about {estimate.total / 2**20:,.0f} MB, over the "
-                f"{cap_mb:,.0f} MB cap: training with micro-batch {chosen} x "
-                f"{train.global_batch_size // chosen} accumulation (global batch unchanged, "
-                f"about {fitted.total / 2**20:,.0f} MB)"
-            )
-            for message in messages:
-                emit(on_event, "governor", "pretrain", message=message)
-            return chosen, messages
-    smallest = estimate_training_memory(
-        config.model,
-        vocab_size,
-        micro_batch_size=1,
-        activation_checkpointing=True,
-        **{**shape, "eval_sequences": 1},
-    )
-    raise UserError(
-        f"does not fit in memory: even micro-batch 1 with activation checkpointing needs about "
-        f"{smallest.total / 2**20:,.0f} MB ({smallest.describe()}), over the {cap_mb:,.0f} MB "
-        "cap; raise --max-memory, or choose a smaller preset or model.context_length"
-    )
+    if not plan.fits:
+        raise UserError(plan.refusal)
+    if plan.activation_checkpointing and not config.model.activation_checkpointing:
+        config.model.activation_checkpointing = True
+    for message in plan.messages:
+        emit(on_event, "governor", stage, message=message)
+    return plan.micro_batch_size, plan.messages
+
+
+def _refuse_what_cannot_fit(config: Config, precision: str) -> None:
+    """Exit 2 before tokenizer training when not even the smallest setting could fit the cap."""
+    from minigpt_cli.config.schema import parse_memory
+    from minigpt_cli.engine.estimate import plan_micro_batch
+    from minigpt_cli.engine.monitor import physical_memory_bytes
+
+    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    plan = plan_micro_batch(config, config.tokenizer.vocab_size, precision, 0, cap)
+    if not plan.fits:
+        raise UserError(plan.refusal)
 
 
 def run_pretrain(
@@ -354,6 +372,7 @@ def run_pretrain(
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
     apply_matmul_precision(precision)
+    _refuse_what_cannot_fit(config, precision.dtype_name)
     tokenizer = _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event)
     config.tokenizer.vocab_size = tokenizer.vocab_size
     train_tokens, val_tokens = load_tokens(config, inputs, tokenizer, spec.run_dir, on_event)

@@ -608,13 +608,22 @@ def _trainer_options(vocab_size: int, coverage: float, num_threads: int) -> dict
     }
 
 
+class VocabularyTooLarge(UserError):
+    """The text supports fewer pieces than asked; `supported` is sentencepiece's maximum."""
+
+    def __init__(self, message: str, supported: int) -> None:
+        super().__init__(message)
+        self.supported = supported
+
+
 def _translate_training_error(error: Exception, vocab_size: int) -> Exception:
     message = str(error)
     too_high = _TOO_HIGH.search(message)
     if too_high:
-        return UserError(
+        return VocabularyTooLarge(
             f"vocabulary size {vocab_size} is too large for this training text, which supports "
-            f"at most {too_high.group(2)} tokens; use a smaller --vocab-size (or more text)"
+            f"at most {too_high.group(2)} tokens; use a smaller --vocab-size (or more text)",
+            int(too_high.group(2)),
         )
     too_small = _TOO_SMALL.search(message)
     if too_small:
