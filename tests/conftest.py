@@ -87,3 +87,41 @@ def tiny_pretrain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+# Fine-tuning stages inherit the shape from their parent; these keep them seconds long.
+FINETUNE_SETS = [
+    "data.builtin_size=400",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.warmup_steps=2",
+    "train.eval_every=10",
+    "train.save_every=10",
+    "train.log_every=5",
+    "train.eval_batches=2",
+    "sft.exact_match_per_family=4",
+    "log.plot=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
+    """A finished 30-step full SFT run of `tiny_pretrain_run` on the built-in data, built once."""
+    run_dir = tmp_path_factory.mktemp("tiny-sft") / "run"
+    result = run_cli(
+        "sft",
+        "--from",
+        tiny_pretrain_run,
+        "--out",
+        run_dir,
+        "--max-steps",
+        "30",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *set_args(FINETUNE_SETS),
+        env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir

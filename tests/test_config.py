@@ -296,7 +296,8 @@ def test_number_for_a_duration_string_is_accepted(tmp_path: Path) -> None:
         ),
         (
             "seed = 3\n",
-            "my.toml:1: key 'seed' must be inside a section (it belongs in [train] or [pretrain])",
+            "my.toml:1: key 'seed' must be inside a section (it belongs in [train], "
+            "or a stage section such as [pretrain] for one stage)",
         ),
         ("train = 3\n", "my.toml:1: 'train' must be a table ([train]), got 3"),
         (

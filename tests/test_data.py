@@ -527,9 +527,3 @@ def test_cli_errors_exit_2_with_the_location(tmp_path: Path) -> None:
     assert out.read_text(encoding="utf-8") == "keep me\n"
     wrong_kind = run_cli("data", "show", "--kind", "chat")
     assert wrong_kind.returncode == 2 and "chat" in wrong_kind.stderr
-
-
-def test_data_inspect_is_not_registered_yet() -> None:
-    result = CliRunner().invoke(app, ["data", "--help"])
-    assert result.exit_code == 0
-    assert "show" in result.output and "export" in result.output and "inspect" not in result.output

@@ -59,10 +59,12 @@ def _register_verbs() -> None:
         doctor_cmd,
         generate_cmd,
         pretrain_cmd,
+        sft_cmd,
         tokenize_cmd,
     )
 
-    for module in (doctor_cmd, config_cmd, data_cmd, tokenize_cmd, pretrain_cmd, generate_cmd):
+    verbs = (doctor_cmd, config_cmd, data_cmd, tokenize_cmd, pretrain_cmd, sft_cmd, generate_cmd)
+    for module in verbs:
         module.register(app)
 
 

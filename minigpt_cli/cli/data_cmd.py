@@ -2,7 +2,9 @@
 
 `show` prints a few records the way a stage will see them (after normalisation), so a user can
 check a file before training on it; `export` writes the built-in data out in the same JSONL formats
-`--data` accepts, as a starting point for their own. Heavy imports stay inside the verbs.
+`--data` accepts, as a starting point for their own; `inspect` renders SFT/DPO examples in the chat
+template with a run's tokenizer and marks which tokens are trained, so a person sees exactly what
+is learned. Heavy imports stay inside the verbs.
 """
 
 from __future__ import annotations
@@ -228,6 +230,213 @@ def export(
     )
 
 
+class InspectKind(enum.StrEnum):
+    """Data whose training tokens `inspect` can show."""
+
+    sft = "sft"
+    dpo = "dpo"
+
+
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # plain-text marks around trained tokens
+
+
+def default_inspect_run(runs_dir: Path = Path("runs")) -> Path:
+    """The most recently modified run under `runs_dir` that holds a tokenizer.model."""
+    candidates = (
+        [p for p in runs_dir.iterdir() if (p / "tokenizer.model").is_file()]
+        if runs_dir.is_dir()
+        else []
+    )
+    if not candidates:
+        raise UserError(
+            f"no run with a tokenizer.model under {runs_dir}/: pass --run RUN (a run directory "
+            "or a tokenizer folder), or pretrain first (`minigpt pretrain`)"
+        )
+    return max(candidates, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _context_length(run: Path) -> int | None:
+    """The run's model.context_length (where truncation happens), None for a bare tokenizer."""
+    from minigpt_cli.config.loader import read_run_config
+
+    if not (run / "config.toml").is_file():
+        return None
+    return read_run_config(run).model.context_length
+
+
+def _inspected(
+    kind: InspectKind, record: dict[str, Any], tokenizer: Any, max_len: int | None, on_prompt: bool
+) -> list[tuple[str, str, list[tuple[str, bool, bool]], Any]]:
+    """(label, counts, spans, rendering) to show: the conversation for sft; for dpo the shared
+    prompt, then the chosen and the rejected reply (counts are of prompt + reply)."""
+    from minigpt_cli.engine.chat import mask_spans
+    from minigpt_cli.engine.sft import render_example
+
+    if kind is InspectKind.sft:
+        rendered = render_example(record["messages"], tokenizer, max_len, on_prompt)
+        spans = mask_spans(rendered.ids, rendered.mask, tokenizer)
+        return [("", _counts(rendered), spans, rendered)]
+    prompt = record["prompt_messages"]
+    out: list[tuple[str, str, list[tuple[str, bool, bool]], Any]] = []
+    for label in ("chosen", "rejected"):
+        reply = {"role": "assistant", "content": record[label]}
+        rendered = render_example([*prompt, reply], tokenizer, max_len, on_prompt)
+        # The reply starts after the last <|assistant|> (text never yields one); truncation may
+        # have cut the prompt, so it is found in the rendering rather than computed.
+        markers = [i for i, t in enumerate(rendered.ids) if t == tokenizer.assistant_id]
+        start = markers[-1] + 1 if markers else len(rendered.ids)
+        if not out:
+            head = mask_spans(rendered.ids[:start], rendered.mask[:start], tokenizer)
+            out.append(("prompt", "", head, None))
+        tail = mask_spans(rendered.ids[start:], rendered.mask[start:], tokenizer)
+        out.append((label, _counts(rendered), tail, rendered))
+    return out
+
+
+def _counts(rendered: Any) -> str:
+    trained = sum(rendered.mask[1:])
+    text = f"{len(rendered.ids)} tokens, {trained} trained"
+    if rendered.dropped_turns:
+        text += (
+            f", truncated to fit the context ({rendered.dropped_turns} earlier exchanges dropped)"
+        )
+    elif rendered.truncated:
+        text += ", truncated to fit the context (the end is cut off)"
+    if not trained:
+        text += "; nothing left to learn, so training skips it"
+    return text
+
+
+def _plain_spans(spans: list[tuple[str, bool, bool]]) -> str:
+    parts = []
+    for index, (text, trained, _) in enumerate(spans):
+        before = spans[index - 1][1] if index else False
+        after = spans[index + 1][1] if index + 1 < len(spans) else False
+        if trained and not before:
+            parts.append(TRAINED_OPEN)
+        parts.append(text)
+        if trained and not after:
+            parts.append(TRAINED_CLOSE)
+    return "".join(parts)
+
+
+def _rich_spans(spans: list[tuple[str, bool, bool]]) -> Any:
+    from rich.text import Text
+
+    out = Text()
+    for text, trained, special in spans:
+        style = "bold green" if trained else "dim"
+        if special:
+            style += " italic"
+        out.append(text, style=style)
+    return out
+
+
+@data_app.command("inspect")
+def inspect(
+    kind: Annotated[
+        InspectKind, typer.Option("--kind", "-k", help="sft or dpo: which stage's examples.")
+    ] = InspectKind.sft,
+    n: Annotated[int, typer.Option("-n", "--num", help="How many examples to show.", min=1)] = 3,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option("--data", help="Inspect these files or folders (default: built-in data)."),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            "--run",
+            help="Run (or tokenizer folder) whose tokenizer to use; default: the newest in runs/.",
+        ),
+    ] = None,
+    split: SplitOption = Split.train,
+    seed: SeedOption = 0,
+    train_on_prompt: Annotated[
+        bool, typer.Option("--train-on-prompt", help="Show what --train-on-prompt would train.")
+    ] = False,
+) -> None:
+    """Show examples in the chat template: which tokens are trained, which masked, and counts.
+
+    Trained tokens (the assistant's answers and their end-of-turn token) are highlighted; on a
+    non-terminal they are wrapped in [[ ]]. Conversations longer than the run's context are shown
+    truncated exactly as training truncates them.
+    """
+    from minigpt_cli.engine.tokenizer import Tokenizer
+
+    run_dir = run if run is not None else default_inspect_run()
+    tokenizer = Tokenizer.load(run_dir)
+    max_len = _context_length(run_dir) if run_dir.is_dir() else None
+    records, where = _load(Kind(kind.value), split, n, seed, data)
+    shown = []
+    total_tokens = total_trained = truncated = 0
+    for record in records:
+        pieces = _inspected(kind, record, tokenizer, max_len, train_on_prompt)
+        for _, _, _, rendered in pieces:
+            if rendered is not None:
+                total_tokens += len(rendered.ids)
+                total_trained += sum(rendered.mask[1:])
+                truncated += rendered.truncated
+        shown.append((record.get("task"), [piece[:3] for piece in pieces]))
+    limit = f"context {max_len}" if max_len else "no context limit"
+    header = f"tokenizer: {run_dir} (vocab {tokenizer.vocab_size:,}; {limit})"
+    share = total_trained / max(total_tokens, 1)
+    what = ("example" if kind is InspectKind.sft else "pair") + ("" if len(shown) == 1 else "s")
+    footer = (
+        f"total: {len(shown)} {what}, {total_tokens:,} tokens, {total_trained:,} trained "
+        f"({share:.0%})" + (f", {truncated} truncated" if truncated else "")
+    )
+    if sys.stdout.isatty():
+        _inspect_rich(where, header, footer, shown)
+    else:
+        _inspect_plain(where, header, footer, shown)
+
+
+def _inspect_plain(where: str, header: str, footer: str, shown: list) -> None:
+    typer.echo(where)
+    typer.echo(f"{header}; trained tokens are shown {TRAINED_OPEN}like this{TRAINED_CLOSE}")
+    for index, (task, pieces) in enumerate(shown, start=1):
+        typer.echo("")
+        title = f"#{index}" + (f" · {task}" if task else "")
+        if len(pieces) == 1:
+            typer.echo(f"[{title} · {pieces[0][1]}]")
+            typer.echo(_plain_spans(pieces[0][2]))
+            continue
+        typer.echo(f"[{title}]")
+        for label, counts, spans in pieces:
+            typer.echo(f"{label} ({counts}):" if counts else f"{label}:")
+            typer.echo(_plain_spans(spans))
+    typer.echo("")
+    typer.echo(footer)
+
+
+def _inspect_rich(where: str, header: str, footer: str, shown: list) -> None:
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    console.print(Text(where, style="bold"))
+    legend = Text(header + "; ")
+    legend.append("trained", style="bold green")
+    legend.append(" / ")
+    legend.append("masked", style="dim")
+    console.print(legend)
+    for index, (task, pieces) in enumerate(shown, start=1):
+        title = f"#{index}" + (f" · {task}" if task else "")
+        if len(pieces) == 1:
+            title += f" · {pieces[0][1]}"
+            body: Any = _rich_spans(pieces[0][2])
+        else:
+            parts = []
+            styles = {"prompt": "bold", "chosen": "bold green", "rejected": "bold red"}
+            for label, counts, spans in pieces:
+                heading = f"{label} ({counts})" if counts else label
+                parts += [Text(heading, style=styles[label]), _rich_spans(spans)]
+            body = Group(*parts)
+        console.print(Panel(body, title=title, title_align="left"))
+    console.print(Text(footer, style="bold"))
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `data` group (show, export) to the top-level app."""
+    """Add the `data` group (show, export, inspect) to the top-level app."""
     app.add_typer(data_app, name="data")

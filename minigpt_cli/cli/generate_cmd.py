@@ -109,6 +109,7 @@ def generate(
     """
     import torch
 
+    from minigpt_cli.engine.chat import user_prompt
     from minigpt_cli.engine.checkpoint import load_run
     from minigpt_cli.engine.device import resolve_device
     from minigpt_cli.engine.generation import (
@@ -127,9 +128,6 @@ def generate(
         torch.set_num_threads(
             config.resources.threads or decode_threads(model.num_parameters(), cap)
         )
-    # `raw` matters once chat-tuned runs exist (they get the shared chat template unless --raw);
-    # until then every run is a base run and generation is always a raw continuation.
-    del raw
 
     overrides: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -152,7 +150,11 @@ def generate(
     if top_k == 0:
         settings = dataclasses.replace(settings, top_k=None)
 
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+    if loaded.state.get("chat") and not raw:
+        # A chat-tuned run answers the prompt as a user turn, in the one chat template.
+        prompt_ids = user_prompt(text, tokenizer)
+    else:
+        prompt_ids = [tokenizer.eos_id, *tokenizer.encode(text)]
     context = model.config.context_length
     if len(prompt_ids) > context:
         sys.stderr.write(

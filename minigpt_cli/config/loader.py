@@ -273,6 +273,8 @@ def _check_layer(
                 owners = _owners(section)
                 if owners:
                     hint = " or ".join(f"[{owner}]" for owner in owners)
+                    if "train" in owners:  # every stage section repeats the [train] keys
+                        hint = "[train], or a stage section such as [pretrain] for one stage"
                     text = f"key '{section}' must be inside a section (it belongs in {hint})"
                 else:
                     text = f"unknown top-level key '{section}' (settings go in sections: "

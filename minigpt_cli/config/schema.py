@@ -223,6 +223,95 @@ class PretrainConfig(StageTrainConfig):
     """[pretrain]: overrides of [train] for `minigpt pretrain`."""
 
 
+class SftConfig(StageTrainConfig):
+    """[sft]: overrides of [train] for `minigpt sft`, plus the keys only fine-tuning has."""
+
+    train_on_prompt: bool = Field(
+        False, description="also learn the system/user turns, not only the assistant's"
+    )
+    exact_match_per_family: int = Field(
+        16, ge=0, description="held-out answers checked per task family at each evaluation; 0 = off"
+    )
+
+
+class DpoConfig(StageTrainConfig):
+    """[dpo]: overrides of [train] for `minigpt dpo`, plus the keys only preference tuning has.
+
+    Preference tuning starts from a tuned model and should move it only a little, so its own
+    learning rate and length stand in for the pretraining values of [train].
+    """
+
+    learning_rate: float | None = Field(1e-4, gt=0, lt=1)
+    min_lr: float | None = Field(1e-5, ge=0)
+    warmup_steps: int | None = Field(10, ge=0)
+    max_steps: int | None = Field(200, ge=1)
+    beta: float = Field(
+        0.1, gt=0, description="how far from the reference the policy may move (DPO's beta)"
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed share of pairs labelled the wrong way round"
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=2, description="prompts cut from the left to this many tokens; None = as needed"
+    )
+    exact_match_per_family: int = Field(
+        16, ge=0, description="held-out answers checked per task family at each evaluation; 0 = off"
+    )
+
+
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Linear layers LoRA can adapt, by their HF names (also PEFT's `target_modules`)."""
+
+LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": LORA_PROJECTIONS[:4],
+    "mlp": LORA_PROJECTIONS[4:],
+    "all": LORA_PROJECTIONS,
+}
+"""Shorthands for `[lora] targets`, expanded when the config is validated."""
+
+
+def expand_lora_targets(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Projection names from a targets list that may use the shorthands attention, mlp, all.
+
+    A comma-separated string is accepted too (`--set lora.targets=attention,mlp`). The result is
+    de-duplicated and in layer order, so equal target sets always compare and dump alike.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    wanted: set[str] = set()
+    for raw in names:
+        name = str(raw).strip()
+        if name in LORA_TARGET_GROUPS:
+            wanted.update(LORA_TARGET_GROUPS[name])
+        elif name in LORA_PROJECTIONS:
+            wanted.add(name)
+        else:
+            allowed = ", ".join((*LORA_PROJECTIONS, *LORA_TARGET_GROUPS))
+            raise ValueError(f"unknown LoRA target {name!r}; allowed: {allowed}")
+    if not wanted:
+        raise ValueError("LoRA targets must name at least one projection")
+    return [name for name in LORA_PROJECTIONS if name in wanted]
+
+
+class LoraConfig(Section):
+    """[lora]: low-rank adapters for `sft --lora` (the adapter adds alpha/r * B @ A to W)."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: the update is alpha/r * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_GROUPS["attention"]),
+        description="projections to adapt; or attention, mlp, all",
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _expand_targets(cls, value: object) -> list[str]:
+        if not isinstance(value, str | list | tuple):
+            raise ValueError("LoRA targets must be a list of projection names")
+        return expand_lora_targets(value)
+
+
 class GenerateConfig(Section):
     """Sampling defaults for generate (and later chat/eval)."""
 
@@ -265,6 +354,9 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -274,5 +366,7 @@ class Config(Section):
         overrides = getattr(self, stage, None)
         merged = self.train.model_dump()
         if isinstance(overrides, StageTrainConfig):
-            merged.update(overrides.model_dump(exclude_none=True))
+            # Keys only a stage has (sft.train_on_prompt, ...) are not training hyperparameters.
+            stage_keys = overrides.model_dump(exclude_none=True).items()
+            merged.update({k: v for k, v in stage_keys if k in TrainConfig.model_fields})
         return TrainConfig.model_validate(merged)

@@ -408,21 +408,99 @@ def load_model_weights(model: GPT, path: Path) -> None:
     model.load_exported_state_dict(tensors)
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
-    """Open a run directory: config, tokenizer, state and the latest weights, in eval mode."""
+def _resolve_parent(run_dir: Path, written: str) -> Path:
+    """The parent run a LoRA run names in its state, as the trainer wrote it.
+
+    A relative path was written relative to the working directory of the training command; when
+    the current one differs, the same path is looked for next to the run and above it, so a
+    project folder can be used from anywhere (or moved whole).
+    """
+    path = Path(written)
+    candidates = [path]
+    if not path.is_absolute():
+        here = run_dir.resolve()
+        candidates += [ancestor / path for ancestor in (here, *here.parents)]
+    for candidate in candidates:
+        if (candidate / STATE_FILE).is_file() or (candidate / MODEL_FILE).is_file():
+            return candidate
+    raise UserError(
+        f"{run_dir}: this LoRA run holds only an adapter; it needs its parent run {written} "
+        "(the weights the adapter was trained on), which is not there"
+    )
+
+
+def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> GPT:
+    """Parent weights (loaded recursively) plus this run's adapter, on the CPU.
+
+    When the parent is itself an unmerged LoRA run, this run continued the parent's adapter, so
+    its adapter replaces the parent's on the same base weights; a merged parent is a plain model
+    and gets a new adapter.
+    """
+    from minigpt_cli.engine.lora import (
+        ADAPTER_FILE,
+        apply_lora,
+        load_adapter_state_dict,
+        lora_settings,
+        settings_from_metadata,
+    )
+
+    adapter_path = folder / ADAPTER_FILE
+    written = state.get("parent")
+    if not isinstance(written, str) or not written:
+        raise UserError(
+            f"{folder}: has {ADAPTER_FILE} but neither {MODEL_FILE} nor a parent run in "
+            f"{STATE_FILE}, so there are no base weights to apply the adapter to"
+        )
+    parent_dir = _resolve_parent(folder, written)
+    if parent_dir.resolve() in chain:
+        raise UserError(f"{folder}: its chain of parent runs loops back to {parent_dir}")
+    model = _load_run(parent_dir, "cpu", (*chain, parent_dir.resolve())).model
+    settings = settings_from_metadata(read_metadata(adapter_path), adapter_path)
+    current = lora_settings(model)
+    if current is None:
+        apply_lora(model, settings)
+    elif (current.r, current.alpha, current.targets) != (
+        settings.r,
+        settings.alpha,
+        settings.targets,
+    ):
+        raise UserError(
+            f"{adapter_path}: adapter (r={settings.r}, alpha={settings.alpha}, targets="
+            f"{','.join(settings.targets)}) differs from the parent run's adapter "
+            f"(r={current.r}, alpha={current.alpha}, targets={','.join(current.targets)})"
+        )
+    load_adapter_state_dict(model, load_tensors(adapter_path), adapter_path)
+    return model
+
+
+def _load_run(folder: Path, device: str, chain: tuple[Path, ...]) -> LoadedRun:
     from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.engine.lora import ADAPTER_FILE
     from minigpt_cli.engine.model import GPT
     from minigpt_cli.engine.tokenizer import Tokenizer
 
-    folder = Path(run_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such run directory")
     config = read_run_config(folder)
     tokenizer = Tokenizer.load(folder)
     state = read_state(folder)
-    if not (folder / MODEL_FILE).exists():
+    if (folder / MODEL_FILE).exists():
+        model = GPT(config.model, tokenizer.vocab_size)
+        load_model_weights(model, folder / MODEL_FILE)
+    elif (folder / ADAPTER_FILE).exists():
+        model = _load_adapter_run(folder, state, chain)
+    else:
         raise UserError(f"{folder}: no {MODEL_FILE} (the run has not saved weights yet)")
-    model = GPT(config.model, tokenizer.vocab_size)
-    load_model_weights(model, folder / MODEL_FILE)
     model.to(device).eval()
     return LoadedRun(folder, model, tokenizer, config, state)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Open a run directory: config, tokenizer, state and the latest weights, in eval mode.
+
+    A LoRA run without a merged `model.safetensors` loads as its parent run (found through
+    `parent` in its trainer state, recursively along a chain) plus its `adapter.safetensors`; the
+    model then carries unmerged adapters (`engine.lora.has_lora`), base frozen, adapters trainable.
+    """
+    folder = Path(run_dir)
+    return _load_run(folder, device, (folder.resolve(),))

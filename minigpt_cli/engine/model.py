@@ -632,16 +632,36 @@ class GPT(nn.Module):
         """Weights to save: HF names, no shared tensors (safetensors refuses them).
 
         With tied embeddings `lm_head.weight` is the embedding matrix, so it is left out, exactly
-        as HF does for `tie_word_embeddings`; `load_state_dict` restores the tie.
+        as HF does for `tie_word_embeddings`; `load_state_dict` restores the tie. LoRA adapter
+        tensors (`...lora_A.weight`, `...lora_B.weight`) are left out too: they live in their own
+        file (engine/lora.py), so an adapted model still exports its plain base weights.
         """
-        state = {name: tensor.detach() for name, tensor in self.state_dict().items()}
+        state = {
+            name: tensor.detach()
+            for name, tensor in self.state_dict().items()
+            if ".lora_A." not in name and ".lora_B." not in name
+        }
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         return state
 
     def load_exported_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Inverse of `export_state_dict`: every weight must be present (strict), tie restored."""
-        self.load_state_dict(tensors, strict=True)
+        """Inverse of `export_state_dict`: every weight must be present (strict), tie restored.
+
+        On a LoRA-adapted model the adapter tensors are not expected (they are not exported); the
+        base weights are still checked strictly.
+        """
+        adapters = {name for name in self.state_dict() if ".lora_A." in name or ".lora_B." in name}
+        if not adapters:
+            self.load_state_dict(tensors, strict=True)
+            return
+        result = self.load_state_dict(tensors, strict=False)
+        missing = [name for name in result.missing_keys if name not in adapters]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                f"{missing}, unexpected keys {result.unexpected_keys}"
+            )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Load weights, accepting a tied checkpoint without `lm_head.weight` (or with a copy)."""

@@ -290,7 +290,7 @@ class Trainer:
         """Checkpoint the model, optimizer and trainer state at the current step."""
         optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         files = {
-            ckpt.MODEL_FILE: (self.model.export_state_dict(), {"format": "minigpt"}),
+            **self._weight_files(),
             ckpt.OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
         }
         folder = ckpt.save_checkpoint(
@@ -299,6 +299,21 @@ class Trainer:
         self._event("checkpoint", step=self.step, path=str(folder))
         self.metrics.write(self._row("event", event="checkpoint", message=f"saved {folder.name}"))
         return folder
+
+    def _weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """The model's trained weights: the whole model, or only the adapters of a LoRA run."""
+        from minigpt_cli.engine import lora
+
+        if lora.has_lora(self.model):
+            settings = lora.lora_settings(self.model)
+            assert settings is not None
+            return {
+                lora.ADAPTER_FILE: (
+                    lora.adapter_state_dict(self.model),
+                    lora.adapter_metadata(settings),
+                )
+            }
+        return {ckpt.MODEL_FILE: (self.model.export_state_dict(), {"format": "minigpt"})}
 
     def _row(self, kind: str, **values: Any) -> dict[str, Any]:
         return {
@@ -315,7 +330,7 @@ class Trainer:
         if point is None:
             raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
         state = ckpt.read_state(point)
-        ckpt.load_model_weights(self.model, point / ckpt.MODEL_FILE)
+        self._load_weights(point)
         tensors = ckpt.load_tensors(point / ckpt.OPTIMIZER_FILE)
         ckpt.restore_optimizer(
             self.optimizer,
@@ -335,6 +350,15 @@ class Trainer:
         self.stage.load_extra_state(state.get("extra", {}))
         _restore_rng(state["rng"])
         self._resumed_from = point
+
+    def _load_weights(self, point: Path) -> None:
+        from minigpt_cli.engine import lora
+
+        if lora.has_lora(self.model):
+            adapter = point / lora.ADAPTER_FILE
+            lora.load_adapter_state_dict(self.model, ckpt.load_tensors(adapter), adapter)
+        else:
+            ckpt.load_model_weights(self.model, point / ckpt.MODEL_FILE)
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
@@ -365,7 +389,12 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._start = time.perf_counter()
         sequences_per_step = self.train.global_batch_size
-        tokens_per_step = sequences_per_step * int(getattr(self.stage, "seq_len", 1))
+        # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
+        # tokens of an example in fine-tuning (so --max-tokens counts what it says).
+        per_sequence = getattr(self.stage, "mean_loss_tokens", None) or getattr(
+            self.stage, "seq_len", 1
+        )
+        tokens_per_step = max(1, round(sequences_per_step * per_sequence))
         self.total_steps = plan_steps(self.train, tokens_per_step, sequences_per_step, self.stage)
         self._resumed_from: Path | None = None
         if self.spec.resume:
