@@ -57,13 +57,23 @@ def _register_verbs() -> None:
         config_cmd,
         data_cmd,
         doctor_cmd,
+        dpo_cmd,
         generate_cmd,
         pretrain_cmd,
         sft_cmd,
         tokenize_cmd,
     )
 
-    verbs = (doctor_cmd, config_cmd, data_cmd, tokenize_cmd, pretrain_cmd, sft_cmd, generate_cmd)
+    verbs = (
+        doctor_cmd,
+        config_cmd,
+        data_cmd,
+        tokenize_cmd,
+        pretrain_cmd,
+        sft_cmd,
+        dpo_cmd,
+        generate_cmd,
+    )
     for module in verbs:
         module.register(app)
 

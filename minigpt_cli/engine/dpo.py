@@ -42,6 +42,7 @@ from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
+    from minigpt_cli.engine.sft import FinetuneInputs
 
 BUILTIN_DATA_SEED = 0
 VAL_SPLIT_SEED = 0  # the held-out share of --data files: the same whatever the training seed
@@ -437,6 +438,12 @@ class DpoStage:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.train_pairs = list(train_pairs)
         self.seq_len = seq_len
+        # Scored reply tokens per pair: what the Trainer plans --max-tokens and throughput with.
+        self.mean_loss_tokens = (
+            float(np.mean([p.chosen_mask.sum() + p.rejected_mask.sum() for p in self.train_pairs]))
+            if self.train_pairs
+            else 0.0
+        )
         self.seed = seed
         self.pad_id = pad_id
         self.beta = beta
@@ -538,7 +545,11 @@ class DpoStage:
         return {"ids": ids, "mask": mask, "pair_index": index, "reference": reference[index]}
 
     def count_tokens(self, batch: Batch) -> int:
-        """Pairs in the batch: the Trainer's normaliser, so a step's loss is the mean per pair."""
+        """Reply tokens scored in the batch (both replies): throughput and --max-tokens."""
+        return int(batch["mask"].sum())
+
+    def loss_normaliser(self, batch: Batch) -> int:
+        """Pairs in the batch: the Trainer divides by this, so a step averages per pair."""
         return int(batch["pair_index"].shape[0])
 
     def pair_loss(
@@ -655,3 +666,110 @@ class DpoStage:
                 "was the parent run changed? Resume from the same parent, or start over with "
                 "--overwrite"
             )
+
+
+def run_dpo(
+    config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
+) -> dict[str, Any]:
+    """Preference-tune (or resume) a DPO run in `spec.run_dir`; returns the Trainer's summary.
+
+    The reference is the starting policy (the parent, adapters included), scored once before the
+    Trainer restores any checkpoint, so only one model is ever in memory.
+    """
+    from minigpt_cli.engine import lora as lora_lib
+    from minigpt_cli.engine.checkpoint import MODEL_FILE
+    from minigpt_cli.engine.device import (
+        apply_matmul_precision,
+        autocast_context,
+        resolve_device,
+        resolve_precision,
+    )
+    from minigpt_cli.engine.pretrain import fit_memory
+    from minigpt_cli.engine.sft import (
+        finish_lora_run,
+        load_sft_records,
+        prepare_model,
+        trainable_parameters,
+    )
+    from minigpt_cli.engine.trainer import Trainer
+
+    train = config.stage_train("dpo")
+    settings = config.dpo
+    device = resolve_device(train.device)
+    precision = resolve_precision(train.precision, device)
+    apply_matmul_precision(precision)
+    model, tokenizer = prepare_model(
+        inputs.from_run, inputs.lora, config.lora, train.seed, on_event, "dpo"
+    )
+    if lora_lib.has_lora(model):
+        config.lora = lora_lib.lora_settings(model)
+        if spec.resume:  # a merged file from an earlier finish would shadow the newer adapter
+            (spec.run_dir / MODEL_FILE).unlink(missing_ok=True)
+    tokenizer.save(spec.run_dir)
+    train_records = load_dpo_records(inputs.data or None, "train", config)
+    val_records = (
+        load_dpo_records(inputs.val_data, "all", config)
+        if inputs.val_data
+        else load_dpo_records(inputs.data or None, "val", config)
+    )
+    context = config.model.context_length
+    train_pairs, train_stats = build_pairs(
+        train_records, tokenizer, context, settings.max_prompt_tokens
+    )
+    val_pairs, val_stats = build_pairs(val_records, tokenizer, context, settings.max_prompt_tokens)
+    emit(on_event, "note", "dpo", message=f"training: {train_stats.describe()}")
+    emit(on_event, "note", "dpo", message=f"validation: {val_stats.describe()}")
+    micro_batch, governor_messages = fit_memory(
+        config,
+        tokenizer.vocab_size,
+        precision.dtype_name,
+        16 * (train_stats.tokens + val_stats.tokens),
+        on_event,
+        stage="dpo",
+        trainable_params=trainable_parameters(model),
+        sequences_per_example=2,
+    )
+    spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
+    # Exact match on the held-out instructions shows whether preference tuning kept the skills.
+    exact_match_records = (
+        [r for r in load_sft_records(None, "val", config) if r.get("task")]
+        if not inputs.data
+        else []
+    )
+    stage = DpoStage(
+        train_pairs,
+        val_pairs,
+        seq_len=context,
+        seed=train.seed,
+        pad_id=tokenizer.pad_id,
+        beta=settings.beta,
+        label_smoothing=settings.label_smoothing,
+        eval_pairs=train.eval_batches * train.micro_batch_size,
+        tokenizer=tokenizer,
+        exact_match_records=exact_match_records,
+        exact_match_per_family=settings.exact_match_per_family,
+    )
+    stage.eval_batch = min(stage.eval_batch, micro_batch)
+    model.to(device)
+    stage.cache_reference(
+        model,
+        batch_pairs=micro_batch,
+        autocast=lambda: autocast_context(precision, device),
+        on_event=on_event,
+    )
+    trainer = Trainer(
+        config,
+        stage,
+        model,
+        spec,
+        device=device,
+        precision=precision,
+        on_event=on_event,
+        vocab_size=tokenizer.vocab_size,
+        micro_batch_size=micro_batch,
+    )
+    summary = trainer.fit()
+    note = finish_lora_run(model, spec.run_dir, inputs.merge)
+    if note:
+        emit(on_event, "note", "dpo", message=note)
+    return summary

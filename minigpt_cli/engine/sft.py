@@ -592,8 +592,8 @@ class SftStage:
 
 
 @dataclass
-class SftInputs:
-    """What `minigpt sft` starts from: the parent run, data files (none = built-in), LoRA wishes."""
+class FinetuneInputs:
+    """What a fine-tuning verb starts from: the parent run, data files (none = built-in), LoRA."""
 
     from_run: Path
     data: list[Path]
@@ -662,7 +662,7 @@ def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str |
 
 
 def run_sft(
-    config: Config, spec: Any, inputs: SftInputs, on_event: EventCallback | None = None
+    config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
     from minigpt_cli.engine import lora as lora_lib

@@ -50,7 +50,11 @@ class Stage(Protocol):
         """The next `num_sequences` training examples (CPU tensors; the trainer moves them)."""
 
     def count_tokens(self, batch: Batch) -> int:
-        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded)."""
+        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded).
+
+        The step's summed loss is divided by the step's total of this count, unless the stage
+        also has `loss_normaliser(batch)` (preference stages average per pair, not per token).
+        """
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Summed loss over the batch's loss tokens, and metrics to average into the log line."""
@@ -574,7 +578,10 @@ class Trainer:
             self.stage.next_batch(self.micro_batch_size) for _ in range(self.accumulation)
         ]
         step_tokens = sum(self.stage.count_tokens(batch) for batch in micro_batches)
-        normaliser = max(step_tokens, 1)
+        # The loss is summed per micro-batch and divided by the whole step's count (tokens, or
+        # pairs for preference stages), so accumulation gives the same update as one big batch.
+        normalise = getattr(self.stage, "loss_normaliser", self.stage.count_tokens)
+        normaliser = max(sum(normalise(batch) for batch in micro_batches), 1)
         total_loss = 0.0
         summed: dict[str, float] = {}
         for batch in micro_batches:

@@ -1,0 +1,157 @@
+"""What the fine-tuning verbs (sft, dpo) share: starting from a parent run, LoRA flags, the body.
+
+Each verb lists its own flags (Typer reads them from the signature) and hands them here, so the
+parent handling, resume, LoRA options and run-directory contract are written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from minigpt_cli.cli import common
+from minigpt_cli.errors import UserError
+
+FromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--from", help="The run to start from (its shape, tokenizer and weights). Required."
+    ),
+]
+LoraOpt = Annotated[
+    bool, typer.Option("--lora", help="Train low-rank adapters only; the parent stays frozen.")
+]
+LoraROpt = Annotated[int | None, typer.Option("--lora-r", min=1, help="Adapter rank (default 8).")]
+LoraAlphaOpt = Annotated[
+    float | None, typer.Option("--lora-alpha", help="Adapter scale numerator (default 16).")
+]
+LoraDropoutOpt = Annotated[
+    float | None, typer.Option("--lora-dropout", help="Dropout on the adapter input (default 0).")
+]
+LoraTargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-targets",
+        help="Projections to adapt: attention, mlp, all, or names like q_proj,v_proj "
+        "(default: attention).",
+    ),
+]
+MergeOpt = Annotated[
+    bool, typer.Option("--merge", help="LoRA: also write the merged model.safetensors at the end.")
+]
+
+
+def parent_preset(from_run: Path) -> str | None:
+    """The preset the parent run was started with (the default for its children)."""
+    from minigpt_cli.engine import checkpoint as ckpt
+
+    try:
+        return ckpt.read_state(from_run).get("sources", {}).get("preset")
+    except UserError:
+        return None
+
+
+def resumed_parent(out: Path | None, stage: str, preset: str | None, resume: bool) -> Path | None:
+    """On --resume without --from: the parent the run recorded (it cannot change mid-run)."""
+    from minigpt_cli.engine import checkpoint as ckpt
+
+    run_dir = out or common.default_run_dir(stage, preset)
+    point = ckpt.find_resume_point(run_dir) if resume and run_dir.is_dir() else None
+    if point is None:
+        return None
+    parent = ckpt.read_state(point).get("parent")
+    return Path(parent) if parent else None
+
+
+def check_parent(from_run: Path | None, stage: str) -> Path:
+    """The --from run, which must exist and hold a trained model."""
+    if from_run is None:
+        raise UserError(
+            f"{stage} needs --from RUN, the run to start from (e.g. runs/pretrain-tiny)"
+        )
+    if not (from_run / "config.toml").is_file():
+        raise UserError(f"{from_run}: not a run directory (no config.toml); pass a finished run")
+    return from_run
+
+
+def run_finetune(
+    stage: str,
+    engine: Callable[..., dict[str, Any]],
+    *,
+    from_run: Path | None,
+    preset: str | None,
+    config_file: Path | None,
+    data: list[Path] | None,
+    val_data: list[Path] | None,
+    out: Path | None,
+    flags: dict[str, Any],
+    lora: bool,
+    lora_options: dict[str, Any],
+    merge: bool,
+    resume: bool,
+    overwrite: bool,
+    sets: list[str] | None,
+) -> None:
+    """The body of `sft`/`dpo`: resolve parent and config, validate data, train with progress.
+
+    `flags` are the verb's stage and resource flags (None = not given); `engine(config, spec,
+    inputs, on_event)` trains.
+    """
+    from minigpt_cli.cli import training
+    from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.engine.data import expand_paths, validate
+    from minigpt_cli.engine.sft import FinetuneInputs
+    from minigpt_cli.engine.trainer import RunSpec
+
+    if merge and not lora and not resume:
+        raise UserError("--merge folds a LoRA adapter into the weights: use it with --lora")
+    parent = check_parent(from_run or resumed_parent(out, stage, preset, resume), stage)
+    preset = preset or parent_preset(parent)
+    run_dir = out or common.default_run_dir(stage, preset)
+    overrides = common.stage_overrides(stage, **flags)
+    overrides.update({f"lora.{k}": v for k, v in lora_options.items() if v is not None})
+    run = training.prepare(
+        stage,
+        run_dir=run_dir,
+        preset=preset,
+        config_file=config_file,
+        overrides=overrides,
+        sets=sets,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    config, sources = run.config, run.saved_sources
+    if not resume:
+        parent_config = read_run_config(parent)
+        config.model = parent_config.model
+        config.tokenizer = parent_config.tokenizer
+    inputs = FinetuneInputs(
+        from_run=parent,
+        data=list(data or [Path(p) for p in sources.get("data", [])]),
+        val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
+        lora=lora or bool(sources.get("lora")),
+        merge=merge or bool(sources.get("merge")),
+    )
+    for paths in (inputs.data, inputs.val_data):
+        if paths:
+            validate(expand_paths(paths), stage)
+    spec = RunSpec(
+        run_dir=run_dir,
+        resume=resume,
+        parent=str(parent),
+        chat=True,
+        sources={
+            "data": [str(p) for p in inputs.data],
+            "val_data": [str(p) for p in inputs.val_data],
+            "from_run": str(parent),
+            "preset": preset or "tiny",
+            "lora": inputs.lora,
+            "merge": inputs.merge,
+        },
+    )
+    training.execute(
+        run, spec, lambda cfg, run_spec, on_event: engine(cfg, run_spec, inputs, on_event)
+    )
