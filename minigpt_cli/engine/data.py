@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt_cli.datasets import builtin
+from minigpt_cli.engine.chat import role_problem
 from minigpt_cli.errors import UserError, location
 
 KINDS = ("pretrain", "sft", "dpo", "reward", "rlhf")
@@ -466,6 +467,9 @@ def _normalise_sft(obj: dict) -> dict:
             raise RecordError("the last message must be the assistant's")
         if not messages[-1]["content"].strip():
             raise RecordError("the last assistant message is empty")
+        problem = role_problem(messages)  # the chat template's rule, reported with the line
+        if problem:
+            raise RecordError(problem)
         return {"messages": messages, "task": task}
     if "instruction" in obj or "output" in obj:
         needs = "instruction records need 'instruction' and 'output'; 'input', 'history' optional"

@@ -728,6 +728,10 @@ def run_dpo(
         stage="dpo",
         trainable_params=trainable_parameters(model),
         sequences_per_example=2,
+        # Batches are padded to their longest sequence, never to the context length.
+        seq_len=max(
+            max(len(p.chosen_ids), len(p.rejected_ids)) for p in [*train_pairs, *val_pairs]
+        ),
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     # Exact match on the held-out instructions shows whether preference tuning kept the skills.

@@ -708,6 +708,8 @@ def run_sft(
         on_event,
         stage="sft",
         trainable_params=trainable_parameters(model),
+        # Batches are padded to their longest example, never to the context length.
+        seq_len=max(len(e) for e in [*train_examples, *val_examples]),
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     stage = SftStage(
