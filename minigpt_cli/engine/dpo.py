@@ -1,6 +1,6 @@
 """Direct preference optimisation: learn from (prompt, chosen, rejected) without a reward model.
 
-The pieces `minigpt dpo` assembles (the verb and its run function live elsewhere):
+The pieces `minigpt dpo` assembles (`run_dpo`, at the end, puts them together):
 
 - `load_dpo_records`: the user's pairs (already normalised to `{"prompt_messages", "chosen",
   "rejected", "task"}` by `engine.data`, a `Human: ... Assistant:` prompt split into turns) or the
@@ -15,9 +15,10 @@ The pieces `minigpt dpo` assembles (the verb and its run function live elsewhere
   log-probabilities are computed once (`cache_reference`) and stored on the stage, so memory holds
   one model and a resumed run uses exactly the reference of the first run.
 
-Loss normalisation: the Trainer divides a step's summed loss by the sum of `count_tokens` over its
-micro-batches. Here `count_tokens` is the number of pairs and `loss` the sum of per-pair losses,
-so a step optimises the mean loss per pair however the step is split into micro-batches.
+Loss normalisation: the Trainer divides a step's summed loss by the sum of `loss_normaliser` over
+its micro-batches. Here that is the number of pairs and `loss` the sum of per-pair losses, so a
+step optimises the mean loss per pair however the step is split into micro-batches;
+`count_tokens` (scored reply tokens) only feeds throughput and --max-tokens.
 """
 
 from __future__ import annotations

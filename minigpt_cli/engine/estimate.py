@@ -12,7 +12,7 @@ The estimate is of the process's peak RSS on the CPU, term by term (bytes):
   first-use imports, and the heap that preparing the data (tokenizer training, encoding) leaves
   behind. Measured (FRAMEWORK_BYTES + PIPELINE_BYTES), or passed in by a caller that measured.
 - weights: fp32 parameters (the master copy, also under bf16 autocast), the rotary tables, and any
-  frozen models a stage holds (DPO's reference, PPO's reference and reward models).
+  frozen models a stage holds (PPO's reference and reward models; DPO keeps only cached numbers).
 - gradients: one fp32 gradient per trainable parameter. They live across the micro-batches of an
   optimizer step, so they coexist with a whole micro-batch's activations.
 - optimizer: AdamW's two fp32 moments per trainable parameter.
@@ -367,7 +367,7 @@ def estimate_training_memory(
     - `trainable_params`: parameters with gradients and AdamW moments (default: all; LoRA passes
       its adapters' count).
     - `extra_frozen_params`: parameters of other models the stage holds without training them
-      (DPO's reference model; PPO's reference and reward models), fp32.
+      (PPO's reference and reward models), fp32.
     - `sequences_per_example`: sequences one example puts through the model (DPO: 2, chosen and
       rejected), so a micro-batch of n examples runs n x this many sequences.
     - `global_batch_size`: examples per optimizer step (default: the micro-batch); the Trainer

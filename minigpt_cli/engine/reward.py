@@ -139,7 +139,7 @@ class RewardModel(nn.Module):
         return self.score(self.backbone.hidden_states(input_ids)).squeeze(-1).float()
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF `LlamaForSequenceClassification` tensors: the backbone's `model.*` and `score.weight`."""
+        """HF `LlamaForSequenceClassification` tensors: the backbone's `model.*`, `score.weight`."""
         state = self.backbone.export_state_dict()
         state.pop(_LM_HEAD_WEIGHT, None)
         state[SCORE_WEIGHT] = self.score.weight.detach()

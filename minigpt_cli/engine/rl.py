@@ -51,9 +51,7 @@ GRPO_STD_EPS = 1e-4
 # ----------------------------------------------------------------------------------------------
 
 
-def masked_mean(
-    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` where `mask` is True (over everything, or along `dim`).
 
     An empty mask gives 0 rather than NaN: a batch (or a row) without tokens contributes nothing.
@@ -296,9 +294,7 @@ class AdaptiveKLController:
 # ----------------------------------------------------------------------------------------------
 
 
-def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, scale: bool = True
-) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """(G * P,) advantages: each reward standardised within its group of `group_size` samples.
 
     Rewards are laid out prompt by prompt, the G samples of one prompt next to each other (TRL).

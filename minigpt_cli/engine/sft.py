@@ -1,6 +1,6 @@
 """Supervised fine-tuning: conversations in the chat template, loss on the assistant's tokens only.
 
-The pieces `minigpt sft` assembles (the verb and `run_sft` live elsewhere):
+The pieces `minigpt sft` assembles (`run_sft`, at the end, puts them together):
 
 - `load_sft_records`: the user's records (any of the three SFT formats, already normalised to
   `{"messages", "task"}` by `engine.data`) or the built-in instruction data.
