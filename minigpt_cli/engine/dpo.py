@@ -388,7 +388,7 @@ def preference_metrics(
 # ----------------------------------------------------------------------------------------------
 
 
-def _fingerprint(pairs: Sequence[PreferencePair]) -> str:
+def pair_fingerprint(pairs: Sequence[PreferencePair]) -> str:
     """A short hash of every pair's ids, so a resume can refuse data that changed."""
     digest = hashlib.sha256()
     for pair in pairs:
@@ -398,12 +398,75 @@ def _fingerprint(pairs: Sequence[PreferencePair]) -> str:
     return digest.hexdigest()[:16]
 
 
+class PairOrder:
+    """Which training pair comes next, as a position a checkpoint can save and restore.
+
+    A permutation of the pairs per epoch, a pure function of (seed, epoch), taken `n` pairs at a
+    time: `state()` (epoch + cursor) replays the exact batches, and 2 micro-batches of 2 pairs
+    train the same 4 pairs as one micro-batch of 4. The state also records the pairs' count and
+    fingerprint, so a resume on changed data is refused rather than silently reordered. Shared by
+    every stage that trains on preference pairs (DPO, the reward model).
+    """
+
+    def __init__(self, pairs: Sequence[PreferencePair], seed: int, data_name: str) -> None:
+        if not pairs:
+            raise ValueError("PairOrder needs at least one pair")
+        self.count = len(pairs)
+        self.seed = seed
+        self.data_name = data_name  # names the data in the refusal message ("DPO", "reward")
+        self.fingerprint = pair_fingerprint(pairs)
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+
+    def take(self, count: int) -> list[int]:
+        """The indices of the next `count` pairs, crossing into the next epoch as needed."""
+        indices = []
+        for _ in range(count):
+            if self.cursor >= len(self._order):
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._epoch_order(self.epoch)
+            indices.append(int(self._order[self.cursor]))
+            self.cursor += 1
+        return indices
+
+    def epochs_done(self) -> float:
+        return self.epoch + self.cursor / self.count
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "pairs": self.count,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        saved_count = state.get("pairs")
+        saved_print = state.get("fingerprint")
+        if (saved_count is not None and int(saved_count) != self.count) or (
+            saved_print is not None and saved_print != self.fingerprint
+        ):
+            raise UserError(
+                f"the {self.data_name} training data changed since the checkpoint ({saved_count} "
+                f"pairs then, {self.count} now, or different pairs): resume with the same data "
+                "and context length, or start over with --overwrite"
+            )
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self._order = self._epoch_order(self.epoch)
+
+
 class DpoStage:
     """Batches of preference pairs; the DPO loss against reference log-probabilities cached once.
 
-    Order: a permutation of the training pairs per epoch, a pure function of (seed, epoch), taken
-    `n` pairs at a time, so `data_state` (epoch + cursor) replays the exact batches and a step of
-    2 micro-batches of 2 pairs trains the same 4 pairs as one micro-batch of 4. A batch holds the
+    Order: `PairOrder` (a per-epoch permutation, a pure function of (seed, epoch)), so
+    `data_state` replays the exact batches and a step of 2 micro-batches of 2 pairs trains the
+    same 4 pairs as one micro-batch of 4. A batch holds the
     chosen and the rejected sequences padded together (2n rows), the pair indices and the pairs'
     reference log-probabilities.
 
@@ -456,12 +519,9 @@ class DpoStage:
         picks = np.linspace(0, len(val_pairs) - 1, count).round().astype(np.int64)
         self.val_pairs = [val_pairs[i] for i in sorted(set(picks.tolist()))]
         self.eval_batch = 8  # pairs per evaluation forward; the caller may lower it
-        self.fingerprint = _fingerprint(self.train_pairs)
+        self.order = PairOrder(self.train_pairs, seed, "DPO")
         self.reference_train: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         self.reference_val: torch.Tensor | None = None
-        self.epoch = 0
-        self.cursor = 0
-        self._order = self._epoch_order(0)
 
     # ------------------------------------------------------------------------------ reference
 
@@ -527,20 +587,10 @@ class DpoStage:
 
     # ------------------------------------------------------------------------------ batches
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_pairs))
-
     def next_batch(self, num_sequences: int) -> Batch:
         """The next `num_sequences` pairs (2 x that many sequences)."""
         reference, _ = self._require_reference()
-        indices = []
-        for _ in range(num_sequences):
-            if self.cursor >= len(self._order):
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._epoch_order(self.epoch)
-            indices.append(int(self._order[self.cursor]))
-            self.cursor += 1
+        indices = self.order.take(num_sequences)
         ids, mask = pad_pairs([self.train_pairs[i] for i in indices], self.pad_id)
         index = torch.tensor(indices, dtype=torch.long)
         return {"ids": ids, "mask": mask, "pair_index": index, "reference": reference[index]}
@@ -614,34 +664,17 @@ class DpoStage:
     # ------------------------------------------------------------------------------ position
 
     def epochs_done(self) -> float:
-        return self.epoch + self.cursor / len(self._order)
+        return self.order.epochs_done()
 
     def sequences_per_epoch(self) -> int:
         """Pairs in one pass (the Trainer's batch sizes count pairs for this stage)."""
         return len(self.train_pairs)
 
     def data_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "pairs": len(self.train_pairs),
-            "fingerprint": self.fingerprint,
-        }
+        return self.order.state()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        saved_count = state.get("pairs")
-        saved_print = state.get("fingerprint")
-        if (saved_count is not None and int(saved_count) != len(self.train_pairs)) or (
-            saved_print is not None and saved_print != self.fingerprint
-        ):
-            raise UserError(
-                f"the DPO training data changed since the checkpoint ({saved_count} pairs then, "
-                f"{len(self.train_pairs)} now, or different pairs): resume with the same data "
-                "and context length, or start over with --overwrite"
-            )
-        self.epoch = int(state["epoch"])
-        self.cursor = int(state["cursor"])
-        self._order = self._epoch_order(self.epoch)
+        self.order.load_state(state)
 
     def before_step(self, model: torch.nn.Module, step: int) -> None:
         return None
