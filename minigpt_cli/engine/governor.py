@@ -294,6 +294,82 @@ def throttle_point() -> None:
         _active_throttle()
 
 
+def fractional_cpu_cap() -> float | None:
+    """The installed throttle's cap in cores when it is active (below all cores), else None."""
+    if _active_throttle is None or not _active_throttle.active:
+        return None
+    return _active_throttle.cap_cores
+
+
+def _child_entry(function: Callable[..., object], args: tuple, connection: object) -> None:
+    try:
+        result = ("ok", function(*args))
+    except Exception as error:  # noqa: BLE001 - handed back to the parent, which decides
+        result = ("error", f"{type(error).__name__}: {error}")
+    connection.send(result)  # type: ignore[attr-defined]
+    connection.close()  # type: ignore[attr-defined]
+
+
+def run_duty_cycled(
+    function: Callable[..., object],
+    args: tuple,
+    cap_cores: float,
+    on_tick: Callable[[float], None] | None = None,
+    tick_seconds: float = 1.0,
+) -> object:
+    """Run `function(*args)` in a child process held to `cap_cores` by stopping and continuing it.
+
+    For work that runs in C++ without coming back to Python (sentencepiece's trainer), there is no
+    place to sleep between units of work, so the parent measures the child's CPU time and pauses
+    the child (SIGSTOP/SIGCONT) for as long as the cap requires. Only the child is ever stopped:
+    stopping the verb's own process would hand the terminal back to the shell. `function` must be
+    importable (a module-level function); its result and arguments travel through a pipe. An
+    exception in the child comes back as RuntimeError("Type: message").
+    """
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")  # no copy of the parent's threads or torch
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_entry, args=(function, args, sender), daemon=True)
+    child.start()
+    sender.close()
+    watched = psutil.Process(child.pid)
+    started = time.monotonic()
+    last_tick = started
+    try:
+        while not receiver.poll(0.05):
+            if not child.is_alive():
+                raise RuntimeError(f"the worker process ended unexpectedly ({child.exitcode})")
+            try:
+                times = watched.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            owed = (times.user + times.system) / cap_cores - (time.monotonic() - started)
+            if owed > 0.01:
+                os.kill(child.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(owed)
+                finally:
+                    os.kill(child.pid, signal.SIGCONT)
+            now = time.monotonic()
+            if on_tick is not None and now - last_tick >= tick_seconds:
+                on_tick(now - started)
+                last_tick = now
+        status, value = receiver.recv()
+    finally:
+        if child.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGCONT)
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    if status == "error":
+        raise RuntimeError(str(value))
+    return value
+
+
 def cap_device_memory(device_type: str, cap_bytes: int, physical_bytes: int, percent: bool) -> str:
     """Bound PyTorch's allocator on CUDA/MPS by the same cap; returns what was set (or "").
 

@@ -635,6 +635,15 @@ def _translate_training_error(error: Exception, vocab_size: int) -> Exception:
     return RuntimeError(f"sentencepiece could not train the tokenizer: {message}")
 
 
+def _train_to_bytes(lines: list[str], options: dict[str, Any]) -> bytes:
+    """sentencepiece training into memory (module-level so a worker process can run it)."""
+    import io
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, **options)
+    return buffer.getvalue()
+
+
 def _train_model(
     lines: list[str],
     options: dict[str, Any],
@@ -642,23 +651,32 @@ def _train_model(
     stage: str,
     message: str,
 ) -> bytes:
-    """Run sentencepiece in a worker thread, heartbeating from this one.
+    """Run sentencepiece in a worker thread (a paused worker process under a fractional CPU cap),
+    heartbeating from this one.
 
     sentencepiece trains in C++ without returning to Python, so without the thread there would be
     no progress to show, and Ctrl-C would wait until training ends; here the main thread stays
     free to report elapsed time and to be interrupted (the daemon worker dies with the process).
     """
-    import io
+    from minigpt_cli.engine.governor import fractional_cpu_cap, run_duty_cycled
+
+    cap_cores = fractional_cpu_cap()
+    if cap_cores is not None:
+        # A fractional --max-cpu: the trainer runs in a child process the governor pauses.
+        def heartbeat(elapsed: float) -> None:
+            seconds = int(elapsed)
+            _progress(on_event, stage, "training", seconds, None, "s", f"{message} ({seconds}s)")
+
+        try:
+            return run_duty_cycled(_train_to_bytes, (lines, options), cap_cores, heartbeat)
+        except RuntimeError as error:
+            raise _translate_training_error(error, options["vocab_size"]) from None
 
     result: dict[str, Any] = {}
 
     def work() -> None:
-        buffer = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=buffer, **options
-            )
-            result["model"] = buffer.getvalue()
+            result["model"] = _train_to_bytes(lines, options)
         except Exception as error:  # handed to the main thread
             result["error"] = error
 
