@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minigpt_cli.engine import chat
 from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.trainer import Batch
+from minigpt_cli.engine.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -461,7 +461,27 @@ class PairOrder:
         self._order = self._epoch_order(self.epoch)
 
 
-class DpoStage:
+class PairStage(StageBase):
+    """What every stage over preference pairs shares: its position is a `PairOrder`."""
+
+    order: PairOrder
+    train_pairs: list[PreferencePair]
+
+    def epochs_done(self) -> float:
+        return self.order.epochs_done()
+
+    def sequences_per_epoch(self) -> int:
+        """Pairs in one pass (the Trainer's batch sizes count pairs for this stage)."""
+        return len(self.train_pairs)
+
+    def data_state(self) -> dict[str, Any]:
+        return self.order.state()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.order.load_state(state)
+
+
+class DpoStage(PairStage):
     """Batches of preference pairs; the DPO loss against reference log-probabilities cached once.
 
     Order: `PairOrder` (a per-epoch permutation, a pure function of (seed, epoch)), so
@@ -663,22 +683,6 @@ class DpoStage:
 
     # ------------------------------------------------------------------------------ position
 
-    def epochs_done(self) -> float:
-        return self.order.epochs_done()
-
-    def sequences_per_epoch(self) -> int:
-        """Pairs in one pass (the Trainer's batch sizes count pairs for this stage)."""
-        return len(self.train_pairs)
-
-    def data_state(self) -> dict[str, Any]:
-        return self.order.state()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.order.load_state(state)
-
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
     def extra_state(self) -> dict[str, Any]:
         """A summary of the cached reference, so a resume can tell it was recomputed faithfully."""
         if self.reference_train is None:
@@ -710,36 +714,17 @@ def run_dpo(
     The reference is the starting policy (the parent, adapters included), scored once before the
     Trainer restores any checkpoint, so only one model is ever in memory.
     """
-    from minigpt_cli.engine import lora as lora_lib
-    from minigpt_cli.engine.checkpoint import MODEL_FILE
-    from minigpt_cli.engine.device import (
-        apply_matmul_precision,
-        autocast_context,
-        resolve_device,
-        resolve_precision,
-    )
+    from minigpt_cli.engine.device import autocast_context
     from minigpt_cli.engine.pretrain import fit_memory
     from minigpt_cli.engine.sft import (
-        finish_lora_run,
+        finish_finetune,
         load_sft_records,
-        prepare_model,
+        start_finetune,
         trainable_parameters,
     )
-    from minigpt_cli.engine.trainer import Trainer
 
-    train = config.stage_train("dpo")
-    settings = config.dpo
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
-    apply_matmul_precision(precision)
-    model, tokenizer = prepare_model(
-        inputs.from_run, inputs.lora, config.lora, train.seed, on_event, "dpo"
-    )
-    if lora_lib.has_lora(model):
-        config.lora = lora_lib.lora_settings(model)
-        if spec.resume:  # a merged file from an earlier finish would shadow the newer adapter
-            (spec.run_dir / MODEL_FILE).unlink(missing_ok=True)
-    tokenizer.save(spec.run_dir)
+    setup = start_finetune(config, spec, inputs, "dpo", on_event)
+    train, tokenizer, settings = setup.train, setup.tokenizer, config.dpo
     train_records = load_dpo_records(inputs.data or None, "train", config)
     val_records = (
         load_dpo_records(inputs.val_data, "all", config)
@@ -756,11 +741,11 @@ def run_dpo(
     micro_batch, governor_messages = fit_memory(
         config,
         tokenizer.vocab_size,
-        precision.dtype_name,
+        setup.precision.dtype_name,
         16 * (train_stats.tokens + val_stats.tokens),
         on_event,
         stage="dpo",
-        trainable_params=trainable_parameters(model),
+        trainable_params=trainable_parameters(setup.model),
         sequences_per_example=2,
         # Batches are padded to their longest sequence, never to the context length.
         seq_len=max(
@@ -787,27 +772,10 @@ def run_dpo(
         exact_match_records=exact_match_records,
         exact_match_per_family=settings.exact_match_per_family,
     )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
-    model.to(device)
     stage.cache_reference(
-        model,
+        setup.model,
         batch_pairs=micro_batch,
-        autocast=lambda: autocast_context(precision, device),
+        autocast=lambda: autocast_context(setup.precision, setup.device),
         on_event=on_event,
     )
-    trainer = Trainer(
-        config,
-        stage,
-        model,
-        spec,
-        device=device,
-        precision=precision,
-        on_event=on_event,
-        vocab_size=tokenizer.vocab_size,
-        micro_batch_size=micro_batch,
-    )
-    summary = trainer.fit()
-    note = finish_lora_run(model, spec.run_dir, inputs.merge)
-    if note:
-        emit(on_event, "note", "dpo", message=note)
-    return summary
+    return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

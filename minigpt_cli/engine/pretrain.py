@@ -18,7 +18,7 @@ import torch
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.events import EventCallback, emit
 from minigpt_cli.engine.shards import is_shard_folder
-from minigpt_cli.engine.trainer import Batch, RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0
@@ -38,7 +38,7 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     return lengths
 
 
-class PretrainStage:
+class PretrainStage(StageBase):
     """Non-overlapping windows of the token stream, reshuffled every epoch from the seed."""
 
     name = "pretrain"
@@ -137,15 +137,6 @@ class PretrainStage:
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self._order = self._permutation(self.epoch)
-
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
 
 class TokenRange:

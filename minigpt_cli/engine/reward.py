@@ -41,6 +41,7 @@ from torch import nn
 
 from minigpt_cli.engine.dpo import (
     PairOrder,
+    PairStage,
     PairStats,
     PreferencePair,
     build_pairs,
@@ -226,7 +227,7 @@ def _lengths(pairs: Sequence[PreferencePair]) -> torch.Tensor:
     return torch.tensor(chosen + rejected, dtype=torch.long)
 
 
-class RewardStage:
+class RewardStage(PairStage):
     """Batches of preference pairs; the Bradley-Terry loss of the reward model's two scores.
 
     Order: `dpo.PairOrder` (a per-epoch permutation, a pure function of (seed, epoch)), so
@@ -341,28 +342,6 @@ class RewardStage:
         return {key: round(value, 5) for key, value in result.items()}
 
     # ------------------------------------------------------------------------------ position
-
-    def epochs_done(self) -> float:
-        return self.order.epochs_done()
-
-    def sequences_per_epoch(self) -> int:
-        """Pairs in one pass (the Trainer's batch sizes count pairs for this stage)."""
-        return len(self.train_pairs)
-
-    def data_state(self) -> dict[str, Any]:
-        return self.order.state()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.order.load_state(state)
-
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from minigpt_cli.engine import chat
 from minigpt_cli.engine.events import EventCallback, emit
 from minigpt_cli.engine.model import IGNORE_INDEX
-from minigpt_cli.engine.trainer import Batch
+from minigpt_cli.engine.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -414,7 +414,7 @@ def exact_match_by_family(
 # ----------------------------------------------------------------------------------------------
 
 
-class SftStage:
+class SftStage(StageBase):
     """Length-grouped batches of SFT examples; loss on trained tokens only.
 
     Batch order (a pure function of seed and epoch, so `data_state` = epoch + cursor replays it):
@@ -576,15 +576,6 @@ class SftStage:
         self.cursor = int(state["cursor"])
         self._order = self._epoch_order(self.epoch)
 
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
-
 
 # ----------------------------------------------------------------------------------------------
 # The run
@@ -661,29 +652,84 @@ def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str |
     return f"merged the adapter into {run_dir / MODEL_FILE}"
 
 
-def run_sft(
-    config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
-) -> dict[str, Any]:
-    """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
+@dataclass
+class FinetuneSetup:
+    """What every fine-tuning run starts from: its hyperparameters, device and starting policy."""
+
+    train: Any  # TrainConfig of the stage
+    device: torch.device
+    precision: Any
+    model: torch.nn.Module
+    tokenizer: Any
+
+
+def start_finetune(
+    config: Config,
+    spec: Any,
+    inputs: FinetuneInputs,
+    stage: str,
+    on_event: EventCallback | None,
+) -> FinetuneSetup:
+    """Device, precision and the starting policy on it, its tokenizer copied into the run."""
     from minigpt_cli.engine import lora as lora_lib
     from minigpt_cli.engine.checkpoint import MODEL_FILE
     from minigpt_cli.engine.device import apply_matmul_precision, resolve_device, resolve_precision
-    from minigpt_cli.engine.pretrain import fit_memory, token_byte_lengths
-    from minigpt_cli.engine.trainer import Trainer
 
-    train = config.stage_train("sft")
-    sft_settings = config.sft
+    train = config.stage_train(stage)
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
     apply_matmul_precision(precision)
     model, tokenizer = prepare_model(
-        inputs.from_run, inputs.lora, config.lora, train.seed, on_event, "sft"
+        inputs.from_run, inputs.lora, config.lora, train.seed, on_event, stage
     )
     if lora_lib.has_lora(model):
         config.lora = lora_lib.lora_settings(model)
         if spec.resume:  # a merged file from an earlier finish would shadow the newer adapter
             (spec.run_dir / MODEL_FILE).unlink(missing_ok=True)
     tokenizer.save(spec.run_dir)
+    model.to(device)
+    return FinetuneSetup(train, device, precision, model, tokenizer)
+
+
+def finish_finetune(
+    config: Config,
+    spec: Any,
+    inputs: FinetuneInputs,
+    setup: FinetuneSetup,
+    stage: Any,
+    micro_batch: int,
+    on_event: EventCallback | None,
+) -> dict[str, Any]:
+    """Train `stage` to the end with the one Trainer; with --merge, write the merged weights."""
+    from minigpt_cli.engine.trainer import Trainer
+
+    stage.eval_batch = min(stage.eval_batch, micro_batch)
+    trainer = Trainer(
+        config,
+        stage,
+        setup.model,
+        spec,
+        device=setup.device,
+        precision=setup.precision,
+        on_event=on_event,
+        vocab_size=setup.tokenizer.vocab_size,
+        micro_batch_size=micro_batch,
+    )
+    summary = trainer.fit()
+    note = finish_lora_run(setup.model, spec.run_dir, inputs.merge)
+    if note:
+        emit(on_event, "note", stage.name, message=note)
+    return summary
+
+
+def run_sft(
+    config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
+) -> dict[str, Any]:
+    """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
+    from minigpt_cli.engine.pretrain import fit_memory, token_byte_lengths
+
+    setup = start_finetune(config, spec, inputs, "sft", on_event)
+    train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft
     train_records = load_sft_records(inputs.data or None, "train", config)
     val_records = (
         load_sft_records(inputs.val_data, "all", config)
@@ -699,15 +745,14 @@ def run_sft(
     )
     emit(on_event, "note", "sft", message=f"training: {train_stats.describe()}")
     emit(on_event, "note", "sft", message=f"validation: {val_stats.describe()}")
-    data_bytes = 16 * (train_stats.tokens + val_stats.tokens)  # ids and targets, int64
     micro_batch, governor_messages = fit_memory(
         config,
         tokenizer.vocab_size,
-        precision.dtype_name,
-        data_bytes,
+        setup.precision.dtype_name,
+        16 * (train_stats.tokens + val_stats.tokens),  # ids and targets, int64
         on_event,
         stage="sft",
-        trainable_params=trainable_parameters(model),
+        trainable_params=trainable_parameters(setup.model),
         # Batches are padded to their longest example, never to the context length.
         seq_len=max(len(e) for e in [*train_examples, *val_examples]),
     )
@@ -725,21 +770,4 @@ def run_sft(
         exact_match_per_family=sft_settings.exact_match_per_family,
         token_bytes=token_byte_lengths(tokenizer),
     )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
-    model.to(device)
-    trainer = Trainer(
-        config,
-        stage,
-        model,
-        spec,
-        device=device,
-        precision=precision,
-        on_event=on_event,
-        vocab_size=tokenizer.vocab_size,
-        micro_batch_size=micro_batch,
-    )
-    summary = trainer.fit()
-    note = finish_lora_run(model, spec.run_dir, inputs.merge)
-    if note:
-        emit(on_event, "note", "sft", message=note)
-    return summary
+    return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

@@ -84,6 +84,20 @@ class Stage(Protocol):
         """Restore `extra_state`."""
 
 
+class StageBase:
+    """The Stage protocol's optional parts as no-ops, for stages without between-step work or
+    state beyond their data position (everything but RL)."""
+
+    def before_step(self, model: torch.nn.Module, step: int) -> None:
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved at `step`; the CLI prints how to resume."""
 
