@@ -15,6 +15,7 @@ import pytest
 
 from minigpt_cli.engine import governor as gov
 from minigpt_cli.engine.events import Event
+from tests import cpu_work
 from tests.conftest import TINY_SETS, set_args
 from tests.test_trainer import _train
 
@@ -322,28 +323,16 @@ def test_the_tokenizer_sample_shrinks_to_fit_beside_what_the_process_holds() -> 
     assert gov.tokenizer_training_chars(1_000_000, cap, cap) == 0
 
 
-def burn_cpu(seconds: float) -> str:
-    """Busy-loop for `seconds` of this process's CPU time (run in a child by the test below)."""
-    start = time.process_time()
-    while time.process_time() - start < seconds:
-        pass
-    return "done"
-
-
-def fail_loudly() -> None:
-    raise ValueError("Vocabulary size too high (9000). Please set it to a value <= 800.")
-
-
 def test_a_capped_child_process_is_paused_to_the_cap_and_returns_its_result() -> None:
     ticks: list[float] = []
     start = time.monotonic()
-    result = gov.run_duty_cycled(burn_cpu, (1.0,), cap_cores=0.5, on_tick=ticks.append)
+    result = gov.run_duty_cycled(cpu_work.burn_cpu, (1.0,), cap_cores=0.5, on_tick=ticks.append)
     wall = time.monotonic() - start
     assert result == "done"
     assert wall >= 1.0 / 0.5 * 0.9, f"1 CPU-second at half a core took only {wall:.2f} s"
     assert ticks, "progress ticks while the child works"
     with pytest.raises(RuntimeError, match="ValueError: Vocabulary size too high"):
-        gov.run_duty_cycled(fail_loudly, (), cap_cores=0.5)
+        gov.run_duty_cycled(cpu_work.fail_loudly, (), cap_cores=0.5)
 
 
 def test_tokenizer_training_under_a_fractional_cap_gives_the_same_tokenizer(tmp_path: Path) -> None:
