@@ -60,6 +60,7 @@ def _register_verbs() -> None:
         dpo_cmd,
         generate_cmd,
         pretrain_cmd,
+        rlhf_cmd,
         sft_cmd,
         tokenize_cmd,
     )
@@ -72,6 +73,7 @@ def _register_verbs() -> None:
         pretrain_cmd,
         sft_cmd,
         dpo_cmd,
+        rlhf_cmd,
         generate_cmd,
     )
     for module in verbs:

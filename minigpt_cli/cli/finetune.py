@@ -94,11 +94,14 @@ def run_finetune(
     resume: bool,
     overwrite: bool,
     sets: list[str] | None,
+    run_name: str | None = None,
+    extra_inputs: dict[str, Any] | None = None,
 ) -> None:
-    """The body of `sft`/`dpo`: resolve parent and config, validate data, train with progress.
+    """The body of `sft`/`dpo`/`rlhf`: resolve parent and config, validate data, train.
 
     `flags` are the verb's stage and resource flags (None = not given); `engine(config, spec,
-    inputs, on_event)` trains.
+    inputs, on_event)` trains. `run_name` names the default run directory (`runs/<name>-<preset>`,
+    default the stage); `extra_inputs` are further `FinetuneInputs` fields.
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
@@ -108,9 +111,10 @@ def run_finetune(
 
     if merge and not lora and not resume:
         raise UserError("--merge folds a LoRA adapter into the weights: use it with --lora")
-    parent = check_parent(from_run or resumed_parent(out, stage, preset, resume), stage)
+    name = run_name or stage
+    parent = check_parent(from_run or resumed_parent(out, name, preset, resume), stage)
     preset = preset or parent_preset(parent)
-    run_dir = out or common.default_run_dir(stage, preset)
+    run_dir = out or common.default_run_dir(name, preset)
     overrides = common.stage_overrides(stage, **flags)
     overrides.update({f"lora.{k}": v for k, v in lora_options.items() if v is not None})
     run = training.prepare(
@@ -124,6 +128,11 @@ def run_finetune(
         overwrite=overwrite,
     )
     config, sources = run.config, run.saved_sources
+    extra = dict(extra_inputs or {})
+    for key, value in extra.items():  # on --resume, what the run was started with
+        saved = sources.get(key)
+        if not value and saved:
+            extra[key] = [Path(p) for p in saved] if isinstance(saved, list) else Path(saved)
     if not resume:
         parent_config = read_run_config(parent)
         config.model = parent_config.model
@@ -134,6 +143,7 @@ def run_finetune(
         val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
         lora=lora or bool(sources.get("lora")),
         merge=merge or bool(sources.get("merge")),
+        **extra,
     )
     for paths in (inputs.data, inputs.val_data):
         if paths:
@@ -150,6 +160,11 @@ def run_finetune(
             "preset": preset or "tiny",
             "lora": inputs.lora,
             "merge": inputs.merge,
+            **{
+                key: [str(p) for p in value] if isinstance(value, list) else str(value)
+                for key, value in extra.items()
+                if value
+            },
         },
     )
     training.execute(

@@ -259,6 +259,57 @@ class DpoConfig(StageTrainConfig):
     )
 
 
+class RewardConfig(StageTrainConfig):
+    """[reward]: the reward model `minigpt rlhf` trains first (Bradley-Terry on preference pairs).
+
+    Its run directory is the RLHF run's `reward/`; these keys override [train] for it.
+    """
+
+    learning_rate: float | None = Field(3e-4, gt=0, lt=1)
+    min_lr: float | None = Field(3e-5, ge=0)
+    warmup_steps: int | None = Field(10, ge=0)
+    max_steps: int | None = Field(150, ge=1)
+    eval_every: int | None = Field(50, ge=1)
+    save_every: int | None = Field(50, ge=1)
+
+
+class RlhfConfig(StageTrainConfig):
+    """[rlhf]: PPO or GRPO against a reward. Lengths and cadences (max_steps, eval_every,
+    save_every, log_every) count iterations: one rollout and its optimizer steps."""
+
+    learning_rate: float | None = Field(1e-4, gt=0, lt=1)
+    min_lr: float | None = Field(1e-4, ge=0)
+    warmup_steps: int | None = Field(0, ge=0)
+    max_steps: int | None = Field(30, ge=1)
+    micro_batch_size: int | None = Field(16, ge=1)
+    global_batch_size: int | None = Field(16, ge=1)
+    eval_every: int | None = Field(10, ge=1)
+    save_every: int | None = Field(5, ge=1)
+    log_every: int | None = Field(1, ge=1)
+    algo: Literal["ppo", "grpo"] = "ppo"
+    reward: Literal["model", "rule", "both"] = "model"
+    rollout_batch_size: int = Field(16, ge=1, description="prompts sampled per iteration")
+    num_generations: int = Field(4, ge=2, description="GRPO: responses per prompt (a group)")
+    ppo_epochs: int = Field(2, ge=1, description="passes over each iteration's rollouts")
+    max_new_tokens: int = Field(24, ge=1, description="longest response sampled")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the reference")
+    target_kl: float | None = Field(
+        None, gt=0, description="adapt kl_coef towards this KL per response (None = fixed)"
+    )
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL: responses to adapt over")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO/GRPO ratio clip")
+    value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    reward_clip: float | None = Field(
+        5.0, gt=0, description="PPO: normalised rewards clipped to +-this (None = no clip)"
+    )
+    samples_every: int = Field(5, ge=0, description="show a sample every N iterations; 0 = never")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts answered at evaluation")
+
+
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Linear layers LoRA can adapt, by their HF names (also PEFT's `target_modules`)."""
 
@@ -356,6 +407,8 @@ class Config(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rlhf: RlhfConfig = Field(default_factory=RlhfConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -591,6 +591,8 @@ class FinetuneInputs:
     val_data: list[Path]
     lora: bool = False
     merge: bool = False
+    preference_data: list[Path] = field(default_factory=list)  # rlhf: the reward model's pairs
+    reward_model: Path | None = None  # rlhf: a reward run to reuse instead of training one
 
 
 def prepare_model(
@@ -716,7 +718,7 @@ def finish_finetune(
         micro_batch_size=micro_batch,
     )
     summary = trainer.fit()
-    note = finish_lora_run(setup.model, spec.run_dir, inputs.merge)
+    note = finish_lora_run(getattr(setup.model, "policy", setup.model), spec.run_dir, inputs.merge)
     if note:
         emit(on_event, "note", stage.name, message=note)
     return summary

@@ -319,8 +319,14 @@ class Trainer:
         return folder
 
     def _weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        """The model's trained weights: the whole model, or only the adapters of a LoRA run."""
+        """The model's trained weights: the whole model, or only the adapters of a LoRA run.
+
+        A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
+        """
         from minigpt_cli.engine import lora
+
+        if hasattr(self.model, "weight_files"):
+            return self.model.weight_files()
 
         if lora.has_lora(self.model):
             settings = lora.lora_settings(self.model)
@@ -372,6 +378,10 @@ class Trainer:
     def _load_weights(self, point: Path) -> None:
         from minigpt_cli.engine import lora
 
+        if hasattr(self.model, "load_weight_files"):
+            self.model.load_weight_files(point)
+            return
+
         if lora.has_lora(self.model):
             adapter = point / lora.ADAPTER_FILE
             lora.load_adapter_state_dict(self.model, ckpt.load_tensors(adapter), adapter)
@@ -413,7 +423,12 @@ class Trainer:
             self.stage, "seq_len", 1
         )
         tokens_per_step = max(1, round(sequences_per_step * per_sequence))
-        self.total_steps = plan_steps(self.train, tokens_per_step, sequences_per_step, self.stage)
+        # An RL stage runs several optimizer steps per iteration; its lengths and cadences count
+        # iterations (its config says "100 iterations", not "100 x steps_per_iteration steps").
+        unit = self._unit = int(getattr(self.stage, "steps_per_iteration", 1))
+        self.total_steps = unit * plan_steps(
+            self.train, tokens_per_step * unit, sequences_per_step * unit, self.stage
+        )
         self._resumed_from: Path | None = None
         if self.spec.resume:
             self._restore()
@@ -486,7 +501,7 @@ class Trainer:
                     window_metrics.setdefault(key, []).append(value)
                 elapsed = self.elapsed_before + time.perf_counter() - self._start
                 stop = self._stop_reason(elapsed, max_seconds)
-                if self.step % self.train.log_every == 0 or stop:
+                if self.step % (self.train.log_every * unit) == 0 or stop:
                     last_rate = window_tokens / max(window_time, 1e-9)
                     averaged = {k: float(np.mean(v)) for k, v in window_metrics.items()}
                     rss_mb = tree_rss_bytes() / 2**20
@@ -514,12 +529,12 @@ class Trainer:
                     window_tokens, window_time, window_metrics = 0, 0.0, {}
                 # After the step's row (which shows the settings it ran with), before any save.
                 self._govern_memory()
-                if self.step % self.train.eval_every == 0 or stop:
+                if self.step % (self.train.eval_every * unit) == 0 or stop:
                     self._evaluate()
                 if stop:
                     self.finished = True
                     self.stop_reason = stop
-                if self.step % self.train.save_every == 0 or stop:
+                if self.step % (self.train.save_every * unit) == 0 or stop:
                     self.save(self.stage.data_state(), _rng_state())
                 if stop:
                     break
@@ -579,6 +594,8 @@ class Trainer:
     def _stop_reason(self, elapsed: float, max_seconds: float | None) -> str:
         if self.step >= self.total_steps:
             return "max_steps"
+        if self.step % self._unit:
+            return ""  # other limits end a run only between iterations
         if self.train.max_tokens is not None and self.tokens >= self.train.max_tokens:
             return "max_tokens"
         if self.train.epochs is not None and self.stage.epochs_done() >= self.train.epochs:

@@ -1,0 +1,176 @@
+"""`minigpt rlhf`: a reward model trained here, then PPO or GRPO against it (or a rule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from minigpt_cli.cli import common, finetune
+from minigpt_cli.errors import UserError
+
+ALGOS = ("ppo", "grpo")
+REWARDS = ("model", "rule", "both")
+
+
+AlgoOpt = Annotated[str | None, typer.Option("--algo", help="ppo (default) or grpo.")]
+RewardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reward",
+        help="model (a reward model trained here, default), rule (exact answers) or both.",
+    ),
+]
+RewardModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--reward-model", metavar="DIR", help="Reuse this reward run instead of training."
+    ),
+]
+PreferenceDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--preference-data",
+        metavar="PATH",
+        help="Pairs {prompt, chosen, rejected} for the reward model (default: built-in).",
+    ),
+]
+KlCoefOpt = Annotated[
+    float | None, typer.Option("--kl-coef", help="KL penalty weight (default 0.05).")
+]
+TargetKlOpt = Annotated[
+    float | None, typer.Option("--target-kl", help="Adapt --kl-coef towards this KL.")
+]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="GAE discount (default 1).")]
+LamOpt = Annotated[float | None, typer.Option("--lam", help="GAE lambda (default 0.95).")]
+ClipOpt = Annotated[float | None, typer.Option("--clip-eps", help="Ratio clip (default 0.2).")]
+PpoEpochsOpt = Annotated[
+    int | None, typer.Option("--ppo-epochs", min=1, help="Passes over each rollout (default 2).")
+]
+RolloutOpt = Annotated[
+    int | None,
+    typer.Option("--rollout-batch-size", min=1, help="Prompts per iteration (default 16)."),
+]
+NewTokensOpt = Annotated[
+    int | None,
+    typer.Option("--max-new-tokens", min=1, help="Longest sampled response (default 24)."),
+]
+TemperatureOpt = Annotated[
+    float | None, typer.Option("--temperature", help="Rollout temperature (default 1).")
+]
+GenerationsOpt = Annotated[
+    int | None,
+    typer.Option("--num-generations", help="GRPO: responses per prompt, at least 2 (default 4)."),
+]
+
+
+def rlhf(
+    from_run: finetune.FromOpt = None,
+    algo: AlgoOpt = None,
+    reward: RewardOpt = None,
+    reward_model: RewardModelOpt = None,
+    preference_data: PreferenceDataOpt = None,
+    preset: common.PresetOpt = None,
+    config_file: common.ConfigOpt = None,
+    data: common.DataOpt = None,
+    val_data: common.ValDataOpt = None,
+    out: common.OutOpt = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="PPO/GRPO iterations (default 30).")
+    ] = None,
+    max_time: common.MaxTimeOpt = None,
+    max_memory: common.MaxMemoryOpt = None,
+    max_cpu: common.MaxCpuOpt = None,
+    threads: common.ThreadsOpt = None,
+    nice: common.NiceOpt = None,
+    resume: common.ResumeOpt = False,
+    overwrite: common.OverwriteOpt = False,
+    seed: common.SeedOpt = None,
+    precision: common.PrecisionOpt = None,
+    device: common.DeviceOpt = None,
+    kl_coef: KlCoefOpt = None,
+    target_kl: TargetKlOpt = None,
+    gamma: GammaOpt = None,
+    lam: LamOpt = None,
+    clip_eps: ClipOpt = None,
+    ppo_epochs: PpoEpochsOpt = None,
+    rollout_batch_size: RolloutOpt = None,
+    max_new_tokens: NewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    num_generations: GenerationsOpt = None,
+    lora: finetune.LoraOpt = False,
+    merge: finetune.MergeOpt = False,
+    sets: common.SetOpt = None,
+) -> None:
+    """Reinforcement learning from feedback: PPO (or GRPO) against a reward, with a KL leash.
+
+    With --reward model (default) a reward model is first trained here on preference pairs
+    (Bradley-Terry) into the run's reward/ folder; rule scores exact answers of prompts that have
+    one. Prompts: {"prompt", "answer"?} JSONL; with no --data, the built-in prompts.
+    """
+    from minigpt_cli.engine.rlhf import run_rlhf
+
+    if algo is not None and algo not in ALGOS:
+        raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    if reward is not None and reward not in REWARDS:
+        raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    name = f"rlhf-{algo or _saved_algo(out, resume) or 'ppo'}"
+    finetune.run_finetune(
+        "rlhf",
+        run_rlhf,
+        from_run=from_run,
+        preset=preset,
+        config_file=config_file,
+        data=data,
+        val_data=val_data,
+        out=out,
+        flags={
+            "max_steps": max_steps,
+            "max_time": max_time,
+            "seed": seed,
+            "precision": precision,
+            "device": device,
+            "algo": algo,
+            "reward": reward,
+            "kl_coef": kl_coef,
+            "target_kl": target_kl,
+            "gamma": gamma,
+            "lam": lam,
+            "clip_eps": clip_eps,
+            "ppo_epochs": ppo_epochs,
+            "rollout_batch_size": rollout_batch_size,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "num_generations": num_generations,
+            "max_memory": max_memory,
+            "max_cpu": max_cpu,
+            "threads": threads,
+            "nice": nice,
+        },
+        lora=lora,
+        lora_options={},
+        merge=merge,
+        resume=resume,
+        overwrite=overwrite,
+        sets=sets,
+        run_name=name,
+        extra_inputs={
+            "preference_data": list(preference_data or []),
+            "reward_model": reward_model,
+        },
+    )
+
+
+def _saved_algo(out: Path | None, resume: bool) -> str | None:
+    """On --resume --out DIR without --algo: the algorithm the run's config names."""
+    if not (resume and out is not None and (out / "config.toml").is_file()):
+        return None
+    from minigpt_cli.config.loader import read_run_config
+
+    return read_run_config(out).rlhf.algo
+
+
+def register(app: typer.Typer) -> None:
+    """Add `rlhf` to the CLI."""
+    app.command("rlhf")(rlhf)
