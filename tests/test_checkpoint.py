@@ -135,3 +135,20 @@ def test_optimizer_state_round_trips_by_parameter_name(tmp_path: Path) -> None:
     for before, after in zip(optimizer.state.values(), fresh.state.values(), strict=True):
         assert torch.equal(before["exp_avg_sq"], after["exp_avg_sq"])
     assert fresh.param_groups[0]["lr"] == 0.1
+
+
+def test_a_header_whose_length_starts_with_the_pickle_byte_still_loads(tmp_path: Path) -> None:
+    """A safetensors header of 128 + 256k bytes begins with 0x80, pickle's first byte."""
+    import struct
+
+    from minigpt_cli.engine.checkpoint import load_tensors, save_tensors
+
+    for pad in range(0, 300):
+        path = tmp_path / "t.safetensors"
+        save_tensors(path, {"w": torch.zeros(2)}, {"note": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no metadata length gave a header starting with 0x80")
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert load_tensors(path)["w"].equal(torch.zeros(2))

@@ -82,24 +82,25 @@ def test_positions_beyond_context_are_refused() -> None:
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
 
 
-def test_stacked_weight_cache_follows_weight_changes() -> None:
-    """Decoding reuses stacked q/k/v and gate/up weights; an in-place edit must invalidate them."""
-    model = make_model().eval()
+def test_stacked_weights_never_outlive_a_decoding_call() -> None:
+    """Decoding stacks q/k/v and gate/up weights once per call; an optimizer step between two
+    calls (fused AdamW changes weights without bumping version counters) must be seen."""
+    from minigpt_cli.engine.model import reuse_stacked_weights
+
+    torch.manual_seed(0)
+    model = make_model()
     ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_stacked_weights():
         before = model(ids)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
-        model.model.layers[1].mlp.up_proj.weight.add_(0.5)
-    with torch.inference_mode():
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(ids).float().pow(2).mean().backward()
+    optimizer.step()
+    with torch.inference_mode(), reuse_stacked_weights():
         after = model(ids)
-    model.train()
-    expected = model(ids).detach()  # the training path concatenates afresh
+    with torch.no_grad():
+        expected = model(ids)  # the training path concatenates afresh
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------ layout
 
 
 def test_hugging_face_tensor_names_and_shapes() -> None:

@@ -51,7 +51,16 @@ def _read_header(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
-            if prefix[:1] == b"\x80" or prefix[:2] == b"PK":
+            opening = handle.read(1)
+            handle.seek(8)
+            # A safetensors file is an 8-byte header length and a JSON object; its first byte can
+            # be 0x80 (a header of 128 + 256k bytes), so recognise it before looking for pickles.
+            looks_like_safetensors = (
+                len(prefix) == 8
+                and opening == b"{"
+                and 0 < struct.unpack("<Q", prefix)[0] <= size - 8
+            )
+            if not looks_like_safetensors and (prefix[:1] == b"\x80" or prefix[:2] == b"PK"):
                 raise UserError(
                     f"{path}: this is a pickle/zip (torch.save) file, not safetensors; minigpt "
                     "never unpickles files because loading them can run arbitrary code"

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.engine.governor import throttle_point
+from minigpt_cli.engine.model import reuse_stacked_weights
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -337,6 +338,7 @@ def _slide(model: GPT, cache: KVCache, history: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@reuse_stacked_weights()
 def generate_batch(
     model: GPT,
     prompt_ids: Sequence[int],
@@ -484,6 +486,7 @@ def _length_normalised(score: float, length: int, length_penalty: float) -> floa
 
 
 @torch.inference_mode()
+@reuse_stacked_weights()
 def beam_search(
     model: GPT,
     prompt_ids: Sequence[int],

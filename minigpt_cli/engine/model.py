@@ -21,8 +21,10 @@ Why these choices:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -133,24 +135,40 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.to(normed.dtype)).to(x.dtype)
 
 
+_STACKED_WEIGHTS: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "stacked_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def reuse_stacked_weights() -> Iterator[None]:
+    """Within this block (one decoding call) stacked q/k/v and gate/up weights are built once.
+
+    Decoding calls the model once per token; re-stacking the projections each time would cost as
+    much as the matmul it saves. The stacked copies live only as long as the block: weights can
+    change between two calls without any trace the cache could check (fused AdamW updates
+    parameters in place without bumping their version counters), so nothing survives a call.
+    """
+    token = _STACKED_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _STACKED_WEIGHTS.reset(token)
+
+
 def _concat_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
     """The weights of several projections stacked for one matmul.
 
-    While training this is a cheap concatenation that autograd differentiates through. Under
-    `torch.inference_mode` (decoding) the stacked copy is cached on `owner` and reused until a
-    weight changes (identity, storage or in-place version), because re-stacking every token would
-    cost as much as the matmul it saves. Plain `no_grad` (the Trainer's evaluation) does not cache,
-    so training never carries a second copy of these weights.
+    While training this is a cheap concatenation that autograd differentiates through; inside
+    `reuse_stacked_weights` (decoding, no gradients) the stacked copy is made once per call.
     """
     weights = [linear.weight for linear in linears]
-    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+    cache = _STACKED_WEIGHTS.get()
+    if cache is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return torch.cat(weights)
-    key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-    cached = owner.__dict__.get("_stacked_weight")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    stacked = torch.cat(weights)
-    owner.__dict__["_stacked_weight"] = (key, stacked)
+    stacked = cache.get(id(owner))
+    if stacked is None:
+        stacked = cache[id(owner)] = torch.cat(weights)
     return stacked
 
 

@@ -33,7 +33,7 @@ import torch
 
 from minigpt_cli.engine import chat
 from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.model import IGNORE_INDEX
+from minigpt_cli.engine.model import IGNORE_INDEX, reuse_stacked_weights
 from minigpt_cli.engine.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
@@ -278,6 +278,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
+@reuse_stacked_weights()
 def greedy_complete(
     model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]
 ) -> list[list[int]]:
