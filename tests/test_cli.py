@@ -26,10 +26,20 @@ def test_importing_the_cli_pulls_in_no_heavy_library() -> None:
 def test_version_and_help_list_the_verbs() -> None:
     assert run_cli("--version").stdout.strip() == f"minigpt {__version__}"
     help_text = run_cli("--help").stdout
-    for verb in ("doctor", "pretrain", "sft", "generate", "config", "data", "tokenize"):
+    for verb in (
+        "doctor",
+        "pretrain",
+        "sft",
+        "dpo",
+        "rlhf",
+        "generate",
+        "config",
+        "data",
+        "tokenize",
+    ):
         assert verb in help_text
     # Verbs of later issues are not registered until they work.
-    for verb in ("rlhf", "chat", "quickstart"):
+    for verb in ("eval", "chat", "quickstart"):
         assert f"\n  {verb} " not in help_text
 
 
