@@ -131,6 +131,7 @@ def test_ppo_run_contract_and_exact_resume_after_a_kill(tiny_sft_run: Path, tmp_
     assert {"reward_mean", "kl", "entropy", "value_loss", "clip_frac", "response_len"} <= train[
         0
     ].keys()
+    assert rows(straight, "eval")[0]["step"] == 0  # the baseline before any update
     final = rows(straight, "eval")[-1]
     assert {"reward_mean", "response_len", "distinct_2", "exact_match/addition"} <= final.keys()
     assert (straight / "value_head.safetensors").exists()

@@ -293,6 +293,7 @@ class RlStage:
     """PPO or GRPO iterations as Trainer steps (see the module docstring)."""
 
     name = "rlhf"
+    evaluate_at_start = True  # held-out scores before any update: the "before" of every figure
 
     def __init__(
         self,

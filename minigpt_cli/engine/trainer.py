@@ -474,6 +474,8 @@ class Trainer:
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
         )
+        if getattr(self.stage, "evaluate_at_start", False) and self.step == 0:
+            self._evaluate()  # the baseline a stage's gains are read against (RL's "before")
         window_tokens, window_time, window_metrics = 0, 0.0, {}
         last_rate = 0.0
         data_state, rng = self.stage.data_state(), _rng_state()
