@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from minigpt_cli.config.loader import dump_config, load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine import chat, dpo
-from minigpt_cli.engine.data import builtin_records
+from minigpt_cli.engine.data import builtin_records, split_records
 from minigpt_cli.engine.device import resolve_precision
 from minigpt_cli.engine.model import GPT
 from minigpt_cli.engine.trainer import RunSpec, Trainer, seed_everything
@@ -248,12 +248,12 @@ def test_prompt_truncation_drops_the_oldest_exchange_first_and_keeps_the_system_
 
 def test_split_pairs_holds_out_a_fixed_random_share() -> None:
     records = [pair(f"q{i}", "a", "b") for i in range(40)]
-    train, val = dpo.split_pairs(records, 0.1)
+    train, val = split_records(records, 0.1, "dpo")
     assert len(val) == 4 and len(train) == 36
-    assert dpo.split_pairs(records, 0.1) == (train, val)
+    assert split_records(records, 0.1, "dpo") == (train, val)
     assert [r["prompt_messages"][0]["content"] for r in val] != ["q36", "q37", "q38", "q39"]
     with pytest.raises(UserError, match="at least 2"):
-        dpo.split_pairs(records[:1], 0.1)
+        split_records(records[:1], 0.1, "dpo")
 
 
 # ------------------------------------------------------------------------------------ the stage

@@ -266,9 +266,9 @@ TRAINER_SETS = [
     "model.n_layer=2",
     "model.n_head=2",
     f"model.context_length={CONTEXT}",
-    "train.warmup_steps=0",
-    "train.eval_every=1000",
-    "train.save_every=1000",
+    "reward.warmup_steps=0",
+    "reward.eval_every=1000",
+    "reward.save_every=1000",
     "train.log_every=1",
     "log.plot=false",
 ]
@@ -299,9 +299,9 @@ def test_training_raises_preference_accuracy_above_chance(tmp_path: Path) -> Non
     sets = [
         "train.micro_batch_size=8",
         "train.global_batch_size=8",
-        "train.max_steps=30",
-        "train.learning_rate=1e-2",
-        "train.min_lr=1e-3",
+        "reward.max_steps=30",
+        "reward.learning_rate=1e-2",
+        "reward.min_lr=1e-3",
     ]
     rows = train_reward(tmp_path, model, stage, sets, TOK.vocab_size)
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -344,7 +344,7 @@ def test_a_reward_run_directory_loads_back_and_a_language_model_is_refused(
         "model.tie_embeddings=false",
         "train.micro_batch_size=4",
         "train.global_batch_size=4",
-        "train.max_steps=2",
+        "reward.max_steps=2",
     ]
     train_reward(run_dir, model, stage, sets, sp_tokenizer.vocab_size)
     sp_tokenizer.save(run_dir)

@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
     from minigpt_cli.engine.sft import FinetuneInputs
 
-BUILTIN_DATA_SEED = 0
-VAL_SPLIT_SEED = 0  # the held-out share of --data files: the same whatever the training seed
 
 # Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
 # loss: large enough for efficient matmuls, small enough that a long batch never holds
@@ -64,42 +62,11 @@ _REFERENCE_TOLERANCE = 1e-3
 
 
 def load_dpo_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
-    """Preference records `{"prompt_messages", "chosen", "rejected", "task"}` of `split`.
+    """Preference records `{"prompt_messages", "chosen", "rejected", "task"}` of `split` (see
+    `data.stage_records`)."""
+    from minigpt_cli.engine.data import stage_records
 
-    `split` is "train", "val" or "all". No paths: the built-in pairs (`[data] builtin_size`
-    training pairs; their val split is held out by construction). With paths: "train"/"val" split
-    the files' pairs with `[data] val_fraction` by a fixed-seed shuffle, "all" returns everything
-    (what `--val-data` files are).
-    """
-    from minigpt_cli.engine.data import builtin_records, read_records
-
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-    if not paths:
-        builtin_split = "train" if split == "all" else split
-        return builtin_records("dpo", builtin_split, config.data.builtin_size, BUILTIN_DATA_SEED)
-    records = read_records(list(paths), "dpo")
-    if split == "all":
-        return records
-    train, val = split_pairs(records, config.data.val_fraction)
-    return train if split == "train" else val
-
-
-def split_pairs(records: Sequence[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, val): a fixed-seed random `val_fraction` (at least one pair) held out, order kept.
-
-    Random rather than the tail, because a file sorted by topic would otherwise hold out one topic.
-    """
-    if len(records) < 2:
-        raise UserError(
-            f"only {len(records)} preference pair: need at least 2 to hold one out for "
-            "validation (add data or pass --val-data)"
-        )
-    held = max(1, round(len(records) * val_fraction))
-    picked = set(np.random.default_rng(VAL_SPLIT_SEED).permutation(len(records))[:held].tolist())
-    train = [r for i, r in enumerate(records) if i not in picked]
-    val = [r for i, r in enumerate(records) if i in picked]
-    return train, val
+    return stage_records("dpo", paths, split, config.data.builtin_size, config.data.val_fraction)
 
 
 @dataclass(frozen=True)
@@ -667,18 +634,14 @@ class DpoStage(PairStage):
         return result
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        metrics = self.preference_eval(model)
-        if self.exact_match_records and self.exact_match_per_family > 0 and self.tokenizer:
-            from minigpt_cli.engine.sft import exact_match_by_family
+        from minigpt_cli.engine.sft import held_out_exact_match
 
-            metrics.update(
-                exact_match_by_family(
-                    model,
-                    self.tokenizer,
-                    self.exact_match_records,
-                    per_family=self.exact_match_per_family,
-                )
+        metrics = self.preference_eval(model)
+        metrics.update(
+            held_out_exact_match(
+                model, self.tokenizer, self.exact_match_records, self.exact_match_per_family
             )
+        )
         return metrics
 
     # ------------------------------------------------------------------------------ position

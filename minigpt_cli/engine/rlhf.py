@@ -637,18 +637,10 @@ REWARD_DIR = "reward"
 
 
 def load_rlhf_records(paths: Sequence[Any] | None, split: str, config: Any) -> list[dict]:
-    """Prompts `{"prompt_messages", "answer", "task"}` of `split` (built-in ones by default)."""
-    from minigpt_cli.engine.data import builtin_records, read_records
-    from minigpt_cli.engine.sft import BUILTIN_DATA_SEED, split_records
+    """Prompts `{"prompt_messages", "answer", "task"}` of `split` (see `data.stage_records`)."""
+    from minigpt_cli.engine.data import stage_records
 
-    if not paths:
-        builtin_split = "train" if split == "all" else split
-        return builtin_records("rlhf", builtin_split, config.data.builtin_size, BUILTIN_DATA_SEED)
-    records = read_records(list(paths), "rlhf")
-    if split == "all":
-        return records
-    train, val = split_records(records, config.data.val_fraction)
-    return train if split == "train" else val
+    return stage_records("rlhf", paths, split, config.data.builtin_size, config.data.val_fraction)
 
 
 def train_reward_model(

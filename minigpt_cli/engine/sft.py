@@ -40,8 +40,6 @@ from minigpt_cli.errors import UserError
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
 
-BUILTIN_DATA_SEED = 0
-VAL_SPLIT_SEED = 0  # the held-out share of --data files: the same whatever the training seed
 GROUPS_PER_WINDOW = 16  # length sorting happens within windows of this many micro-batches
 EXACT_MATCH_MARGIN = 8  # new tokens allowed beyond the longest reference answer (+ end of turn)
 EXACT_MATCH_BATCH = 32  # held-out prompts decoded together
@@ -53,40 +51,10 @@ EXACT_MATCH_BATCH = 32  # held-out prompts decoded together
 
 
 def load_sft_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
-    """SFT records `{"messages", "task"}` of `split` ("train", "val" or "all").
+    """SFT records `{"messages", "task"}` of `split` (see `data.stage_records`)."""
+    from minigpt_cli.engine.data import stage_records
 
-    No paths: the built-in instruction data (`[data] builtin_size` training records; its val split
-    is held out by construction). With paths: the files' records; "train"/"val" split them with
-    `[data] val_fraction` by a fixed-seed shuffle (not the tail, which in a file sorted by topic
-    would be one topic), and "all" returns everything (what `--val-data` files are).
-    """
-    from minigpt_cli.engine.data import builtin_records, read_records
-
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-    if not paths:
-        builtin_split = "train" if split == "all" else split
-        return builtin_records("sft", builtin_split, config.data.builtin_size, BUILTIN_DATA_SEED)
-    records = read_records(list(paths), "sft")
-    if split == "all":
-        return records
-    train, val = split_records(records, config.data.val_fraction)
-    return train if split == "train" else val
-
-
-def split_records(records: Sequence[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, val): a fixed-seed random `val_fraction` (at least one record) held out; the
-    records keep their order within each part."""
-    if len(records) < 2:
-        raise UserError(
-            f"only {len(records)} SFT record: need at least 2 to hold one out for validation "
-            "(add data or pass --val-data)"
-        )
-    held = max(1, round(len(records) * val_fraction))
-    chosen = set(np.random.default_rng(VAL_SPLIT_SEED).permutation(len(records))[:held].tolist())
-    train = [r for i, r in enumerate(records) if i not in chosen]
-    val = [r for i, r in enumerate(records) if i in chosen]
-    return train, val
+    return stage_records("sft", paths, split, config.data.builtin_size, config.data.val_fraction)
 
 
 @dataclass(frozen=True)
@@ -410,6 +378,16 @@ def exact_match_by_family(
     return summarise_exact_match(results)
 
 
+def held_out_exact_match(
+    model: Any, tokenizer: Any, records: Sequence[dict], per_family: int
+) -> dict[str, float]:
+    """A stage's exact-match evaluation, or nothing when it has no records or it is switched off
+    (`exact_match_per_family = 0`)."""
+    if not records or per_family <= 0 or tokenizer is None:
+        return {}
+    return exact_match_by_family(model, tokenizer, records, per_family=per_family)
+
+
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
@@ -537,15 +515,11 @@ class SftStage(StageBase):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         metrics = self.validation_loss(model)
-        if self.exact_match_records and self.exact_match_per_family > 0 and self.tokenizer:
-            metrics.update(
-                exact_match_by_family(
-                    model,
-                    self.tokenizer,
-                    self.exact_match_records,
-                    per_family=self.exact_match_per_family,
-                )
+        metrics.update(
+            held_out_exact_match(
+                model, self.tokenizer, self.exact_match_records, self.exact_match_per_family
             )
+        )
         return metrics
 
     # ------------------------------------------------------------------------------ position
