@@ -243,6 +243,47 @@ def test_facts_and_translation_val_phrasings_are_unseen(kind: str, pretrain_text
             assert _user_text(kind, record) not in pretrain_text
 
 
+@pytest.fixture(scope="module")
+def training_characters(pretrain_default: tuple[list[dict], float]) -> set[str]:
+    """Every character any training text holds, all kinds together: what a tokenizer learns from."""
+    texts = [doc["text"] for doc in pretrain_default[0]]
+    for kind in ("sft", "dpo", "rlhf"):
+        for record in builtin.records(kind, "train"):
+            for value in record.values():
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):  # sft history: [[user, assistant], ...]
+                    texts.extend(text for turn in value for text in turn)
+    return set("".join(texts))
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
+def test_held_out_phrasings_use_only_characters_seen_in_training(
+    kind: str, training_characters: set[str]
+) -> None:
+    # A character no training text holds is a byte-fallback token the model never trained on: a
+    # held-out question containing one would test byte noise, not phrasing. (Subjects and words
+    # are checked too: pretraining states every one of them. string_ops holds out words and
+    # addition operand pairs, so only facts and translation hold out phrasings.)
+    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    words = tuple(w for pair in tables.DICTIONARY for w in pair)
+    expected_phrasings = {
+        "facts": sum(len(q) for rel in builtin._RELATIONS for q in rel.val_questions.values()),
+        "translation": sum(len(p) for p in builtin._TRANSLATE_VAL.values()),
+    }
+    for family, names in (("facts", subjects), ("translation", words)):
+        phrasings = set()
+        for record in builtin.records(kind, "val"):
+            if record["task"] != family:
+                continue
+            text = _user_text(kind, record)
+            phrasing = _skeleton(text, names)
+            phrasings.add(phrasing)
+            unseen = sorted(set(text) - training_characters)
+            assert not unseen, f"{phrasing!r} has characters no training text holds: {unseen}"
+        assert len(phrasings) == expected_phrasings[family], family  # every phrasing was checked
+
+
 def _list_words(text: str) -> list[str]:
     """The words of a string_ops question: its input, one a line (en) or joined by "、" (zh)."""
     return re.split(r"、|\n", text.split("\n", 1)[1])

@@ -11,7 +11,8 @@ Task families (`TASK_FAMILIES`), each asked in English and in Chinese:
   appears in training data, pretraining text included.
 - ``facts``: four fixed tables (capital of a country, sound an animal makes, colour of a thing,
   opposite of a word). Pretraining text states every fact in many ways; training questions use
-  one set of phrasings, held-out questions use other phrasings that appear nowhere in training data.
+  one set of phrasings, held-out questions use other phrasings that appear nowhere in training data
+  (every character of them does, so a held-out question never hinges on an unseen byte token).
 - ``translation``: single words between English and Chinese, both directions, from a 110-word
   dictionary that pretraining text spells out. Held out: the question phrasings, as for facts.
 - ``string_ops``: reverse a list of words, name its first or last word, count its words. Held out:
@@ -367,7 +368,9 @@ def _opposite_rows() -> tuple[tuple[str, str, str, str], ...]:
 # Held-out phrasings keep the words right around the subject the same as some training phrasing
 # ("... the capital of {s}?", "{s}的首都是..."): BPE merges Chinese characters with their neighbours
 # and marks a word's leading space, so a new context could change the subject's very tokens, and the
-# test would be one of tokenization instead of phrasing.
+# test would be one of tokenization instead of phrasing. For the same reason they use only
+# characters that some training text holds (你知道, 哪个, 吗 and 请问 all occur in training): a
+# character no training text has is a byte-fallback token the model never learned.
 _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="capital",
@@ -383,7 +386,7 @@ _RELATIONS: tuple[_Relation, ...] = (
         },
         val_questions={
             "en": ("Which city is the capital of {s}?", "Do you know the capital of {s}?"),
-            "zh": ("{s}的首都是哪座城市？", "{s}的首都叫什么名字？"),
+            "zh": ("{s}的首都是哪个城市？", "你知道{s}的首都吗？"),
         },
         statements={
             "en": (
@@ -414,7 +417,7 @@ _RELATIONS: tuple[_Relation, ...] = (
         },
         val_questions={
             "en": ("What noise does {as} make?", "Do you know what {as} says?"),
-            "zh": ("{s}的叫声是怎样的？", "{s}怎么叫呢？"),
+            "zh": ("你知道{s}怎么叫吗？", "请问{s}怎么叫？"),
         },
         statements={
             "en": (
@@ -439,7 +442,7 @@ _RELATIONS: tuple[_Relation, ...] = (
         },
         val_questions={
             "en": ("Which colour is {s}?", "Do you know the colour of {s}?"),
-            "zh": ("{s}是什么颜色？", "{s}的颜色是哪种？"),
+            "zh": ("{s}是什么颜色？", "你知道{s}的颜色吗？"),
         },
         statements={
             "en": ("{S} is {a}.", "The colour of {s} is {a}.", "{S} has a {a} colour."),
@@ -542,8 +545,8 @@ _TRANSLATE_TRAIN = {
 _TRANSLATE_VAL = {
     ("en", "en2zh"): (("Do you know the Chinese word for {w}?", ""), ("Say {w} in Chinese.", "")),
     ("en", "zh2en"): (("Do you know the English word for {w}?", ""), ("Say {w} in English.", "")),
-    ("zh", "en2zh"): (("“{w}”的中文是哪个词？", ""), ("{w}用中文怎么讲？", "")),
-    ("zh", "zh2en"): (("“{w}”的英文是哪个词？", ""), ("{w}用英文怎么讲？", "")),
+    ("zh", "en2zh"): (("“{w}”的中文是哪个词？", ""), ("你知道“{w}”的中文吗？", "")),
+    ("zh", "zh2en"): (("“{w}”的英文是哪个词？", ""), ("你知道“{w}”的英文吗？", "")),
 }
 
 
