@@ -333,8 +333,14 @@ class RlStage:
             )
         self.steps_per_iteration = passes // global_batch_size
         self.seq_len = seq_len
+        room = seq_len - settings.max_new_tokens  # a prompt keeps its end (the question)
+        if room < 2:
+            raise UserError(
+                f"rlhf.max_new_tokens ({settings.max_new_tokens}) leaves no room for a prompt in "
+                f"the {seq_len}-token context"
+            )
         self.prompts = [
-            chat.prompt_ids(r["prompt_messages"], tokenizer) for r in self.train_records
+            chat.prompt_ids(r["prompt_messages"], tokenizer)[-room:] for r in self.train_records
         ]
         self.kl = (
             rl.AdaptiveKLController(settings.kl_coef, settings.target_kl, settings.kl_horizon)
@@ -374,10 +380,9 @@ class RlStage:
 
         policy = policy_of(model)
         stops = chat.stop_token_ids(self.tokenizer)
-        context = policy.config.context_length
         responses = []
         for number, index in enumerate(indices):
-            prompt = self.prompts[index][-(context - self.settings.max_new_tokens) :]
+            prompt = self.prompts[index]
             sampling = SamplingSettings(
                 max_new_tokens=self.settings.max_new_tokens,
                 temperature=self.settings.temperature,
