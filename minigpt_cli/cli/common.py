@@ -110,12 +110,6 @@ def stage_overrides(stage: str, **flags: Any) -> dict[str, Any]:
             continue
         section = "resources" if name in resources else stage
         overrides[f"{section}.{name}"] = value
-    # A length given as epochs or tokens replaces the preset's step count instead of racing it.
-    if flags.get("max_steps") is None and (
-        flags.get("epochs") is not None or flags.get("max_tokens") is not None
-    ):
-        overrides["train.max_steps"] = None
-        overrides[f"{stage}.max_steps"] = None
     return overrides
 
 

@@ -429,6 +429,7 @@ class Trainer:
         self.total_steps = unit * plan_steps(
             self.train, tokens_per_step * unit, sequences_per_step * unit, self.stage
         )
+        self._note_binding_limit(sequences_per_step)
         self._resumed_from: Path | None = None
         if self.spec.resume:
             self._restore()
@@ -560,6 +561,21 @@ class Trainer:
         self._plot()
         self._event("stage_end", **summary)
         return summary
+
+    def _note_binding_limit(self, sequences_per_step: int) -> None:
+        """Say so when max_steps cuts a run short of the epochs it was asked for."""
+        if self.train.epochs is None or self.train.max_steps is None:
+            return
+        wanted = math.ceil(
+            self.train.epochs * self.stage.sequences_per_epoch() / (sequences_per_step * self._unit)
+        )
+        if wanted > self.train.max_steps:
+            self._event(
+                "note",
+                message=f"max_steps {self.train.max_steps} ends the run before "
+                f"{self.train.epochs:g} epochs (about {wanted} steps): pass --max-steps {wanted} "
+                "to train them all",
+            )
 
     def _checkpointing(self) -> bool:
         model_config = getattr(self.model, "config", None)
