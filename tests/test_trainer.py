@@ -144,3 +144,20 @@ def test_max_time_stops_early_and_still_evaluates(tmp_path: Path) -> None:
     assert end.data["stop_reason"] == "max_time"
     assert end.data["step"] < 100000
     assert [e for e in events if e.kind == "eval"], "the final evaluation always runs"
+
+
+def test_a_step_limit_that_cuts_the_epochs_short_is_announced(tmp_path: Path) -> None:
+    _, events = _train(
+        tmp_path,
+        [
+            "train.micro_batch_size=4",
+            "train.global_batch_size=4",
+            "train.max_steps=3",
+            "pretrain.epochs=2",
+        ],
+    )
+    windows = (3800 - 1) // 16
+    notes = [e.data["message"] for e in events if e.kind == "note"]
+    wanted = math.ceil(2 * windows / 4)
+    assert f"max_steps 3 ends the run before 2 epochs (about {wanted} steps)" in " ".join(notes)
+    assert _steps(events)[-1] == 3
