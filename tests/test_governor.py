@@ -65,7 +65,7 @@ def test_below_the_soft_limit_nothing_changes() -> None:
 
 def test_near_the_cap_it_backs_off_then_checkpoints_activations_then_stops() -> None:
     notices: list[str] = []
-    machine = FakeMachine([950 * MB], [8000 * MB])
+    machine = FakeMachine([980 * MB], [8000 * MB])
     governor = _governor(machine, notices)
     first = governor.after_step(8, 16, False)
     assert first is not None and first.micro_batch_size == 4
@@ -240,7 +240,9 @@ def _estimate_mb(micro_batch: int) -> float:
 def test_a_memory_cap_holds_when_measured_from_outside(tmp_path: Path) -> None:
     low, high = _estimate_mb(8), _estimate_mb(16)
     assert high > 1.2 * low, "the shape must separate the two micro-batches clearly"
-    cap_mb = (low + high) / 2
+    # Between the two, nearer the larger: the smaller one's real peak (this machine's imports can
+    # weigh a few tens of MB more than the estimator's constant) stays clear of the back-off line.
+    cap_mb = low + 0.75 * (high - low)
     common = ["--max-steps", "3", "--precision", "fp32", "--device", "cpu", *set_args(CAP_SETS)]
     free = _pretrain(["--out", str(tmp_path / "free"), *common], tmp_path)
     assert free.wait(timeout=300) == 0, free.stderr.read() if free.stderr else ""

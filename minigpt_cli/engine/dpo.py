@@ -707,6 +707,7 @@ def run_dpo(
         setup.precision.dtype_name,
         16 * (train_stats.tokens + val_stats.tokens),
         on_event,
+        measure_baseline=True,
         stage="dpo",
         trainable_params=trainable_parameters(setup.model),
         sequences_per_example=2,

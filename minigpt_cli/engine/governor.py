@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # Back off when a step's peak passes this share of the cap: the next step may allocate a little
 # more (a longer SFT batch, an evaluation), and the cap is a promise, not a target.
-SOFT_LIMIT_FRACTION = 0.92
+SOFT_LIMIT_FRACTION = 0.95
 # The machine is "short of memory" when less than this share of RAM is available to anyone.
 SYSTEM_RESERVE_FRACTION = 0.05
 SYSTEM_RESERVE_MIN_BYTES = 256 * 2**20

@@ -304,6 +304,7 @@ def fit_memory(
     on_event: EventCallback | None,
     *,
     stage: str = "pretrain",
+    measure_baseline: bool = False,
     **estimate_kwargs: Any,
 ) -> tuple[int, list[str]]:
     """Estimate peak memory before anything large is allocated and fit the micro-batch to the cap.
@@ -312,12 +313,16 @@ def fit_memory(
     `estimate.plan_micro_batch`, shared with `doctor` so its recommendation and this run agree; here
     it is acted on: the estimate is shown beside the cap, activation checkpointing is switched on
     in the config when the plan needs it, and when nothing fits the run stops with exit status 2.
+    `measure_baseline`: a training run plans with what this process really holds already (never
+    less than the estimator's constant), since imports and libraries differ between machines.
     """
     from minigpt_cli.config.schema import parse_memory
     from minigpt_cli.engine.estimate import plan_micro_batch
     from minigpt_cli.engine.monitor import physical_memory_bytes
 
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    if measure_baseline and "framework_bytes" not in estimate_kwargs:
+        estimate_kwargs["framework_bytes"] = measured_framework_bytes()
     plan = plan_micro_batch(
         config, vocab_size, precision, data_bytes, cap, stage=stage, **estimate_kwargs
     )
@@ -334,6 +339,17 @@ def fit_memory(
     for message in plan.messages:
         emit(on_event, "governor", stage, message=message)
     return plan.micro_batch_size, plan.messages
+
+
+def measured_framework_bytes() -> int:
+    """The process tree's resident memory now (after handing freed heap back), at least the
+    estimator's constant for a process that prepared its data: the baseline a plan adds to."""
+    from minigpt_cli.engine.estimate import FRAMEWORK_BYTES, PIPELINE_BYTES
+    from minigpt_cli.engine.governor import release_memory
+    from minigpt_cli.engine.monitor import tree_rss_bytes
+
+    release_memory()
+    return max(FRAMEWORK_BYTES + PIPELINE_BYTES, tree_rss_bytes())
 
 
 def _refuse_what_cannot_fit(config: Config, precision: str) -> None:
@@ -379,6 +395,7 @@ def run_pretrain(
         precision.dtype_name,
         4 * (len(train_tokens) + len(val_tokens)),
         on_event,
+        measure_baseline=True,
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     stage = PretrainStage(

@@ -698,6 +698,7 @@ def train_reward_model(
         setup.precision.dtype_name,
         16 * stats.tokens,
         on_event,
+        measure_baseline=True,
         stage="reward",
         sequences_per_example=2,
         seq_len=max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs),
@@ -777,6 +778,7 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
         setup.precision.dtype_name,
         0,
         on_event,
+        measure_baseline=True,
         stage="rlhf",
         trainable_params=trainable_parameters(policy),  # (+ a value head of n_embd numbers)
         extra_frozen_params=frozen,

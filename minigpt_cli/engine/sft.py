@@ -728,6 +728,7 @@ def run_sft(
         setup.precision.dtype_name,
         16 * (train_stats.tokens + val_stats.tokens),  # ids and targets, int64
         on_event,
+        measure_baseline=True,
         stage="sft",
         trainable_params=trainable_parameters(setup.model),
         # Batches are padded to their longest example, never to the context length.
