@@ -297,12 +297,16 @@ def test_memory_cap_lowers_the_micro_batch_and_keeps_the_global_batch(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert "training with micro-batch 4 x 2 accumulation" in result.stdout
+    # The plan chose 4 before the first step; the in-training governor may lower it further on a
+    # machine whose process weighs more than estimated (test_governor measures that from outside).
     state = json.loads((run_dir / "trainer_state.json").read_text())
-    assert state["micro_batch_size"] == 4
+    assert state["micro_batch_size"] in (1, 2, 4)
     rows = metrics(run_dir)
     assert any(r.get("event") == "governor" for r in rows)
     train = [r for r in rows if r["kind"] == "train"]
-    assert train[-1]["micro_batch_size"] == 4
+    assert train[0]["micro_batch_size"] == 4 or any(
+        "micro-batch 4 ->" in r.get("message", "") for r in rows
+    )
     assert train[-1]["tokens"] == 3 * 8 * 512  # the global batch did not change
 
 
