@@ -126,3 +126,29 @@ def test_lora_resume_from_a_checkpoint_is_bitwise_identical(
     for name in first:
         assert first[name].equal(second[name]), name
     assert [r["loss"] for r in rows(straight, "train")] == [r["loss"] for r in rows(died, "train")]
+
+
+def test_with_val_data_every_training_record_trains(
+    tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))
+    val.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "r", "completion": "b"}\n')
+    result = run_cli(
+        "sft",
+        "--from",
+        tiny_pretrain_run,
+        "--data",
+        train,
+        "--val-data",
+        val,
+        "--out",
+        tmp_path / "run",
+        "--max-steps",
+        "1",
+        *FP32,
+        *set_args(FINETUNE_SETS),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sft: training: 40 examples" in result.stdout
+    assert "sft: validation: 2 examples" in result.stdout

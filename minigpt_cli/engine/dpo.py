@@ -688,7 +688,9 @@ def run_dpo(
 
     setup = start_finetune(config, spec, inputs, "dpo", on_event)
     train, tokenizer, settings = setup.train, setup.tokenizer, config.dpo
-    train_records = load_dpo_records(inputs.data or None, "train", config)
+    # --val-data given: every --data record trains; else a fixed share of them is held out.
+    train_split = "all" if inputs.val_data and inputs.data else "train"
+    train_records = load_dpo_records(inputs.data or None, train_split, config)
     val_records = (
         load_dpo_records(inputs.val_data, "all", config)
         if inputs.val_data

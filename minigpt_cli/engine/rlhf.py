@@ -755,7 +755,9 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
         reward_model.eval().requires_grad_(False)
         spec.sources["reward_model"] = source
     reward = RewardSource(config.rlhf.reward, reward_model, setup.tokenizer.pad_id)
-    train_records = load_rlhf_records(inputs.data or None, "train", config)
+    # --val-data given: every --data record trains; else a fixed share of them is held out.
+    train_split = "all" if inputs.val_data and inputs.data else "train"
+    train_records = load_rlhf_records(inputs.data or None, train_split, config)
     val_records = (
         load_rlhf_records(inputs.val_data, "all", config)
         if inputs.val_data
