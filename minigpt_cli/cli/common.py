@@ -101,6 +101,31 @@ SetOpt = Annotated[
 ]
 
 
+# The shared flags a training verb passes on as config overrides (parameter name -> config key).
+TRAINING_FLAGS = {
+    "max_steps": "max_steps",
+    "max_tokens": "max_tokens",
+    "epochs": "epochs",
+    "max_time": "max_time",
+    "seed": "seed",
+    "precision": "precision",
+    "device": "device",
+    "compile_model": "compile",
+    "max_memory": "max_memory",
+    "max_cpu": "max_cpu",
+    "threads": "threads",
+    "nice": "nice",
+}
+
+
+def training_flags(arguments: dict[str, Any], *stage_keys: str) -> dict[str, Any]:
+    """The flag values a verb received (its `locals()`), keyed as `stage_overrides` wants: the
+    shared training flags plus the verb's own `stage_keys` (e.g. "beta")."""
+    picked = {key: arguments[name] for name, key in TRAINING_FLAGS.items() if name in arguments}
+    picked.update({key: arguments[key] for key in stage_keys})
+    return picked
+
+
 def stage_overrides(stage: str, **flags: Any) -> dict[str, Any]:
     """Map flag values onto dotted config keys: training flags set the verb's own stage section."""
     resources = {"max_memory", "max_cpu", "threads", "nice"}

@@ -58,6 +58,8 @@ def dpo(
     """
     from minigpt_cli.engine.dpo import run_dpo
 
+    arguments = dict(locals())  # the flag values, for common.training_flags
+
     finetune.run_finetune(
         "dpo",
         run_dpo,
@@ -67,22 +69,7 @@ def dpo(
         data=data,
         val_data=val_data,
         out=out,
-        flags={
-            "max_steps": max_steps,
-            "max_tokens": max_tokens,
-            "epochs": epochs,
-            "max_time": max_time,
-            "seed": seed,
-            "precision": precision,
-            "device": device,
-            "compile": compile_model,
-            "beta": beta,
-            "label_smoothing": label_smoothing,
-            "max_memory": max_memory,
-            "max_cpu": max_cpu,
-            "threads": threads,
-            "nice": nice,
-        },
+        flags=common.training_flags(arguments, "beta", "label_smoothing"),
         lora=lora,
         lora_options={
             "r": lora_r,

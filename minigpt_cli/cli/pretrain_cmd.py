@@ -55,21 +55,7 @@ def pretrain(
     from minigpt_cli.engine.trainer import RunSpec
 
     run_dir = out or common.default_run_dir("pretrain", preset)
-    overrides = common.stage_overrides(
-        "pretrain",
-        max_steps=max_steps,
-        max_tokens=max_tokens,
-        epochs=epochs,
-        max_time=max_time,
-        seed=seed,
-        precision=precision,
-        device=device,
-        compile=compile_model,
-        max_memory=max_memory,
-        max_cpu=max_cpu,
-        threads=threads,
-        nice=nice,
-    )
+    overrides = common.stage_overrides("pretrain", **common.training_flags(locals()))
     run = training.prepare(
         "pretrain",
         run_dir=run_dir,

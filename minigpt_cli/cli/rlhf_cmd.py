@@ -111,6 +111,8 @@ def rlhf(
     """
     from minigpt_cli.engine.rlhf import run_rlhf
 
+    arguments = dict(locals())  # the flag values, for common.training_flags
+
     if algo is not None and algo not in ALGOS:
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
@@ -125,29 +127,21 @@ def rlhf(
         data=data,
         val_data=val_data,
         out=out,
-        flags={
-            "max_steps": max_steps,
-            "max_time": max_time,
-            "seed": seed,
-            "precision": precision,
-            "device": device,
-            "algo": algo,
-            "reward": reward,
-            "kl_coef": kl_coef,
-            "target_kl": target_kl,
-            "gamma": gamma,
-            "lam": lam,
-            "clip_eps": clip_eps,
-            "ppo_epochs": ppo_epochs,
-            "rollout_batch_size": rollout_batch_size,
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "num_generations": num_generations,
-            "max_memory": max_memory,
-            "max_cpu": max_cpu,
-            "threads": threads,
-            "nice": nice,
-        },
+        flags=common.training_flags(
+            arguments,
+            "algo",
+            "reward",
+            "kl_coef",
+            "target_kl",
+            "gamma",
+            "lam",
+            "clip_eps",
+            "ppo_epochs",
+            "rollout_batch_size",
+            "max_new_tokens",
+            "temperature",
+            "num_generations",
+        ),
         lora=lora,
         lora_options={},
         merge=merge,

@@ -54,6 +54,8 @@ def sft(
     """
     from minigpt_cli.engine.sft import run_sft
 
+    arguments = dict(locals())  # the flag values, for common.training_flags
+
     finetune.run_finetune(
         "sft",
         run_sft,
@@ -63,21 +65,7 @@ def sft(
         data=data,
         val_data=val_data,
         out=out,
-        flags={
-            "max_steps": max_steps,
-            "max_tokens": max_tokens,
-            "epochs": epochs,
-            "max_time": max_time,
-            "seed": seed,
-            "precision": precision,
-            "device": device,
-            "compile": compile_model,
-            "train_on_prompt": train_on_prompt,
-            "max_memory": max_memory,
-            "max_cpu": max_cpu,
-            "threads": threads,
-            "nice": nice,
-        },
+        flags=common.training_flags(arguments, "train_on_prompt"),
         lora=lora,
         lora_options={
             "r": lora_r,
