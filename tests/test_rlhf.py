@@ -4,6 +4,7 @@ and the reward model trained here beats chance on held-out pairs."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -161,9 +162,8 @@ def test_the_reward_model_beats_chance_on_held_out_pairs(
     assert reward_evals[-1]["pref_accuracy"] > 0.6  # chance is 0.5; ties count as wrong
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["sources"]["reward_model"] == str(run_dir / "reward")
-    assert rows(run_dir, "eval")[-1]["reward_mean"] == pytest.approx(
-        rows(run_dir, "eval")[-1]["reward_mean"]
-    )
+    evals = rows(run_dir, "eval")
+    assert evals[0]["step"] == 0 and all(math.isfinite(r["reward_mean"]) for r in evals)
 
 
 def test_unknown_algorithm_is_a_one_line_error(tiny_sft_run: Path, tmp_path: Path) -> None:

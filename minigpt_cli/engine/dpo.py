@@ -683,19 +683,13 @@ def run_dpo(
         finish_finetune,
         load_sft_records,
         start_finetune,
+        train_and_val_records,
         trainable_parameters,
     )
 
     setup = start_finetune(config, spec, inputs, "dpo", on_event)
     train, tokenizer, settings = setup.train, setup.tokenizer, config.dpo
-    # --val-data given: every --data record trains; else a fixed share of them is held out.
-    train_split = "all" if inputs.val_data and inputs.data else "train"
-    train_records = load_dpo_records(inputs.data or None, train_split, config)
-    val_records = (
-        load_dpo_records(inputs.val_data, "all", config)
-        if inputs.val_data
-        else load_dpo_records(inputs.data or None, "val", config)
-    )
+    train_records, val_records = train_and_val_records("dpo", inputs, config)
     context = config.model.context_length
     train_pairs, train_stats = build_pairs(
         train_records, tokenizer, context, settings.max_prompt_tokens

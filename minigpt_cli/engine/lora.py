@@ -276,3 +276,27 @@ def merge_lora(model: nn.Module) -> None:
         plain.train(module.training)
         owner_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(owner_name), attribute, plain)
+
+
+def language_model_files(
+    model: nn.Module,
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """The files that hold what a language model trained: only its adapter when it has one (the
+    parent holds the rest), else the whole `model.safetensors`."""
+    from minigpt_cli.engine.checkpoint import MODEL_FILE
+
+    settings = lora_settings(model)
+    if settings is not None:
+        return {ADAPTER_FILE: (adapter_state_dict(model), adapter_metadata(settings))}
+    return {MODEL_FILE: (model.export_state_dict(), {"format": "minigpt"})}
+
+
+def load_language_model_files(model: nn.Module, folder: Path) -> None:
+    """Restore what `language_model_files` wrote into `folder` (a resume)."""
+    from minigpt_cli.engine.checkpoint import MODEL_FILE, load_model_weights, load_tensors
+
+    if has_lora(model):
+        adapter = folder / ADAPTER_FILE
+        load_adapter_state_dict(model, load_tensors(adapter), adapter)
+    else:
+        load_model_weights(model, folder / MODEL_FILE)

@@ -71,35 +71,23 @@ class PolicyWithValue(nn.Module):
 
     def weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """What the Trainer checkpoints: the policy's own file(s) and the value head."""
-        from minigpt_cli.engine import lora
-        from minigpt_cli.engine.checkpoint import MODEL_FILE
+        from minigpt_cli.engine.lora import language_model_files
 
         head = {"value_head.weight": self.value_head.weight.detach()}
-        files = {VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"})}
-        if lora.has_lora(self.policy):
-            settings = lora.lora_settings(self.policy)
-            assert settings is not None
-            files[lora.ADAPTER_FILE] = (
-                lora.adapter_state_dict(self.policy),
-                lora.adapter_metadata(settings),
-            )
-        else:
-            files[MODEL_FILE] = (self.policy.export_state_dict(), {"format": "minigpt"})
-        return files
+        return {
+            **language_model_files(self.policy),
+            VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"}),
+        }
 
     def load_weight_files(self, folder: Any) -> None:
         """Restore what `weight_files` wrote (resume)."""
-        from minigpt_cli.engine import lora
-        from minigpt_cli.engine.checkpoint import MODEL_FILE, load_model_weights, load_tensors
+        from minigpt_cli.engine.checkpoint import load_tensors
+        from minigpt_cli.engine.lora import load_language_model_files
 
         head = load_tensors(folder / VALUE_HEAD_FILE)
         with torch.no_grad():
             self.value_head.weight.copy_(head["value_head.weight"])
-        if lora.has_lora(self.policy):
-            adapter = folder / lora.ADAPTER_FILE
-            lora.load_adapter_state_dict(self.policy, load_tensors(adapter), adapter)
-        else:
-            load_model_weights(self.policy, folder / MODEL_FILE)
+        load_language_model_files(self.policy, folder)
 
 
 def policy_of(model: nn.Module) -> nn.Module:
@@ -641,13 +629,6 @@ class RlStage:
 REWARD_DIR = "reward"
 
 
-def load_rlhf_records(paths: Sequence[Any] | None, split: str, config: Any) -> list[dict]:
-    """Prompts `{"prompt_messages", "answer", "task"}` of `split` (see `data.stage_records`)."""
-    from minigpt_cli.engine.data import stage_records
-
-    return stage_records("rlhf", paths, split, config.data.builtin_size, config.data.val_fraction)
-
-
 def train_reward_model(
     config: Any, spec: Any, inputs: Any, setup: Any, on_event: Any
 ) -> tuple[nn.Module, str]:
@@ -745,24 +726,22 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     from minigpt_cli.engine.events import emit
     from minigpt_cli.engine.pretrain import fit_memory
-    from minigpt_cli.engine.sft import finish_finetune, start_finetune, trainable_parameters
+    from minigpt_cli.engine.sft import (
+        finish_finetune,
+        start_finetune,
+        train_and_val_records,
+        trainable_parameters,
+    )
 
     setup = start_finetune(config, spec, inputs, "rlhf", on_event)
     settings = rl_settings(config)
     reward_model = None
-    if settings_needs_model(config.rlhf.reward):
+    if config.rlhf.reward in ("model", "both"):
         reward_model, source = train_reward_model(config, spec, inputs, setup, on_event)
         reward_model.eval().requires_grad_(False)
         spec.sources["reward_model"] = source
     reward = RewardSource(config.rlhf.reward, reward_model, setup.tokenizer.pad_id)
-    # --val-data given: every --data record trains; else a fixed share of them is held out.
-    train_split = "all" if inputs.val_data and inputs.data else "train"
-    train_records = load_rlhf_records(inputs.data or None, train_split, config)
-    val_records = (
-        load_rlhf_records(inputs.val_data, "all", config)
-        if inputs.val_data
-        else load_rlhf_records(inputs.data or None, "val", config)
-    )
+    train_records, val_records = train_and_val_records("rlhf", inputs, config)
     policy = setup.model
     reference = Reference(policy)  # the starting weights: the Trainer restores a resume later
     if settings.algo == "ppo":
@@ -801,8 +780,3 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
     )
     stage.eval_batch = micro_batch
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)
-
-
-def settings_needs_model(reward_kind: str) -> bool:
-    """Whether the reward kind uses a learned reward model."""
-    return reward_kind in ("model", "both")

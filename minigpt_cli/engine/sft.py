@@ -50,6 +50,22 @@ EXACT_MATCH_BATCH = 32  # held-out prompts decoded together
 # ----------------------------------------------------------------------------------------------
 
 
+def train_and_val_records(kind: str, inputs: FinetuneInputs, config: Config) -> tuple[list, list]:
+    """A fine-tuning run's (train, val) records of `kind`: with `--val-data`, every `--data`
+    record trains and the val files validate; else a fixed share of `--data` (or the built-in
+    held-out split) validates."""
+    from minigpt_cli.engine.data import stage_records
+
+    size, fraction = config.data.builtin_size, config.data.val_fraction
+    data = inputs.data or None
+    if inputs.val_data:
+        train = stage_records(kind, data, "all" if data else "train", size, fraction)
+        return train, stage_records(kind, inputs.val_data, "all", size, fraction)
+    return stage_records(kind, data, "train", size, fraction), stage_records(
+        kind, data, "val", size, fraction
+    )
+
+
 def load_sft_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
     """SFT records `{"messages", "task"}` of `split` (see `data.stage_records`)."""
     from minigpt_cli.engine.data import stage_records
@@ -707,14 +723,7 @@ def run_sft(
 
     setup = start_finetune(config, spec, inputs, "sft", on_event)
     train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft
-    # --val-data given: every --data record trains; else a fixed share of them is held out.
-    train_split = "all" if inputs.val_data and inputs.data else "train"
-    train_records = load_sft_records(inputs.data or None, train_split, config)
-    val_records = (
-        load_sft_records(inputs.val_data, "all", config)
-        if inputs.val_data
-        else load_sft_records(inputs.data or None, "val", config)
-    )
+    train_records, val_records = train_and_val_records("sft", inputs, config)
     context = config.model.context_length
     train_examples, train_stats = build_examples(
         train_records, tokenizer, context, sft_settings.train_on_prompt

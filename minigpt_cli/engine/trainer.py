@@ -323,21 +323,11 @@ class Trainer:
 
         A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
         """
-        from minigpt_cli.engine import lora
+        from minigpt_cli.engine.lora import language_model_files
 
         if hasattr(self.model, "weight_files"):
             return self.model.weight_files()
-
-        if lora.has_lora(self.model):
-            settings = lora.lora_settings(self.model)
-            assert settings is not None
-            return {
-                lora.ADAPTER_FILE: (
-                    lora.adapter_state_dict(self.model),
-                    lora.adapter_metadata(settings),
-                )
-            }
-        return {ckpt.MODEL_FILE: (self.model.export_state_dict(), {"format": "minigpt"})}
+        return language_model_files(self.model)
 
     def _row(self, kind: str, **values: Any) -> dict[str, Any]:
         return {
@@ -376,17 +366,12 @@ class Trainer:
         self._resumed_from = point
 
     def _load_weights(self, point: Path) -> None:
-        from minigpt_cli.engine import lora
+        from minigpt_cli.engine.lora import load_language_model_files
 
         if hasattr(self.model, "load_weight_files"):
             self.model.load_weight_files(point)
-            return
-
-        if lora.has_lora(self.model):
-            adapter = point / lora.ADAPTER_FILE
-            lora.load_adapter_state_dict(self.model, ckpt.load_tensors(adapter), adapter)
         else:
-            ckpt.load_model_weights(self.model, point / ckpt.MODEL_FILE)
+            load_language_model_files(self.model, point)
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
