@@ -18,7 +18,8 @@ from minigpt_cli.errors import UserError
 
 app = typer.Typer(
     name="minigpt",
-    help="Train a small GPT from scratch on this machine: tokenizer, pretraining, generation.",
+    help="Train a small GPT from scratch on this machine: tokenizer, pretraining, SFT, DPO, RLHF, "
+    "evaluation and chat. Start with `minigpt quickstart`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -54,12 +55,15 @@ def _root(
 def _register_verbs() -> None:
     # Each verb module exposes `register(app)`; importing them is cheap (no torch at top level).
     from minigpt_cli.cli import (
+        chat_cmd,
         config_cmd,
         data_cmd,
         doctor_cmd,
         dpo_cmd,
+        eval_cmd,
         generate_cmd,
         pretrain_cmd,
+        quickstart_cmd,
         rlhf_cmd,
         sft_cmd,
         tokenize_cmd,
@@ -67,6 +71,7 @@ def _register_verbs() -> None:
 
     verbs = (
         doctor_cmd,
+        quickstart_cmd,
         config_cmd,
         data_cmd,
         tokenize_cmd,
@@ -75,6 +80,8 @@ def _register_verbs() -> None:
         dpo_cmd,
         rlhf_cmd,
         generate_cmd,
+        eval_cmd,
+        chat_cmd,
     )
     for module in verbs:
         module.register(app)

@@ -209,3 +209,86 @@ class EventRenderer:
             parts.append(f"val_bpb {data['val_bpb']:.4f}")
         self.print(", ".join(parts))
         self.print(f"{event.stage}: run saved in {data['run_dir']}")
+
+
+class PipelineRenderer(EventRenderer):
+    """One dashboard for several stages (`quickstart`): a row per stage from the start, each
+    filled in as its stage runs and finished with its summary, under one overall row whose clock
+    is the whole pipeline's.
+
+    Stage rows stay on screen (the base renderer closes its display at each stage's end), so a
+    person sees at a glance what is done, what runs now and what is left.
+    """
+
+    OVERALL = "quickstart"
+
+    def __init__(
+        self, stages: list[str], mode: str = "auto", console: Console | None = None
+    ) -> None:
+        super().__init__(mode, console)
+        self.stages = list(stages)
+        self.done: dict[str, str] = {}
+
+    def __enter__(self) -> PipelineRenderer:
+        if self.live:
+            progress = self._ensure_progress()
+            self.tasks[self.OVERALL] = progress.add_task(
+                self.OVERALL, total=len(self.stages), info=""
+            )
+            for stage in self.stages:
+                self.tasks[f"{stage}:train"] = progress.add_task(
+                    f"  {stage}", total=None, start=False, info="waiting"
+                )
+        return self
+
+    def _advance_overall(self) -> None:
+        if self.live and self.progress is not None and self.OVERALL in self.tasks:
+            self.progress.update(self.tasks[self.OVERALL], completed=len(self.done))
+
+    def stage_skipped(self, stage: str, reason: str) -> None:
+        """A stage that needs no work this time (finished by an earlier run)."""
+        self.done[stage] = reason
+        if self.live and self.progress is not None:
+            self.progress.update(self.tasks[f"{stage}:train"], total=1, completed=1, info=reason)
+        self.print(f"{stage}: {reason}")
+        self._advance_overall()
+
+    def stage_finished(self, stage: str, summary: str) -> None:
+        """Mark a stage done without a training `stage_end` event (e.g. eval)."""
+        self.done[stage] = summary
+        if self.live and self.progress is not None:
+            task = self.tasks[f"{stage}:train"]
+            self.progress.update(task, total=1, completed=1, info=summary)
+        self._advance_overall()
+
+    def _on_stage_start(self, event: Event) -> None:
+        if not self.live or f"{event.stage}:train" not in self.tasks:
+            super()._on_stage_start(event)
+            return
+        data = event.data
+        verb = "resuming" if data.get("resumed") else "training"
+        self.print(
+            f"{event.stage}: {verb} to step {data['total_steps']} "
+            f"({data['tokens_per_step']:,} tokens/step, micro-batch {data['micro_batch_size']} "
+            f"x {data['accumulation']} accumulation, {data['precision']}) -> {data['run_dir']}"
+        )
+        assert self.progress is not None
+        task = self.tasks[f"{event.stage}:train"]
+        self.progress.start_task(task)
+        self.progress.update(task, total=data["total_steps"], completed=data["step"], info="")
+
+    def _on_stage_end(self, event: Event) -> None:
+        if not self.live or f"{event.stage}:train" not in self.tasks:
+            super()._on_stage_end(event)
+            if event.stage in self.stages:
+                self.done[event.stage] = "done"
+                self._advance_overall()
+            return
+        data = event.data
+        parts = [f"done in {format_duration(data['seconds'])}"]
+        for key in ("val_loss", "pref_accuracy", "reward_mean"):
+            if isinstance(data.get(key), float):
+                parts.append(f"{key} {data[key]:.3f}")
+        summary = ", ".join(parts)
+        self.print(f"{event.stage}: {summary} -> {data['run_dir']}")
+        self.stage_finished(event.stage, summary)

@@ -9,7 +9,9 @@ finished" when there is nothing left to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,31 @@ class TrainingRun:
     saved_sources: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     thread_source: str = "set explicitly"
+
+
+@dataclass(frozen=True)
+class SharedDisplay:
+    """A display that outlives one verb: `quickstart` runs every stage inside one dashboard.
+
+    `continue_command` is what a Ctrl-C tells the user to run to go on (the pipeline, not the
+    stage's own verb).
+    """
+
+    renderer: Any
+    continue_command: str
+
+
+_SHARED_DISPLAY: ContextVar[SharedDisplay | None] = ContextVar("shared_display", default=None)
+
+
+@contextlib.contextmanager
+def shared_display(renderer: Any, continue_command: str) -> Iterator[None]:
+    """Run training verbs called inside this block through `renderer` instead of their own."""
+    token = _SHARED_DISPLAY.set(SharedDisplay(renderer, continue_command))
+    try:
+        yield
+    finally:
+        _SHARED_DISPLAY.reset(token)
 
 
 def prepare(
@@ -101,7 +128,18 @@ def execute(
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
-        with EventRenderer(run.config.log.progress) as render:
+        shared = _SHARED_DISPLAY.get()
+        continue_command = (
+            shared.continue_command
+            if shared is not None
+            else f"minigpt {run.stage} --out {run.run_dir} --resume"
+        )
+        with contextlib.ExitStack() as stack:
+            render = (
+                shared.renderer
+                if shared is not None
+                else stack.enter_context(EventRenderer(run.config.log.progress))
+            )
             render.print(f"{run.stage}: {thread_note}")
             try:
                 summary = engine(run.config, spec, render)
@@ -109,7 +147,7 @@ def execute(
                 render.close()
                 typer.echo(
                     f"\ninterrupted: checkpoint saved at step {stop.step}. Resume with:\n"
-                    f"  minigpt {run.stage} --out {run.run_dir} --resume",
+                    f"  {continue_command}",
                     err=True,
                 )
                 raise typer.Exit(130) from None

@@ -375,6 +375,21 @@ class GenerateConfig(Section):
     length_penalty: float = 1.0
 
 
+class EvalConfig(Section):
+    """How much `quickstart` evaluates (the `eval` verb's flags default to the same values)."""
+
+    per_family: int | None = Field(
+        50, ge=1, description="held-out prompts and preference pairs per task family; None = all"
+    )
+    samples: int = Field(3, ge=0, description="answers shown per run")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="answer budget; None = the longest reference + a margin"
+    )
+    text_documents: int | None = Field(
+        None, ge=1, description="held-out documents scored for perplexity; None = all"
+    )
+
+
 class ResourcesConfig(Section):
     """Caps the governor enforces. max_memory: a bare number is percent of physical RAM."""
 
@@ -411,6 +426,7 @@ class Config(Section):
     rlhf: RlhfConfig = Field(default_factory=RlhfConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -330,13 +330,18 @@ def score_answers(
     per_family: int | None = 16,
     batch_size: int = EXACT_MATCH_BATCH,
     margin: int = EXACT_MATCH_MARGIN,
+    max_new_tokens: int | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> list[AnswerResult]:
     """Greedy answers to held-out prompts (the first `per_family` of each task family).
 
     Prompts are sorted by length and decoded `batch_size` at a time; each batch may generate the
     longest reference of the batch plus `margin` tokens (plus the end of turn), so a model that
-    does not stop after its answer is marked wrong rather than decoded forever.
+    does not stop after its answer is marked wrong rather than decoded forever. `max_new_tokens`
+    replaces that budget; `on_batch` is called after each batch (progress for `minigpt eval`).
     """
+    from minigpt_cli.engine.governor import throttle_point
+
     chosen = select_per_family(records, per_family)
     items = []
     for record in chosen:
@@ -348,11 +353,16 @@ def score_answers(
     predictions: dict[int, str] = {}
     stops = chat.stop_token_ids(tokenizer)
     for start in range(0, len(order), max(1, batch_size)):
+        throttle_point()
         batch = order[start : start + max(1, batch_size)]
-        longest = max(len(tokenizer.encode(items[i][2])) for i in batch)
-        outputs = greedy_complete(model, [items[i][3] for i in batch], longest + margin, stops)
+        budget = max_new_tokens
+        if budget is None:
+            budget = max(len(tokenizer.encode(items[i][2])) for i in batch) + margin
+        outputs = greedy_complete(model, [items[i][3] for i in batch], budget, stops)
         for index, output in zip(batch, outputs, strict=True):
             predictions[index] = tokenizer.decode(output)
+        if on_batch is not None:
+            on_batch()
     results = []
     for index, (family, messages, reference, _) in enumerate(items):
         prediction = predictions[index]

@@ -1,0 +1,172 @@
+"""`minigpt quickstart`: every stage on the built-in data, in one folder, under one dashboard.
+
+tokenizer + pretrain -> SFT -> DPO -> reward model + PPO -> eval, each stage the same code its own
+verb runs (same config system, run directories, caps and exact resume), so the quickstart is a
+faithful demonstration rather than a separate toy. Re-running it continues: a finished stage is
+skipped, a stage with a checkpoint resumes, so a Ctrl-C (or a killed laptop) loses at most the
+steps since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from minigpt_cli.cli import common
+
+TRAINING_STAGES = ("pretrain", "sft", "dpo", "rlhf")
+# The dashboard's rows: the reward model trains inside the rlhf stage but is a stage of its own
+# to the person watching (its own run directory, its own progress).
+DASHBOARD_ROWS = ("pretrain", "sft", "dpo", "reward", "rlhf", "eval")
+EVAL_FILE = "eval.json"
+
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Folder for the pipeline: one run directory per stage, and eval.json "
+        "(default runs/quickstart-<preset>).",
+    ),
+]
+
+
+def stage_dirs(out: Path) -> dict[str, Path]:
+    """Where each stage's run directory lives inside the quickstart folder."""
+    return {stage: out / stage for stage in TRAINING_STAGES}
+
+
+def stage_status(run_dir: Path) -> str:
+    """`finished`, `resume` (a checkpoint to continue from), or `start` (nothing usable yet)."""
+    from minigpt_cli.engine import checkpoint as ckpt
+
+    if not run_dir.is_dir():
+        return "start"
+    point = ckpt.find_resume_point(run_dir)
+    if point is None:
+        return "start"
+    return "finished" if ckpt.read_state(point).get("finished") else "resume"
+
+
+def quickstart(
+    preset: common.PresetOpt = None,
+    out: OutDirOpt = None,
+    max_memory: common.MaxMemoryOpt = None,
+    max_cpu: common.MaxCpuOpt = None,
+    seed: common.SeedOpt = None,
+    config_file: common.ConfigOpt = None,
+    device: common.DeviceOpt = None,
+    sets: common.SetOpt = None,
+) -> None:
+    """The whole pipeline on built-in data: tokenizer, pretrain, SFT, DPO, RLHF (PPO), eval.
+
+    One dashboard shows every stage; the eval table at the end shows what each stage added.
+    Re-running the same command continues: finished stages are skipped, a stopped one resumes.
+    Tune a stage with --set, e.g. --set sft.max_steps=200.
+    """
+    from rich.console import Console
+
+    from minigpt_cli.cli import dpo_cmd, pretrain_cmd, rlhf_cmd, sft_cmd, training
+    from minigpt_cli.cli.render import PipelineRenderer, format_duration
+    from minigpt_cli.config.loader import load_config
+    from minigpt_cli.engine.evaluate import EvalOptions
+    from minigpt_cli.engine.governor import release_memory
+
+    preset_name = preset or "tiny"
+    # The [eval] section says how much to evaluate; read now so a bad --set fails before training.
+    eval_section = load_config(preset_name, config_file, {}, sets or []).eval
+    eval_options = EvalOptions.from_config(eval_section, seed=seed or 0, device=device or "auto")
+    folder = out or Path("runs") / f"quickstart-{preset_name}"
+    dirs = stage_dirs(folder)
+    continue_command = f"minigpt quickstart --out {folder}" + (
+        f" --preset {preset}" if preset else ""
+    )
+    shared = {
+        "max_memory": max_memory,
+        "max_cpu": max_cpu,
+        "seed": seed,
+        "device": device,
+        "sets": sets,
+    }
+    verbs = {
+        "pretrain": lambda **kw: pretrain_cmd.pretrain(preset=preset_name, **kw),
+        "sft": lambda **kw: sft_cmd.sft(from_run=dirs["pretrain"], **kw),
+        "dpo": lambda **kw: dpo_cmd.dpo(from_run=dirs["sft"], **kw),
+        "rlhf": lambda **kw: rlhf_cmd.rlhf(from_run=dirs["dpo"], algo="ppo", **kw),
+    }
+    console = Console(highlight=False)
+    console.print(
+        f"quickstart ({preset_name}): {' -> '.join(DASHBOARD_ROWS)} on the built-in data, in "
+        f"{folder}/",
+        markup=False,
+    )
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with (
+        PipelineRenderer(list(DASHBOARD_ROWS), console=console) as dashboard,
+        training.shared_display(dashboard, continue_command),
+    ):
+        for stage in TRAINING_STAGES:
+            status = stage_status(dirs[stage])
+            if stage == "rlhf" and stage_status(dirs[stage] / "reward") == "finished":
+                dashboard.stage_skipped("reward", "finished earlier")
+            if status == "finished":
+                dashboard.stage_skipped(stage, "finished earlier")
+                continue
+            stage_start = time.perf_counter()
+            verbs[stage](
+                out=dirs[stage],
+                resume=status == "resume",
+                # --config seeds a new run; a resumed one continues with its saved config.toml.
+                config_file=None if status == "resume" else config_file,
+                **shared,
+            )
+            timings[stage] = time.perf_counter() - stage_start
+            release_memory()
+        eval_start = time.perf_counter()
+        report = _evaluate(folder, dirs, eval_options, dashboard)
+        timings["eval"] = time.perf_counter() - eval_start
+        dashboard.stage_finished("eval", f"done in {format_duration(timings['eval'])}")
+    _print_summary(console, report, folder, dirs, timings, time.perf_counter() - started)
+
+
+def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any) -> Any:
+    """Evaluate every stage's run side by side; the report is also kept as eval.json."""
+    from minigpt_cli.engine.evaluate import evaluate_runs
+    from minigpt_cli.engine.io import atomic_write_text
+
+    report = evaluate_runs([dirs[stage] for stage in TRAINING_STAGES], options, dashboard)
+    atomic_write_text(
+        folder / EVAL_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+    )
+    return report
+
+
+def _print_summary(
+    console: Any,
+    report: Any,
+    folder: Path,
+    dirs: dict[str, Path],
+    timings: dict[str, float],
+    total_seconds: float,
+) -> None:
+    from minigpt_cli.cli.eval_cmd import print_report
+    from minigpt_cli.cli.render import format_duration
+
+    print_report(report, console)
+    if timings:
+        ran = ", ".join(f"{stage} {format_duration(sec)}" for stage, sec in timings.items())
+        console.print(f"time: {format_duration(total_seconds)} in all ({ran})", markup=False)
+    console.print(
+        f"evaluation saved in {folder / EVAL_FILE}\nchat with the result:\n"
+        f"  minigpt chat {dirs['rlhf']}",
+        markup=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `minigpt quickstart`."""
+    app.command("quickstart")(quickstart)

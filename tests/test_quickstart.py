@@ -1,0 +1,135 @@
+"""`minigpt quickstart`: every stage in one folder, continued rather than redone when re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minigpt_cli.cli.quickstart_cmd import TRAINING_STAGES, stage_status
+from minigpt_cli.engine.checkpoint import read_metrics, read_state
+from tests.conftest import TINY_SETS, run_cli, set_args
+
+pytestmark = pytest.mark.slow
+
+# Every stage seconds long: the tiny test model, short budgets, a small evaluation.
+QUICK_SETS = [
+    *TINY_SETS,
+    "pretrain.max_steps=20",
+    "sft.max_steps=20",
+    "sft.exact_match_per_family=2",
+    "dpo.max_steps=10",
+    "dpo.eval_every=5",
+    "dpo.exact_match_per_family=2",
+    "reward.max_steps=10",
+    "reward.eval_every=5",
+    "rlhf.max_steps=2",
+    "rlhf.rollout_batch_size=4",
+    "rlhf.global_batch_size=4",
+    "rlhf.micro_batch_size=4",
+    "rlhf.max_new_tokens=6",
+    "rlhf.eval_prompts=4",
+    "rlhf.samples_every=0",
+    "eval.per_family=2",
+    "eval.max_new_tokens=8",
+    "eval.text_documents=8",
+    "eval.samples=1",
+]
+QUICK_ARGS = ["--seed", "3", "--device", "cpu", *set_args(QUICK_SETS)]
+
+
+@pytest.fixture(scope="module")
+def finished_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    result = run_cli("quickstart", "--out", out, *QUICK_ARGS, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+def test_every_stage_runs_from_its_predecessor(finished_quickstart: tuple[Path, str]) -> None:
+    out, _ = finished_quickstart
+    parents = {"sft": "pretrain", "dpo": "sft", "rlhf": "dpo"}
+    for stage in TRAINING_STAGES:
+        state = read_state(out / stage)
+        assert state["finished"] is True, stage
+        if stage in parents:
+            assert Path(state["parent"]).resolve() == (out / parents[stage]).resolve()
+    # The reward model is a run of its own inside the RLHF run, evaluated on held-out pairs.
+    reward_evals = [row for row in read_metrics(out / "rlhf" / "reward") if row["kind"] == "eval"]
+    assert reward_evals and "pref_accuracy" in reward_evals[-1]
+
+
+def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str]) -> None:
+    out, stdout = finished_quickstart
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    paths = [Path(run["path"]).resolve() for run in report["runs"]]
+    assert paths == [(out / stage).resolve() for stage in TRAINING_STAGES]
+    for run in report["runs"]:
+        assert run["metrics"]["bpb"] > 0
+    assert f"minigpt chat {out / 'rlhf'}" in stdout
+
+
+def test_rerun_skips_finished_stages(finished_quickstart: tuple[Path, str]) -> None:
+    out, _ = finished_quickstart
+    before = _weight_times(out)
+    result = run_cli("quickstart", "--out", out, *QUICK_ARGS, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in (*TRAINING_STAGES, "reward"):
+        assert f"{stage}: finished earlier" in result.stdout
+    assert _weight_times(out) == before
+
+
+def _weight_times(out: Path) -> dict[str, int]:
+    return {s: (out / s / "model.safetensors").stat().st_mtime_ns for s in TRAINING_STAGES}
+
+
+def test_stage_status_reads_the_run_directory(
+    finished_quickstart: tuple[Path, str], tmp_path: Path
+) -> None:
+    out, _ = finished_quickstart
+    assert stage_status(out / "sft") == "finished"
+    assert stage_status(tmp_path / "missing") == "start"
+    (tmp_path / "empty").mkdir()
+    assert stage_status(tmp_path / "empty") == "start"
+
+
+def test_ctrl_c_mid_stage_resumes_that_stage(tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    # A longer SFT so the interrupt lands inside it, after its first checkpoint.
+    args = [*QUICK_ARGS, "--set", "sft.max_steps=400", "--set", "sft.save_every=5"]
+    env = {**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", "quickstart", "--out", str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "sft" / "trainer_state.json").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "SFT never wrote a checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert f"minigpt quickstart --out {out}" in stderr
+    assert stage_status(out / "pretrain") == "finished"
+    assert stage_status(out / "sft") == "resume"
+    stopped_at = read_state(out / "sft")["step"]
+
+    # Continue with a short SFT budget: pretraining is skipped, SFT resumes where it stopped.
+    again = [*QUICK_ARGS, "--set", f"sft.max_steps={stopped_at + 5}", "--set", "sft.save_every=5"]
+    result = run_cli("quickstart", "--out", out, *again, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pretrain: finished earlier" in result.stdout
+    assert "sft: resuming" in result.stdout
+    steps = [row["step"] for row in read_metrics(out / "sft") if row["kind"] == "train"]
+    assert steps == sorted(set(steps)), "resumed SFT repeated or skipped logged steps"
+    assert read_state(out / "sft")["step"] == stopped_at + 5
