@@ -1,18 +1,21 @@
-"""What each stage adds: pretrain -> SFT -> DPO on the built-in data, timed and scored held out.
+"""What each stage adds: `minigpt quickstart` on the built-in data, timed and scored held out.
 
-Runs the real verbs with their default settings (`minigpt pretrain --preset tiny`, `minigpt sft
---from ...`, `minigpt dpo --from ...`), each in its own process, and reports
+Runs the real command a user runs first (`minigpt quickstart --preset tiny`: tokenizer + pretrain
+-> SFT -> DPO -> reward model + PPO -> eval, each stage with its default settings) in its own
+process, and reports from what it wrote:
 
-- the wall time of each verb (tokenizer training, data preparation and evaluations included);
-- held-out exact match per task family after each stage (the pretrained model is asked zero-shot
-  in the chat format), on `--per-family` held-out questions per family;
-- DPO's held-out preference accuracy (implicit reward against the SFT model; ties count wrong).
+- the wall time of each stage (tokenizer training, data preparation and evaluations included) and
+  of the whole command, and its peak RSS;
+- held-out exact match per task family after each stage (the pretrained model asked zero-shot in
+  the chat format), bits per byte on held-out text, preference accuracy on held-out pairs
+  (implicit reward against the parent; ties count wrong), from the quickstart's eval.json;
+- DPO's and the reward model's own held-out preference accuracy (their last eval rows).
 
-With `--real DIR` (the project's ../shared/data) it also fine-tunes on real text: SFT on
-sft_alpaca_en.jsonl and sft_oasst_zh.jsonl, DPO on dpo_hh_helpful_en.jsonl, and reports their
-held-out losses and preference accuracy.
+With `--real DIR` (the project's ../shared/data) it also fine-tunes on real text from the
+quickstart's pretrained model: SFT on sft_alpaca_en.jsonl and sft_oasst_zh.jsonl, DPO on
+dpo_hh_helpful_en.jsonl, and reports their held-out losses and preference accuracy.
 
-    python benchmarks/pipeline.py                        # about 8 minutes on 2 cores
+    python benchmarks/pipeline.py                        # about 10 minutes on 2 cores
     python benchmarks/pipeline.py --real ../shared/data  # plus the real-data runs
     python benchmarks/pipeline.py --workdir /tmp/p --keep  # reuse finished stages
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("pretrain", "sft", "dpo", "rlhf")
 
 
 def run_verb(args: list[str], log: Path) -> float:
@@ -52,68 +59,65 @@ def run_verb(args: list[str], log: Path) -> float:
     return seconds
 
 
-def held_out_exact_match(run_dir: Path, per_family: int) -> dict[str, float]:
-    import torch
-
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.data import builtin_records
-    from minigpt_cli.engine.sft import exact_match_by_family
-
-    torch.set_num_threads(2)
-    loaded = load_run(run_dir)
-    records = builtin_records("sft", "val", 400, 0)
-    return exact_match_by_family(loaded.model, loaded.tokenizer, records, per_family=per_family)
-
-
 def last_eval(run_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "eval"][-1]
 
 
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--keep", action="store_true", help="reuse finished runs in --workdir")
-    parser.add_argument("--per-family", type=int, default=100)
+    parser.add_argument("--keep", action="store_true", help="continue the quickstart in --workdir")
     parser.add_argument("--real", type=Path, default=None, help="folder with the real datasets")
     args = parser.parse_args()
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minigpt-pipeline-"))
+    out = folder / "quickstart"
+    if out.exists() and not args.keep:
+        shutil.rmtree(out)
     folder.mkdir(parents=True, exist_ok=True)
-    if not args.keep:
-        for child in ("pretrain", "sft", "dpo"):
-            (folder / child / "trainer_state.json").unlink(missing_ok=True)
-    plain = ["--set", "log.progress=plain"]
-    stages = [
-        ("pretrain", ["pretrain", "--preset", "tiny", "--out", str(folder / "pretrain"), *plain]),
-        ("sft", ["sft", "--from", str(folder / "pretrain"), "--out", str(folder / "sft"), *plain]),
-        ("dpo", ["dpo", "--from", str(folder / "sft"), "--out", str(folder / "dpo"), *plain]),
-    ]
-    seconds: dict[str, float] = {}
-    scores: dict[str, dict[str, float]] = {}
-    for name, verb in stages:
-        seconds[name] = run_verb(verb, folder / f"{name}.log")
-        scores[name] = held_out_exact_match(folder / name, args.per_family)
-        print(f"{name}: {seconds[name]:.0f} s, {scores[name]}", flush=True)
+    command = ["quickstart", "--preset", "tiny", "--out", str(out)]
+    start = time.perf_counter()
+    with (folder / "quickstart.log").open("w") as handle:
+        result = subprocess.run(
+            [sys.executable, "-m", "minigpt_cli", *command], stdout=handle, stderr=subprocess.STDOUT
+        )
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"minigpt {' '.join(command)} failed; see {folder / 'quickstart.log'}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-    families = sorted(k for k in scores["sft"] if k.startswith("exact_match/"))
-    print(f"\nwork dir {folder}; held-out exact match on {args.per_family} questions per family\n")
-    header = ["stage", "wall time", *[f.split("/")[1] for f in families], "all"]
+    seconds = json.loads((out / "quickstart.json").read_text())["seconds"]
+    report = json.loads((out / "eval.json").read_text())
+    metrics = {Path(run["path"]).name: run["metrics"] for run in report["runs"]}
+    families = sorted(key.split("/")[1] for key in metrics["sft"] if key.startswith("exact_match/"))
+    print(f"work dir {out}; `minigpt {' '.join(command)}`: {wall:.0f} s, peak RSS {peak_mb:.0f} MB")
+    print(f"eval data: {report['data']}\n")
+    header = ["stage", "wall time", *families, "all", "bpb", "pref_accuracy"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name in ("pretrain", "sft", "dpo"):
-        cells = [f"{100 * scores[name][f]:.0f} %" for f in [*families, "exact_match"]]
-        print(f"| {name} | {seconds[name]:.0f} s | " + " | ".join(cells) + " |")
-    dpo = last_eval(folder / "dpo")
+    for name in STAGES:
+        row = metrics[name]
+        cells = [percent(row.get(f"exact_match/{f}")) for f in families]
+        cells += [percent(row.get("exact_match")), f"{row.get('bpb', float('nan')):.3f}"]
+        cells.append(percent(row.get("pref_accuracy")))
+        print(f"| {name} | {seconds.get(name, float('nan')):.0f} s | " + " | ".join(cells) + " |")
+    print(f"| eval | {seconds.get('eval', float('nan')):.0f} s |" + " |" * (len(header) - 2))
+    dpo = last_eval(out / "dpo")
+    reward = last_eval(out / "rlhf" / "reward")
     print(
-        f"\nDPO held-out: pref_accuracy {100 * dpo['pref_accuracy']:.1f} %, margin "
-        f"{dpo['margin']:.3f}, chosen reward {dpo['chosen_reward']:.3f}, rejected reward "
-        f"{dpo['rejected_reward']:.3f}"
+        f"\nDPO held-out (its own eval): pref_accuracy {percent(dpo['pref_accuracy'])}, margin "
+        f"{dpo['margin']:.3f}; reward model held-out pref_accuracy "
+        f"{percent(reward['pref_accuracy'])}"
     )
     if args.real:
-        real_data(args.real, folder, plain)
+        real_data(args.real, folder, out / "pretrain", ["--set", "log.progress=plain"])
 
 
-def real_data(data: Path, folder: Path, plain: list[str]) -> None:
+def real_data(data: Path, folder: Path, pretrained: Path, plain: list[str]) -> None:
     """SFT on Alpaca (en) and OASST (zh), DPO on HH-helpful, from the built-in pretrain run."""
     runs = [
         ("sft alpaca_en", ["sft", "--data", str(data / "sft_alpaca_en.jsonl")], "sft-alpaca"),
@@ -124,7 +128,7 @@ def real_data(data: Path, folder: Path, plain: list[str]) -> None:
     for label, verb, name in runs:
         out = folder / name
         wall = run_verb(
-            [*verb, "--from", str(folder / "pretrain"), "--out", str(out), *plain],
+            [*verb, "--from", str(pretrained), "--out", str(out), *plain],
             folder / f"{name}.log",
         )
         evals = [

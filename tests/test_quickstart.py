@@ -73,6 +73,9 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
     for run in report["runs"]:
         assert run["metrics"]["bpb"] > 0
     assert f"minigpt chat {out / 'rlhf'}" in stdout
+    times = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
+    assert set(times["seconds"]) == {*TRAINING_STAGES, "eval"}
+    assert sum(times["seconds"].values()) <= times["total_seconds"]
 
 
 def test_rerun_skips_finished_stages(finished_quickstart: tuple[Path, str]) -> None:
@@ -82,6 +85,8 @@ def test_rerun_skips_finished_stages(finished_quickstart: tuple[Path, str]) -> N
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in (*TRAINING_STAGES, "reward"):
         assert f"{stage}: finished earlier" in result.stdout
+    times = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
+    assert set(times["seconds"]) == {"eval"}, "a skipped stage was timed as if it ran"
     assert _weight_times(out) == before
 
 

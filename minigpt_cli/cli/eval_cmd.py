@@ -221,7 +221,9 @@ def print_report(report: EvalReport, console: Console) -> None:
     table.add_column("metric", no_wrap=True)
     for run in report.runs:
         header = Text(run.name, style="bold")
-        header.append(f"\n{run.stage or '?'}" + (" (chat)" if run.chat else ""), style="dim")
+        stage = "" if run.stage == run.name else run.stage or "?"
+        subtitle = " ".join(part for part in (stage, "(chat)" if run.chat else "") if part)
+        header.append(f"\n{subtitle}", style="dim")
         table.add_column(header, justify="right")
     for title, keys in _rows(report):
         if not keys:

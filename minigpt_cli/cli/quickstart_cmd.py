@@ -23,6 +23,7 @@ TRAINING_STAGES = ("pretrain", "sft", "dpo", "rlhf")
 # to the person watching (its own run directory, its own progress).
 DASHBOARD_ROWS = ("pretrain", "sft", "dpo", "reward", "rlhf", "eval")
 EVAL_FILE = "eval.json"
+TIMES_FILE = "quickstart.json"  # wall seconds of the stages this invocation ran
 
 OutDirOpt = Annotated[
     Path | None,
@@ -130,7 +131,21 @@ def quickstart(
         report = _evaluate(folder, dirs, eval_options, dashboard)
         timings["eval"] = time.perf_counter() - eval_start
         dashboard.stage_finished("eval", f"done in {format_duration(timings['eval'])}")
-    _print_summary(console, report, folder, dirs, timings, time.perf_counter() - started)
+    total_seconds = time.perf_counter() - started
+    _save_times(folder / TIMES_FILE, timings, total_seconds)
+    _print_summary(console, report, folder, dirs, timings, total_seconds)
+
+
+def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> None:
+    """Record how long each stage took, as measured around its verb (data preparation, tokenizer
+    and evaluations included), so the figures a person reads later are the measured ones."""
+    from minigpt_cli.engine.io import atomic_write_text
+
+    record = {
+        "seconds": {stage: round(value, 1) for stage, value in timings.items()},
+        "total_seconds": round(total_seconds, 1),
+    }
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any) -> Any:

@@ -417,8 +417,8 @@ def load_model_weights(model: GPT, path: Path) -> None:
     model.load_exported_state_dict(tensors)
 
 
-def _resolve_parent(run_dir: Path, written: str) -> Path:
-    """The parent run a LoRA run names in its state, as the trainer wrote it.
+def find_parent(run_dir: Path, written: str) -> Path | None:
+    """The parent run a run names in its state, as the trainer wrote it (None: not found).
 
     A relative path was written relative to the working directory of the training command; when
     the current one differs, the same path is looked for next to the run and above it, so a
@@ -432,10 +432,7 @@ def _resolve_parent(run_dir: Path, written: str) -> Path:
     for candidate in candidates:
         if (candidate / STATE_FILE).is_file() or (candidate / MODEL_FILE).is_file():
             return candidate
-    raise UserError(
-        f"{run_dir}: this LoRA run holds only an adapter; it needs its parent run {written} "
-        "(the weights the adapter was trained on), which is not there"
-    )
+    return None
 
 
 def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> GPT:
@@ -460,7 +457,12 @@ def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ..
             f"{folder}: has {ADAPTER_FILE} but neither {MODEL_FILE} nor a parent run in "
             f"{STATE_FILE}, so there are no base weights to apply the adapter to"
         )
-    parent_dir = _resolve_parent(folder, written)
+    parent_dir = find_parent(folder, written)
+    if parent_dir is None:
+        raise UserError(
+            f"{folder}: this LoRA run holds only an adapter; it needs its parent run {written} "
+            "(the weights the adapter was trained on), which is not there"
+        )
     if parent_dir.resolve() in chain:
         raise UserError(f"{folder}: its chain of parent runs loops back to {parent_dir}")
     model = _load_run(parent_dir, "cpu", (*chain, parent_dir.resolve())).model

@@ -561,23 +561,14 @@ def select_per_family(records: Sequence[dict], per_family: int | None, seed: int
 
 
 def _parent_dir(run_dir: Path, state: dict[str, Any]) -> Path | None:
-    """The parent run a run records, found as `checkpoint.load_run` finds a LoRA run's parent: as
-    written, else relative to the run and the folders above it. None when there is none (or it is
-    gone)."""
-    from minigpt_cli.engine.checkpoint import MODEL_FILE, STATE_FILE
+    """The parent run a run records, found as `checkpoint.load_run` finds a LoRA run's parent
+    (None when there is none, or it is gone)."""
+    from minigpt_cli.engine.checkpoint import find_parent
 
     written = state.get("parent")
     if not isinstance(written, str) or not written:
         return None
-    path = Path(written)
-    candidates = [path]
-    if not path.is_absolute():
-        here = run_dir.resolve()
-        candidates += [ancestor / path for ancestor in (here, *here.parents)]
-    for candidate in candidates:
-        if (candidate / STATE_FILE).is_file() or (candidate / MODEL_FILE).is_file():
-            return candidate
-    return None
+    return find_parent(run_dir, written)
 
 
 def _ancestors(run_dir: Path) -> list[Path]:
