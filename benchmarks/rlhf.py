@@ -9,7 +9,11 @@ and runs the real verb three times, each limited by `--max-time` (default 2 minu
   preference accuracy reported): held-out reward before/after, response length and distinct-2,
   so that reward hacking by repetition or length would show.
 
-    python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/sft
+With `--real DIR` (the project's ../shared/data) it also trains a reward model on
+dpo_hh_helpful_en.jsonl (real human preferences) and reports its held-out preference accuracy.
+
+    python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/quickstart/sft
+    python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/quickstart/sft --real ../shared/data
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--from", dest="parent", type=Path, required=True)
     parser.add_argument("--max-time", default="2m")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--real", type=Path, default=None, help="folder with the real datasets")
     args = parser.parse_args()
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minigpt-rlhf-"))
     common = ["--from", str(args.parent), "--max-time", args.max_time, "--max-steps", "1000"]
@@ -80,6 +85,23 @@ def main() -> None:
                 f"reward model held-out pref_accuracy {100 * reward_eval['pref_accuracy']:.1f} % "
                 f"(margin {reward_eval['margin']:.3f})"
             )
+    if args.real:
+        real_reward_model(args.parent, args.real / "dpo_hh_helpful_en.jsonl", folder)
+
+
+def real_reward_model(parent: Path, pairs: Path, folder: Path) -> None:
+    """A reward model trained on real human preference pairs (one PPO iteration follows it)."""
+    out = folder / "ppo-model-hh"
+    args = ["rlhf", "--from", str(parent), "--reward", "model", "--preference-data", str(pairs)]
+    args += ["--max-steps", "1", "--set", "log.progress=plain", "--overwrite", "--out", str(out)]
+    seconds = run(args, folder / "ppo-model-hh.log")
+    evals = rows(out / "reward", "eval")
+    print(
+        f"\n## reward model on {pairs.name}: {seconds:.0f} s wall; held-out pref_accuracy "
+        f"{100 * evals[0]['pref_accuracy']:.1f} % at step {evals[0]['step']} -> "
+        f"{100 * evals[-1]['pref_accuracy']:.1f} % at step {evals[-1]['step']} "
+        f"(margin {evals[-1]['margin']:.3f})"
+    )
 
 
 if __name__ == "__main__":

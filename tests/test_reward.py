@@ -305,7 +305,9 @@ def test_training_raises_preference_accuracy_above_chance(tmp_path: Path) -> Non
     ]
     rows = train_reward(tmp_path, model, stage, sets, TOK.vocab_size)
     train_rows = [r for r in rows if r["kind"] == "train"]
-    (final,) = [r for r in rows if r["kind"] == "eval"]
+    before, final = [r for r in rows if r["kind"] == "eval"]
+    assert before["step"] == 0 and final["step"] == 30
+    assert final["pref_accuracy"] > before["pref_accuracy"]
     assert len(train_rows) == 30 and train_rows[0]["stage"] == "reward"
     assert {"pref_accuracy", "margin", "chosen_score", "rejected_score"} <= set(train_rows[-1])
     late = [r["pref_accuracy"] for r in train_rows[-6:]]

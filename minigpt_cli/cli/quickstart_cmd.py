@@ -128,6 +128,7 @@ def quickstart(
             timings[stage] = time.perf_counter() - stage_start
             release_memory()
         eval_start = time.perf_counter()
+        dashboard.stage_running("eval", f"evaluating {len(TRAINING_STAGES)} runs side by side")
         report = _evaluate(folder, dirs, eval_options, dashboard)
         timings["eval"] = time.perf_counter() - eval_start
         dashboard.stage_finished("eval", f"done in {format_duration(timings['eval'])}")

@@ -253,10 +253,46 @@ class PipelineRenderer(EventRenderer):
         self.print(f"{stage}: {reason}")
         self._advance_overall()
 
+    def stage_running(self, stage: str, info: str) -> None:
+        """Mark a stage started that emits no training `stage_start` event (e.g. eval)."""
+        self.print(f"{stage}: {info}")
+        if self.live and self.progress is not None:
+            task = self.tasks[f"{stage}:train"]
+            self.progress.start_task(task)
+            self.progress.update(task, info=info)
+
+    def _on_progress(self, event: Event) -> None:
+        # Sub-steps (tokenizer, encoding, reference log-probs, eval parts) get an indented row
+        # under the stage rows while they run and leave when done, so the dashboard stays the
+        # list of stages rather than a growing log.
+        if not self.live:
+            super()._on_progress(event)
+            return
+        data = event.data
+        key = f"{event.stage}:{data['task']}"
+        progress = self._ensure_progress()
+        if key not in self.tasks:
+            self.tasks[key] = progress.add_task(
+                f"    {event.stage} · {data['task']}", total=data.get("total"), info=""
+            )
+        total, done = data.get("total"), data.get("done", 0)
+        progress.update(self.tasks[key], completed=done, total=total, info=data.get("message", ""))
+        if total and done >= total:
+            progress.remove_task(self.tasks.pop(key))
+
+    def _drop_sub_rows(self) -> None:
+        """Remove what is left of earlier sub-steps (one without a total never completes)."""
+        if self.progress is None:
+            return
+        keep = {self.OVERALL, *(f"{stage}:train" for stage in self.stages)}
+        for key in [key for key in self.tasks if key not in keep]:
+            self.progress.remove_task(self.tasks.pop(key))
+
     def stage_finished(self, stage: str, summary: str) -> None:
         """Mark a stage done without a training `stage_end` event (e.g. eval)."""
         self.done[stage] = summary
         if self.live and self.progress is not None:
+            self._drop_sub_rows()
             task = self.tasks[f"{stage}:train"]
             self.progress.update(task, total=1, completed=1, info=summary)
         self._advance_overall()
@@ -273,6 +309,7 @@ class PipelineRenderer(EventRenderer):
             f"x {data['accumulation']} accumulation, {data['precision']}) -> {data['run_dir']}"
         )
         assert self.progress is not None
+        self._drop_sub_rows()
         task = self.tasks[f"{event.stage}:train"]
         self.progress.start_task(task)
         self.progress.update(task, total=data["total_steps"], completed=data["step"], info="")

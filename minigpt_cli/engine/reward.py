@@ -241,6 +241,7 @@ class RewardStage(PairStage):
     """
 
     name = "reward"
+    evaluate_at_start = True  # the untrained head's held-out accuracy: the "before" (about chance)
 
     def __init__(
         self,
