@@ -214,14 +214,19 @@ def generate(*args: str | Path):
 def test_one_shot_answers_exactly_as_generate_does(
     tiny_sft_run: Path, tiny_pretrain_run: Path
 ) -> None:
-    sampling = ["--seed", "2", "--temperature", "0.9", "--top-k", "40", "--max-new-tokens", "24"]
     for run in (tiny_sft_run, tiny_pretrain_run):  # chat template, then plain text
-        answer = chat(run, "-p", QUESTION, *sampling, "--device", "cpu")
-        reference = generate(run, "-p", QUESTION, *sampling, "--no-echo", "--device", "cpu")
-        assert answer.exit_code == 0, answer.output
-        assert reference.exit_code == 0, reference.output
-        assert answer.stdout == reference.stdout and answer.stdout.endswith("\n")
-        assert answer.stdout.strip()  # something was said: the comparison is not of two blanks
+        said = []
+        for seed in ("1", "2", "3"):
+            sampling = ["--seed", seed, "--temperature", "0.9", "--top-k", "40", "-n", "24"]
+            answer = chat(run, "-p", QUESTION, *sampling, "--device", "cpu")
+            reference = generate(run, "-p", QUESTION, *sampling, "--no-echo", "--device", "cpu")
+            assert answer.exit_code == 0, answer.output
+            assert reference.exit_code == 0, reference.output
+            assert answer.stdout == reference.stdout and answer.stdout.endswith("\n")
+            said.append(answer.stdout.strip())
+        # Something was said (a barely trained model may stop at once for one seed): the
+        # comparison is not only of blanks.
+        assert any(said)
 
 
 def test_piped_stdin_is_a_scriptable_multi_turn_chat(tiny_sft_run: Path, tok: Tokenizer) -> None:

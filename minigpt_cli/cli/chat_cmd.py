@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
+from minigpt_cli.cli import decoding
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -323,38 +324,20 @@ def chat(
             help="System prompt (a chat-tuned run) or text the conversation starts with (plain).",
         ),
     ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy."),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option("--top-k", min=0, help="Sample among the k most likely tokens; 0 = off."),
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option("--top-p", help="Nucleus sampling: smallest set with this much probability."),
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None,
-        typer.Option(
-            "--repetition-penalty", help="Above 1 discourages tokens already in the text (CTRL)."
-        ),
-    ] = None,
+    temperature: decoding.TemperatureOpt = None,
+    top_k: decoding.TopKOpt = None,
+    top_p: decoding.TopPOpt = None,
+    repetition_penalty: decoding.RepetitionPenaltyOpt = None,
     max_new_tokens: Annotated[
         int | None,
         typer.Option("--max-new-tokens", "-n", min=1, help="Tokens per answer at most."),
     ] = None,
-    greedy: Annotated[
-        bool, typer.Option("--greedy", help="Always take the most likely token.")
-    ] = False,
+    greedy: decoding.GreedyOpt = False,
     seed: Annotated[
         int | None,
         typer.Option("--seed", help="Random seed: the same seed and messages give the same chat."),
     ] = None,
-    device: Annotated[
-        str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, MPS, then CPU).")
-    ] = "auto",
+    device: decoding.DeviceOpt = "auto",
 ) -> None:
     """Chat with a trained run: streaming answers, multi-turn history, /help for commands.
 
@@ -365,38 +348,22 @@ def chat(
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
 
-    import dataclasses
-
-    import torch
-
     from minigpt_cli.engine.chat import stop_token_ids
-    from minigpt_cli.engine.checkpoint import load_run
     from minigpt_cli.engine.conversation import Conversation
-    from minigpt_cli.engine.device import resolve_device
-    from minigpt_cli.engine.generation import SamplingSettings, decode_threads
 
-    target = resolve_device(device)
-    loaded = load_run(run, str(target))
+    loaded, target = decoding.load_for_decoding(run, device)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    if target.type == "cpu":
-        cap = max(1, round((os.cpu_count() or 1) * config.resources.max_cpu / 100))
-        torch.set_num_threads(
-            config.resources.threads or decode_threads(model.num_parameters(), cap)
-        )
-
-    overrides: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k or None,  # 0 (off) is applied below: None here means "keep the default"
-        "top_p": top_p,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-    }
-    settings = SamplingSettings.from_config(
-        config.generate, **overrides, greedy=greedy, stop_ids=stop_token_ids(tokenizer)
+    settings = decoding.sampling_settings(
+        config.generate,
+        top_k=top_k,
+        greedy=greedy,
+        stop_ids=stop_token_ids(tokenizer),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
     )
-    if top_k == 0:
-        settings = dataclasses.replace(settings, top_k=None)
 
     is_chat = bool(loaded.state.get("chat"))
     conversation = Conversation(

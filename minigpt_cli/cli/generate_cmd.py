@@ -8,15 +8,15 @@ end-of-text or end-of-turn token, and the text is printed as it is produced.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from minigpt_cli.cli import decoding
 from minigpt_cli.errors import UserError
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples outputs, as nanoGPT's sample.py prints
@@ -39,27 +39,11 @@ def generate(
         int | None,
         typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy."),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option("--top-k", min=0, help="Sample among the k most likely tokens; 0 = off."),
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option("--top-p", help="Nucleus sampling: smallest set with this much probability."),
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None,
-        typer.Option(
-            "--repetition-penalty", help="Above 1 discourages tokens already in the text (CTRL)."
-        ),
-    ] = None,
-    greedy: Annotated[
-        bool, typer.Option("--greedy", help="Always take the most likely token.")
-    ] = False,
+    temperature: decoding.TemperatureOpt = None,
+    top_k: decoding.TopKOpt = None,
+    top_p: decoding.TopPOpt = None,
+    repetition_penalty: decoding.RepetitionPenaltyOpt = None,
+    greedy: decoding.GreedyOpt = False,
     num_beams: Annotated[
         int | None,
         typer.Option("--num-beams", min=1, help="Beam search with N beams (deterministic)."),
@@ -98,9 +82,7 @@ def generate(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Report speed (tokens/s) on stderr.")
     ] = False,
-    device: Annotated[
-        str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, MPS, then CPU).")
-    ] = "auto",
+    device: decoding.DeviceOpt = "auto",
 ) -> None:
     """Generate text with a trained run, streamed to stdout as it is produced.
 
@@ -110,45 +92,26 @@ def generate(
     import torch
 
     from minigpt_cli.engine.chat import user_prompt
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.device import resolve_device
-    from minigpt_cli.engine.generation import (
-        SamplingSettings,
-        TextStream,
-        decode_threads,
-        generate_batch,
-    )
+    from minigpt_cli.engine.generation import TextStream, generate_batch
 
     text = _read_prompt(prompt)
-    target = resolve_device(device)
-    loaded = load_run(run, str(target))
+    loaded, target = decoding.load_for_decoding(run, device)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    if target.type == "cpu":
-        cap = max(1, round((os.cpu_count() or 1) * config.resources.max_cpu / 100))
-        torch.set_num_threads(
-            config.resources.threads or decode_threads(model.num_parameters(), cap)
-        )
-
-    overrides: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k or None,  # 0 (off) is applied below: None here means "keep the default"
-        "top_p": top_p,
-        "repetition_penalty": repetition_penalty,
-        "num_beams": num_beams,
-        "length_penalty": length_penalty,
-        "seed": seed,
-    }
     stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None and i >= 0)
-    settings = SamplingSettings.from_config(
+    settings = decoding.sampling_settings(
         config.generate,
-        **overrides,
+        top_k=top_k,
         greedy=greedy,
         stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        seed=seed,
         stop_strings=tuple(stop or ()),
     )
-    if top_k == 0:
-        settings = dataclasses.replace(settings, top_k=None)
 
     if loaded.state.get("chat") and not raw:
         # A chat-tuned run answers the prompt as a user turn, in the one chat template.

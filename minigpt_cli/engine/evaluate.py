@@ -648,28 +648,16 @@ def load_eval_data(options: EvalOptions, first_run: Path) -> tuple[dict[str, lis
         if options.text_documents is not None and len(data["text"]) > options.text_documents:
             described["text"] += f" (the first {options.text_documents} scored)"
             data["text"] = data["text"][: options.text_documents]
-    if "generation" in options.parts:
-        records = (
-            read_records(list(options.sft_data), "sft")
-            if options.sft_data
-            else builtin_records("sft", "val")
-        )
-        source = _describe_files(options.sft_data) if options.sft_data else "built-in held-out"
-        data["generation"] = select_per_family(records, options.per_family, options.seed)
-        described["generation"] = (
-            f"{len(data['generation'])} of {len(records)} {source} SFT records"
-        )
-    if "preference" in options.parts:
-        records = (
-            read_records(list(options.pref_data), "dpo")
-            if options.pref_data
-            else builtin_records("dpo", "val")
-        )
-        source = _describe_files(options.pref_data) if options.pref_data else "built-in held-out"
-        data["preference"] = select_per_family(records, options.per_family, options.seed)
-        described["preference"] = (
-            f"{len(data['preference'])} of {len(records)} {source} preference pairs"
-        )
+    for part, paths, kind, what in (
+        ("generation", options.sft_data, "sft", "SFT records"),
+        ("preference", options.pref_data, "dpo", "preference pairs"),
+    ):
+        if part not in options.parts:
+            continue
+        records = read_records(list(paths), kind) if paths else builtin_records(kind, "val")
+        source = _describe_files(paths) if paths else "built-in held-out"
+        data[part] = select_per_family(records, options.per_family, options.seed)
+        described[part] = f"{len(data[part])} of {len(records)} {source} {what}"
     return data, described
 
 
