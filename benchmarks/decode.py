@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.params import count_parameters, format_count  # noqa: E402
-from minigpt_cli.config.schema import ModelConfig  # noqa: E402
 from minigpt_cli.engine.generation import SamplingSettings, generate_batch  # noqa: E402
 from minigpt_cli.engine.model import GPT  # noqa: E402
 
 SHAPES = {
-    # name: (model config, vocabulary size), the presets' shapes
-    "tiny": (ModelConfig(n_layer=4, n_head=2, n_embd=128, context_length=256), 5000),
-    "small": (ModelConfig(n_layer=6, n_head=8, n_embd=512, context_length=256), 10000),
+    # name: (model config, vocabulary size), read from the presets themselves
+    name: (load_config(name).model, load_config(name).tokenizer.vocab_size)
+    for name in ("tiny", "small")
 }
 PROMPT_TOKENS = 16
 

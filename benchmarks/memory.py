@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.schema import ModelConfig  # noqa: E402
 from minigpt_cli.engine.estimate import (  # noqa: E402
     FRAMEWORK_BYTES,
@@ -45,8 +46,16 @@ from minigpt_cli.engine.estimate import (  # noqa: E402
 TARGET_ERROR = 0.15
 """The issue's target: every row's estimate within 15 % of the measured peak."""
 
-TINY = {"n_layer": 4, "n_embd": 128, "n_head": 2, "context_length": 256}
-SMALL = {"n_layer": 6, "n_embd": 512, "n_head": 8, "context_length": 256}
+
+def _preset_shape(name: str) -> dict[str, int]:
+    """A preset's model shape, read from the preset itself so the row's label stays true."""
+    model = load_config(name).model
+    keys = ("n_layer", "n_embd", "n_head", "context_length")
+    return {key: getattr(model, key) for key in keys}
+
+
+TINY = _preset_shape("tiny")
+SMALL = _preset_shape("small")
 # Shapes that are not presets: grouped-query attention, and a deeper, narrower network.
 GQA = {"n_layer": 4, "n_embd": 256, "n_head": 8, "n_kv_head": 2, "context_length": 256}
 DEEP = {"n_layer": 12, "n_embd": 96, "n_head": 2, "context_length": 512}

@@ -7,6 +7,7 @@ and the uniform bound log2(vocab). A model that learned anything beats the unigr
 
     python benchmarks/pretrain_builtin.py                 # tiny preset, default budget
     python benchmarks/pretrain_builtin.py --preset small --extra --max-steps 50
+    python benchmarks/pretrain_builtin.py --run /tmp/p/quickstart/pretrain  # a finished run
 """
 
 from __future__ import annotations
@@ -55,8 +56,20 @@ def unigram_bits_per_byte(run_dir: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="report on this finished built-in pretraining run instead of training one (its wall "
+        "time is then the run's own training time, without tokenizer and encoding)",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags")
     args = parser.parse_args()
+    shown = " ".join(["minigpt pretrain --preset", args.preset, *args.extra])
+    if args.run is not None:
+        state = json.loads((args.run / "trainer_state.json").read_text())
+        report(args.run, shown, float(state["elapsed"]))
+        return
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder) / "run"
         command = [
@@ -72,21 +85,21 @@ def main() -> None:
         ]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        final = [r for r in rows if r["kind"] == "eval"][-1]
-        train = [r for r in rows if r["kind"] == "train"]
-        unigram, uniform = unigram_bits_per_byte(run_dir)
-        rate = sum(r["tokens_per_sec"] for r in train) / len(train)
-        print(
-            "| command | wall time | steps | tokens | tok/s | val bpb | unigram bpb | log2(V) bpb |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
-        shown = " ".join(["minigpt pretrain --preset", args.preset, *args.extra])
-        print(
-            f"| `{shown}` | {wall:.0f} s | {final['step']} | {final['tokens']:,} | {rate:,.0f} "
-            f"| {final['val_bpb']:.3f} | {unigram:.3f} | {uniform:.3f} |"
-        )
+        report(run_dir, shown, time.perf_counter() - start)
+
+
+def report(run_dir: Path, shown: str, wall: float) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["kind"] == "eval"][-1]
+    train = [r for r in rows if r["kind"] == "train"]
+    unigram, uniform = unigram_bits_per_byte(run_dir)
+    rate = sum(r["tokens_per_sec"] for r in train) / len(train)
+    print("| command | wall time | steps | tokens | tok/s | val bpb | unigram bpb | log2(V) bpb |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| `{shown}` | {wall:.0f} s | {final['step']} | {final['tokens']:,} | {rate:,.0f} "
+        f"| {final['val_bpb']:.3f} | {unigram:.3f} | {uniform:.3f} |"
+    )
 
 
 if __name__ == "__main__":

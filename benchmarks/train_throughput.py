@@ -1,8 +1,8 @@
 """Training throughput: tokens/s, MFU and peak RSS per preset shape x precision.
 
 Each configuration runs in its own process (so peak RSS is that configuration's alone): a full
-training step (forward, backward, fused AdamW) at micro-batch 8 and sequence length 256, timed
-over several steps after warm-up. When `transformers` is installed, Hugging Face's
+training step (forward, backward, fused AdamW) at micro-batch 8 and the preset's context length,
+timed over several steps after warm-up. When `transformers` is installed, Hugging Face's
 `LlamaForCausalLM` of the same shape is measured in the same run as a reference.
 
     python benchmarks/train_throughput.py                      # tiny and small, fp32 and bf16
@@ -117,7 +117,8 @@ def main() -> None:
     except ImportError:
         print("(transformers not installed: no Hugging Face reference)\n")
     print(
-        f"micro-batch {args.micro_batch}, sequence 256, {args.threads} threads, "
+        f"micro-batch {args.micro_batch}, sequence = each preset's context, "
+        f"{args.threads} threads, "
         f"median of {args.steps} steps\n"
     )
     print("| preset | precision | implementation | tokens/s | MFU | peak RSS |")

@@ -100,6 +100,13 @@ FINETUNE_SETS = [
     "train.log_every=5",
     "train.eval_batches=2",
     "sft.exact_match_per_family=4",
+    # The preset's [sft] section beats [train] for SFT runs: set the same budget there too.
+    "sft.micro_batch_size=4",
+    "sft.global_batch_size=8",
+    "sft.warmup_steps=2",
+    "sft.eval_every=10",
+    "sft.save_every=10",
+    "sft.log_every=5",
     "log.plot=false",
 ]
 

@@ -383,6 +383,20 @@ def test_dpo_human_assistant_prompts_and_transcripts() -> None:
         normalize_record(diverging, "dpo")
 
 
+def test_a_speaker_going_on_after_an_inline_marker_is_one_turn() -> None:
+    # As in Anthropic HH: "Human:" written inline is not a turn, so the assistant speaks twice.
+    prompt = (
+        "Human: Sharpen knives?\n\nAssistant: Use a stone.  Human:  Thanks.\n\n"
+        "Assistant: Anything else?\n\nHuman: No stone?\n\nAssistant:"
+    )
+    record = normalize_record({"prompt": prompt, "chosen": "A rod.", "rejected": "No."}, "dpo")
+    assert record["prompt_messages"] == [
+        {"role": "user", "content": "Sharpen knives?"},
+        {"role": "assistant", "content": "Use a stone.  Human:  Thanks.\n\nAnything else?"},
+        {"role": "user", "content": "No stone?"},
+    ]
+
+
 def test_rlhf_answers_become_strings() -> None:
     assert normalize_record({"prompt": "6 * 7?", "answer": 42}, "rlhf") == {
         "prompt_messages": [{"role": "user", "content": "6 * 7?"}],

@@ -12,6 +12,7 @@ import pytest
 from minigpt_cli.datasets import builtin, tables
 from minigpt_cli.engine.data import builtin_records, normalize_record
 
+_FACTS_ASKED = ("capital", "sound", "colour", "opposite")
 SMALL = 400  # records per kind/split in most tests: enough for every family and language
 
 
@@ -268,8 +269,10 @@ def test_held_out_phrasings_use_only_characters_seen_in_training(
     subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
     words = tuple(w for pair in tables.DICTIONARY for w in pair)
     expected_phrasings = {
-        "facts": sum(len(q) for rel in builtin._RELATIONS for q in rel.val_questions.values()),
-        "translation": sum(len(p) for p in builtin._TRANSLATE_VAL.values()),
+        family: sum(
+            len(builtin.held_out_phrasings(a, lang)) for a in asked for lang in builtin.LANGS
+        )
+        for family, asked in (("facts", _FACTS_ASKED), ("translation", ("en2zh", "zh2en")))
     }
     for family, names in (("facts", subjects), ("translation", words)):
         phrasings = set()
@@ -290,15 +293,68 @@ def _list_words(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
-def test_string_ops_words_are_held_out(kind: str) -> None:
+def test_string_ops_lists_are_held_out(kind: str) -> None:
+    lists: dict[str, set[tuple[str, ...]]] = {}
     for split in builtin.SPLITS:
-        seen = set()
+        lists[split] = set()
         for record in _records_of(kind, split, "string_ops"):
             words = _list_words(_user_text(kind, record))
-            assert 2 <= len(words) <= 6
-            seen.update(words)
-        assert {builtin.word_split(w) for w in seen} == {split}, split
-        assert len(seen) > 40
+            assert 2 <= len(words) <= 6 and len(set(words)) == len(words)
+            assert builtin.list_split(words) == split, words
+            lists[split].add(tuple(words))
+        assert len(lists[split]) > 100
+    assert not lists["train"] & lists["val"]
+    # Held out are the lists, not the words: every word of a held-out list is one the model has
+    # seen in training lists (copying a word it never saw in a list is out of a tiny model's reach).
+    train_words = {w for words in lists["train"] for w in words}
+    val_words = {w for words in lists["val"] for w in words}
+    assert len(val_words - train_words) <= len(val_words) // 20
+
+
+_STRING_OPS_INSTRUCTIONS = {
+    instruction
+    for by_lang in builtin._STRING_OPS.values()
+    for phrasings in by_lang.values()
+    for instruction, _ in phrasings
+}
+
+
+def _template_skeleton(template: str) -> str:
+    """A question template written the way `_skeleton` writes a question: subject as `{s}`."""
+    return template.replace("{As}", "{s}").replace("{as}", "{s}").replace("{S}", "{s}")
+
+
+def test_held_out_questions_combine_a_frame_and_a_relation_seen_apart_in_training() -> None:
+    # A held-out question is a (frame, relation/direction) pair never seen in training, while
+    # that frame is trained with other relations and that relation with other frames.
+    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    words = tuple(w for pair in tables.DICTIONARY for w in pair)
+    normal = _template_skeleton
+    train: set[str] = set()
+    val: set[str] = set()
+    for family, names in (("facts", subjects), ("translation", words)):
+        for split, seen in (("train", train), ("val", val)):
+            for record in _records_of("sft", split, family, 6000):
+                seen.add(_skeleton(_user_text("sft", record), names))
+    for asked in builtin.ASKED:
+        for lang in builtin.LANGS:
+            held_out = {normal(t) for t in builtin.held_out_phrasings(asked, lang)}
+            framed, own = builtin.training_phrasings(asked, lang)
+            assert len(held_out) == 2 and held_out <= val, (asked, lang)
+            if lang == "zh":  # nothing after the noun phrase for BPE to merge with
+                phrase = builtin._NOUN_PHRASES[asked][lang]
+                assert all(t.endswith(phrase + "。") for t in held_out), held_out
+            assert not held_out & train and not held_out & {normal(t) for t in own}
+            assert len({normal(t) for t in framed} & train) == 8, (asked, lang)
+            for index, frame in enumerate(builtin._FRAMES[lang]):
+                if not builtin.frame_held_out(index, asked, lang):
+                    continue
+                trained_with = [
+                    other
+                    for other in builtin.ASKED
+                    if normal(frame.replace("{q}", builtin._NOUN_PHRASES[other][lang])) in train
+                ]
+                assert len(trained_with) >= 4 and asked not in trained_with, (frame, asked)
 
 
 def test_string_ops_answers_are_right() -> None:
@@ -312,18 +368,21 @@ def test_string_ops_answers_are_right() -> None:
         assert record["output"] in allowed
 
 
-def test_pretraining_lists_use_training_words_only(
+def test_pretraining_lists_are_training_lists(
     pretrain_default: tuple[list[dict], float],
 ) -> None:
     checked = set()
     for doc in pretrain_default[0]:
-        if doc["task"] != "string_ops":
-            continue
-        pattern = r"(?:a list of words:\n|这是一组词：)(.*?)(?:\nBackwards|。倒过来)"
-        for listed in re.findall(pattern, doc["text"], re.S):
-            checked.update(re.split(r"、|\n", listed))
-    assert len(checked) > 100
-    assert {builtin.word_split(w) for w in checked} == {"train"}
+        if doc["task"] == "string_ops":
+            pattern = r"(?:a list of words:\n|这是一组词：)(.*?)(?:\nBackwards|。倒过来)"
+            for listed in re.findall(pattern, doc["text"], re.S):
+                checked.add(tuple(re.split(r"、|\n", listed)))
+        elif doc["task"] == "quiz":  # a quiz asks string_ops questions too
+            for question in re.findall(r"(?:Q:|问：)\n(.*?)\n(?:A:|答：)\n", doc["text"], re.S):
+                if question.split("\n")[0] in _STRING_OPS_INSTRUCTIONS:
+                    checked.add(tuple(_list_words(question)))
+    assert len(checked) > 1000
+    assert {builtin.list_split(words) for words in checked} == {"train"}
 
 
 # --------------------------------------------------------------------------------------------

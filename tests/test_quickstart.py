@@ -138,3 +138,43 @@ def test_ctrl_c_mid_stage_resumes_that_stage(tmp_path: Path) -> None:
     steps = [row["step"] for row in read_metrics(out / "sft") if row["kind"] == "train"]
     assert steps == sorted(set(steps)), "resumed SFT repeated or skipped logged steps"
     assert read_state(out / "sft")["step"] == stopped_at + 5
+
+
+def test_eval_scores_every_stage_with_the_reward_model(
+    finished_quickstart: tuple[Path, str], tmp_path: Path
+) -> None:
+    import torch
+
+    from minigpt_cli.engine.chat import render_response
+    from minigpt_cli.engine.evaluate import Answer, load_reward_judge, reward_metrics
+    from minigpt_cli.engine.reward import score_texts
+    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.errors import UserError
+
+    out, _ = finished_quickstart
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert all("reward" in run["metrics"] for run in report["runs"])
+    assert "reward" in report["data"]
+
+    judge = load_reward_judge(out / "rlhf" / "reward", out / "pretrain", torch.device("cpu"))
+    tokenizer = Tokenizer.load(out / "pretrain")
+    asked = ({"role": "user", "content": "What is the capital of France?"},)
+    answers = [
+        Answer("facts", "q", "Paris", "Paris", True, asked),
+        Answer("facts", "q", "Paris", "Rome", False, asked),
+        Answer("addition", "q", "3", "4", False, asked),
+    ]
+    sequences = [
+        render_response(list(a.prompt_messages), a.prediction, tokenizer)[0] for a in answers
+    ]
+    scores = score_texts(judge.model, sequences, pad_id=tokenizer.pad_id).tolist()
+    metrics = reward_metrics(judge, tokenizer, answers)
+    assert metrics["reward"] == pytest.approx(sum(scores) / 3, abs=1e-4)
+    assert metrics["reward/facts"] == pytest.approx((scores[0] + scores[1]) / 2, abs=1e-4)
+    assert metrics["reward/addition"] == pytest.approx(scores[2], abs=1e-4)
+
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(UserError, match="another tokenizer"):
+        load_reward_judge(out / "rlhf" / "reward", other, torch.device("cpu"))

@@ -106,7 +106,7 @@ def test_lora_resume_from_a_checkpoint_is_bitwise_identical(
         "--max-steps",
         "10",
         "--set",
-        "train.save_every=5",
+        "sft.save_every=5",
         "--set",
         "train.keep_last=3",
     ]

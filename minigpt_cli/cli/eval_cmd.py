@@ -81,6 +81,14 @@ def eval_runs(
     samples: Annotated[
         int, typer.Option("--samples", min=0, help="Answers shown per run (prompt, reference).")
     ] = 3,
+    reward_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--reward-model",
+            help="A reward run (e.g. runs/rlhf-ppo-tiny/reward): its mean score of every run's "
+            "answers is the `reward` row.",
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None,
         typer.Option(
@@ -138,6 +146,7 @@ def eval_runs(
         seed=seed,
         device=device,
         max_new_tokens=max_new_tokens,
+        reward_model=reward_model,
         parts=parts,
     )
     _apply_caps(runs, device)
@@ -198,7 +207,7 @@ def _rows(report: EvalReport) -> list[tuple[str | None, list[str]]]:
     families = sorted({key.split("/", 1)[1] for key in present if "/" in key})
     sections: list[tuple[str | None, list[str]]] = [
         ("held-out text", ["ppl", "bpb"]),
-        ("answers", ["exact_match", "bleu", "rouge1", "rouge2", "rougeL"]),
+        ("answers", ["exact_match", "bleu", "rouge1", "rouge2", "rougeL", "reward"]),
         (PREFERENCE_SECTION, ["pref_accuracy", "pref_margin"]),
     ]
     for family in families:

@@ -77,11 +77,17 @@ def quickstart(
     from minigpt_cli.engine.governor import release_memory
 
     preset_name = preset or "tiny"
-    # The [eval] section says how much to evaluate; read now so a bad --set fails before training.
-    eval_section = load_config(preset_name, config_file, {}, sets or []).eval
-    eval_options = EvalOptions.from_config(eval_section, seed=seed or 0, device=device or "auto")
     folder = out or Path("runs") / f"quickstart-{preset_name}"
     dirs = stage_dirs(folder)
+    # The [eval] section says how much to evaluate; read now so a bad --set fails before training.
+    eval_section = load_config(preset_name, config_file, {}, sets or []).eval
+    eval_options = EvalOptions.from_config(
+        eval_section,
+        seed=seed or 0,
+        device=device or "auto",
+        # The reward model RLHF trained judges every stage's answers: what RLHF optimised.
+        reward_model=dirs["rlhf"] / "reward",
+    )
     continue_command = f"minigpt quickstart --out {folder}" + (
         f" --preset {preset}" if preset else ""
     )

@@ -10,16 +10,27 @@ Task families (`TASK_FAMILIES`), each asked in English and in Chinese:
   CRC-32 falls in one tenth (520 of the 5050 pairs). Neither order of a held-out pair ever
   appears in training data, pretraining text included.
 - ``facts``: four fixed tables (capital of a country, sound an animal makes, colour of a thing,
-  opposite of a word). Pretraining text states every fact in many ways; training questions use
-  one set of phrasings, held-out questions use other phrasings that appear nowhere in training data
-  (every character of them does, so a held-out question never hinges on an unseen byte token).
+  opposite of a word). Pretraining text states every fact in many ways. Held out: question
+  phrasings, as combinations. Ten shared question frames per language ("Do you know {q}?",
+  "我想知道{q}。", ...) wrap a noun phrase naming what is asked ("the capital of {s}", "{s}的首都");
+  for each relation and language two frames are held out (`frame_held_out`): never used with that
+  relation in any training text, pretraining included, while the same frames are trained with
+  other relations and with the translation directions. So a held-out question pairs a frame and a
+  relation the model only ever saw apart, and every character of it occurs in training text.
+  (Chinese holds out only frames that end with the noun phrase, so BPE cuts the held-out question
+  into pieces training questions also have.) Each relation also has training-only phrasings.
 - ``translation``: single words between English and Chinese, both directions, from a 110-word
-  dictionary that pretraining text spells out. Held out: the question phrasings, as for facts.
-- ``string_ops``: reverse a list of words, name its first or last word, count its words. Held out:
-  the words. About a fifth of each word pool (by CRC-32: 37 of 193 English words, 23 of 110
-  Chinese ones) appears only in held-out lists; no training list, in any kind of record or in
-  pretraining text, contains one of them (they do occur as ordinary words elsewhere, e.g. in the
-  dictionary, so the model knows them as tokens but never saw them manipulated).
+  dictionary that pretraining text spells out. Held out: the question phrasings, as for facts (the
+  two directions count as two more things a frame can ask, each with two held-out frames).
+- ``string_ops``: name the last word of a list of words, or count its words. Held out: the lists.
+  An ordered list belongs to the held-out split by its CRC-32 (one in ten, `list_split`); no
+  training record, pretraining text included, holds a held-out list, and the held-out lists are
+  drawn from the same words as the training lists (the dictionary's, in either language). So
+  held-out items test the operation on lists never seen, not on words never seen: copying a word
+  the model never saw inside a list is out of reach of a tiny model in minutes (measured: 0 % on
+  such words, where training words reach 70 %+), as are naming the first word or reversing a list
+  (they need a two-step attention circuit that did not form in this budget; pretraining text
+  still spells them out).
 
 The held-out part of each family is fixed (it does not depend on the seed), so data generated with
 different seeds for different stages never leaks held-out items into any training split. The seed
@@ -39,7 +50,7 @@ from __future__ import annotations
 import functools
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from minigpt_cli.datasets import tables
@@ -348,12 +359,10 @@ def _addition_item(rng: random.Random, split: str, lang: str) -> _Item:
 
 @dataclass(frozen=True)
 class _Relation:
-    """A fact table with its question phrasings (train / held out) and statement forms."""
+    """A fact table with its statement forms (questions come from `_pick_question`)."""
 
     name: str
     rows: tuple[tuple[str, str, str, str], ...]  # subject_en, answer_en, subject_zh, answer_zh
-    train_questions: dict[str, tuple[str, ...]]
-    val_questions: dict[str, tuple[str, ...]]
     statements: dict[str, tuple[str, ...]]
 
 
@@ -365,29 +374,155 @@ def _opposite_rows() -> tuple[tuple[str, str, str, str], ...]:
     return tuple(rows)
 
 
-# Held-out phrasings keep the words right around the subject the same as some training phrasing
-# ("... the capital of {s}?", "{s}的首都是..."): BPE merges Chinese characters with their neighbours
-# and marks a word's leading space, so a new context could change the subject's very tokens, and the
-# test would be one of tokenization instead of phrasing. For the same reason they use only
-# characters that some training text holds (你知道, 哪个, 吗 and 请问 all occur in training): a
-# character no training text has is a byte-fallback token the model never learned.
+# Questions are asked in two ways. Shared frames ("Do you know {q}?", "你知道{q}吗？") wrap a noun
+# phrase naming what is asked ("the capital of {s}", "{s}的首都", "the Chinese word for {s}"); each
+# fact relation and each translation direction also has phrasings of its own, training only. The
+# held-out questions are (frame, asked) combinations: for each relation or direction, two of the
+# ten frames are never used with it in any training text, while both frames are used with other
+# relations and directions. A held-out question is therefore a combination the model never saw,
+# built from a frame and a noun phrase it saw separately; every character of it occurs in training.
+_FRAMES = {
+    "en": (
+        "What is {q}?",
+        "Tell me {q}.",
+        "Do you know {q}?",
+        "Please tell me {q}.",
+        "Can you tell me {q}?",
+        "I want to know {q}.",
+        "Name {q}.",
+        "Give {q}.",
+        "Could you tell me {q}?",
+        "I would like to know {q}.",
+    ),
+    "zh": (
+        "{q}是什么？",
+        "请说出{q}。",
+        "你知道{q}吗？",
+        "告诉我{q}。",
+        "请问{q}是哪一个？",
+        "我想知道{q}。",
+        "{q}是哪个？",
+        "说说{q}。",
+        "请你说出{q}。",
+        "我想问{q}。",
+    ),
+}
+# What a frame can ask, in a fixed order: the order decides which combinations are held out.
+ASKED: tuple[str, ...] = ("capital", "sound", "colour", "opposite", "en2zh", "zh2en")
+_NOUN_PHRASES = {
+    "capital": {"en": "the capital of {s}", "zh": "{s}的首都"},
+    "sound": {"en": "the sound {as} makes", "zh": "{s}的叫声"},
+    "colour": {"en": "the colour of {s}", "zh": "{s}的颜色"},
+    "opposite": {"en": "the opposite of {s}", "zh": "{s}的反义词"},
+    "en2zh": {"en": "the Chinese word for {s}", "zh": "“{s}”的中文"},
+    "zh2en": {"en": "the English word for {s}", "zh": "“{s}”的英文"},
+}
+# Frame numbers held out, per language and asked. Every frame is held out for at most two of the
+# six, and the two translation directions hold out different frames (so "the Chinese word for"
+# trains with the frames "the English word for" is tested with, and the other way round).
+# Chinese BPE merges a noun phrase with the characters after it ("丹麦的首都是", "的中文是什么" are
+# single pieces), so a frame that goes on after the noun phrase would give a held-out question a
+# piece no training question has: a test of tokenization, not of phrasing. Chinese therefore holds
+# out only frames that end with the noun phrase and "。" (1, 3, 5, 7, 8, 9); English, whose pieces
+# stop at spaces, holds out any.
+_HELD_OUT_FRAMES = {
+    "en": {
+        "capital": (0, 6),
+        "sound": (2, 8),
+        "colour": (4, 9),
+        "opposite": (1, 5),
+        "en2zh": (3, 5),
+        "zh2en": (1, 7),
+    },
+    "zh": {
+        "capital": (1, 5),
+        "sound": (3, 7),
+        "colour": (5, 8),
+        "opposite": (7, 9),
+        "en2zh": (8, 1),
+        "zh2en": (9, 3),
+    },
+}
+FRAME_SHARE = 0.8  # share of training questions asked through a shared frame
+
+
+def frame_held_out(frame: int, asked: str, lang: str) -> bool:
+    """Whether frame number `frame` asking `asked` in `lang` is held out (two per `asked`)."""
+    return frame in _HELD_OUT_FRAMES[lang][asked]
+
+
+def held_out_phrasings(asked: str, lang: str) -> tuple[str, ...]:
+    """The held-out question templates for `asked` in `lang` ({s} is the subject or word)."""
+    phrase = _NOUN_PHRASES[asked][lang]
+    return tuple(
+        frame.replace("{q}", phrase)
+        for index, frame in enumerate(_FRAMES[lang])
+        if frame_held_out(index, asked, lang)
+    )
+
+
+def training_phrasings(asked: str, lang: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(shared-frame templates, own templates) that training text may use for `asked` in `lang`."""
+    phrase = _NOUN_PHRASES[asked][lang]
+    framed = tuple(
+        frame.replace("{q}", phrase)
+        for index, frame in enumerate(_FRAMES[lang])
+        if not frame_held_out(index, asked, lang)
+    )
+    return framed, _OWN_PHRASINGS[asked][lang]
+
+
+def _pick_question(rng: random.Random, split: str, asked: str, lang: str) -> str:
+    if split == "val":
+        return rng.choice(held_out_phrasings(asked, lang))
+    framed, own = training_phrasings(asked, lang)
+    return rng.choice(framed if rng.random() < FRAME_SHARE else own)
+
+
+# Phrasings of one relation or direction only, training only (none is a shared-frame form).
+_OWN_PHRASINGS = {
+    "capital": {
+        "en": (
+            "{s} has which capital city?",
+            "Which city is the capital of {s}?",
+            "What is the capital city of {s}?",
+        ),
+        "zh": ("{s}的首都叫什么？", "{s}的首都是哪个城市？", "{s}的首都是哪里？"),
+    },
+    "sound": {
+        "en": ("What sound does {as} make?", "What does {as} say?", "What noise does {as} make?"),
+        "zh": ("{s}怎么叫？", "{s}是怎么叫的？"),
+    },
+    "colour": {
+        "en": ("What colour is {s}?", "Which colour is {s}?"),
+        "zh": ("{s}是什么颜色的？", "{s}是什么颜色？"),
+    },
+    "opposite": {
+        "en": ("What word is the opposite of {s}?", "Which word is the opposite of {s}?"),
+        "zh": ("{s}的反义词是哪个词？", "{s}的反义词是什么词？"),
+    },
+    "en2zh": {
+        "en": (
+            "Translate into Chinese.\n{s}",
+            "How do you say {s} in Chinese?",
+            "Say {s} in Chinese.",
+        ),
+        "zh": ("把这个词翻译成中文。\n{s}", "{s}用中文怎么说？", "“{s}”翻译成中文是什么？"),
+    },
+    "zh2en": {
+        "en": (
+            "Translate into English.\n{s}",
+            "What does {s} mean in English?",
+            "Say {s} in English.",
+        ),
+        "zh": ("把这个词翻译成英文。\n{s}", "{s}用英文怎么说？", "“{s}”翻译成英文是什么？"),
+    },
+}
+
 _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="capital",
         rows=tables.CAPITALS,
-        train_questions={
-            "en": (
-                "What is the capital of {s}?",
-                "Name the capital of {s}.",
-                "Tell me the capital of {s}.",
-                "{s} has which capital city?",
-            ),
-            "zh": ("{s}的首都是哪里？", "请说出{s}的首都。", "{s}的首都叫什么？"),
-        },
-        val_questions={
-            "en": ("Which city is the capital of {s}?", "Do you know the capital of {s}?"),
-            "zh": ("{s}的首都是哪个城市？", "你知道{s}的首都吗？"),
-        },
         statements={
             "en": (
                 "The capital of {s} is {a}.",
@@ -407,18 +542,6 @@ _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="sound",
         rows=tables.ANIMAL_SOUNDS,
-        train_questions={
-            "en": (
-                "What sound does {as} make?",
-                "What does {as} say?",
-                "Which sound does {as} make?",
-            ),
-            "zh": ("{s}怎么叫？", "{s}的叫声是什么？"),
-        },
-        val_questions={
-            "en": ("What noise does {as} make?", "Do you know what {as} says?"),
-            "zh": ("你知道{s}怎么叫吗？", "请问{s}怎么叫？"),
-        },
         statements={
             "en": (
                 "{As} says {a}.",
@@ -432,18 +555,6 @@ _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="colour",
         rows=tables.COLOURS_OF_THINGS,
-        train_questions={
-            "en": (
-                "What colour is {s}?",
-                "What is the colour of {s}?",
-                "Tell me the colour of {s}.",
-            ),
-            "zh": ("{s}是什么颜色的？", "{s}的颜色是什么？"),
-        },
-        val_questions={
-            "en": ("Which colour is {s}?", "Do you know the colour of {s}?"),
-            "zh": ("{s}是什么颜色？", "你知道{s}的颜色吗？"),
-        },
         statements={
             "en": ("{S} is {a}.", "The colour of {s} is {a}.", "{S} has a {a} colour."),
             "zh": ("{s}是{a}的。", "{s}的颜色是{a}。"),
@@ -452,18 +563,6 @@ _RELATIONS: tuple[_Relation, ...] = (
     _Relation(
         name="opposite",
         rows=_opposite_rows(),
-        train_questions={
-            "en": (
-                "What is the opposite of {s}?",
-                "Give the opposite of {s}.",
-                "Tell me the opposite of {s}.",
-            ),
-            "zh": ("{s}的反义词是什么？", "请说出{s}的反义词。"),
-        },
-        val_questions={
-            "en": ("What word is the opposite of {s}?", "Do you know the opposite of {s}?"),
-            "zh": ("{s}的反义词是哪个词？", "{s}的反义词是哪个？"),
-        },
         statements={
             "en": ("The opposite of {s} is {a}.", "{S} is the opposite of {a}."),
             "zh": ("{s}的反义词是{a}。", "{s}和{a}意思相反。"),
@@ -493,14 +592,13 @@ def _facts_item(rng: random.Random, split: str, lang: str) -> _Item:
     rel = rng.choice(_RELATIONS)
     row = rng.choice(rel.rows)
     subject, answer = _fact_row(rel, row, lang)
-    questions = rel.train_questions if split == "train" else rel.val_questions
     others = sorted({_fact_row(rel, r, lang)[1] for r in rel.rows} - {answer})
     wrong = rng.choice(others)
     statement = rel.statements[lang][0]
     return _Item(
         task="facts",
         lang=lang,
-        instruction=_fill(rng.choice(questions[lang]), subject),
+        instruction=_fill(_pick_question(rng, split, rel.name, lang), subject),
         input="",
         answer=answer,
         wrong=wrong,
@@ -519,36 +617,6 @@ def _fact_statement(rng: random.Random, lang: str) -> str:
 # translation
 # ----------------------------------------------------------------------------------------------
 
-# (question language, direction) -> phrasings; {w} is the word to translate.
-_TRANSLATE_TRAIN = {
-    ("en", "en2zh"): (
-        ("What is the Chinese word for {w}?", ""),
-        ("Translate into Chinese.", "{w}"),
-        ("How do you say {w} in Chinese?", ""),
-    ),
-    ("en", "zh2en"): (
-        ("What is the English word for {w}?", ""),
-        ("Translate into English.", "{w}"),
-        ("What does {w} mean in English?", ""),
-    ),
-    ("zh", "en2zh"): (
-        ("“{w}”的中文是什么？", ""),
-        ("把这个词翻译成中文。", "{w}"),
-        ("{w}用中文怎么说？", ""),
-    ),
-    ("zh", "zh2en"): (
-        ("“{w}”的英文是什么？", ""),
-        ("把这个词翻译成英文。", "{w}"),
-        ("{w}用英文怎么说？", ""),
-    ),
-}
-_TRANSLATE_VAL = {
-    ("en", "en2zh"): (("Do you know the Chinese word for {w}?", ""), ("Say {w} in Chinese.", "")),
-    ("en", "zh2en"): (("Do you know the English word for {w}?", ""), ("Say {w} in English.", "")),
-    ("zh", "en2zh"): (("“{w}”的中文是哪个词？", ""), ("你知道“{w}”的中文吗？", "")),
-    ("zh", "zh2en"): (("“{w}”的英文是哪个词？", ""), ("你知道“{w}”的英文吗？", "")),
-}
-
 
 def _translation_sentence(lang: str, direction: str, word: str, target: str) -> str:
     if lang == "en":
@@ -564,13 +632,12 @@ def _translation_item(rng: random.Random, split: str, lang: str) -> _Item:
     word, target = (en, zh) if direction == "en2zh" else (zh, en)
     other_en, other_zh = rng.choice([pair for pair in tables.DICTIONARY if pair[0] != en])
     wrong = other_zh if direction == "en2zh" else other_en
-    phrasings = (_TRANSLATE_TRAIN if split == "train" else _TRANSLATE_VAL)[(lang, direction)]
-    instruction, input_text = rng.choice(phrasings)
+    instruction, _, input_text = _pick_question(rng, split, direction, lang).partition("\n")
     return _Item(
         task="translation",
         lang=lang,
-        instruction=instruction.format(w=word),
-        input=input_text.format(w=word),
+        instruction=instruction.replace("{s}", word),
+        input=input_text.replace("{s}", word),
         answer=target,
         wrong=wrong,
         sentence=_translation_sentence(lang, direction, word, target),
@@ -600,18 +667,23 @@ _DICTIONARY_STATEMENTS = {
 
 
 @functools.cache
-def _word_pool(lang: str, split: str) -> tuple[str, ...]:
-    if lang == "en":
-        words = {en for en, _ in tables.DICTIONARY} | set(tables.EXTRA_WORDS_EN)
-    else:
-        words = {zh for _, zh in tables.DICTIONARY}
-    want_val = split == "val"
-    return tuple(sorted(w for w in words if _held_out(f"word:{w}", 5) == want_val))
+def _word_pool(lang: str) -> tuple[str, ...]:
+    # Dictionary words only: pretraining spells them out often enough that the tokenizer learns
+    # each as one piece, and naming the last word of a list is then a copy of one token.
+    return tuple(sorted(en if lang == "en" else zh for en, zh in tables.DICTIONARY))
 
 
-def word_split(word: str) -> str:
-    """Which split a word belongs to in the string_ops family ("train" or "val")."""
-    return "val" if _held_out(f"word:{word}", 5) else "train"
+def list_split(words: Sequence[str]) -> str:
+    """Which split an ordered word list belongs to in the string_ops family ("train" or "val")."""
+    return "val" if _held_out("list:" + "|".join(words), 10) else "train"
+
+
+def _draw_list(rng: random.Random, lang: str, split: str, low: int, high: int) -> list[str]:
+    """A list of `low`..`high` distinct words whose order is in `split` (rejection sampling)."""
+    while True:
+        words = rng.sample(_word_pool(lang), rng.randint(low, high))
+        if list_split(words) == split:
+            return words
 
 
 # English lists put one word on each line: a word at the start of a line is tokenized the way the
@@ -621,20 +693,6 @@ _LIST_SEP = {"en": "\n", "zh": "、"}
 
 # op -> language -> (instruction, input) phrasings; the list is always the input.
 _STRING_OPS = {
-    "reverse": {
-        "en": (
-            ("Write these words in reverse order.", "{list}"),
-            ("Reverse the order of these words.", "{list}"),
-        ),
-        "zh": (("把这些词倒过来排列。", "{list}"), ("请倒序写出这些词。", "{list}")),
-    },
-    "first": {
-        "en": (
-            ("What is the first word in this list?", "{list}"),
-            ("Which word comes first in this list?", "{list}"),
-        ),
-        "zh": (("这组词里第一个词是什么？", "{list}"), ("第一个词是哪个？", "{list}")),
-    },
     "last": {
         "en": (
             ("What is the last word in this list?", "{list}"),
@@ -650,17 +708,12 @@ _STRING_OPS = {
         "zh": (("这组词一共有几个？", "{list}"), ("数一数有几个词。", "{list}")),
     },
 }
-_OP_WEIGHTS = {"reverse": 0.2, "first": 0.3, "last": 0.3, "count": 0.2}
-_LIST_LENGTHS = {"reverse": (3, 3), "first": (3, 5), "last": (3, 5), "count": (2, 5)}
+_OP_WEIGHTS = {"last": 0.6, "count": 0.4}
+_LIST_LENGTHS = {"last": (3, 5), "count": (2, 5)}
 
 
 def _string_op_answers(op: str, words: list[str], lang: str) -> tuple[str, str]:
     """The right answer and a plausible wrong one for `op` on `words`."""
-    sep = _LIST_SEP[lang]
-    if op == "reverse":
-        return sep.join(reversed(words)), sep.join(words[1:] + words[:1])
-    if op == "first":
-        return words[0], words[-1]
     if op == "last":
         return words[-1], words[0]
     count = len(words)
@@ -670,14 +723,10 @@ def _string_op_answers(op: str, words: list[str], lang: str) -> tuple[str, str]:
 def _string_op_sentence(op: str, lang: str, value: str) -> str:
     if lang == "en":
         return {
-            "reverse": "In reverse order:\n{v}",
-            "first": "The first word is {v}.",
             "last": "The last word is {v}.",
             "count": "There are {v} words.",
         }[op].format(v=value)
     return {
-        "reverse": "倒过来是：{v}。",
-        "first": "第一个词是{v}。",
         "last": "最后一个词是{v}。",
         "count": "一共有{v}个词。",
     }[op].format(v=value)
@@ -686,7 +735,7 @@ def _string_op_sentence(op: str, lang: str, value: str) -> str:
 def _string_ops_item(rng: random.Random, split: str, lang: str) -> _Item:
     op = rng.choices(tuple(_OP_WEIGHTS), tuple(_OP_WEIGHTS.values()))[0]
     low, high = _LIST_LENGTHS[op]
-    words = rng.sample(_word_pool(lang, split), rng.randint(low, high))
+    words = _draw_list(rng, lang, split, low, high)
     listed = _LIST_SEP[lang].join(words)
     instruction, input_text = rng.choice(_STRING_OPS[op][lang])
     answer, wrong = _string_op_answers(op, words, lang)
@@ -997,7 +1046,7 @@ def _lists_doc(rng: random.Random) -> tuple[str, str]:
     sep = _LIST_SEP[lang]
     parts = []
     for _ in range(rng.randint(3, 6)):
-        words = rng.sample(_word_pool(lang, "train"), rng.randint(3, 5))
+        words = _draw_list(rng, lang, "train", 3, 5)
         listed, backwards = sep.join(words), sep.join(reversed(words))
         if lang == "en":
             parts.append(

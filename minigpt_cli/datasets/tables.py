@@ -358,17 +358,3 @@ STORY_ENDINGS: tuple[tuple[str, str], ...] = (
     ("sang a song on the way home", "在回家的路上唱起了歌"),
     ("told the story to their mother", "把这件事告诉了妈妈"),
 )
-
-# --- extra English words for the word-list tasks (the dictionary's English side is used too). ---
-
-EXTRA_WORDS_EN: tuple[str, ...] = (
-    "happy", "quick", "green", "silver", "gold", "paper", "music", "dance", "sing", "jump",
-    "run", "walk", "swim", "read", "write", "draw", "cook", "sleep", "smile", "laugh",
-    "garden", "winter", "summer", "spring", "autumn", "ocean", "desert", "valley", "bridge",
-    "tower", "castle", "road", "field", "candle", "mirror", "pillow", "blanket", "button",
-    "pocket", "ladder", "basket", "bottle", "rocket", "planet", "comet", "robot", "dragon",
-    "pirate", "wizard", "queen", "king", "farmer", "sailor", "painter", "baker", "pilot",
-    "violin", "drum", "piano", "guitar", "flute", "salad", "pizza", "pepper", "onion", "potato",
-    "butter", "honey", "cookie", "candy", "jacket", "sock", "glove", "scarf", "ring", "coin",
-    "shell", "feather", "pebble", "puzzle", "ticket", "letter", "number", "circle", "square",
-)  # fmt: skip

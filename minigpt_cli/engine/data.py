@@ -409,18 +409,27 @@ def split_human_assistant(text: str) -> list[dict[str, str]]:
     """Turn `Human: ... Assistant: ...` text into chat messages.
 
     The empty `Assistant:` at the end (where the reply goes) is dropped, so a prompt becomes the
-    conversation so far, ending with the user's turn.
+    conversation so far, ending with the user's turn. Two turns of the same speaker in a row (real
+    transcripts have them, e.g. where a marker was written inline and the speaker went on) are one
+    turn, so the conversation alternates as the chat template requires.
     """
     pieces = _HH_TURN.split(text.strip())
-    messages: list[dict[str, str]] = []
+    turns: list[dict[str, str]] = []
     lead = pieces[0].strip()
     if lead:
-        messages.append({"role": "system", "content": lead})
+        turns.append({"role": "system", "content": lead})
     for speaker, content in zip(pieces[1::2], pieces[2::2], strict=True):
         role = "user" if speaker == "Human" else "assistant"
-        messages.append({"role": role, "content": content.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
+        turns.append({"role": role, "content": content.strip()})
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        if messages and messages[-1]["role"] == turn["role"]:
+            parts = (messages[-1]["content"], turn["content"])
+            messages[-1] = {"role": turn["role"], "content": "\n\n".join(p for p in parts if p)}
+        else:
+            messages.append(turn)
     return messages
 
 

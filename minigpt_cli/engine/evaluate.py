@@ -74,6 +74,7 @@ class EvalOptions:
     max_new_tokens: int | None = None  # None: the longest reference of a batch + SFT's margin
     parts: Sequence[str] = PARTS
     text_documents: int | None = None  # None: every document
+    reward_model: Path | None = None  # a reward run: its score of every run's answers, `reward`
 
     @classmethod
     def from_config(cls, section: EvalConfig, **fields: Any) -> EvalOptions:
@@ -349,6 +350,7 @@ class Answer:
     reference: str
     prediction: str
     correct: bool  # exact match after `sft.normalise_answer`
+    prompt_messages: tuple[dict, ...] = ()  # the conversation answered (for a reward model)
 
 
 def generation_metrics(answers: Sequence[Answer]) -> dict[str, float]:
@@ -414,9 +416,51 @@ def answer_prompts(
         user_turns = [m["content"] for m in result.prompt_messages if m["role"] == "user"]
         prompt = user_turns[-1] if user_turns else ""
         answers.append(
-            Answer(result.family, prompt, result.reference, result.prediction, result.correct)
+            Answer(
+                result.family,
+                prompt,
+                result.reference,
+                result.prediction,
+                result.correct,
+                tuple(result.prompt_messages),
+            )
         )
     return answers
+
+
+def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -> dict[str, float]:
+    """The reward model's mean score of the answers (each as prompt + reply in the chat template,
+    as RLHF scores its rollouts), overall and per task family: what RLHF optimised, measured on
+    held-out prompts for every run alike."""
+    from minigpt_cli.engine import chat
+    from minigpt_cli.engine.reward import score_texts
+
+    context = reward_run.model.config.context_length
+    sequences = [
+        chat.render_response(list(a.prompt_messages), a.prediction, tokenizer)[0][-context:]
+        for a in answers
+    ]
+    scores = score_texts(reward_run.model, sequences, pad_id=tokenizer.pad_id).tolist()
+    metrics = {"reward": round(sum(scores) / len(scores), 4)}
+    for family in sorted({a.family for a in answers if a.family}):
+        mine = [score for score, a in zip(scores, answers, strict=True) if a.family == family]
+        metrics[f"reward/{family}"] = round(sum(mine) / len(mine), 4)
+    return metrics
+
+
+def load_reward_judge(path: Path, first_run: Path, device: torch.device) -> Any:
+    """The reward run that judges every run's answers; its tokenizer must be the runs' own (the
+    scores are of token ids), which holds for every run of one pipeline."""
+    from minigpt_cli.engine.reward import load_reward_model
+    from minigpt_cli.engine.tokenizer import MODEL_FILE
+
+    judge = load_reward_model(path, str(device))
+    if (path / MODEL_FILE).read_bytes() != (first_run / MODEL_FILE).read_bytes():
+        raise UserError(
+            f"{path}: this reward model has another tokenizer than {first_run}; it can only "
+            "judge runs of the pipeline it was trained in"
+        )
+    return judge
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,6 +801,11 @@ def evaluate_runs(
         emit(on_event, "note", STAGE, message=f"{part}: {line}")
     device = resolve_device(options.device)
     names = display_names(paths)
+    judge = None
+    if options.reward_model is not None and data.get("generation"):
+        judge = load_reward_judge(Path(options.reward_model), paths[0], device)
+        described["reward"] = f"answers scored by the reward model in {options.reward_model}"
+        emit(on_event, "note", STAGE, message=f"reward: {described['reward']}")
     reports: dict[int, RunReport] = {}
     pair_cache: dict[Path, PairScores] = {}  # every run's pair scores: a later child's reference
     pair_records = data.get("preference", [])
@@ -765,7 +814,9 @@ def evaluate_runs(
     for index in _evaluation_order(paths):
         run_dir, name = paths[index], names[index]
         state = read_state(run_dir)
-        report, own_pairs = _measure_run(run_dir, name, state, data, options, device, on_event)
+        report, own_pairs = _measure_run(
+            run_dir, name, state, data, options, device, on_event, judge
+        )
         release_memory()  # the run's model went out of scope with `_measure_run`
         if own_pairs is not None:
             pair_cache[run_dir.resolve()] = own_pairs
@@ -812,6 +863,7 @@ def _measure_run(
     options: EvalOptions,
     device: torch.device,
     on_event: EventCallback | None,
+    judge: Any = None,
 ) -> tuple[RunReport, PairScores | None]:
     """Load one run and measure what `data` holds; its own pair scores come back separately (the
     preference metrics need the parent's too). The model is freed when this returns."""
@@ -846,6 +898,8 @@ def _measure_run(
             model, tokenizer, prompts, max_new_tokens=options.max_new_tokens, on_batch=progress
         )
         report.metrics.update(generation_metrics(answers))
+        if judge is not None:
+            report.metrics.update(reward_metrics(judge, tokenizer, answers))
         report.counts["answers"] = len(answers)
         report.samples = [
             dict(family=a.family or "", prompt=a.prompt, reference=a.reference, answer=a.prediction)
