@@ -36,6 +36,22 @@ def test_dpo_logs_preference_metrics_and_prefers_the_chosen_replies(
     assert load_run(run_dir).state["parent"] == str(tiny_sft_run)
 
 
+def test_pairs_that_fill_the_whole_context_train(tiny_sft_run: Path, tmp_path: Path) -> None:
+    # Replies cut to the context: a sequence of context + 1 ids is read as `context` of them,
+    # which the memory plan must accept (it once counted the extra target id and refused).
+    import json
+
+    long_reply = " ".join(["apple", "pear", "plum"] * 60)
+    records = [
+        {"prompt": f"List fruit {i}.", "chosen": long_reply, "rejected": "No."} for i in range(6)
+    ]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = tmp_path / "dpo-long"
+    _dpo(tiny_sft_run, run_dir, "--data", str(data), "--max-steps", "2")
+    assert rows(run_dir, "train")[-1]["step"] == 2
+
+
 def test_a_bad_pair_line_exits_2_naming_file_and_line(tiny_sft_run: Path, tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text(

@@ -161,11 +161,15 @@ class EventRenderer:
         )
         self.print(f"{event.stage}: precision {data['precision']}")
         if self.live:
-            progress = self._ensure_progress()
-            key = f"{event.stage}:train"
-            self.tasks[key] = progress.add_task(
-                event.stage, total=data["total_steps"], completed=data["step"], info=""
-            )
+            self._start_row(event)
+
+    def _start_row(self, event: Event) -> None:
+        """The live row a training stage's steps advance."""
+        data = event.data
+        progress = self._ensure_progress()
+        self.tasks[f"{event.stage}:train"] = progress.add_task(
+            event.stage, total=data["total_steps"], completed=data["step"], info=""
+        )
 
     def _on_step(self, event: Event) -> None:
         data = event.data
@@ -297,22 +301,18 @@ class PipelineRenderer(EventRenderer):
             self.progress.update(task, total=1, completed=1, info=summary)
         self._advance_overall()
 
-    def _on_stage_start(self, event: Event) -> None:
-        if not self.live or f"{event.stage}:train" not in self.tasks:
-            super()._on_stage_start(event)
+    def _start_row(self, event: Event) -> None:
+        key = f"{event.stage}:train"
+        if key not in self.tasks:  # a stage without a row of its own
+            super()._start_row(event)
             return
-        data = event.data
-        verb = "resuming" if data.get("resumed") else "training"
-        self.print(
-            f"{event.stage}: {verb} to step {data['total_steps']} "
-            f"({data['tokens_per_step']:,} tokens/step, micro-batch {data['micro_batch_size']} "
-            f"x {data['accumulation']} accumulation, {data['precision']}) -> {data['run_dir']}"
-        )
         assert self.progress is not None
         self._drop_sub_rows()
-        task = self.tasks[f"{event.stage}:train"]
-        self.progress.start_task(task)
-        self.progress.update(task, total=data["total_steps"], completed=data["step"], info="")
+        data = event.data
+        self.progress.start_task(self.tasks[key])
+        self.progress.update(
+            self.tasks[key], total=data["total_steps"], completed=data["step"], info=""
+        )
 
     def _on_stage_end(self, event: Event) -> None:
         if not self.live or f"{event.stage}:train" not in self.tasks:

@@ -152,6 +152,12 @@ def fit_prompt(
     return ids, current, True
 
 
+def forward_length(pairs: Sequence[PreferencePair]) -> int:
+    """The longest forward pass over `pairs`: a sequence of n ids is read as its first n - 1 (the
+    last id is only a target), what the memory estimate must be given."""
+    return max(1, max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) - 1)
+
+
 def build_pairs(
     records: Sequence[dict],
     tokenizer: Any,
@@ -708,9 +714,7 @@ def run_dpo(
         trainable_params=trainable_parameters(setup.model),
         sequences_per_example=2,
         # Batches are padded to their longest sequence, never to the context length.
-        seq_len=max(
-            max(len(p.chosen_ids), len(p.rejected_ids)) for p in [*train_pairs, *val_pairs]
-        ),
+        seq_len=forward_length([*train_pairs, *val_pairs]),
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     # Exact match on the held-out instructions shows whether preference tuning kept the skills.

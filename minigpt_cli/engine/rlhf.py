@@ -682,6 +682,7 @@ def train_reward_model(
         measure_baseline=True,
         stage="reward",
         sequences_per_example=2,
+        # A reward model reads every id of a pair (the last is the one it scores).
         seq_len=max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs),
     )
     stage = RewardStage(
