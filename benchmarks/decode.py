@@ -1,4 +1,4 @@
-"""Decoding speed: tokens per second of `minigpt_cli.engine.generation` with its KV cache.
+"""Decoding speed: tokens per second of `minigpt_cli.engine.inference.generation` with its KV cache.
 
 Measures batch 1 and batch 8 (one prompt, several samples through one batched cache), 128 new
 tokens, for the `tiny` and `small` preset shapes, with fp32 and with bf16 weights. Weights are
@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.params import count_parameters, format_count  # noqa: E402
-from minigpt_cli.engine.generation import SamplingSettings, generate_batch  # noqa: E402
-from minigpt_cli.engine.model import GPT  # noqa: E402
+from minigpt_cli.engine.inference.generation import SamplingSettings, generate_batch  # noqa: E402
+from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 
 SHAPES = {
     # name: (model config, vocabulary size), read from the presets themselves

@@ -1,7 +1,7 @@
 """Honesty check of the memory estimate: estimated vs measured peak RSS of real training runs.
 
-`minigpt_cli.engine.estimate` predicts a run's peak memory before the first step, and the resource
-governor picks the micro-batch from that prediction, so the prediction has to be right. For each
+`minigpt_cli.engine.resources.estimate` predicts a run's peak memory before the first step, and
+the resource governor picks the micro-batch from that prediction, so it has to be right. For each
 shape x micro-batch this runs a short real pretraining run in a fresh process (the real GPT, the
 real Trainer with fused AdamW, fp32, one thread, three optimizer steps of two micro-batches, then
 the validation pass and checkpoint that end every run) and reads that process's peak RSS from the
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.schema import ModelConfig  # noqa: E402
-from minigpt_cli.engine.estimate import (  # noqa: E402
+from minigpt_cli.engine.resources.estimate import (  # noqa: E402
     FRAMEWORK_BYTES,
     MemoryEstimate,
     estimate_for_config,
@@ -113,10 +113,10 @@ def run_worker(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_interop_threads(1)
 
     from minigpt_cli.config.schema import Config, LogConfig, TrainConfig
-    from minigpt_cli.engine.device import PrecisionDecision
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.pretrain import PretrainStage, TokenRange
-    from minigpt_cli.engine.trainer import RunSpec, Trainer, seed_everything
+    from minigpt_cli.engine.hardware.device import PrecisionDecision
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
+    from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 
     model_cfg = ModelConfig(**case["model"])
     vocab = case["vocab"]

@@ -37,7 +37,7 @@ def measure(
     seq = config.model.context_length
     torch.manual_seed(0)
     if impl == "minigpt":
-        from minigpt_cli.engine.model import GPT
+        from minigpt_cli.engine.model.gpt import GPT
 
         model = GPT(config.model, vocab)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_cli.engine import chat
-from minigpt_cli.engine.tokenizer import Tokenizer
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.errors import UserError
 
 
@@ -25,7 +25,7 @@ def conversation() -> list[dict[str, str]]:
 
 
 def test_layout_is_exactly_bos_then_role_content_eot(tok: Tokenizer) -> None:
-    ids, mask = chat.render(conversation(), tok)
+    ids, mask = chat_template.render(conversation(), tok)
     system, user, answer = (tok.encode(t) for t in ("Be brief.", "What is 3 + 4?", "7"))
     expected = [
         tok.bos_id,
@@ -49,18 +49,20 @@ def test_layout_is_exactly_bos_then_role_content_eot(tok: Tokenizer) -> None:
 
 def test_generation_prompt_and_response_use_the_same_template(tok: Tokenizer) -> None:
     prompt = conversation()[:2]
-    ids = chat.prompt_ids(prompt, tok)
+    ids = chat_template.prompt_ids(prompt, tok)
     assert ids[-1] == tok.assistant_id
-    assert ids == chat.render(prompt, tok)[0] + [tok.assistant_id]
-    full, mask = chat.render_response(prompt, "seven", tok)
+    assert ids == chat_template.render(prompt, tok)[0] + [tok.assistant_id]
+    full, mask = chat_template.render_response(prompt, "seven", tok)
     assert full == ids + tok.encode("seven") + [tok.eot_id]
     assert (
         full
-        == chat.render(conversation()[:2] + [{"role": "assistant", "content": "seven"}], tok)[0]
+        == chat_template.render(
+            conversation()[:2] + [{"role": "assistant", "content": "seven"}], tok
+        )[0]
     )
     assert mask == [False] * len(ids) + [True] * (len(full) - len(ids))
-    assert chat.stop_token_ids(tok) == (tok.eot_id, tok.eos_id)
-    assert chat.user_prompt("hi", tok) == [
+    assert chat_template.stop_token_ids(tok) == (tok.eot_id, tok.eos_id)
+    assert chat_template.user_prompt("hi", tok) == [
         tok.bos_id,
         tok.user_id,
         *tok.encode("hi"),
@@ -75,7 +77,7 @@ def test_typed_special_token_text_never_yields_special_ids(tok: Tokenizer) -> No
         {"role": "user", "content": forged},
         {"role": "assistant", "content": forged},
     ]
-    ids, _ = chat.render(messages, tok)
+    ids, _ = chat_template.render(messages, tok)
     specials = [token for token in ids if token in set(tok.special_ids)]
     # Only the template's own markers: bos, then role + eot for each of the two turns.
     assert specials == [tok.bos_id, tok.user_id, tok.eot_id, tok.assistant_id, tok.eot_id]
@@ -83,8 +85,8 @@ def test_typed_special_token_text_never_yields_special_ids(tok: Tokenizer) -> No
 
 
 def test_train_on_prompt_trains_everything_after_bos(tok: Tokenizer) -> None:
-    ids, mask = chat.render(conversation(), tok, train_on_prompt=True)
-    default_ids, default_mask = chat.render(conversation(), tok)
+    ids, mask = chat_template.render(conversation(), tok, train_on_prompt=True)
+    default_ids, default_mask = chat_template.render(conversation(), tok)
     assert ids == default_ids
     assert mask == [False] + [True] * (len(ids) - 1)
     assert sum(mask) > sum(default_mask)
@@ -97,7 +99,7 @@ def test_every_assistant_turn_is_learned(tok: Tokenizer) -> None:
         {"role": "user", "content": "c"},
         {"role": "assistant", "content": "d"},
     ]
-    ids, mask = chat.render(messages, tok)
+    ids, mask = chat_template.render(messages, tok)
     trained = [token for token, m in zip(ids, mask, strict=True) if m]
     assert trained == [*tok.encode("b"), tok.eot_id, *tok.encode("d"), tok.eot_id]
 
@@ -132,10 +134,10 @@ def test_every_assistant_turn_is_learned(tok: Tokenizer) -> None:
 def test_role_order_is_checked(
     tok: Tokenizer, messages: list[dict[str, str]], generation: bool, problem: str
 ) -> None:
-    found = chat.role_problem(messages, for_generation=generation)
+    found = chat_template.role_problem(messages, for_generation=generation)
     assert found is not None and found.startswith(problem)
     with pytest.raises(UserError, match="^chat template: " + problem.split("(")[0]):
-        chat.render(messages, tok, add_generation_prompt=generation)
+        chat_template.render(messages, tok, add_generation_prompt=generation)
 
 
 def test_mask_spans_decode_back_and_mark_trained_text(tok: Tokenizer) -> None:
@@ -143,8 +145,8 @@ def test_mask_spans_decode_back_and_mark_trained_text(tok: Tokenizer) -> None:
         {"role": "user", "content": "把这句话翻译成英文：猫"},
         {"role": "assistant", "content": "cat 猫"},
     ]
-    ids, mask = chat.render(messages, tok)
-    spans = chat.mask_spans(ids, mask, tok)
+    ids, mask = chat_template.render(messages, tok)
+    spans = chat_template.mask_spans(ids, mask, tok)
     assert "".join(text for text, _, _ in spans) == tok.decode(ids, keep_special=True)
     trained = [(text, special) for text, trained, special in spans if trained]
     assert trained == [("cat 猫", False), ("<|end_of_turn|>", True)]

@@ -13,16 +13,16 @@ import pexpect
 import pytest
 from typer.testing import CliRunner
 
-from minigpt_cli.engine.chat import prompt_ids, render
-from minigpt_cli.engine.conversation import (
+from minigpt_cli.engine.data.chat_template import prompt_ids, render
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.inference.chat import (
     Conversation,
     Exchange,
     answer_room,
     read_message,
     updated_settings,
 )
-from minigpt_cli.engine.generation import SamplingSettings
-from minigpt_cli.engine.tokenizer import Tokenizer
+from minigpt_cli.engine.inference.generation import SamplingSettings
 from minigpt_cli.errors import UserError
 from tests.conftest import run_cli
 

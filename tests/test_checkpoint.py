@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt_cli.engine import checkpoint as ckpt
-from minigpt_cli.engine.io import atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.errors import UserError
 
 
@@ -85,7 +85,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from minigpt_cli.engine.checkpoint import RunLock; "
+            "from minigpt_cli.engine.runs.checkpoint import RunLock; "
             "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); "
             "time.sleep(60)",
             str(tmp_path),
@@ -141,7 +141,7 @@ def test_a_header_whose_length_starts_with_the_pickle_byte_still_loads(tmp_path:
     """A safetensors header of 128 + 256k bytes begins with 0x80, pickle's first byte."""
     import struct
 
-    from minigpt_cli.engine.checkpoint import load_tensors, save_tensors
+    from minigpt_cli.engine.runs.checkpoint import load_tensors, save_tensors
 
     for pad in range(0, 300):
         path = tmp_path / "t.safetensors"

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from minigpt_cli.cli.app import app
 from minigpt_cli.datasets import builtin
-from minigpt_cli.engine import data
-from minigpt_cli.engine.data import (
+from minigpt_cli.engine.data import records as data
+from minigpt_cli.engine.data.records import (
     expand_paths,
     iter_text_chunks,
     normalize_record,
@@ -427,7 +427,7 @@ def test_example_files_are_valid_for_their_kind() -> None:
 
 RSS_PROBE = """
 import resource, sys
-from minigpt_cli.engine.data import iter_text_chunks, validate
+from minigpt_cli.engine.data.records import iter_text_chunks, validate
 path = sys.argv[1]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = validate([path], "pretrain")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from minigpt_cli.datasets import builtin, tables
-from minigpt_cli.engine.data import builtin_records, normalize_record
+from minigpt_cli.engine.data.records import builtin_records, normalize_record
 
 _FACTS_ASKED = ("capital", "sound", "colour", "opposite")
 SMALL = 400  # records per kind/split in most tests: enough for every family and language

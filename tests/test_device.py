@@ -11,9 +11,9 @@ import numpy
 import pytest
 import torch
 
-from minigpt_cli.engine import device as device_mod
 from minigpt_cli.engine import doctor
-from minigpt_cli.engine.device import (
+from minigpt_cli.engine.hardware import device as device_mod
+from minigpt_cli.engine.hardware.device import (
     PrecisionDecision,
     apply_matmul_precision,
     autocast_context,

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from minigpt_cli.cli.app import app
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.engine import doctor
-from minigpt_cli.engine.device import resolve_precision
-from minigpt_cli.engine.estimate import estimate_for_config, plan_micro_batch
+from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.resources.estimate import estimate_for_config, plan_micro_batch
 from tests.conftest import run_cli
 
 REPORT_KEYS = {"minigpt_version", "facts", "measurements", "checks", "precision", "exit_status"}
@@ -686,7 +686,7 @@ def test_doctor_and_pretrain_pick_the_same_micro_batch(
 ) -> None:
     """`doctor --max-memory N` and `pretrain --max-memory N` (its fit_memory) agree, for a cap
     under which the configured micro-batch does not fit and a smaller one does."""
-    from minigpt_cli.engine.pretrain import fit_memory
+    from minigpt_cli.engine.stages.pretrain import fit_memory
 
     monkeypatch.setattr(doctor, "measure_device", FakeMeasure(FP32_MEASURE))
     tiny = load_config("tiny")
@@ -779,7 +779,7 @@ def test_builtin_token_estimate_is_a_little_above_the_real_count(tmp_path: Path)
     """The bytes-per-token ratio still holds: train tiny's tokenizer on the built-in corpus and
     count, as pretrain does (end-of-text tokens included)."""
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
 
     config = load_config("tiny")
     texts = [r["text"] for r in pretrain_records(config.data.builtin_size, seed=0)]

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from minigpt_cli.config.loader import dump_config, load_config
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine import chat, dpo
-from minigpt_cli.engine.data import builtin_records, split_records
-from minigpt_cli.engine.device import resolve_precision
-from minigpt_cli.engine.model import GPT
-from minigpt_cli.engine.trainer import RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.records import builtin_records, split_records
+from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.stages import dpo
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 
@@ -176,8 +177,8 @@ def test_pairs_share_the_rendered_prompt_and_mask_only_the_replies() -> None:
     records = [pair("Add 2 and 3.", "5", "6", "addition")]
     pairs, stats = dpo.build_pairs(records, TOK, max_len=64)
     (only,) = pairs
-    prompt = chat.prompt_ids(records[0]["prompt_messages"], TOK)
-    chosen_ids, chosen_mask = chat.render_response(records[0]["prompt_messages"], "5", TOK)
+    prompt = chat_template.prompt_ids(records[0]["prompt_messages"], TOK)
+    chosen_ids, chosen_mask = chat_template.render_response(records[0]["prompt_messages"], "5", TOK)
     assert only.chosen_ids.tolist() == chosen_ids and only.chosen_mask.tolist() == chosen_mask
     assert only.rejected_ids.tolist() == prompt + TOK.encode("6") + [TOK.eot_id]
     assert only.rejected_mask.tolist() == [False] * len(prompt) + [True, True]
@@ -192,7 +193,7 @@ def test_long_prompts_are_cut_from_the_left_keeping_begin_of_text() -> None:
     records = [pair(text, "yes", "no!")]
     pairs, stats = dpo.build_pairs(records, TOK, max_len=20)
     (only,) = pairs
-    full = chat.prompt_ids(records[0]["prompt_messages"], TOK)
+    full = chat_template.prompt_ids(records[0]["prompt_messages"], TOK)
     # Budget 21 ids: the prompt gives way to the 4-id replies and keeps 17 ids, begin-of-text and
     # the last 16 (the end of the question, `<|end_of_turn|>`, `<|assistant|>`).
     assert only.prompt_len == 17
@@ -213,7 +214,7 @@ def test_long_replies_are_cut_from_the_right_keeping_their_start() -> None:
     records = [pair("hi", "abcdefghij" * 3, "zyx"), pair("hi", "same start A", "same start B")]
     pairs, stats = dpo.build_pairs(records, TOK, max_len=15)
     (only,) = pairs  # the second pair's replies are identical once cut: dropped, counted
-    prompt_len = len(chat.prompt_ids(records[0]["prompt_messages"], TOK))
+    prompt_len = len(chat_template.prompt_ids(records[0]["prompt_messages"], TOK))
     assert prompt_len == 6  # short prompts are never cut to make room
     room = 16 - prompt_len
     assert only.chosen_ids[prompt_len:].tolist() == TOK.encode("abcdefghij")[:room]  # no eot
@@ -233,8 +234,8 @@ def test_prompt_truncation_drops_the_oldest_exchange_first_and_keeps_the_system_
         {"role": "user", "content": "Add 2 and 3."},
     ]
     record = {"prompt_messages": messages, "chosen": "5", "rejected": "6", "task": None}
-    full = chat.prompt_ids(messages, TOK)
-    latest = chat.prompt_ids([messages[0], messages[3]], TOK)
+    full = chat_template.prompt_ids(messages, TOK)
+    latest = chat_template.prompt_ids([messages[0], messages[3]], TOK)
     pairs, stats = dpo.build_pairs([record], TOK, max_len=len(full) - 1, max_prompt_tokens=None)
     assert pairs[0].chosen_ids[: pairs[0].prompt_len].tolist() == latest
     assert stats.prompts_truncated == 1

@@ -11,8 +11,8 @@ import pytest
 
 from minigpt_cli.config.params import count_parameters
 from minigpt_cli.config.schema import Config, ModelConfig, parse_memory
-from minigpt_cli.engine import estimate as est
-from minigpt_cli.engine.estimate import (
+from minigpt_cli.engine.resources import estimate as est
+from minigpt_cli.engine.resources.estimate import (
     FRAMEWORK_BYTES,
     OPTIMIZER_IMPORT_BYTES,
     PIPELINE_BYTES,
@@ -283,7 +283,7 @@ def test_plan_says_why_when_nothing_fits() -> None:
 def test_fit_memory_acts_on_the_plan() -> None:
     """pretrain's governor and doctor share one decision: fit_memory returns the plan's choice,
     emits its messages and switches checkpointing on in the config."""
-    from minigpt_cli.engine.pretrain import fit_memory
+    from minigpt_cli.engine.stages.pretrain import fit_memory
 
     events: list = []
     config = _plan_config(micro=8, global_batch=8)
@@ -326,7 +326,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_the_module_imports_no_torch() -> None:
-    code = "import sys, minigpt_cli.engine.estimate; print('torch' in sys.modules)"
+    code = "import sys, minigpt_cli.engine.resources.estimate; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
@@ -336,8 +336,8 @@ def test_the_module_imports_no_torch() -> None:
 def test_counted_tensors_match_what_autograd_saves() -> None:
     """The per-layer count of saved tensors against saved-tensor hooks on the real model."""
     torch = pytest.importorskip("torch")
-    from minigpt_cli.engine import model as model_module
-    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.model import gpt as model_module
+    from minigpt_cli.engine.model.gpt import GPT
 
     assert est.LOSS_CHUNK_ELEMENTS == model_module._LOSS_CHUNK_ELEMENTS
     shapes = (

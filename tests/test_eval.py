@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.engine import chat, evaluate
-from minigpt_cli.engine.checkpoint import load_run
-from minigpt_cli.engine.data import builtin_records
-from minigpt_cli.engine.sft import score_answers, select_per_family
+from minigpt_cli.engine import evaluate
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
 
 # Long enough for three windows of the fixture's 64-token context, English and Chinese mixed.
@@ -255,11 +256,11 @@ def _reply_logp(
 ) -> tuple[float, int]:
     """Summed log p(reply) and reply tokens from logits: the tokens after the prompt (an earlier
     assistant turn of a transcript prompt is context, not scored)."""
-    from minigpt_cli.engine.data import normalize_record
+    from minigpt_cli.engine.data.records import normalize_record
 
     normal = normalize_record(record, "dpo")
-    prompt = chat.prompt_ids(normal["prompt_messages"], tokenizer)
-    ids, _ = chat.render_response(normal["prompt_messages"], normal[key], tokenizer)
+    prompt = chat_template.prompt_ids(normal["prompt_messages"], tokenizer)
+    ids, _ = chat_template.render_response(normal["prompt_messages"], normal[key], tokenizer)
     assert ids[: len(prompt)] == prompt
     reply = _logprobs(model, ids)[len(prompt) - 1 :]
     return float(reply.sum()), len(reply)

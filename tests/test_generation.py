@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from minigpt_cli.config.schema import GenerateConfig, ModelConfig
-from minigpt_cli.engine.generation import (
+from minigpt_cli.engine.inference.generation import (
     SamplingSettings,
     TextStream,
     apply_repetition_penalty,
@@ -23,7 +23,7 @@ from minigpt_cli.engine.generation import (
     generate,
     generate_batch,
 )
-from minigpt_cli.engine.model import GPT
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.errors import UserError
 
 VOCAB = 40
@@ -355,8 +355,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from minigpt_cli.config.loader import dump_config
     from minigpt_cli.config.schema import Config, TokenizerConfig
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.checkpoint import save_tensors
-    from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.runs.checkpoint import save_tensors
 
     folder = tmp_path_factory.mktemp("generate") / "run"
     texts = [record["text"] for record in pretrain_records(300, seed=0)]
@@ -395,7 +395,7 @@ def test_cli_streams_a_seeded_continuation(run_dir: Path) -> None:
 
 
 def test_cli_greedy_stop_string_and_stdin(run_dir: Path) -> None:
-    from minigpt_cli.engine.checkpoint import load_run
+    from minigpt_cli.engine.runs.checkpoint import load_run
 
     loaded = load_run(run_dir)
     tokenizer = loaded.tokenizer
@@ -445,7 +445,7 @@ def test_cli_reports_a_prompt_longer_than_the_context(run_dir: Path) -> None:
 
 
 def test_text_stream_with_the_real_tokenizer_rebuilds_unicode(run_dir: Path) -> None:
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(run_dir)
     text = "Zoë said 你好, 世界 😀 naïve\n\nend"

@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
-from minigpt_cli.engine import governor as gov
-from minigpt_cli.engine.events import Event
+from minigpt_cli.engine.core.events import Event
+from minigpt_cli.engine.resources import governor as gov
 from tests import cpu_work
 from tests.conftest import TINY_SETS, set_args
 from tests.test_trainer import _train
@@ -221,7 +221,7 @@ CAP_SETS = [
 
 def _estimate_mb(micro_batch: int) -> float:
     from minigpt_cli.config.loader import load_config
-    from minigpt_cli.engine.estimate import estimate_training_memory
+    from minigpt_cli.engine.resources.estimate import estimate_training_memory
 
     config = load_config("tiny", sets=CAP_SETS)
     return (
@@ -339,7 +339,7 @@ def test_a_capped_child_process_is_paused_to_the_cap_and_returns_its_result() ->
 
 def test_tokenizer_training_under_a_fractional_cap_gives_the_same_tokenizer(tmp_path: Path) -> None:
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.tokenizer import train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import train_tokenizer
 
     texts = [r["text"] for r in pretrain_records(300)]
     train_tokenizer(texts, 600, tmp_path / "free", num_threads=1)

@@ -14,8 +14,8 @@ from torch import nn
 from minigpt_cli.config.loader import load_config, read_run_config
 from minigpt_cli.config.params import count_parameters
 from minigpt_cli.config.schema import Config, LoraConfig, ModelConfig
-from minigpt_cli.engine import checkpoint as ckpt
-from minigpt_cli.engine.lora import (
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.lora import (
     ADAPTER_FILE,
     LoRALinear,
     adapter_metadata,
@@ -28,7 +28,7 @@ from minigpt_cli.engine.lora import (
     merge_lora,
     settings_from_metadata,
 )
-from minigpt_cli.engine.model import GPT
+from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.errors import UserError
 
 VOCAB = 61

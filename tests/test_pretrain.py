@@ -253,7 +253,7 @@ def test_chinese_text_trains(tmp_path: Path) -> None:
 
 def _estimate_mb(micro_batch: int, data_bytes: int) -> float:
     from minigpt_cli.config.loader import load_config
-    from minigpt_cli.engine.estimate import estimate_training_memory
+    from minigpt_cli.engine.resources.estimate import estimate_training_memory
 
     config = load_config("tiny", sets=GOVERNOR_SETS)
     estimate = estimate_training_memory(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_cli.cli.quickstart_cmd import TRAINING_STAGES, stage_status
-from minigpt_cli.engine.checkpoint import read_metrics, read_state
+from minigpt_cli.engine.runs.checkpoint import read_metrics, read_state
 from tests.conftest import TINY_SETS, run_cli, set_args
 
 pytestmark = pytest.mark.slow
@@ -145,10 +145,10 @@ def test_eval_scores_every_stage_with_the_reward_model(
 ) -> None:
     import torch
 
-    from minigpt_cli.engine.chat import render_response
+    from minigpt_cli.engine.data.chat_template import render_response
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.evaluate import Answer, load_reward_judge, reward_metrics
-    from minigpt_cli.engine.reward import score_texts
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.stages.reward import score_texts
     from minigpt_cli.errors import UserError
 
     out, _ = finished_quickstart

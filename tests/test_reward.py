@@ -1,6 +1,6 @@
-"""The reward model (engine/reward.py): the Bradley-Terry loss, scores read at the last real token,
-the reward stage's batches and resume, learning through the real Trainer, and export/load of a
-reward run directory."""
+"""The reward model (engine/stages/reward.py): the Bradley-Terry loss, scores read at the last real
+token, the reward stage's batches and resume, learning through the real Trainer, and export/load
+of a reward run directory."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine import reward
-from minigpt_cli.engine.checkpoint import MODEL_FILE, save_tensors
-from minigpt_cli.engine.data import builtin_records
-from minigpt_cli.engine.device import resolve_precision
-from minigpt_cli.engine.dpo import PreferencePair
-from minigpt_cli.engine.model import GPT
-from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
-from minigpt_cli.engine.trainer import RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors
+from minigpt_cli.engine.stages import reward
+from minigpt_cli.engine.stages.dpo import PreferencePair
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 from tests.test_dpo import CharTokenizer
 
@@ -153,7 +153,7 @@ def test_export_uses_hf_sequence_classification_names_and_loads_back(tie: bool) 
 
 def test_reward_model_from_a_lora_policy_merges_a_copy() -> None:
     from minigpt_cli.config.schema import LoraConfig
-    from minigpt_cli.engine import lora
+    from minigpt_cli.engine.model import lora
 
     torch.manual_seed(0)
     policy = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, context_length=CONTEXT), 122)
@@ -183,7 +183,7 @@ def test_reward_pairs_fit_the_context_with_their_last_id() -> None:
     assert stats.max_len == 39
     assert max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) == 40
     reward.RewardStage(pairs, pairs[:2], seq_len=40, seed=0, pad_id=TOK.pad_id)
-    from minigpt_cli.engine.dpo import build_pairs
+    from minigpt_cli.engine.stages.dpo import build_pairs
 
     too_long, _ = build_pairs(records, TOK, 40)  # DPO's: 41 ids
     with pytest.raises(ValueError, match="build_reward_pairs"):

@@ -1,6 +1,6 @@
-"""The RLHF mathematics (engine/rl.py) against hand computations and numpy: GAE, the clipped
-objectives at their boundaries, KL estimators, GRPO advantages, KL control, whitening, running
-moments, distinct-n."""
+"""The RLHF mathematics (engine/objectives/rl.py) against hand computations and numpy: GAE, the
+clipped objectives at their boundaries, KL estimators, GRPO advantages, KL control, whitening,
+running moments, distinct-n."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.engine import rl
+from minigpt_cli.engine.objectives import rl
 
 
 @pytest.fixture(autouse=True, scope="module")

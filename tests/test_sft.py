@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.datasets.builtin import TASK_FAMILIES
-from minigpt_cli.engine import chat, sft
-from minigpt_cli.engine.data import builtin_records
-from minigpt_cli.engine.model import GPT, IGNORE_INDEX
-from minigpt_cli.engine.tokenizer import Tokenizer
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.model.gpt import GPT, IGNORE_INDEX
+from minigpt_cli.engine.stages import sft
 from minigpt_cli.errors import UserError
 from tests.conftest import run_cli
 
@@ -62,7 +63,7 @@ def stage_of(examples: list[sft.SftExample], group_size: int = 8, seed: int = 3)
 def test_examples_mask_targets_and_count_truncation(tok: Tokenizer) -> None:
     records = [qa("What is 3 + 4?", "7", "addition"), qa("word " * 80, "answer")]
     examples, stats = sft.build_examples(records, tok, max_len=64, train_on_prompt=False)
-    ids, mask = chat.render(records[0]["messages"], tok)
+    ids, mask = chat_template.render(records[0]["messages"], tok)
     first = examples[0]
     assert first.input_ids.tolist() == ids[:-1]
     expected = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
@@ -83,13 +84,13 @@ def test_truncation_drops_oldest_exchanges_first(tok: Tokenizer) -> None:
     last = qa("What is 1 + 1?", "2")["messages"]
     messages = [{"role": "system", "content": "sys"}, *old, *last]
     kept = [messages[0], *last]
-    limit = len(chat.render(kept, tok)[0]) - 1  # exactly fits without the old exchange
+    limit = len(chat_template.render(kept, tok)[0]) - 1  # exactly fits without the old exchange
     rendered = sft.render_example(messages, tok, limit)
     assert rendered.truncated and rendered.dropped_turns == 1
-    assert rendered.ids == chat.render(kept, tok)[0]
+    assert rendered.ids == chat_template.render(kept, tok)[0]
     # A single exchange that is still too long keeps its start.
     cut = sft.render_example(last, tok, 4)
-    assert cut.ids == chat.render(last, tok)[0][:5] and cut.truncated
+    assert cut.ids == chat_template.render(last, tok)[0][:5] and cut.truncated
 
 
 def test_train_on_prompt_trains_the_prompt(tok: Tokenizer) -> None:
@@ -269,7 +270,7 @@ def test_exact_match_by_family_right_and_wrong(
 ) -> None:
     records = val_records(3)
     answers = {
-        tuple(chat.prompt_ids(r["messages"][:-1], tok)): r["messages"][-1]["content"]
+        tuple(chat_template.prompt_ids(r["messages"][:-1], tok)): r["messages"][-1]["content"]
         for r in records
     }
     calls = []
@@ -297,7 +298,9 @@ def test_exact_match_reads_rlhf_records_with_answers(
     tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records = builtin_records("rlhf", "val", 400)[:8]
-    answers = {tuple(chat.prompt_ids(r["prompt_messages"], tok)): r["answer"] for r in records}
+    answers = {
+        tuple(chat_template.prompt_ids(r["prompt_messages"], tok)): r["answer"] for r in records
+    }
     monkeypatch.setattr(
         sft,
         "greedy_complete",
@@ -311,14 +314,14 @@ def test_exact_match_reads_rlhf_records_with_answers(
 
 
 def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> None:
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.generation import SamplingSettings, generate
+    from minigpt_cli.engine.inference.generation import SamplingSettings, generate
+    from minigpt_cli.engine.runs.checkpoint import load_run
 
     loaded = load_run(tiny_pretrain_run)
     tok = loaded.tokenizer
-    prompts = [chat.prompt_ids(r["messages"][:-1], tok) for r in val_records(1)]
+    prompts = [chat_template.prompt_ids(r["messages"][:-1], tok) for r in val_records(1)]
     assert len({len(p) for p in prompts}) > 1  # different lengths: the interesting case
-    stops = chat.stop_token_ids(tok)
+    stops = chat_template.stop_token_ids(tok)
     settings = SamplingSettings(
         max_new_tokens=6, greedy=True, top_k=None, top_p=None, stop_ids=stops
     )
@@ -333,7 +336,7 @@ def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> N
 
 
 def test_evaluate_reports_loss_and_exact_match_per_family(tiny_pretrain_run: Path) -> None:
-    from minigpt_cli.engine.checkpoint import load_run
+    from minigpt_cli.engine.runs.checkpoint import load_run
 
     loaded = load_run(tiny_pretrain_run)
     tok = loaded.tokenizer
@@ -378,7 +381,7 @@ def test_inspect_shows_trained_tokens_and_counts(tiny_pretrain_run: Path, tmp_pa
     result = run_cli("data", "inspect", "--data", data, "--run", tiny_pretrain_run, "-n", "2")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    ids, mask = chat.render(qa("What is 3 + 4?", "7")["messages"], tok)
+    ids, mask = chat_template.render(qa("What is 3 + 4?", "7")["messages"], tok)
     assert f"[#1 · {len(ids)} tokens, {sum(mask)} trained]" in out
     assert "<|user|>What is 3 + 4?<|end_of_turn|><|assistant|>[[7<|end_of_turn|>]]" in out
     assert (

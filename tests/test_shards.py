@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt_cli.engine import data as data_module
-from minigpt_cli.engine import shards as shards_module
-from minigpt_cli.engine.shards import (
+from minigpt_cli.engine.data import records as data_module
+from minigpt_cli.engine.data import shards as shards_module
+from minigpt_cli.engine.data.shards import (
     META_FILE,
     TokenShards,
     encode_texts_to_array,
@@ -27,7 +27,7 @@ from minigpt_cli.engine.shards import (
     reusable_shards,
     shard_dtype,
 )
-from minigpt_cli.engine.tokenizer import Tokenizer, train_tokenizer
+from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
 from minigpt_cli.errors import UserError
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "model", "learns", "from", "day", "42"]

@@ -18,7 +18,7 @@ import sentencepiece as spm
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minigpt_cli.engine.tokenizer import (
+from minigpt_cli.engine.data.tokenizer import (
     META_FILE,
     MODEL_FILE,
     SPECIAL_TOKENS,

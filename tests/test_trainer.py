@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from minigpt_cli.config.loader import load_config
-from minigpt_cli.engine.device import resolve_precision
-from minigpt_cli.engine.events import Event
-from minigpt_cli.engine.model import GPT
-from minigpt_cli.engine.pretrain import PretrainStage, TokenRange
-from minigpt_cli.engine.trainer import RunSpec, Trainer, learning_rate, seed_everything
+from minigpt_cli.engine.core.events import Event
+from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, learning_rate, seed_everything
 
 VOCAB = 320
 SETS = [

@@ -1,7 +1,7 @@
 """`minigpt chat RUN`: a multi-turn conversation with a trained run in the terminal.
 
 The history, its trimming to the context window and `/set` parsing live in
-`engine/conversation.py` (tested without a terminal); this module is the REPL around them: the
+`engine/inference/chat.py` (tested without a terminal); this module is the REPL around them: the
 banner, reading lines, commands, streaming answers and Ctrl-C.
 
 Three ways in, one code path: an interactive terminal (prompts, readline editing, banner), piped
@@ -34,8 +34,8 @@ from minigpt_cli.cli import decoding
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
-    from minigpt_cli.engine.conversation import Conversation
-    from minigpt_cli.engine.generation import SamplingSettings
+    from minigpt_cli.engine.inference.chat import Conversation
+    from minigpt_cli.engine.inference.generation import SamplingSettings
 
 STOP_MARKER = "[stopped]"
 USER_PROMPT = "you> "
@@ -97,7 +97,7 @@ class _Session:
 
     def answer(self, text: str) -> None:
         """Stream the model's answer to `text` and keep the exchange (UserError: nothing sent)."""
-        from minigpt_cli.engine.generation import TextStream, generate_batch
+        from minigpt_cli.engine.inference.generation import TextStream, generate_batch
 
         plan = self.conversation.prompt_for(text, self.settings.max_new_tokens)
         for note in plan.notes():
@@ -141,7 +141,7 @@ class _Session:
 
     def command(self, line: str) -> bool:
         """Run one /command; False means leave. Problems become a message, never a crash."""
-        from minigpt_cli.engine.conversation import updated_settings
+        from minigpt_cli.engine.inference.chat import updated_settings
 
         name, _, argument = line[1:].partition(" ")
         name = name.lower()
@@ -184,7 +184,7 @@ class _Session:
             self.say("(system prompt set)")
 
     def _stats(self) -> str:
-        from minigpt_cli.engine.conversation import answer_room
+        from minigpt_cli.engine.inference.chat import answer_room
 
         if self.last is None:
             speed = "last answer: none yet"
@@ -210,7 +210,7 @@ class _Session:
 
     def repl(self, read_line: Callable[[str], str]) -> None:
         """Read messages and commands until /exit or end of input (Ctrl-D)."""
-        from minigpt_cli.engine.conversation import read_message
+        from minigpt_cli.engine.inference.chat import read_message
 
         prompt, more = (USER_PROMPT, MORE_PROMPT) if self.interactive else ("", "")
         while True:
@@ -259,7 +259,7 @@ class _sigint_sets:  # noqa: N801 - used as a context manager, reads like one
 
 
 def _describe_settings(settings: SamplingSettings) -> str:
-    from minigpt_cli.engine.conversation import SETTING_NAMES
+    from minigpt_cli.engine.inference.chat import SETTING_NAMES
 
     def show(value: object) -> str:
         if value is None:
@@ -348,8 +348,8 @@ def chat(
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
 
-    from minigpt_cli.engine.chat import stop_token_ids
-    from minigpt_cli.engine.conversation import Conversation
+    from minigpt_cli.engine.data.chat_template import stop_token_ids
+    from minigpt_cli.engine.inference.chat import Conversation
 
     loaded, target = decoding.load_for_decoding(run, device)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config

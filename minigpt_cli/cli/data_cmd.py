@@ -60,7 +60,7 @@ def _preview(text: str) -> str:
 
 def _pretrain_samples(paths: list[Path], n: int) -> list[dict[str, Any]]:
     """The first `n` documents of a corpus, streamed: only their first characters are kept."""
-    from minigpt_cli.engine.data import iter_text_chunks
+    from minigpt_cli.engine.data.records import iter_text_chunks
 
     docs: list[dict[str, Any]] = []
     head: list[str] = []
@@ -84,7 +84,7 @@ def _load(
 ) -> tuple[list[dict[str, Any]], str]:
     """Records to show and a one-line description of where they came from."""
     from minigpt_cli.datasets import builtin
-    from minigpt_cli.engine.data import normalize_record, read_records
+    from minigpt_cli.engine.data.records import normalize_record, read_records
 
     if paths:
         if kind is Kind.pretrain:
@@ -212,7 +212,7 @@ def export(
     import json
 
     from minigpt_cli.datasets import builtin
-    from minigpt_cli.engine.io import atomic_write_text
+    from minigpt_cli.engine.core.io import atomic_write_text
 
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give a file name such as {out / 'data.jsonl'}")
@@ -269,8 +269,8 @@ def _inspected(
 ) -> list[tuple[str, str, list[tuple[str, bool, bool]], Any]]:
     """(label, counts, spans, rendering) to show: the conversation for sft; for dpo the shared
     prompt, then the chosen and the rejected reply (counts are of prompt + reply)."""
-    from minigpt_cli.engine.chat import mask_spans
-    from minigpt_cli.engine.sft import render_example
+    from minigpt_cli.engine.data.chat_template import mask_spans
+    from minigpt_cli.engine.stages.sft import render_example
 
     if kind is InspectKind.sft:
         rendered = render_example(record["messages"], tokenizer, max_len, on_prompt)
@@ -361,7 +361,7 @@ def inspect(
     non-terminal they are wrapped in [[ ]]. Conversations longer than the run's context are shown
     truncated exactly as training truncates them.
     """
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
     run_dir = run if run is not None else default_inspect_run()
     tokenizer = Tokenizer.load(run_dir)

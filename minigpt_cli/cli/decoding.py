@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     import torch
 
     from minigpt_cli.config.schema import GenerateConfig
-    from minigpt_cli.engine.checkpoint import LoadedRun
-    from minigpt_cli.engine.generation import SamplingSettings
+    from minigpt_cli.engine.inference.generation import SamplingSettings
+    from minigpt_cli.engine.runs.checkpoint import LoadedRun
 
 TemperatureOpt = Annotated[
     float | None,
@@ -50,9 +50,9 @@ def load_for_decoding(run: Path, device: str) -> tuple[LoadedRun, torch.device]:
     (small models decode faster on fewer threads), within the run's `[resources]` cap."""
     import torch
 
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.device import resolve_device
-    from minigpt_cli.engine.generation import decode_threads
+    from minigpt_cli.engine.hardware.device import resolve_device
+    from minigpt_cli.engine.inference.generation import decode_threads
+    from minigpt_cli.engine.runs.checkpoint import load_run
 
     target = resolve_device(device)
     loaded = load_run(run, str(target))
@@ -75,7 +75,7 @@ def sampling_settings(
 ) -> SamplingSettings:
     """The run's `[generate]` defaults with every flag that was given laid over them (None = not
     given); `--top-k 0` switches top-k off."""
-    from minigpt_cli.engine.generation import SamplingSettings
+    from minigpt_cli.engine.inference.generation import SamplingSettings
 
     settings = SamplingSettings.from_config(
         defaults, **flags, top_k=top_k or None, greedy=greedy, stop_ids=stop_ids

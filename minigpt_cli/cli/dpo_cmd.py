@@ -56,7 +56,7 @@ def dpo(
     Data: {"prompt","chosen","rejected"} JSONL (a "Human: ... Assistant:" prompt is split into
     turns); with no --data, the built-in pairs. The reference is the starting model, frozen.
     """
-    from minigpt_cli.engine.dpo import run_dpo
+    from minigpt_cli.engine.stages.dpo import run_dpo
 
     arguments = dict(locals())  # the flag values, for common.training_flags
 

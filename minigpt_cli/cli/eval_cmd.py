@@ -129,8 +129,8 @@ def eval_runs(
     from rich.console import Console
 
     from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.engine.core.io import atomic_write_text
     from minigpt_cli.engine.evaluate import PARTS, EvalOptions, check_run_dirs, evaluate_runs
-    from minigpt_cli.engine.io import atomic_write_text
 
     check_run_dirs(runs)
     skipped = {"text": no_text, "generation": no_generation, "preference": no_pref}
@@ -169,8 +169,8 @@ def _apply_caps(runs: list[Path], device: str) -> None:
     forward passes (text windows, preference pairs, 32 prompts at a time), which use more cores.
     """
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.device import resolve_device
-    from minigpt_cli.engine.governor import apply_resources
+    from minigpt_cli.engine.hardware.device import resolve_device
+    from minigpt_cli.engine.resources.governor import apply_resources
 
     resources = read_run_config(runs[0]).resources
     if resolve_device(device).type == "cpu":

@@ -46,7 +46,7 @@ MergeOpt = Annotated[
 
 def parent_preset(from_run: Path) -> str | None:
     """The preset the parent run was started with (the default for its children)."""
-    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.runs import checkpoint as ckpt
 
     try:
         return ckpt.read_state(from_run).get("sources", {}).get("preset")
@@ -56,7 +56,7 @@ def parent_preset(from_run: Path) -> str | None:
 
 def resumed_parent(out: Path | None, stage: str, preset: str | None, resume: bool) -> Path | None:
     """On --resume without --from: the parent the run recorded (it cannot change mid-run)."""
-    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.runs import checkpoint as ckpt
 
     run_dir = out or common.default_run_dir(stage, preset)
     point = ckpt.find_resume_point(run_dir) if resume and run_dir.is_dir() else None
@@ -105,9 +105,9 @@ def run_finetune(
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.data import expand_paths, validate
-    from minigpt_cli.engine.sft import FinetuneInputs
-    from minigpt_cli.engine.trainer import RunSpec
+    from minigpt_cli.engine.data.records import expand_paths, validate
+    from minigpt_cli.engine.stages.sft import FinetuneInputs
+    from minigpt_cli.engine.training.trainer import RunSpec
 
     if merge and not lora and not resume:
         raise UserError("--merge folds a LoRA adapter into the weights: use it with --lora")

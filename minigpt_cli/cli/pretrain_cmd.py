@@ -49,10 +49,10 @@ def pretrain(
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.data import expand_paths, validate
-    from minigpt_cli.engine.pretrain import PretrainInputs, run_pretrain
-    from minigpt_cli.engine.shards import is_shard_folder
-    from minigpt_cli.engine.trainer import RunSpec
+    from minigpt_cli.engine.data.records import expand_paths, validate
+    from minigpt_cli.engine.data.shards import is_shard_folder
+    from minigpt_cli.engine.stages.pretrain import PretrainInputs, run_pretrain
+    from minigpt_cli.engine.training.trainer import RunSpec
 
     run_dir = out or common.default_run_dir("pretrain", preset)
     overrides = common.stage_overrides("pretrain", **common.training_flags(locals()))

@@ -42,7 +42,7 @@ def stage_dirs(out: Path) -> dict[str, Path]:
 
 def stage_status(run_dir: Path) -> str:
     """`finished`, `resume` (a checkpoint to continue from), or `start` (nothing usable yet)."""
-    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.runs import checkpoint as ckpt
 
     if not run_dir.is_dir():
         return "start"
@@ -74,7 +74,7 @@ def quickstart(
     from minigpt_cli.cli.render import PipelineRenderer, format_duration
     from minigpt_cli.config.loader import load_config
     from minigpt_cli.engine.evaluate import EvalOptions
-    from minigpt_cli.engine.governor import release_memory
+    from minigpt_cli.engine.resources.governor import release_memory
 
     preset_name = preset or "tiny"
     folder = out or Path("runs") / f"quickstart-{preset_name}"
@@ -146,7 +146,7 @@ def quickstart(
 def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> None:
     """Record how long each stage took, as measured around its verb (data preparation, tokenizer
     and evaluations included), so the figures a person reads later are the measured ones."""
-    from minigpt_cli.engine.io import atomic_write_text
+    from minigpt_cli.engine.core.io import atomic_write_text
 
     record = {
         "seconds": {stage: round(value, 1) for stage, value in timings.items()},
@@ -157,8 +157,8 @@ def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> 
 
 def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any) -> Any:
     """Evaluate every stage's run side by side; the report is also kept as eval.json."""
+    from minigpt_cli.engine.core.io import atomic_write_text
     from minigpt_cli.engine.evaluate import evaluate_runs
-    from minigpt_cli.engine.io import atomic_write_text
 
     report = evaluate_runs([dirs[stage] for stage in TRAINING_STAGES], options, dashboard)
     atomic_write_text(

@@ -16,7 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from minigpt_cli.engine.events import Event
+from minigpt_cli.engine.core.events import Event
 
 
 def format_duration(seconds: float | None) -> str:

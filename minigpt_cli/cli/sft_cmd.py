@@ -52,7 +52,7 @@ def sft(
     Data: {"instruction","input","output"} (+ "history"), {"prompt","completion"} or
     {"messages":[...]} JSONL; with no --data, the built-in bilingual instructions.
     """
-    from minigpt_cli.engine.sft import run_sft
+    from minigpt_cli.engine.stages.sft import run_sft
 
     arguments = dict(locals())  # the flag values, for common.training_flags
 

@@ -23,7 +23,7 @@ from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
-    from minigpt_cli.engine.trainer import RunSpec
+    from minigpt_cli.engine.training.trainer import RunSpec
 
 
 @dataclass
@@ -77,7 +77,7 @@ def prepare(
     overwrite: bool,
 ) -> TrainingRun:
     """Resolve the config and, on --resume, what the run recorded about its inputs and threads."""
-    from minigpt_cli.engine import checkpoint as ckpt
+    from minigpt_cli.engine.runs import checkpoint as ckpt
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
@@ -114,9 +114,9 @@ def execute(
     Exit 130 after a Ctrl-C (a checkpoint was saved); says so when a resumed run had nothing left.
     """
     from minigpt_cli.cli.render import EventRenderer
-    from minigpt_cli.engine import checkpoint as ckpt
-    from minigpt_cli.engine.governor import apply_resources
-    from minigpt_cli.engine.trainer import TrainingInterrupted
+    from minigpt_cli.engine.resources.governor import apply_resources
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+    from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     with ckpt.RunLock(run.run_dir):

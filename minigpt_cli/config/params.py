@@ -1,7 +1,7 @@
 """Parameter counts and FLOPs from a model's shape, without building it.
 
 `doctor`, the governor, the MFU figure and the README all need to know how big a model is before
-(or without) allocating it, and they must agree exactly with the network `engine/model.py` builds:
+(or without) allocating it, and they must agree exactly with the network `model/gpt.py` builds:
 a test checks `count_parameters` against the real module for every preset. Counting from the shape
 also keeps torch out of `minigpt --help` and the config commands, so this module imports no torch.
 """

@@ -191,8 +191,8 @@ def rlhf_records(split: str, n: int, seed: int = 0) -> list[dict]:
 def join_instruction(instruction: str, input_text: str = "") -> str:
     """The user turn of an instruction record: the instruction, then its input on the next line.
 
-    Defined once here so the built-in DPO/RL prompts and the SFT loader (engine/data.py) agree on
-    what the model is shown.
+    Defined once here so the built-in DPO/RL prompts and the SFT loader (engine/data/records.py)
+    agree on what the model is shown.
     """
     return f"{instruction}\n{input_text}" if input_text else instruction
 

@@ -42,8 +42,8 @@ import psutil
 import torch
 
 from minigpt_cli import __version__
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.io import atomic_write_text
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.io import atomic_write_text
 
 CACHE_ENV = "MINIGPT_CACHE_DIR"
 CACHE_FILE = "matmul.json"
@@ -1091,7 +1091,7 @@ def diagnose(
 
     Measures on the device `auto` would train on, so the report says what a run would really get.
     """
-    from minigpt_cli.engine.device import resolve_device, resolve_precision
+    from minigpt_cli.engine.hardware.device import resolve_device, resolve_precision
 
     facts = collect_facts(runs_dir)
     device = resolve_device("auto")
@@ -1152,7 +1152,7 @@ a run is timed: the optimizer steps and the validation passes."""
 def builtin_corpus_bytes(builtin_size: int) -> int:
     """UTF-8 bytes of the built-in pretraining corpus `pretrain` generates at this size."""
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.pretrain import BUILTIN_DATA_SEED
+    from minigpt_cli.engine.stages.pretrain import BUILTIN_DATA_SEED
 
     records = pretrain_records(builtin_size, seed=BUILTIN_DATA_SEED)
     return sum(len(record["text"].encode("utf-8")) for record in records)
@@ -1265,9 +1265,9 @@ def _step_samples(
     precision: Any,
 ) -> tuple[list[tuple[float, float]], list[tuple[float, float]], list[tuple[float, float]]]:
     """(wall, CPU) samples of a micro-step, an optimizer update and a validation forward."""
-    from minigpt_cli.engine.device import autocast_context
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.trainer import build_optimizer
+    from minigpt_cli.engine.hardware.device import autocast_context
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.training.trainer import build_optimizer
 
     fork = [device.index or 0] if device.type == "cuda" else []
     seq = model_cfg.context_length
@@ -1396,7 +1396,7 @@ def capped_threads(max_cpu_pct: float) -> Iterator[tuple[int, str]]:
     """Torch's threads as `pretrain --max-cpu` would set them (`monitor.configure_threads`, the
     same function), restored afterwards so doctor's own checks and a test process are unchanged.
     Yields (thread count, why)."""
-    from minigpt_cli.engine import monitor
+    from minigpt_cli.engine.hardware import monitor
 
     previous = torch.get_num_threads()
     previous_budget = getattr(monitor, "_thread_budget", None)
@@ -1447,7 +1447,7 @@ class _EpochStub:
 def _run_shape(config: Any) -> dict[str, int]:
     """Steps, tokens and validation work of the preset's default run on built-in data, as
     `pretrain` lays it out (`load_tokens` split, `PretrainStage` windows, `plan_steps`)."""
-    from minigpt_cli.engine.trainer import plan_steps
+    from minigpt_cli.engine.training.trainer import plan_steps
 
     train = config.stage_train("pretrain")
     seq = config.model.context_length
@@ -1497,8 +1497,8 @@ def recommend_preset(
     from minigpt_cli.config.loader import load_config
     from minigpt_cli.config.params import count_parameters
     from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.estimate import plan_micro_batch
-    from minigpt_cli.engine.monitor import physical_memory_bytes
+    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes
+    from minigpt_cli.engine.resources.estimate import plan_micro_batch
 
     device = torch.device(device)
     overrides: dict[str, Any] = {}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from minigpt_cli.config.schema import EvalConfig
-from minigpt_cli.engine.events import EventCallback, emit
+from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.errors import UserError
 
 STAGE = "eval"  # the stage name of every event this module emits
@@ -181,8 +181,8 @@ def score_windows(
 ) -> TextScore:
     """Summed negative log-likelihood of the windows' targets (the model's own fused loss, padding
     ignored) and the UTF-8 bytes those targets stand for."""
-    from minigpt_cli.engine.governor import throttle_point
-    from minigpt_cli.engine.model import IGNORE_INDEX
+    from minigpt_cli.engine.model.gpt import IGNORE_INDEX
+    from minigpt_cli.engine.resources.governor import throttle_point
 
     device = next(model.parameters()).device
     nats, tokens, total_bytes = 0.0, 0, 0
@@ -213,7 +213,7 @@ def score_windows(
 def score_text(model: Any, tokenizer: Any, documents: Sequence[str]) -> TextScore:
     """Negative log-likelihood of `documents` under `model`, scored as `minigpt eval` scores text:
     from an end-of-text id, in non-overlapping windows of the model's context."""
-    from minigpt_cli.engine.pretrain import token_byte_lengths
+    from minigpt_cli.engine.stages.pretrain import token_byte_lengths
 
     windows = text_windows(tokenizer, documents, int(model.config.context_length))
     return score_windows(model, windows, token_byte_lengths(tokenizer), tokenizer.pad_id)
@@ -385,7 +385,7 @@ def _check_ends_with_answer(records: Sequence[dict]) -> None:
 
 def answer_batches(count: int) -> int:
     """How many decoding batches `answer_prompts` makes (for progress totals)."""
-    from minigpt_cli.engine.sft import EXACT_MATCH_BATCH
+    from minigpt_cli.engine.stages.sft import EXACT_MATCH_BATCH
 
     return math.ceil(count / EXACT_MATCH_BATCH)
 
@@ -400,7 +400,7 @@ def answer_prompts(
 ) -> list[Answer]:
     """Greedy answers to SFT records, in their order, decoded by SFT's own held-out check
     (`sft.score_answers`), so exact match equals `sft.exact_match_by_family` on the same records."""
-    from minigpt_cli.engine.sft import score_answers
+    from minigpt_cli.engine.stages.sft import score_answers
 
     _check_ends_with_answer(records)
     results = score_answers(
@@ -432,12 +432,14 @@ def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -
     """The reward model's mean score of the answers (each as prompt + reply in the chat template,
     as RLHF scores its rollouts), overall and per task family: what RLHF optimised, measured on
     held-out prompts for every run alike."""
-    from minigpt_cli.engine import chat
-    from minigpt_cli.engine.reward import score_texts
+    from minigpt_cli.engine.data import chat_template
+    from minigpt_cli.engine.stages.reward import score_texts
 
     context = reward_run.model.config.context_length
     sequences = [
-        chat.render_response(list(a.prompt_messages), a.prediction, tokenizer)[0][-context:]
+        chat_template.render_response(list(a.prompt_messages), a.prediction, tokenizer)[0][
+            -context:
+        ]
         for a in answers
     ]
     scores = score_texts(reward_run.model, sequences, pad_id=tokenizer.pad_id).tolist()
@@ -451,8 +453,8 @@ def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -
 def load_reward_judge(path: Path, first_run: Path, device: torch.device) -> Any:
     """The reward run that judges every run's answers; its tokenizer must be the runs' own (the
     scores are of token ids), which holds for every run of one pipeline."""
-    from minigpt_cli.engine.reward import load_reward_model
-    from minigpt_cli.engine.tokenizer import MODEL_FILE
+    from minigpt_cli.engine.data.tokenizer import MODEL_FILE
+    from minigpt_cli.engine.stages.reward import load_reward_model
 
     judge = load_reward_model(path, str(device))
     if (path / MODEL_FILE).read_bytes() != (first_run / MODEL_FILE).read_bytes():
@@ -496,8 +498,8 @@ def score_pairs(
     """log p(reply | prompt) of both replies of every record, with DPO's own pair building
     (`dpo.build_pairs`: the chat template, prompts cut from the left, replies from the right) and
     scoring (`dpo.sequence_logps`)."""
-    from minigpt_cli.engine.dpo import build_pairs, pad_pairs, sequence_logps
-    from minigpt_cli.engine.governor import throttle_point
+    from minigpt_cli.engine.resources.governor import throttle_point
+    from minigpt_cli.engine.stages.dpo import build_pairs, pad_pairs, sequence_logps
 
     context = int(model.config.context_length)
     kept: list[tuple[int, Any]] = []
@@ -537,7 +539,7 @@ def score_pairs(
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
     """Share of pairs whose chosen score is strictly above the rejected one: a tie is wrong, so a
     run that has not moved from its parent scores 0, not 0.5 (as `dpo.preference_metrics`)."""
-    from minigpt_cli.engine.dpo import preference_metrics
+    from minigpt_cli.engine.stages.dpo import preference_metrics
 
     if len(chosen) == 0:
         return 0.0
@@ -607,7 +609,7 @@ def select_per_family(records: Sequence[dict], per_family: int | None, seed: int
 def _parent_dir(run_dir: Path, state: dict[str, Any]) -> Path | None:
     """The parent run a run records, found as `checkpoint.load_run` finds a LoRA run's parent
     (None when there is none, or it is gone)."""
-    from minigpt_cli.engine.checkpoint import find_parent
+    from minigpt_cli.engine.runs.checkpoint import find_parent
 
     written = state.get("parent")
     if not isinstance(written, str) or not written:
@@ -617,7 +619,7 @@ def _parent_dir(run_dir: Path, state: dict[str, Any]) -> Path | None:
 
 def _ancestors(run_dir: Path) -> list[Path]:
     """The runs `run_dir` descends from, its parent first, as far as they can be found."""
-    from minigpt_cli.engine.checkpoint import read_state
+    from minigpt_cli.engine.runs.checkpoint import read_state
 
     found: list[Path] = []
     current, seen = run_dir, {run_dir.resolve()}
@@ -642,9 +644,9 @@ def builtin_heldout_documents(run_dir: Path) -> tuple[list[str], str]:
     text none of the runs was trained on.
     """
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.checkpoint import read_state
-    from minigpt_cli.engine.data import builtin_documents
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.records import builtin_documents
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.runs.checkpoint import read_state
 
     root = ([run_dir, *_ancestors(run_dir)])[-1]  # normally the pretraining run
     config = read_run_config(root)
@@ -677,7 +679,7 @@ def _describe_files(paths: Sequence[Path]) -> str:
 def load_eval_data(options: EvalOptions, first_run: Path) -> tuple[dict[str, list], dict[str, str]]:
     """Every part's records (user files or the built-in held-out data), read before any model is
     loaded so a bad line stops the command at once (`path:line: problem`)."""
-    from minigpt_cli.engine.data import builtin_records, read_records
+    from minigpt_cli.engine.data.records import builtin_records, read_records
 
     data: dict[str, list] = {}
     described: dict[str, str] = {}
@@ -712,8 +714,8 @@ def load_eval_data(options: EvalOptions, first_run: Path) -> tuple[dict[str, lis
 
 def check_run_dirs(run_dirs: Sequence[Path]) -> None:
     """Refuse a path that is not a run holding weights, naming it, before anything is loaded."""
-    from minigpt_cli.engine.checkpoint import MODEL_FILE
-    from minigpt_cli.engine.lora import ADAPTER_FILE
+    from minigpt_cli.engine.model.lora import ADAPTER_FILE
+    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
 
     if not run_dirs:
         raise UserError("no run to evaluate: name at least one run directory")
@@ -787,9 +789,9 @@ def evaluate_runs(
     parent that is not listed is loaded only to score the preference pairs. The output depends
     only on the runs, the data, the options and the device.
     """
-    from minigpt_cli.engine.checkpoint import read_state
-    from minigpt_cli.engine.device import resolve_device
-    from minigpt_cli.engine.governor import release_memory
+    from minigpt_cli.engine.hardware.device import resolve_device
+    from minigpt_cli.engine.resources.governor import release_memory
+    from minigpt_cli.engine.runs.checkpoint import read_state
 
     unknown = sorted(set(options.parts) - set(PARTS))
     if unknown:
@@ -867,8 +869,8 @@ def _measure_run(
 ) -> tuple[RunReport, PairScores | None]:
     """Load one run and measure what `data` holds; its own pair scores come back separately (the
     preference metrics need the parent's too). The model is freed when this returns."""
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.pretrain import token_byte_lengths
+    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.stages.pretrain import token_byte_lengths
 
     loaded = load_run(run_dir, str(device))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -922,8 +924,8 @@ def _score_parent(
     parent: Path, records: Sequence[dict], device: torch.device, on_event: EventCallback | None
 ) -> PairScores:
     """Load a parent run only to score the preference pairs as the reference, then free it."""
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.governor import release_memory
+    from minigpt_cli.engine.resources.governor import release_memory
+    from minigpt_cli.engine.runs.checkpoint import load_run
 
     loaded = load_run(parent, str(device))
     progress = _Progress(on_event, f"{parent.name} (reference)", pair_batches(len(records)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minigpt_cli.engine.checkpoint import read_metrics
-from minigpt_cli.engine.io import atomic_write_bytes
+from minigpt_cli.engine.core.io import atomic_write_bytes
+from minigpt_cli.engine.runs.checkpoint import read_metrics
 
 
 def plot_metrics(run_dir: Path) -> Path | None:

@@ -4,9 +4,10 @@ The pieces `minigpt sft` assembles (`run_sft`, at the end, puts them together):
 
 - `load_sft_records`: the user's records (any of the three SFT formats, already normalised to
   `{"messages", "task"}` by `engine.data`) or the built-in instruction data.
-- `build_examples`: render every conversation with the one chat template (`engine.chat`), turn the
-  loss mask into targets (`IGNORE_INDEX` wherever nothing is learned), and truncate what does not
-  fit the context. Truncation is counted, never silent (see `render_example` for the policy).
+- `build_examples`: render every conversation with the one chat template
+  (`data.chat_template`), turn the loss mask into targets (`IGNORE_INDEX` wherever nothing is
+  learned), and truncate what does not fit the context. Truncation is counted, never silent (see
+  `render_example` for the policy).
 - `SftStage`: the Trainer's `Stage` for these examples. Batches are length-grouped so padding
   stays small, yet the order is a pure function of (seed, epoch), so resuming replays the exact
   batches. Evaluation reports held-out loss and exact match per task family.
@@ -31,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from minigpt_cli.engine import chat
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.model import IGNORE_INDEX, reuse_stacked_weights
-from minigpt_cli.engine.trainer import Batch, StageBase
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.model.gpt import IGNORE_INDEX, reuse_stacked_weights
+from minigpt_cli.engine.training.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def train_and_val_records(kind: str, inputs: FinetuneInputs, config: Config) -> 
     """A fine-tuning run's (train, val) records of `kind`: with `--val-data`, every `--data`
     record trains and the val files validate; else a fixed share of `--data` (or the built-in
     held-out split) validates."""
-    from minigpt_cli.engine.data import stage_records
+    from minigpt_cli.engine.data.records import stage_records
 
     size, fraction = config.data.builtin_size, config.data.val_fraction
     data = inputs.data or None
@@ -68,7 +69,7 @@ def train_and_val_records(kind: str, inputs: FinetuneInputs, config: Config) -> 
 
 def load_sft_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
     """SFT records `{"messages", "task"}` of `split` (see `data.stage_records`)."""
-    from minigpt_cli.engine.data import stage_records
+    from minigpt_cli.engine.data.records import stage_records
 
     return stage_records("sft", paths, split, config.data.builtin_size, config.data.val_fraction)
 
@@ -101,7 +102,7 @@ def render_example(
        drops the example and counts it).
     `max_len=None` means no limit.
     """
-    ids, mask = chat.render(messages, tokenizer, train_on_prompt=train_on_prompt)
+    ids, mask = chat_template.render(messages, tokenizer, train_on_prompt=train_on_prompt)
     if max_len is None or len(ids) <= max_len + 1:
         return RenderedConversation(ids, mask, False, 0)
     dropped = 0
@@ -112,7 +113,7 @@ def render_example(
             break
         current = current[: starts[0]] + current[starts[1] :]
         dropped += 1
-        ids, mask = chat.render(current, tokenizer, train_on_prompt=train_on_prompt)
+        ids, mask = chat_template.render(current, tokenizer, train_on_prompt=train_on_prompt)
     return RenderedConversation(ids[: max_len + 1], mask[: max_len + 1], True, dropped)
 
 
@@ -340,18 +341,18 @@ def score_answers(
     does not stop after its answer is marked wrong rather than decoded forever. `max_new_tokens`
     replaces that budget; `on_batch` is called after each batch (progress for `minigpt eval`).
     """
-    from minigpt_cli.engine.governor import throttle_point
+    from minigpt_cli.engine.resources.governor import throttle_point
 
     chosen = select_per_family(records, per_family)
     items = []
     for record in chosen:
         messages, reference = _prompt_and_reference(record)
         items.append(
-            (record.get("task"), messages, reference, chat.prompt_ids(messages, tokenizer))
+            (record.get("task"), messages, reference, chat_template.prompt_ids(messages, tokenizer))
         )
     order = sorted(range(len(items)), key=lambda i: len(items[i][3]))
     predictions: dict[int, str] = {}
-    stops = chat.stop_token_ids(tokenizer)
+    stops = chat_template.stop_token_ids(tokenizer)
     for start in range(0, len(order), max(1, batch_size)):
         throttle_point()
         batch = order[start : start + max(1, batch_size)]
@@ -605,9 +606,9 @@ def prepare_model(
     adapter further); a full parent gets fresh adapters with `--lora`, or trains every weight.
     Rebuilt the same way on --resume, before the Trainer restores the checkpoint over it.
     """
-    from minigpt_cli.engine import lora as lora_lib
-    from minigpt_cli.engine.checkpoint import load_run
-    from minigpt_cli.engine.trainer import seed_everything
+    from minigpt_cli.engine.model import lora as lora_lib
+    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.training.trainer import seed_everything
 
     loaded = load_run(from_run)
     model = loaded.model
@@ -644,8 +645,8 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 
 def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str | None:
     """After training: with `--merge`, also write the merged weights as `model.safetensors`."""
-    from minigpt_cli.engine import lora as lora_lib
-    from minigpt_cli.engine.checkpoint import MODEL_FILE, save_tensors
+    from minigpt_cli.engine.model import lora as lora_lib
+    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors
 
     if not (merge and lora_lib.has_lora(model)):
         return None
@@ -674,9 +675,13 @@ def start_finetune(
     on_event: EventCallback | None,
 ) -> FinetuneSetup:
     """Device, precision and the starting policy on it, its tokenizer copied into the run."""
-    from minigpt_cli.engine import lora as lora_lib
-    from minigpt_cli.engine.checkpoint import MODEL_FILE
-    from minigpt_cli.engine.device import apply_matmul_precision, resolve_device, resolve_precision
+    from minigpt_cli.engine.hardware.device import (
+        apply_matmul_precision,
+        resolve_device,
+        resolve_precision,
+    )
+    from minigpt_cli.engine.model import lora as lora_lib
+    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
 
     train = config.stage_train(stage)
     device = resolve_device(train.device)
@@ -704,7 +709,7 @@ def finish_finetune(
     on_event: EventCallback | None,
 ) -> dict[str, Any]:
     """Train `stage` to the end with the one Trainer; with --merge, write the merged weights."""
-    from minigpt_cli.engine.trainer import Trainer
+    from minigpt_cli.engine.training.trainer import Trainer
 
     stage.eval_batch = min(stage.eval_batch, micro_batch)
     trainer = Trainer(
@@ -729,7 +734,7 @@ def run_sft(
     config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.pretrain import fit_memory, token_byte_lengths
+    from minigpt_cli.engine.stages.pretrain import fit_memory, token_byte_lengths
 
     setup = start_finetune(config, spec, inputs, "sft", on_event)
     train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt_cli.engine.dpo import (
+from minigpt_cli.engine.stages.dpo import (
     PairOrder,
     PairStage,
     PairStats,
@@ -48,13 +48,13 @@ from minigpt_cli.engine.dpo import (
     pad_pairs,
     preference_metrics,
 )
-from minigpt_cli.engine.trainer import Batch
+from minigpt_cli.engine.training.trainer import Batch
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config, ModelConfig
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.model.gpt import GPT
 
 SCORE_WEIGHT = "score.weight"
 """The scalar head's tensor, HF `LlamaForSequenceClassification`'s name for it."""
@@ -81,7 +81,7 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, backbone: GPT) -> None:
-        from minigpt_cli.engine.lora import has_lora
+        from minigpt_cli.engine.model.lora import has_lora
 
         super().__init__()
         if has_lora(backbone):
@@ -165,7 +165,7 @@ def reward_model_from_policy(policy: GPT) -> RewardModel:
     The policy itself is left untouched (it is trained next, by PPO). Draws the head's
     initialisation from torch's global generator: seed first for a reproducible run.
     """
-    from minigpt_cli.engine.lora import has_lora, merge_lora
+    from minigpt_cli.engine.model.lora import has_lora, merge_lora
 
     backbone = copy.deepcopy(policy)
     if has_lora(backbone):
@@ -414,14 +414,14 @@ def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
     from safetensors import safe_open
 
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.checkpoint import (
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.runs.checkpoint import (
         MODEL_FILE,
         load_model_weights,
         read_metadata,
         read_state,
     )
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.tokenizer import Tokenizer
 
     folder = Path(run_dir)
     if not folder.is_dir():

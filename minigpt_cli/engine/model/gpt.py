@@ -652,7 +652,7 @@ class GPT(nn.Module):
         With tied embeddings `lm_head.weight` is the embedding matrix, so it is left out, exactly
         as HF does for `tie_word_embeddings`; `load_state_dict` restores the tie. LoRA adapter
         tensors (`...lora_A.weight`, `...lora_B.weight`) are left out too: they live in their own
-        file (engine/lora.py), so an adapted model still exports its plain base weights.
+        file (engine/model/lora.py), so an adapted model still exports its plain base weights.
         """
         state = {
             name: tensor.detach()

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from minigpt_cli.config.schema import Config
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.shards import is_shard_folder
-from minigpt_cli.engine.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.data.shards import is_shard_folder
+from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0
@@ -186,7 +186,7 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    from minigpt_cli.engine.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
 
     own = run_dir / "tokenizer.model"
     if resume and own.exists():
@@ -234,8 +234,8 @@ def _prepare_tokenizer(
 
 def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -> int:
     from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.governor import tokenizer_training_chars
-    from minigpt_cli.engine.monitor import physical_memory_bytes, tree_rss_bytes
+    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
+    from minigpt_cli.engine.resources.governor import tokenizer_training_chars
 
     wanted = config.tokenizer.max_training_chars
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
@@ -260,7 +260,7 @@ def _token_stream(
     tokenizer: Any, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
 ) -> TokenRange:
     """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
-    from minigpt_cli.engine.shards import TokenShards, encode_to_shards
+    from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards
 
     if len(paths) == 1 and is_shard_folder(paths[0]):
         shards = TokenShards(paths[0])
@@ -317,8 +317,8 @@ def fit_memory(
     less than the estimator's constant), since imports and libraries differ between machines.
     """
     from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.estimate import plan_micro_batch
-    from minigpt_cli.engine.monitor import physical_memory_bytes
+    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes
+    from minigpt_cli.engine.resources.estimate import plan_micro_batch
 
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
     if measure_baseline and "framework_bytes" not in estimate_kwargs:
@@ -344,9 +344,9 @@ def fit_memory(
 def measured_framework_bytes() -> int:
     """The process tree's resident memory now (after handing freed heap back), at least the
     estimator's constant for a process that prepared its data: the baseline a plan adds to."""
-    from minigpt_cli.engine.estimate import FRAMEWORK_BYTES, PIPELINE_BYTES
-    from minigpt_cli.engine.governor import release_memory
-    from minigpt_cli.engine.monitor import tree_rss_bytes
+    from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
+    from minigpt_cli.engine.resources.estimate import FRAMEWORK_BYTES, PIPELINE_BYTES
+    from minigpt_cli.engine.resources.governor import release_memory
 
     release_memory()
     return max(FRAMEWORK_BYTES + PIPELINE_BYTES, tree_rss_bytes())
@@ -355,8 +355,8 @@ def measured_framework_bytes() -> int:
 def _refuse_what_cannot_fit(config: Config, precision: str) -> None:
     """Exit 2 before tokenizer training when not even the smallest setting could fit the cap."""
     from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.estimate import plan_micro_batch
-    from minigpt_cli.engine.monitor import physical_memory_bytes
+    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes
+    from minigpt_cli.engine.resources.estimate import plan_micro_batch
 
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
     plan = plan_micro_batch(config, config.tokenizer.vocab_size, precision, 0, cap)
@@ -371,9 +371,13 @@ def run_pretrain(
     on_event: EventCallback | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a pretraining run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.checkpoint import load_model_weights
-    from minigpt_cli.engine.device import apply_matmul_precision, resolve_device, resolve_precision
-    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.hardware.device import (
+        apply_matmul_precision,
+        resolve_device,
+        resolve_precision,
+    )
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.runs.checkpoint import load_model_weights
 
     train = config.stage_train("pretrain")
     device = resolve_device(train.device)

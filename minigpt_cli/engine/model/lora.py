@@ -34,7 +34,7 @@ from minigpt_cli.config.schema import LoraConfig, ModelConfig
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
-    from minigpt_cli.engine.model import GPT
+    from minigpt_cli.engine.model.gpt import GPT
 
 ADAPTER_FILE = "adapter.safetensors"
 """The adapter weights in a LoRA run directory (and in each of its checkpoints/step-N/)."""
@@ -283,7 +283,7 @@ def language_model_files(
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """The files that hold what a language model trained: only its adapter when it has one (the
     parent holds the rest), else the whole `model.safetensors`."""
-    from minigpt_cli.engine.checkpoint import MODEL_FILE
+    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
 
     settings = lora_settings(model)
     if settings is not None:
@@ -293,7 +293,7 @@ def language_model_files(
 
 def load_language_model_files(model: nn.Module, folder: Path) -> None:
     """Restore what `language_model_files` wrote into `folder` (a resume)."""
-    from minigpt_cli.engine.checkpoint import MODEL_FILE, load_model_weights, load_tensors
+    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, load_model_weights, load_tensors
 
     if has_lora(model):
         adapter = folder / ADAPTER_FILE

@@ -36,8 +36,8 @@ from typing import Any
 import sentencepiece as spm
 
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.io import atomic_write_bytes, atomic_write_text
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text
 from minigpt_cli.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
@@ -81,7 +81,7 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 def default_threads() -> int:
     """The threads the CPU cap allows, else the CPUs this process may run on (taskset/cgroup)."""
-    from minigpt_cli.engine.monitor import thread_budget
+    from minigpt_cli.engine.hardware.monitor import thread_budget
 
     budget = thread_budget()
     if budget is not None:
@@ -430,7 +430,7 @@ def _open_source(inputs: Iterable[str | Path] | str | Path) -> _Source:
     except StopIteration:
         raise UserError("no text to train the tokenizer on") from None
     if isinstance(first, Path):
-        from minigpt_cli.engine.data import expand_paths, iter_text_chunks
+        from minigpt_cli.engine.data.records import expand_paths, iter_text_chunks
 
         paths = [first, *iterator]
         if not all(isinstance(p, Path) for p in paths):
@@ -658,7 +658,7 @@ def _train_model(
     no progress to show, and Ctrl-C would wait until training ends; here the main thread stays
     free to report elapsed time and to be interrupted (the daemon worker dies with the process).
     """
-    from minigpt_cli.engine.governor import fractional_cpu_cap, run_duty_cycled
+    from minigpt_cli.engine.resources.governor import fractional_cpu_cap, run_duty_cycled
 
     cap_cores = fractional_cpu_cap()
     if cap_cores is not None:

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt_cli.engine import chat, rl
-from minigpt_cli.engine.trainer import Batch
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.objectives import rl
+from minigpt_cli.engine.training.trainer import Batch
 from minigpt_cli.errors import UserError
 
 # Files a PPO run adds beside the policy's: the value head and its metadata.
@@ -71,7 +72,7 @@ class PolicyWithValue(nn.Module):
 
     def weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """What the Trainer checkpoints: the policy's own file(s) and the value head."""
-        from minigpt_cli.engine.lora import language_model_files
+        from minigpt_cli.engine.model.lora import language_model_files
 
         head = {"value_head.weight": self.value_head.weight.detach()}
         return {
@@ -81,8 +82,8 @@ class PolicyWithValue(nn.Module):
 
     def load_weight_files(self, folder: Any) -> None:
         """Restore what `weight_files` wrote (resume)."""
-        from minigpt_cli.engine.checkpoint import load_tensors
-        from minigpt_cli.engine.lora import load_language_model_files
+        from minigpt_cli.engine.model.lora import load_language_model_files
+        from minigpt_cli.engine.runs.checkpoint import load_tensors
 
         head = load_tensors(folder / VALUE_HEAD_FILE)
         with torch.no_grad():
@@ -98,7 +99,7 @@ def policy_of(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run a LoRA model as its base (adapter scale 0): the reference policy for free."""
-    from minigpt_cli.engine.lora import LoRALinear
+    from minigpt_cli.engine.model.lora import LoRALinear
 
     modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
     scales = [m.scaling for m in modules]
@@ -119,7 +120,7 @@ class Reference:
     """
 
     def __init__(self, policy: nn.Module) -> None:
-        from minigpt_cli.engine.lora import has_lora
+        from minigpt_cli.engine.model.lora import has_lora
 
         self.shared = has_lora(policy)
         self.policy = policy
@@ -184,7 +185,7 @@ RewardFunction = Callable[[list[dict], list[list[int]], list[str]], dict[str, to
 
 def rule_scores(records: Sequence[dict], responses: Sequence[str]) -> torch.Tensor:
     """1.0 where the response equals the record's answer after SFT's normalisation, else 0.0."""
-    from minigpt_cli.engine.sft import normalise_answer
+    from minigpt_cli.engine.stages.sft import normalise_answer
 
     scores = []
     for record, response in zip(records, responses, strict=True):
@@ -210,7 +211,7 @@ class RewardSource:
         self, records: Sequence[dict], sequences: Sequence[list[int]], responses: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """The raw scores per term, each (N,)."""
-        from minigpt_cli.engine.reward import score_texts
+        from minigpt_cli.engine.stages.reward import score_texts
 
         terms: dict[str, torch.Tensor] = {}
         if self.kind in ("model", "both"):
@@ -328,7 +329,8 @@ class RlStage:
                 f"the {seq_len}-token context"
             )
         self.prompts = [
-            chat.prompt_ids(r["prompt_messages"], tokenizer)[-room:] for r in self.train_records
+            chat_template.prompt_ids(r["prompt_messages"], tokenizer)[-room:]
+            for r in self.train_records
         ]
         self.kl = (
             rl.AdaptiveKLController(settings.kl_coef, settings.target_kl, settings.kl_horizon)
@@ -364,10 +366,10 @@ class RlStage:
 
     def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
         """(record index, response ids incl. end-of-turn when it stopped) per sampled response."""
-        from minigpt_cli.engine.generation import SamplingSettings, generate_batch
+        from minigpt_cli.engine.inference.generation import SamplingSettings, generate_batch
 
         policy = policy_of(model)
-        stops = chat.stop_token_ids(self.tokenizer)
+        stops = chat_template.stop_token_ids(self.tokenizer)
         responses = []
         for number, index in enumerate(indices):
             prompt = self.prompts[index]
@@ -540,7 +542,7 @@ class RlStage:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Greedy answers to held-out prompts: reward, length, distinct-2, exact match."""
-        from minigpt_cli.engine.sft import score_answers, summarise_exact_match
+        from minigpt_cli.engine.stages.sft import score_answers, summarise_exact_match
 
         policy = policy_of(model)
         records = self.val_records[: self.settings.eval_prompts]
@@ -549,7 +551,11 @@ class RlStage:
         results = score_answers(policy, self.tokenizer, records, per_family=None)
         responses = [self.tokenizer.encode(r.prediction) for r in results]
         sequences = [
-            [*chat.prompt_ids(r.prompt_messages, self.tokenizer), *ids, self.tokenizer.eot_id]
+            [
+                *chat_template.prompt_ids(r.prompt_messages, self.tokenizer),
+                *ids,
+                self.tokenizer.eot_id,
+            ]
             for r, ids in zip(results, responses, strict=True)
         ]
         ordered = [self._record_of(r) for r in results]
@@ -638,17 +644,17 @@ def train_reward_model(
     resumes on its own after a kill, and starts from the policy's weights (InstructGPT's recipe:
     a reward model that already knows the language the policy speaks).
     """
-    from minigpt_cli.engine import checkpoint as ckpt
-    from minigpt_cli.engine.dpo import load_dpo_records
-    from minigpt_cli.engine.events import emit
-    from minigpt_cli.engine.pretrain import fit_memory
-    from minigpt_cli.engine.reward import (
+    from minigpt_cli.engine.core.events import emit
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+    from minigpt_cli.engine.stages.dpo import load_dpo_records
+    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.stages.reward import (
         RewardStage,
         build_reward_pairs,
         load_reward_model,
         reward_model_from_policy,
     )
-    from minigpt_cli.engine.trainer import RunSpec, Trainer, seed_everything
+    from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 
     if inputs.reward_model is not None:
         loaded = load_reward_model(inputs.reward_model, str(setup.device))
@@ -725,9 +731,9 @@ def rl_settings(config: Any) -> RlSettings:
 
 def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[str, Any]:
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
-    from minigpt_cli.engine.events import emit
-    from minigpt_cli.engine.pretrain import fit_memory
-    from minigpt_cli.engine.sft import (
+    from minigpt_cli.engine.core.events import emit
+    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.stages.sft import (
         finish_finetune,
         start_finetune,
         train_and_val_records,
@@ -752,7 +758,7 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
         sum(p.numel() for p in reward_model.parameters()) if reward_model is not None else 0
     )
     longest_prompt = max(
-        len(chat.prompt_ids(r["prompt_messages"], setup.tokenizer)) for r in train_records
+        len(chat_template.prompt_ids(r["prompt_messages"], setup.tokenizer)) for r in train_records
     )
     micro_batch, messages = fit_memory(
         config,

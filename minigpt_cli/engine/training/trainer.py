@@ -24,9 +24,10 @@ import torch
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.params import flops_per_token
 from minigpt_cli.config.schema import Config, TrainConfig, parse_duration, parse_memory
-from minigpt_cli.engine import checkpoint as ckpt
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.governor import (
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.resources.governor import (
     Adjustment,
     CpuThrottle,
     Governor,
@@ -34,8 +35,7 @@ from minigpt_cli.engine.governor import (
     cap_device_memory,
     install_throttle,
 )
-from minigpt_cli.engine.io import atomic_write_text
-from minigpt_cli.engine.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -246,7 +246,7 @@ class Trainer:
         vocab_size: int,
         micro_batch_size: int | None = None,
     ) -> None:
-        from minigpt_cli.engine.device import autocast_context
+        from minigpt_cli.engine.hardware.device import autocast_context
 
         self.config = config
         self.train = config.stage_train(stage.name)
@@ -323,7 +323,7 @@ class Trainer:
 
         A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
         """
-        from minigpt_cli.engine.lora import language_model_files
+        from minigpt_cli.engine.model.lora import language_model_files
 
         if hasattr(self.model, "weight_files"):
             return self.model.weight_files()
@@ -366,7 +366,7 @@ class Trainer:
         self._resumed_from = point
 
     def _load_weights(self, point: Path) -> None:
-        from minigpt_cli.engine.lora import load_language_model_files
+        from minigpt_cli.engine.model.lora import load_language_model_files
 
         if hasattr(self.model, "load_weight_files"):
             self.model.load_weight_files(point)
@@ -693,6 +693,6 @@ class Trainer:
         if not self.config.log.plot:
             return
         with contextlib.suppress(ImportError):
-            from minigpt_cli.engine.plot import plot_metrics
+            from minigpt_cli.engine.training.plot import plot_metrics
 
             plot_metrics(self.spec.run_dir)

@@ -17,8 +17,8 @@ The estimate is of the process's peak RSS on the CPU, term by term (bytes):
   optimizer step, so they coexist with a whole micro-batch's activations.
 - optimizer: AdamW's two fp32 moments per trainable parameter.
 - activations: what autograd saves for backward over one micro-batch, counted tensor by tensor
-  from `engine/model.py` (`_layer_tensors`; a test checks the count against saved-tensor hooks on
-  the real model), plus the largest short-lived working set of the step (a chunk of the fused
+  from `model/gpt.py` (`_layer_tensors`; a test checks the count against saved-tensor hooks on the
+  real model), plus the largest short-lived working set of the step (a chunk of the fused
   loss's logits, or the SwiGLU backward).
 - allocator: heap that glibc keeps resident beyond the live tensors (ALLOCATOR_SLACK).
 - data: token buffers (the built-in corpus as an int32 array; the resident pages of memory-mapped
@@ -75,7 +75,7 @@ still resident while a snapshot is saved after it: glibc trims only the top of t
 from run to run (fitted: 0.57-0.81)."""
 
 CHECKPOINT_COPIES = 2
-"""In-memory copies of the largest file while a snapshot is written: `engine/checkpoint.py` has
+"""In-memory copies of the largest file while a snapshot is written: `engine/runs/checkpoint.py` has
 safetensors serialise each file into a buffer and then into bytes (measured: a 192 MiB file raised
 peak RSS by 385 MiB)."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt_cli.datasets import builtin
-from minigpt_cli.engine.chat import role_problem
+from minigpt_cli.engine.data.chat_template import role_problem
 from minigpt_cli.errors import UserError, location
 
 KINDS = ("pretrain", "sft", "dpo", "reward", "rlhf")

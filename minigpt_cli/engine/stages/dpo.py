@@ -5,9 +5,10 @@ The pieces `minigpt dpo` assembles (`run_dpo`, at the end, puts them together):
 - `load_dpo_records`: the user's pairs (already normalised to `{"prompt_messages", "chosen",
   "rejected", "task"}` by `engine.data`, a `Human: ... Assistant:` prompt split into turns) or the
   built-in pairs.
-- `build_pairs`: render each prompt with the one chat template (`engine.chat`) and append each
-  reply and its end-of-turn token, so preference training scores exactly what SFT taught. What does
-  not fit the context is cut, prompts from the left and replies from the right, and counted.
+- `build_pairs`: render each prompt with the one chat template (`data.chat_template`) and append
+  each reply and its end-of-turn token, so preference training scores exactly what SFT taught.
+  What does not fit the context is cut, prompts from the left and replies from the right, and
+  counted.
 - `sequence_logps`: log p(reply | prompt) summed over the reply's tokens.
 - `dpo_loss` / `preference_metrics`: the sigmoid DPO loss (with TRL's conservative label
   smoothing) and the implicit rewards beta * (log p_policy - log p_reference).
@@ -36,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minigpt_cli.engine import chat
-from minigpt_cli.engine.events import EventCallback, emit
-from minigpt_cli.engine.trainer import Batch, StageBase
+from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.training.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
-    from minigpt_cli.engine.sft import FinetuneInputs
+    from minigpt_cli.engine.stages.sft import FinetuneInputs
 
 
 # Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
@@ -64,7 +65,7 @@ _REFERENCE_TOLERANCE = 1e-3
 def load_dpo_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
     """Preference records `{"prompt_messages", "chosen", "rejected", "task"}` of `split` (see
     `data.stage_records`)."""
-    from minigpt_cli.engine.data import stage_records
+    from minigpt_cli.engine.data.records import stage_records
 
     return stage_records("dpo", paths, split, config.data.builtin_size, config.data.val_fraction)
 
@@ -138,7 +139,7 @@ def fit_prompt(
     if limit < 2:
         raise ValueError(f"a prompt needs at least 2 ids (begin of text, assistant), got {limit}")
     current = list(messages)
-    ids = chat.prompt_ids(current, tokenizer)
+    ids = chat_template.prompt_ids(current, tokenizer)
     if len(ids) <= limit:
         return ids, current, False
     while len(ids) > limit:
@@ -146,7 +147,7 @@ def fit_prompt(
         if len(starts) < 2:
             break
         current = current[: starts[0]] + current[starts[1] :]
-        ids = chat.prompt_ids(current, tokenizer)
+        ids = chat_template.prompt_ids(current, tokenizer)
     if len(ids) > limit:
         ids = ids[:1] + ids[len(ids) - (limit - 1) :]
     return ids, current, True
@@ -188,7 +189,7 @@ def build_pairs(
     for number, record in enumerate(records, start=1):
         messages = record["prompt_messages"]
         try:
-            prompt = chat.prompt_ids(messages, tokenizer)
+            prompt = chat_template.prompt_ids(messages, tokenizer)
             replies = [
                 _reply_ids(messages, record[key], tokenizer, prompt)
                 for key in ("chosen", "rejected")
@@ -235,9 +236,11 @@ def _reply_ids(
     messages: Sequence[dict], reply: str, tokenizer: Any, prompt: list[int]
 ) -> list[int]:
     """The reply's ids (its end-of-turn included) exactly as the chat template renders them."""
-    ids, _ = chat.render_response(messages, reply, tokenizer)
+    ids, _ = chat_template.render_response(messages, reply, tokenizer)
     if ids[: len(prompt)] != prompt:
-        raise AssertionError("chat.render_response no longer extends chat.prompt_ids")
+        raise AssertionError(
+            "chat_template.render_response no longer extends chat_template.prompt_ids"
+        )
     return ids[len(prompt) :]
 
 
@@ -640,7 +643,7 @@ class DpoStage(PairStage):
         return result
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        from minigpt_cli.engine.sft import held_out_exact_match
+        from minigpt_cli.engine.stages.sft import held_out_exact_match
 
         metrics = self.preference_eval(model)
         metrics.update(
@@ -683,9 +686,9 @@ def run_dpo(
     The reference is the starting policy (the parent, adapters included), scored once before the
     Trainer restores any checkpoint, so only one model is ever in memory.
     """
-    from minigpt_cli.engine.device import autocast_context
-    from minigpt_cli.engine.pretrain import fit_memory
-    from minigpt_cli.engine.sft import (
+    from minigpt_cli.engine.hardware.device import autocast_context
+    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.stages.sft import (
         finish_finetune,
         load_sft_records,
         start_finetune,

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minigpt_cli.engine.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
     from minigpt_cli.config.schema import Config
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.toml"
 MODEL_FILE = "model.safetensors"
@@ -442,7 +442,7 @@ def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ..
     its adapter replaces the parent's on the same base weights; a merged parent is a plain model
     and gets a new adapter.
     """
-    from minigpt_cli.engine.lora import (
+    from minigpt_cli.engine.model.lora import (
         ADAPTER_FILE,
         apply_lora,
         load_adapter_state_dict,
@@ -486,9 +486,9 @@ def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ..
 
 def _load_run(folder: Path, device: str, chain: tuple[Path, ...]) -> LoadedRun:
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.lora import ADAPTER_FILE
-    from minigpt_cli.engine.model import GPT
-    from minigpt_cli.engine.tokenizer import Tokenizer
+    from minigpt_cli.engine.model.lora import ADAPTER_FILE
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such run directory")

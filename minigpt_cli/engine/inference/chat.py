@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from minigpt_cli.engine.chat import ChatTokenizer, prompt_ids, render
+from minigpt_cli.engine.data.chat_template import ChatTokenizer, prompt_ids, render
 from minigpt_cli.errors import UserError
 
 # Knobs `/set` changes, in the order /help and `/set` list them.

@@ -1,0 +1,1 @@
+"""Layer 4: text in, token ids out: records, built-in data, tokenizer, shards, chat template."""
