@@ -9,7 +9,16 @@ import time
 
 import pytest
 
-from minigpt_cli.datasets import builtin, tables
+from minigpt_cli.datasets import (
+    _common,
+    addition,
+    builtin,
+    facts,
+    questions,
+    string_ops,
+    tables,
+    translation,
+)
 from minigpt_cli.engine.data.records import builtin_records, normalize_record
 
 _FACTS_ASKED = ("capital", "sound", "colour", "opposite")
@@ -141,15 +150,15 @@ def test_tables_give_one_answer_per_question() -> None:
 
 
 def test_every_fact_and_dictionary_entry_is_stated_in_pretraining(pretrain_text: str) -> None:
-    for relation in builtin._RELATIONS:
+    for relation in facts._RELATIONS:
         for row in relation.rows:
             for lang in builtin.LANGS:
-                subject, answer = builtin._fact_row(relation, row, lang)
-                forms = [builtin._fill(t, subject, answer) for t in relation.statements[lang]]
+                subject, answer = facts._fact_row(relation, row, lang)
+                forms = [facts._fill(t, subject, answer) for t in relation.statements[lang]]
                 assert any(form in pretrain_text for form in forms), (relation.name, row, lang)
     for en, zh in tables.DICTIONARY:
         assert en in pretrain_text and zh in pretrain_text
-        templates = [t for ts in builtin._DICTIONARY_STATEMENTS.values() for t in ts]
+        templates = [t for ts in translation._DICTIONARY_STATEMENTS.values() for t in ts]
         forms = [t.format(en=en, zh=zh) for t in templates]
         assert any(form in pretrain_text for form in forms) or f"{en} - {zh}" in pretrain_text
 
@@ -180,8 +189,8 @@ def test_addition_operand_pairs_are_held_out(kind: str) -> None:
     train = {_pair(_user_text(kind, r)) for r in _records_of(kind, "train", "addition")}
     val = {_pair(_user_text(kind, r)) for r in _records_of(kind, "val", "addition")}
     assert len(val) > 50 and not train & val
-    assert all(builtin._pair_held_out(*p) for p in val)
-    assert not any(builtin._pair_held_out(*p) for p in train)
+    assert all(addition._pair_held_out(*p) for p in val)
+    assert not any(addition._pair_held_out(*p) for p in train)
 
 
 def test_addition_answers_are_right() -> None:
@@ -203,13 +212,13 @@ def test_pretraining_never_shows_a_held_out_pair(
         if doc["task"] == "addition":
             for line in doc["text"].splitlines():
                 a, b, total = (int(x) for x in re.findall(r"\d+", line))
-                assert a + b == total and not builtin._pair_held_out(a, b), line
+                assert a + b == total and not addition._pair_held_out(a, b), line
                 checked += 1
         elif doc["task"] == "quiz":
             for question in re.findall(r"(?:Q:|问：)\n(.*?)\n(?:A:|答：)\n", doc["text"], re.S):
                 numbers = [int(x) for x in re.findall(r"\d+", question)]
                 if len(numbers) == 2:
-                    assert not builtin._pair_held_out(*numbers), question
+                    assert not addition._pair_held_out(*numbers), question
     assert checked > 5_000
 
 
@@ -217,8 +226,8 @@ def test_pretraining_never_shows_a_held_out_pair(
 def _subject_patterns(names: tuple[str, ...]) -> list[re.Pattern[str]]:
     forms = []
     for name in sorted(names, key=len, reverse=True):
-        article = builtin._article(name)
-        forms += [builtin._cap(article), article, builtin._cap(name), name]
+        article = _common._article(name)
+        forms += [_common._cap(article), article, _common._cap(name), name]
     return [re.compile(rf"(?<![A-Za-z]){re.escape(form)}(?![A-Za-z])") for form in forms]
 
 
@@ -233,7 +242,7 @@ def _skeleton(text: str, names: tuple[str, ...]) -> str:
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "rlhf"])
 def test_facts_and_translation_val_phrasings_are_unseen(kind: str, pretrain_text: str) -> None:
-    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    subjects = tuple({r[i] for rel in facts._RELATIONS for r in rel.rows for i in (0, 2)})
     words = tuple(w for pair in tables.DICTIONARY for w in pair)
     for family, names in (("facts", subjects), ("translation", words)):
         train = {_skeleton(_user_text(kind, r), names) for r in _records_of(kind, "train", family)}
@@ -266,7 +275,7 @@ def test_held_out_phrasings_use_only_characters_seen_in_training(
     # held-out question containing one would test byte noise, not phrasing. (Subjects and words
     # are checked too: pretraining states every one of them. string_ops holds out words and
     # addition operand pairs, so only facts and translation hold out phrasings.)
-    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    subjects = tuple({r[i] for rel in facts._RELATIONS for r in rel.rows for i in (0, 2)})
     words = tuple(w for pair in tables.DICTIONARY for w in pair)
     expected_phrasings = {
         family: sum(
@@ -313,7 +322,7 @@ def test_string_ops_lists_are_held_out(kind: str) -> None:
 
 _STRING_OPS_INSTRUCTIONS = {
     instruction
-    for by_lang in builtin._STRING_OPS.values()
+    for by_lang in string_ops._STRING_OPS.values()
     for phrasings in by_lang.values()
     for instruction, _ in phrasings
 }
@@ -327,7 +336,7 @@ def _template_skeleton(template: str) -> str:
 def test_held_out_questions_combine_a_frame_and_a_relation_seen_apart_in_training() -> None:
     # A held-out question is a (frame, relation/direction) pair never seen in training, while
     # that frame is trained with other relations and that relation with other frames.
-    subjects = tuple({r[i] for rel in builtin._RELATIONS for r in rel.rows for i in (0, 2)})
+    subjects = tuple({r[i] for rel in facts._RELATIONS for r in rel.rows for i in (0, 2)})
     words = tuple(w for pair in tables.DICTIONARY for w in pair)
     normal = _template_skeleton
     train: set[str] = set()
@@ -342,17 +351,17 @@ def test_held_out_questions_combine_a_frame_and_a_relation_seen_apart_in_trainin
             framed, own = builtin.training_phrasings(asked, lang)
             assert len(held_out) == 2 and held_out <= val, (asked, lang)
             if lang == "zh":  # nothing after the noun phrase for BPE to merge with
-                phrase = builtin._NOUN_PHRASES[asked][lang]
+                phrase = questions._NOUN_PHRASES[asked][lang]
                 assert all(t.endswith(phrase + "。") for t in held_out), held_out
             assert not held_out & train and not held_out & {normal(t) for t in own}
             assert len({normal(t) for t in framed} & train) == 8, (asked, lang)
-            for index, frame in enumerate(builtin._FRAMES[lang]):
+            for index, frame in enumerate(questions._FRAMES[lang]):
                 if not builtin.frame_held_out(index, asked, lang):
                     continue
                 trained_with = [
                     other
                     for other in builtin.ASKED
-                    if normal(frame.replace("{q}", builtin._NOUN_PHRASES[other][lang])) in train
+                    if normal(frame.replace("{q}", questions._NOUN_PHRASES[other][lang])) in train
                 ]
                 assert len(trained_with) >= 4 and asked not in trained_with, (frame, asked)
 

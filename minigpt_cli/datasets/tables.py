@@ -1,9 +1,9 @@
 """The fixed vocabulary behind the built-in data: a bilingual dictionary, fact tables, story words.
 
 Kept apart from the generator so the tables read as data. Everything here is a constant; the
-generator in `builtin.py` decides which entries go to the training or the held-out split. Subjects
-are unique within each table and the dictionary is one-to-one in both languages (a test checks it),
-so every question has exactly one right answer.
+generator (`builtin.py` and the family modules beside it) decides which entries go to the training
+or the held-out split. Subjects are unique within each table and the dictionary is one-to-one in
+both languages (a test checks it), so every question has exactly one right answer.
 """
 
 from __future__ import annotations
