@@ -181,7 +181,7 @@ def score_windows(
 ) -> TextScore:
     """Summed negative log-likelihood of the windows' targets (the model's own fused loss, padding
     ignored) and the UTF-8 bytes those targets stand for."""
-    from minigpt_cli.engine.model.gpt import IGNORE_INDEX
+    from minigpt_cli.engine.model.loss import IGNORE_INDEX
     from minigpt_cli.engine.resources.governor import throttle_point
 
     device = next(model.parameters()).device

@@ -34,7 +34,8 @@ import torch
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.model.gpt import IGNORE_INDEX, reuse_stacked_weights
+from minigpt_cli.engine.model.layers import reuse_stacked_weights
+from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.training.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
