@@ -131,7 +131,7 @@ def test_hugging_face_tensor_names_and_shapes() -> None:
 def _reference_llama_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """HF LlamaForCausalLM's forward written out from its formulas, reading our state dict.
 
-    Independent of model/gpt.py's code paths (no fused weights, no SDPA, explicit repeat_kv and
+    Independent of the model package's code paths (no fused weights, no SDPA, explicit repeat_kv and
     rotate_half), so agreement proves the weights can be exported to HF by name alone.
     """
     cfg = model.config

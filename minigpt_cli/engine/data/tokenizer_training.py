@@ -133,7 +133,7 @@ class _Source:
 
 
 def _open_source(inputs: Iterable[str | Path] | str | Path) -> _Source:
-    """Files and folders (Path objects, read by the data module) or texts (plain strings)."""
+    """Files and folders (Path objects, read by `files.py`) or texts (plain strings)."""
     if isinstance(inputs, str | Path):  # one path, or one text
         inputs = [inputs]
     iterator = iter(inputs)
@@ -432,7 +432,7 @@ def train_tokenizer(
 ) -> TokenizerReport:
     """Train a BPE tokenizer on `inputs`; write tokenizer.model and tokenizer.json into `out_dir`.
 
-    `inputs`: Path objects (files or folders of .txt / JSONL, read by the data module) or plain
+    `inputs`: Path objects (files or folders of .txt / JSONL, read by `files.py`) or plain
     strings (each one document). At most `max_training_chars` are sampled; a slice is held out to
     measure characters per token per language. Progress is reported as `progress` events (task
     "tokenizer") under `stage`. A vocabulary too large for the text is a UserError; one too small
