@@ -47,11 +47,13 @@ class RecordError(ValueError):
 
 
 def check_kind(kind: str) -> None:
+    """A `UserError` unless `kind` is one of `KINDS`: what a reader checks first."""
     if kind not in KINDS:
         raise UserError(f"unknown data kind {kind!r} (expected one of {', '.join(KINDS)})")
 
 
 def json_type(value: Any) -> str:
+    """How a JSON value's type reads in a message: "a string", "an array", "null", ..."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -279,6 +281,7 @@ def _normalise_rlhf(obj: dict) -> dict:
 
 
 def normalise_text(obj: dict) -> dict:
+    """A pretraining JSONL object as `{"text", "task"}` (CRLF line ends become LF)."""
     if "text" not in obj:
         raise RecordError(
             "missing field 'text' (pretraining JSONL needs one {\"text\": ...} object a line)"
