@@ -190,6 +190,7 @@ def _decode(data: bytes, label: str) -> str:
 
 
 def parse_toml(data: bytes | str, label: str) -> dict[str, Any]:
+    """TOML tables of `data`; a syntax error is a UserError at `label:line:column`."""
     text = data if isinstance(data, str) else _decode(data, label)
     try:
         return tomllib.loads(text)
@@ -209,6 +210,7 @@ def parse_toml(data: bytes | str, label: str) -> dict[str, Any]:
 
 
 def preset_text(name: str) -> str:
+    """The TOML text of a built-in preset; an unknown name is a UserError with a suggestion."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
