@@ -18,16 +18,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from minigpt_cli.cli.app import app
-from minigpt_cli.config.loader import (
-    PRESETS,
-    dump_config,
-    load_config,
-    load_preset,
-    parse_set,
-    preset_summary,
-    read_run_config,
-)
+from minigpt_cli.config import PRESETS
+from minigpt_cli.config.loader import dump_config, load_config, preset_summary, read_run_config
 from minigpt_cli.config.schema import Config, parse_duration, parse_memory
+from minigpt_cli.config.sources import load_preset, parse_set
 from minigpt_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from minigpt_cli.cli.app import app
 from minigpt_cli.datasets import builtin
-from minigpt_cli.engine.data import records as data
-from minigpt_cli.engine.data.records import (
+from minigpt_cli.engine.data.files import (
+    MAX_PROBLEMS_PER_FILE,
     expand_paths,
     iter_text_chunks,
-    normalize_record,
     read_records,
     validate,
 )
+from minigpt_cli.engine.data.records import RecordError, normalise_record
 from minigpt_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_binary_file_stops_after_a_few_problems(tmp_path: Path) -> None:
     path = tmp_path / "image.txt"
     path.write_bytes(b"\x89PNG\n" + b"\xff\xd8\n" * 100_000)
     lines = error_of(validate, [path], "pretrain").splitlines()
-    assert lines[0] == f"{data.MAX_PROBLEMS_PER_FILE + 1} problems in the data:"
+    assert lines[0] == f"{MAX_PROBLEMS_PER_FILE + 1} problems in the data:"
     assert lines[1] == f"  {path}:1: invalid UTF-8 (byte 0x89 at column 1); save the file as UTF-8"
     assert lines[-1] == f"  {path}: too many problems, stopped reading: is it UTF-8 text?"
 
@@ -337,7 +337,7 @@ def test_sft_formats_normalise_to_messages() -> None:
         "task": "translation",
         "extra": {"ignored": True},
     }
-    assert normalize_record(record, "sft") == {
+    assert normalise_record(record, "sft") == {
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "hi"},
@@ -348,14 +348,14 @@ def test_sft_formats_normalise_to_messages() -> None:
         "task": "translation",
     }
     hh = {"prompt": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", "completion": "d"}
-    assert [m["content"] for m in normalize_record(hh, "sft")["messages"]] == ["a", "b", "c", "d"]
+    assert [m["content"] for m in normalise_record(hh, "sft")["messages"]] == ["a", "b", "c", "d"]
     messages = {
         "messages": [
             {"role": "user", "content": "q", "name": "x"},
             {"role": "assistant", "content": "a"},
         ]
     }
-    assert normalize_record(messages, "sft")["messages"][0] == {"role": "user", "content": "q"}
+    assert normalise_record(messages, "sft")["messages"][0] == {"role": "user", "content": "q"}
 
 
 def test_dpo_human_assistant_prompts_and_transcripts() -> None:
@@ -365,7 +365,7 @@ def test_dpo_human_assistant_prompts_and_transcripts() -> None:
         {"role": "user", "content": "Another?"},
     ]
     prompt = "\n\nHuman: Name a fruit.\n\nAssistant: Apple.\n\nHuman: Another?\n\nAssistant:"
-    split = normalize_record({"prompt": prompt, "chosen": " Pear.", "rejected": " No."}, "dpo")
+    split = normalise_record({"prompt": prompt, "chosen": " Pear.", "rejected": " No."}, "dpo")
     assert split == {
         "prompt_messages": expected_turns,
         "chosen": "Pear.",
@@ -374,13 +374,13 @@ def test_dpo_human_assistant_prompts_and_transcripts() -> None:
     }
     # Anthropic-HH style: whole transcripts, no prompt field.
     transcript = {"chosen": prompt + " Pear.", "rejected": prompt + " No."}
-    assert normalize_record(transcript, "reward") == split
-    assert normalize_record({"prompt": prompt, **transcript}, "dpo") == split
-    plain = normalize_record({"prompt": "2+2", "chosen": "2+2 = 4", "rejected": "2+2 = 5"}, "dpo")
+    assert normalise_record(transcript, "reward") == split
+    assert normalise_record({"prompt": prompt, **transcript}, "dpo") == split
+    plain = normalise_record({"prompt": "2+2", "chosen": "2+2 = 4", "rejected": "2+2 = 5"}, "dpo")
     assert (plain["chosen"], plain["rejected"]) == ("2+2 = 4", "2+2 = 5")
     diverging = {"chosen": "Human: a\n\nAssistant: x", "rejected": "Human: b\n\nAssistant: y"}
-    with pytest.raises(data.RecordError, match="different conversations"):
-        normalize_record(diverging, "dpo")
+    with pytest.raises(RecordError, match="different conversations"):
+        normalise_record(diverging, "dpo")
 
 
 def test_a_speaker_going_on_after_an_inline_marker_is_one_turn() -> None:
@@ -389,7 +389,7 @@ def test_a_speaker_going_on_after_an_inline_marker_is_one_turn() -> None:
         "Human: Sharpen knives?\n\nAssistant: Use a stone.  Human:  Thanks.\n\n"
         "Assistant: Anything else?\n\nHuman: No stone?\n\nAssistant:"
     )
-    record = normalize_record({"prompt": prompt, "chosen": "A rod.", "rejected": "No."}, "dpo")
+    record = normalise_record({"prompt": prompt, "chosen": "A rod.", "rejected": "No."}, "dpo")
     assert record["prompt_messages"] == [
         {"role": "user", "content": "Sharpen knives?"},
         {"role": "assistant", "content": "Use a stone.  Human:  Thanks.\n\nAnything else?"},
@@ -398,12 +398,12 @@ def test_a_speaker_going_on_after_an_inline_marker_is_one_turn() -> None:
 
 
 def test_rlhf_answers_become_strings() -> None:
-    assert normalize_record({"prompt": "6 * 7?", "answer": 42}, "rlhf") == {
+    assert normalise_record({"prompt": "6 * 7?", "answer": 42}, "rlhf") == {
         "prompt_messages": [{"role": "user", "content": "6 * 7?"}],
         "answer": "42",
         "task": None,
     }
-    assert normalize_record({"prompt": "Say hi."}, "rlhf")["answer"] is None
+    assert normalise_record({"prompt": "Say hi."}, "rlhf")["answer"] is None
 
 
 def test_example_files_are_valid_for_their_kind() -> None:
@@ -427,7 +427,7 @@ def test_example_files_are_valid_for_their_kind() -> None:
 
 RSS_PROBE = """
 import resource, sys
-from minigpt_cli.engine.data.records import iter_text_chunks, validate
+from minigpt_cli.engine.data.files import iter_text_chunks, validate
 path = sys.argv[1]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = validate([path], "pretrain")
@@ -479,7 +479,7 @@ def test_export_reads_back_identically(tmp_path: Path, kind: str, split: str) ->
     assert result.exit_code == 0, result.output
     assert f"wrote 120 built-in {kind} {split} records" in result.output
     generated = builtin.records(kind, split, 120, 0)
-    assert read_records([out], kind) == [normalize_record(r, kind) for r in generated]
+    assert read_records([out], kind) == [normalise_record(r, kind) for r in generated]
     if kind == "sft":
         assert [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()] == generated
 

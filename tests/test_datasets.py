@@ -19,7 +19,8 @@ from minigpt_cli.datasets import (
     tables,
     translation,
 )
-from minigpt_cli.engine.data.records import builtin_records, normalize_record
+from minigpt_cli.engine.data.records import normalise_record
+from minigpt_cli.engine.data.stage_records import builtin_records
 
 _FACTS_ASKED = ("capital", "sound", "colour", "opposite")
 SMALL = 400  # records per kind/split in most tests: enough for every family and language
@@ -70,7 +71,7 @@ def test_record_fields_and_types() -> None:
                 assert set(record) - {"history"} == fields, record
                 assert record["task"] in builtin.TASK_FAMILIES
                 assert all(isinstance(record[f], str) for f in fields)
-                normalize_record(record, kind)  # every built-in record is valid input
+                normalise_record(record, kind)  # every built-in record is valid input
 
 
 def test_history_only_on_a_few_training_records() -> None:
@@ -81,7 +82,7 @@ def test_history_only_on_a_few_training_records() -> None:
         assert 1 <= len(record["history"]) <= 2
         assert all(len(turn) == 2 and all(turn) for turn in record["history"])
     assert not any("history" in r for r in builtin.sft_records("val", SMALL, 0))
-    messages = normalize_record(with_history[0], "sft")["messages"]
+    messages = normalise_record(with_history[0], "sft")["messages"]
     assert [m["role"] for m in messages][-2:] == ["user", "assistant"]
     assert len(messages) == 2 * len(with_history[0]["history"]) + 2
 

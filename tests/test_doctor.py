@@ -779,7 +779,8 @@ def test_builtin_token_estimate_is_a_little_above_the_real_count(tmp_path: Path)
     """The bytes-per-token ratio still holds: train tiny's tokenizer on the built-in corpus and
     count, as pretrain does (end-of-text tokens included)."""
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 
     config = load_config("tiny")
     texts = [r["text"] for r in pretrain_records(config.data.builtin_size, seed=0)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from minigpt_cli.config.loader import dump_config, load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.data.records import builtin_records, split_records
+from minigpt_cli.engine.data.stage_records import builtin_records, split_records
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages import dpo

@@ -12,7 +12,7 @@ import torch
 
 from minigpt_cli.engine import evaluate
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.runs.checkpoint import load_run
 from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
@@ -256,9 +256,9 @@ def _reply_logp(
 ) -> tuple[float, int]:
     """Summed log p(reply) and reply tokens from logits: the tokens after the prompt (an earlier
     assistant turn of a transcript prompt is context, not scored)."""
-    from minigpt_cli.engine.data.records import normalize_record
+    from minigpt_cli.engine.data.records import normalise_record
 
-    normal = normalize_record(record, "dpo")
+    normal = normalise_record(record, "dpo")
     prompt = chat_template.prompt_ids(normal["prompt_messages"], tokenizer)
     ids, _ = chat_template.render_response(normal["prompt_messages"], normal[key], tokenizer)
     assert ids[: len(prompt)] == prompt

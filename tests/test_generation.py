@@ -355,7 +355,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from minigpt_cli.config.loader import dump_config
     from minigpt_cli.config.schema import Config, TokenizerConfig
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
     from minigpt_cli.engine.runs.checkpoint import save_tensors
 
     folder = tmp_path_factory.mktemp("generate") / "run"

@@ -339,7 +339,7 @@ def test_a_capped_child_process_is_paused_to_the_cap_and_returns_its_result() ->
 
 def test_tokenizer_training_under_a_fractional_cap_gives_the_same_tokenizer(tmp_path: Path) -> None:
     from minigpt_cli.datasets.builtin import pretrain_records
-    from minigpt_cli.engine.data.tokenizer import train_tokenizer
+    from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 
     texts = [r["text"] for r in pretrain_records(300)]
     train_tokenizer(texts, 600, tmp_path / "free", num_threads=1)

@@ -15,7 +15,8 @@ from minigpt_cli.config.params import (
     format_count,
 )
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine.model.gpt import GPT, IGNORE_INDEX
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.loss import IGNORE_INDEX
 
 VOCAB = 61
 
@@ -85,7 +86,7 @@ def test_positions_beyond_context_are_refused() -> None:
 def test_stacked_weights_never_outlive_a_decoding_call() -> None:
     """Decoding stacks q/k/v and gate/up weights once per call; an optimizer step between two
     calls (fused AdamW changes weights without bumping version counters) must be seen."""
-    from minigpt_cli.engine.model.gpt import reuse_stacked_weights
+    from minigpt_cli.engine.model.layers import reuse_stacked_weights
 
     torch.manual_seed(0)
     model = make_model()
@@ -130,7 +131,7 @@ def test_hugging_face_tensor_names_and_shapes() -> None:
 def _reference_llama_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """HF LlamaForCausalLM's forward written out from its formulas, reading our state dict.
 
-    Independent of model/gpt.py's code paths (no fused weights, no SDPA, explicit repeat_kv and
+    Independent of the model package's code paths (no fused weights, no SDPA, explicit repeat_kv and
     rotate_half), so agreement proves the weights can be exported to HF by name alone.
     """
     cfg = model.config
@@ -304,10 +305,10 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(reduction: str) -> N
 
 
 def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import minigpt_cli.engine.model.gpt as model_module
+    import minigpt_cli.engine.model.loss as loss_module
 
     # 7 rows per chunk: 48 rows -> 7 chunks, the last one partial.
-    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)
+    monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)
     test_fused_loss_and_gradients_equal_plain_cross_entropy("sum")
 
 
@@ -400,7 +401,7 @@ def test_a_few_adamw_steps_learn_a_repeated_sequence() -> None:
 
 def test_loss_of_a_hopeless_prediction_stays_exact() -> None:
     """A target probability that underflows fp32 must still give the true (huge) loss."""
-    from minigpt_cli.engine.model.gpt import _softmax_and_losses
+    from minigpt_cli.engine.model.loss import _softmax_and_losses
 
     logits = torch.tensor([[0.0, -200.0, 5.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     target = torch.tensor([[1], [2], [0]])
@@ -415,7 +416,7 @@ def test_loss_of_a_hopeless_prediction_stays_exact() -> None:
 
 
 def test_rms_norm_gradients_are_exact() -> None:
-    from minigpt_cli.engine.model.gpt import RMSNorm, _RMSNormFunction
+    from minigpt_cli.engine.model.layers import RMSNorm, _RMSNormFunction
 
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
@@ -431,13 +432,13 @@ def test_rms_norm_gradients_are_exact() -> None:
 
 def test_grouped_query_attention_without_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
     """PyTorch before 2.5 lacks SDPA's enable_gqa: repeating keys/values must give the same."""
-    import minigpt_cli.engine.model.gpt as model_module
+    import minigpt_cli.engine.model.layers as layers_module
 
     model = make_model(n_kv_head=2).eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         native = model(ids)
-        monkeypatch.setattr(model_module, "_SDPA_GQA", False)
+        monkeypatch.setattr(layers_module, "_SDPA_GQA", False)
         repeated = model(ids)
     torch.testing.assert_close(native, repeated, atol=1e-6, rtol=1e-5)
 

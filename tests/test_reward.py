@@ -14,8 +14,9 @@ import torch
 
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine.data.records import builtin_records
-from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+from minigpt_cli.engine.data.stage_records import builtin_records
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors

@@ -16,9 +16,10 @@ from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.datasets.builtin import TASK_FAMILIES
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.data.tokenizer import Tokenizer
-from minigpt_cli.engine.model.gpt import GPT, IGNORE_INDEX
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.stages import sft
 from minigpt_cli.errors import UserError
 from tests.conftest import run_cli

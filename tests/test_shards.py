@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt_cli.engine.data import records as data_module
 from minigpt_cli.engine.data import shards as shards_module
+from minigpt_cli.engine.data.files import iter_text_chunks
 from minigpt_cli.engine.data.shards import (
     META_FILE,
     TokenShards,
@@ -27,7 +27,8 @@ from minigpt_cli.engine.data.shards import (
     reusable_shards,
     shard_dtype,
 )
-from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 from minigpt_cli.errors import UserError
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "model", "learns", "from", "day", "42"]
@@ -124,8 +125,8 @@ def test_small_chunks_and_batches_give_the_same_tokens_as_whole_documents(
     doc = "\n".join(documents(40, seed=3)) + "\n"
     path = tmp_path / "long.txt"
     path.write_text(doc, encoding="utf-8")
-    small_chunks = functools.partial(data_module.iter_text_chunks, chunk_bytes=64)
-    monkeypatch.setattr(data_module, "iter_text_chunks", small_chunks)
+    small_chunks = functools.partial(iter_text_chunks, chunk_bytes=64)
+    monkeypatch.setattr(shards_module, "iter_text_chunks", small_chunks)
     monkeypatch.setattr(shards_module, "_BATCH_BYTES", 200)
     events: list = []
     encode_to_shards(tok, [path], tmp_path / "shards", on_event=events.append)

@@ -18,11 +18,8 @@ import sentencepiece as spm
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minigpt_cli.engine.data.tokenizer import (
-    META_FILE,
-    MODEL_FILE,
-    SPECIAL_TOKENS,
-    Tokenizer,
+from minigpt_cli.engine.data.tokenizer import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
+from minigpt_cli.engine.data.tokenizer_training import (
     detect_language,
     rare_characters,
     train_tokenizer,

@@ -60,7 +60,7 @@ def _preview(text: str) -> str:
 
 def _pretrain_samples(paths: list[Path], n: int) -> list[dict[str, Any]]:
     """The first `n` documents of a corpus, streamed: only their first characters are kept."""
-    from minigpt_cli.engine.data.records import iter_text_chunks
+    from minigpt_cli.engine.data.files import iter_text_chunks
 
     docs: list[dict[str, Any]] = []
     head: list[str] = []
@@ -84,7 +84,8 @@ def _load(
 ) -> tuple[list[dict[str, Any]], str]:
     """Records to show and a one-line description of where they came from."""
     from minigpt_cli.datasets import builtin
-    from minigpt_cli.engine.data.records import normalize_record, read_records
+    from minigpt_cli.engine.data.files import read_records
+    from minigpt_cli.engine.data.records import normalise_record
 
     if paths:
         if kind is Kind.pretrain:
@@ -101,7 +102,7 @@ def _load(
     if kind is Kind.pretrain:
         shown = [{**r, "chars": len(r["text"])} for r in raw]
     else:
-        shown = [normalize_record(r, kind.value) for r in raw]
+        shown = [normalise_record(r, kind.value) for r in raw]
     topics = builtin.PRETRAIN_TOPICS if kind is Kind.pretrain else builtin.TASK_FAMILIES
     where = (
         f"{len(shown)} of {total} built-in {kind.value} {split.value} records "

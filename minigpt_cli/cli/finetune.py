@@ -105,7 +105,7 @@ def run_finetune(
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.data.records import expand_paths, validate
+    from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.stages.sft import FinetuneInputs
     from minigpt_cli.engine.training.trainer import RunSpec
 

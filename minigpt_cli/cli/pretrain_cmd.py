@@ -49,7 +49,7 @@ def pretrain(
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.data.records import expand_paths, validate
+    from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.data.shards import is_shard_folder
     from minigpt_cli.engine.stages.pretrain import PretrainInputs, run_pretrain
     from minigpt_cli.engine.training.trainer import RunSpec

@@ -207,8 +207,8 @@ def train(
     Prints the vocabulary size, the time taken and the characters per token on a held-out slice
     of the text for each language found.
     """
-    from minigpt_cli.engine.data.records import expand_paths, validate
-    from minigpt_cli.engine.data.tokenizer import train_tokenizer
+    from minigpt_cli.engine.data.files import expand_paths, validate
+    from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 
     _check_settings(vocab_size, character_coverage, max_training_chars)
     files = expand_paths(inputs, kind="pretrain")
@@ -256,7 +256,7 @@ def encode(
     Writes shard-00000.bin, ... (uint16 ids, uint32 for vocabularies over 65,536) and meta.json
     with token counts, the tokenizer's hash and the inputs' hashes.
     """
-    from minigpt_cli.engine.data.records import expand_paths, validate
+    from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.data.shards import encode_to_shards, reusable_shards
     from minigpt_cli.engine.data.tokenizer import Tokenizer
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# The built-in presets, smallest first. Defined here (not in loader.py, which re-exports it) so
+# The built-in presets, smallest first. Defined here (not in sources.py, which reads them) so
 # reading it imports nothing heavy.
 PRESETS: tuple[str, ...] = ("tiny", "small", "medium", "large")
 
 _LAZY: dict[str, str] = {
     "load_config": "loader",
-    "load_preset": "loader",
+    "load_preset": "sources",
     "dump_config": "loader",
     "read_run_config": "loader",
     "preset_summary": "loader",
-    "parse_set": "loader",
+    "parse_set": "sources",
     "Config": "schema",
     "ModelConfig": "schema",
     "TokenizerConfig": "schema",
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
     from minigpt_cli.config.loader import (
         dump_config,
         load_config,
-        load_preset,
-        parse_set,
         preset_summary,
         read_run_config,
     )
@@ -86,6 +84,7 @@ if TYPE_CHECKING:
         parse_duration,
         parse_memory,
     )
+    from minigpt_cli.config.sources import load_preset, parse_set
 
 
 def __getattr__(name: str) -> Any:

@@ -181,7 +181,7 @@ def score_windows(
 ) -> TextScore:
     """Summed negative log-likelihood of the windows' targets (the model's own fused loss, padding
     ignored) and the UTF-8 bytes those targets stand for."""
-    from minigpt_cli.engine.model.gpt import IGNORE_INDEX
+    from minigpt_cli.engine.model.loss import IGNORE_INDEX
     from minigpt_cli.engine.resources.governor import throttle_point
 
     device = next(model.parameters()).device
@@ -644,7 +644,7 @@ def builtin_heldout_documents(run_dir: Path) -> tuple[list[str], str]:
     text none of the runs was trained on.
     """
     from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.data.records import builtin_documents
+    from minigpt_cli.engine.data.stage_records import builtin_documents
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.runs.checkpoint import read_state
 
@@ -679,7 +679,8 @@ def _describe_files(paths: Sequence[Path]) -> str:
 def load_eval_data(options: EvalOptions, first_run: Path) -> tuple[dict[str, list], dict[str, str]]:
     """Every part's records (user files or the built-in held-out data), read before any model is
     loaded so a bad line stops the command at once (`path:line: problem`)."""
-    from minigpt_cli.engine.data.records import builtin_records, read_records
+    from minigpt_cli.engine.data.files import read_records
+    from minigpt_cli.engine.data.stage_records import builtin_records
 
     data: dict[str, list] = {}
     described: dict[str, str] = {}

@@ -26,6 +26,7 @@ import numpy as np
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.data.files import expand_paths, file_sha256, iter_text_chunks
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.errors import UserError
 
@@ -74,8 +75,6 @@ def _describe_inputs(files: list[Path], hashes: list[str] | None) -> list[dict[s
 
 
 def _hash_files(files: list[Path]) -> list[str]:
-    from minigpt_cli.engine.data.tokenizer import file_sha256
-
     return [file_sha256(path) for path in files]
 
 
@@ -148,8 +147,6 @@ def reusable_shards(
 
     Lets a caller skip a full validation pass of the inputs when nothing needs encoding.
     """
-    from minigpt_cli.engine.data.records import expand_paths
-
     files = expand_paths(list(inputs), kind="pretrain")
     meta, _ = _reusable(Path(out_dir), tokenizer, files, shard_tokens, None)
     return meta
@@ -284,8 +281,6 @@ def encode_to_shards(
     same tokenizer on unchanged inputs (same bytes, by sha256) reuses the shards and returns their
     meta with `"reused": True`. Progress: `progress` events with task "encode" in bytes of input.
     """
-    from minigpt_cli.engine.data.records import expand_paths, iter_text_chunks
-
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     folder = Path(out_dir)

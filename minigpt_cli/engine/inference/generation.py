@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from minigpt_cli.engine.model.gpt import reuse_stacked_weights
+from minigpt_cli.engine.model.layers import reuse_stacked_weights
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import GenerateConfig
-    from minigpt_cli.engine.model.gpt import GPT, KVCache
+    from minigpt_cli.engine.model.gpt import GPT
+    from minigpt_cli.engine.model.layers import KVCache
 
 # When the cache is full, keep this fraction of the context and continue (see the module doc).
 _SLIDE_KEEP = 0.75

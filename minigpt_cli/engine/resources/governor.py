@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
+from minigpt_cli.engine.hardware.monitor import apply_nice, configure_threads, tree_rss_bytes
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import ResourcesConfig
@@ -400,8 +400,6 @@ def apply_resources(
     Niceness, thread pools and the duty-cycle throttle cover everything a verb does after this
     call: tokenizer training and encoding as much as the training steps. Returns the thread note.
     """
-    from minigpt_cli.engine.hardware.monitor import apply_nice, configure_threads
-
     apply_nice(resources.nice)
     count, note = configure_threads(
         resources.max_cpu, threads if threads is not None else resources.threads, thread_source

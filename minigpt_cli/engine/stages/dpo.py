@@ -65,7 +65,7 @@ _REFERENCE_TOLERANCE = 1e-3
 def load_dpo_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
     """Preference records `{"prompt_messages", "chosen", "rejected", "task"}` of `split` (see
     `data.stage_records`)."""
-    from minigpt_cli.engine.data.records import stage_records
+    from minigpt_cli.engine.data.stage_records import stage_records
 
     return stage_records("dpo", paths, split, config.data.builtin_size, config.data.val_fraction)
 

@@ -186,7 +186,8 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    from minigpt_cli.engine.data.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
+    from minigpt_cli.engine.data.tokenizer_training import VocabularyTooLarge, train_tokenizer
 
     own = run_dir / "tokenizer.model"
     if resume and own.exists():

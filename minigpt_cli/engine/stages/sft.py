@@ -34,7 +34,8 @@ import torch
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.model.gpt import IGNORE_INDEX, reuse_stacked_weights
+from minigpt_cli.engine.model.layers import reuse_stacked_weights
+from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.training.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
 
@@ -55,7 +56,7 @@ def train_and_val_records(kind: str, inputs: FinetuneInputs, config: Config) -> 
     """A fine-tuning run's (train, val) records of `kind`: with `--val-data`, every `--data`
     record trains and the val files validate; else a fixed share of `--data` (or the built-in
     held-out split) validates."""
-    from minigpt_cli.engine.data.records import stage_records
+    from minigpt_cli.engine.data.stage_records import stage_records
 
     size, fraction = config.data.builtin_size, config.data.val_fraction
     data = inputs.data or None
@@ -69,7 +70,7 @@ def train_and_val_records(kind: str, inputs: FinetuneInputs, config: Config) -> 
 
 def load_sft_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
     """SFT records `{"messages", "task"}` of `split` (see `data.stage_records`)."""
-    from minigpt_cli.engine.data.records import stage_records
+    from minigpt_cli.engine.data.stage_records import stage_records
 
     return stage_records("sft", paths, split, config.data.builtin_size, config.data.val_fraction)
 
