@@ -13,7 +13,7 @@ import torch
 from minigpt_cli.engine import evaluate
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.records import builtin_records
-from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
 

@@ -356,7 +356,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from minigpt_cli.config.schema import Config, TokenizerConfig
     from minigpt_cli.datasets.builtin import pretrain_records
     from minigpt_cli.engine.data.tokenizer import Tokenizer, train_tokenizer
-    from minigpt_cli.engine.runs.checkpoint import save_tensors
+    from minigpt_cli.engine.runs.files import save_tensors
 
     folder = tmp_path_factory.mktemp("generate") / "run"
     texts = [record["text"] for record in pretrain_records(300, seed=0)]
@@ -395,7 +395,7 @@ def test_cli_streams_a_seeded_continuation(run_dir: Path) -> None:
 
 
 def test_cli_greedy_stop_string_and_stdin(run_dir: Path) -> None:
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
 
     loaded = load_run(run_dir)
     tokenizer = loaded.tokenizer

@@ -377,7 +377,7 @@ def run_pretrain(
         resolve_precision,
     )
     from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.checkpoint import load_model_weights
+    from minigpt_cli.engine.runs.load import load_model_weights
 
     train = config.stage_train("pretrain")
     device = resolve_device(train.device)

@@ -416,12 +416,9 @@ def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.checkpoint import (
-        MODEL_FILE,
-        load_model_weights,
-        read_metadata,
-        read_state,
-    )
+    from minigpt_cli.engine.runs.checkpoint import read_state
+    from minigpt_cli.engine.runs.files import MODEL_FILE, read_metadata
+    from minigpt_cli.engine.runs.load import load_model_weights
 
     folder = Path(run_dir)
     if not folder.is_dir():

@@ -607,7 +607,7 @@ def prepare_model(
     Rebuilt the same way on --resume, before the Trainer restores the checkpoint over it.
     """
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
     from minigpt_cli.engine.training.trainer import seed_everything
 
     loaded = load_run(from_run)
@@ -646,7 +646,7 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str | None:
     """After training: with `--merge`, also write the merged weights as `model.safetensors`."""
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors
+    from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 
     if not (merge and lora_lib.has_lora(model)):
         return None
@@ -681,7 +681,7 @@ def start_finetune(
         resolve_precision,
     )
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
+    from minigpt_cli.engine.runs.files import MODEL_FILE
 
     train = config.stage_train(stage)
     device = resolve_device(train.device)
