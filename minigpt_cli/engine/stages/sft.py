@@ -34,6 +34,7 @@ import torch
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.metrics.text import token_byte_lengths
 from minigpt_cli.engine.model.gpt import IGNORE_INDEX, reuse_stacked_weights
 from minigpt_cli.engine.training.trainer import Batch, StageBase
 from minigpt_cli.errors import UserError
@@ -734,7 +735,7 @@ def run_sft(
     config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.stages.pretrain import fit_memory, token_byte_lengths
+    from minigpt_cli.engine.stages.pretrain import fit_memory
 
     setup = start_finetune(config, spec, inputs, "sft", on_event)
     train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft
