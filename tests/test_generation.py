@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from minigpt_cli.config.schema import GenerateConfig, ModelConfig
+from minigpt_cli.engine.inference.beam import beam_search
+from minigpt_cli.engine.inference.decode import generate, generate_batch
 from minigpt_cli.engine.inference.generation import (
     SamplingSettings,
     TextStream,
     apply_repetition_penalty,
-    beam_search,
     choose_next,
-    generate,
-    generate_batch,
 )
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.errors import UserError

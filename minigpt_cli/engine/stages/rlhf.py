@@ -363,7 +363,8 @@ class RlStage:
 
     def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
         """(record index, response ids incl. end-of-turn when it stopped) per sampled response."""
-        from minigpt_cli.engine.inference.generation import SamplingSettings, generate_batch
+        from minigpt_cli.engine.inference.decode import generate_batch
+        from minigpt_cli.engine.inference.generation import SamplingSettings
 
         policy = policy_of(model)
         stops = chat_template.stop_token_ids(self.tokenizer)
