@@ -407,7 +407,7 @@ class RewardRun:
 def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
     """Open a reward run directory: config, tokenizer, state, weights (backbone + score), eval mode.
 
-    Read as `checkpoint.load_run` reads a run (config.toml via `read_run_config`, safetensors only,
+    Read as `runs.load.load_run` reads a run (config.toml via `read_run_config`, safetensors only,
     names and shapes checked against the config), but the weights must include `score.weight`:
     a language model's run directory is refused with a message saying what is expected.
     """
