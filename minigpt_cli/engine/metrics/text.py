@@ -11,7 +11,7 @@ reference.
 - `generation_metrics`: BLEU, ROUGE and exact match over a set of `Answer`s, overall and per task
   family.
 
-ROUGE is written here (about 40 lines) instead of taken from Google's `rouge-score`: that package
+ROUGE is written here (a few dozen lines) instead of taken from Google's `rouge-score`: that package
 would be one more runtime dependency (with nltk and absl) for three counts, and its tokenizer keeps
 only ASCII letters and digits, so a Chinese answer would score as empty. `tests/test_rouge.py`
 checks precision, recall and F1 against `rouge_score.rouge_scorer.RougeScorer` (no stemmer) to
