@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.params import count_parameters, format_count  # noqa: E402
-from minigpt_cli.engine.inference.generation import SamplingSettings, generate_batch  # noqa: E402
+from minigpt_cli.engine.inference.decode import generate_batch  # noqa: E402
+from minigpt_cli.engine.inference.generation import SamplingSettings  # noqa: E402
 from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 
 SHAPES = {

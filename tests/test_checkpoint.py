@@ -14,12 +14,21 @@ import torch
 
 from minigpt_cli.engine.core.io import atomic_write_text
 from minigpt_cli.engine.runs import checkpoint as ckpt
+from minigpt_cli.engine.runs.files import (
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+)
 from minigpt_cli.errors import UserError
 
 
 def _files(step: int) -> dict:
     weights = {"w": torch.full((3, 2), float(step))}
-    return {ckpt.MODEL_FILE: (weights, {"format": "minigpt"})}
+    return {MODEL_FILE: (weights, {"format": "minigpt"})}
 
 
 def test_save_publishes_snapshot_and_prunes(tmp_path: Path) -> None:
@@ -28,8 +37,8 @@ def test_save_publishes_snapshot_and_prunes(tmp_path: Path) -> None:
     names = [p.name for p in ckpt.snapshots(tmp_path)]
     assert names == ["step-00000020", "step-00000030"]
     assert ckpt.read_state(tmp_path)["step"] == 30
-    assert float(ckpt.load_tensors(tmp_path / ckpt.MODEL_FILE)["w"][0, 0]) == 30.0
-    assert ckpt.read_metadata(tmp_path / ckpt.MODEL_FILE)["step"] == "30"
+    assert float(load_tensors(tmp_path / MODEL_FILE)["w"][0, 0]) == 30.0
+    assert read_metadata(tmp_path / MODEL_FILE)["step"] == "30"
     assert ckpt.find_resume_point(tmp_path) == tmp_path
 
 
@@ -37,24 +46,24 @@ def test_torn_publish_falls_back_to_newest_complete_snapshot(tmp_path: Path) -> 
     ckpt.save_checkpoint(tmp_path, 10, _files(10), {}, keep_last=3)
     ckpt.save_checkpoint(tmp_path, 20, _files(20), {}, keep_last=3)
     # A crash after the new weights were swapped in but before the state file was: they disagree.
-    state = json.loads((tmp_path / ckpt.STATE_FILE).read_text())
-    os.unlink(tmp_path / ckpt.STATE_FILE)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    os.unlink(tmp_path / STATE_FILE)
     state["step"] = 10
-    atomic_write_text(tmp_path / ckpt.STATE_FILE, json.dumps(state))
+    atomic_write_text(tmp_path / STATE_FILE, json.dumps(state))
     assert ckpt.find_resume_point(tmp_path) == tmp_path / "checkpoints" / "step-00000020"
 
 
 def test_truncated_safetensors_is_a_clean_error(tmp_path: Path) -> None:
     ckpt.save_checkpoint(tmp_path, 1, _files(1), {}, keep_last=1)
-    data = (tmp_path / ckpt.MODEL_FILE).read_bytes()
+    data = (tmp_path / MODEL_FILE).read_bytes()
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(data[: len(data) - 5])
     with pytest.raises(UserError, match="truncated"):
-        ckpt.load_tensors(broken)
+        load_tensors(broken)
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"abc")
     with pytest.raises(UserError, match="not a safetensors file"):
-        ckpt.load_tensors(tiny)
+        load_tensors(tiny)
 
 
 class _Payload:
@@ -72,10 +81,10 @@ def test_pickle_checkpoint_is_refused_and_never_executed(tmp_path: Path) -> None
     planted = tmp_path / "model.safetensors"
     planted.write_bytes(pickle.dumps(_Payload(str(marker))))
     with pytest.raises(UserError, match="never unpickles"):
-        ckpt.load_tensors(planted)
+        load_tensors(planted)
     torch.save({"w": torch.zeros(2)}, tmp_path / "zip.safetensors")
     with pytest.raises(UserError, match="pickle/zip"):
-        ckpt.load_tensors(tmp_path / "zip.safetensors")
+        load_tensors(tmp_path / "zip.safetensors")
     assert not marker.exists()
 
 
@@ -103,13 +112,13 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path
     # The holder died without releasing: its lock is stale and is taken over.
     lock = ckpt.RunLock(tmp_path)
     lock.acquire()
-    assert json.loads((tmp_path / ckpt.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / ckpt.LOCK_FILE).exists()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_metrics_log_drops_lines_after_the_restored_step(tmp_path: Path) -> None:
-    path = tmp_path / ckpt.METRICS_FILE
+    path = tmp_path / METRICS_FILE
     log = ckpt.MetricsLog(path)
     for step in range(1, 6):
         log.write({"stage": "pretrain", "kind": "train", "step": step})
@@ -140,8 +149,6 @@ def test_optimizer_state_round_trips_by_parameter_name(tmp_path: Path) -> None:
 def test_a_header_whose_length_starts_with_the_pickle_byte_still_loads(tmp_path: Path) -> None:
     """A safetensors header of 128 + 256k bytes begins with 0x80, pickle's first byte."""
     import struct
-
-    from minigpt_cli.engine.runs.checkpoint import load_tensors, save_tensors
 
     for pad in range(0, 300):
         path = tmp_path / "t.safetensors"

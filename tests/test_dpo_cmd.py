@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from minigpt_cli.engine.model.lora import has_lora
-from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.runs.load import load_run
 from tests.conftest import FINETUNE_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows
 

@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.engine import evaluate
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.stage_records import builtin_records
-from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.evaluate import answers as eval_answers
+from minigpt_cli.engine.evaluate import data as eval_data
+from minigpt_cli.engine.evaluate import preferences as eval_preferences
+from minigpt_cli.engine.evaluate import report as eval_report
+from minigpt_cli.engine.evaluate import run as eval_run
+from minigpt_cli.engine.metrics import text as text_metrics
+from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
 
@@ -52,7 +57,7 @@ def test_ppl_and_bpb_equal_the_hand_computation_from_logits(
         nats -= float(_logprobs(model, ids[start : start + context + 1]).sum())
     tokens, text_bytes = len(ids) - 1, len(TEXT.encode("utf-8"))
 
-    score = evaluate.score_text(model, tokenizer, [TEXT])
+    score = text_metrics.score_text(model, tokenizer, [TEXT])
     assert score.tokens == tokens and score.bytes == text_bytes
     assert score.nats == pytest.approx(nats, rel=1e-5)
     # bits per byte times bytes is the text's information in bits, whatever the tokenizer.
@@ -72,12 +77,12 @@ def test_ppl_and_bpb_equal_the_hand_computation_from_logits(
 
 
 def test_windows_cover_every_token_once() -> None:
-    windows = evaluate.document_windows(list(range(10)), 4)
+    windows = text_metrics.document_windows(list(range(10)), 4)
     assert windows == [([0, 1, 2, 3], [1, 2, 3, 4]), ([4, 5, 6, 7], [5, 6, 7, 8]), ([8], [9])]
 
 
 def test_builtin_text_is_the_tail_pretraining_held_out(tiny_pretrain_run: Path) -> None:
-    documents, line = evaluate.builtin_heldout_documents(tiny_pretrain_run)
+    documents, line = eval_data.builtin_heldout_documents(tiny_pretrain_run)
     corpus = [r["text"] for r in builtin_records("pretrain", "train", 400, 0)]
     # Tiny fixture corpus: 400 documents, 5 % of the tokens held out: a few documents at the end.
     assert 5 <= len(documents) < 40
@@ -93,39 +98,39 @@ def test_bleu_pools_sacrebleu_statistics_and_picks_the_tokenizer_per_language() 
 
     english = ("the cat sat on the mat", "the cat is on the mat")
     chinese = ("我爱北京天安门", "我爱北京")
-    assert evaluate.bleu_tokenizer(english[1]) == "13a"
-    assert evaluate.bleu_tokenizer(chinese[1]) == "zh"
+    assert text_metrics.bleu_tokenizer(english[1]) == "13a"
+    assert text_metrics.bleu_tokenizer(chinese[1]) == "zh"
     # One language alone: exactly sacrebleu's corpus BLEU (4-grams present: effective order moot).
-    alone = evaluate.corpus_bleu([evaluate.bleu_stats(*english)])
+    alone = text_metrics.corpus_bleu([text_metrics.bleu_stats(*english)])
     assert alone == pytest.approx(
         BLEU(tokenize="13a").corpus_score([english[0]], [[english[1]]]).score
     )
     # Chinese by characters: precisions 4/7, 3/6, 2/5, 1/4, no brevity penalty (hypothesis longer).
-    zh = evaluate.corpus_bleu([evaluate.bleu_stats(*chinese)])
+    zh = text_metrics.corpus_bleu([text_metrics.bleu_stats(*chinese)])
     assert zh == pytest.approx(100 * (4 / 7 * 3 / 6 * 2 / 5 * 1 / 4) ** 0.25, abs=1e-6)
     # 13a sees one unsplit "word" on each side: nothing matches.
-    assert evaluate.corpus_bleu([evaluate.bleu_stats(*chinese, tokenize="13a")]) == 0.0
+    assert text_metrics.corpus_bleu([text_metrics.bleu_stats(*chinese, tokenize="13a")]) == 0.0
     # Mixed corpus: each example keeps its own tokenizer, statistics pooled.
-    both = [evaluate.bleu_stats(*english), evaluate.bleu_stats(*chinese)]
+    both = [text_metrics.bleu_stats(*english), text_metrics.bleu_stats(*chinese)]
     correct = [a + b for a, b in zip(both[0].correct, both[1].correct, strict=True)]
     total = [a + b for a, b in zip(both[0].total, both[1].total, strict=True)]
     pooled = BLEU.compute_bleu(correct, total, 6 + 7, 6 + 4, smooth_method="exp").score
-    assert evaluate.corpus_bleu(both) == pytest.approx(pooled)
+    assert text_metrics.corpus_bleu(both) == pytest.approx(pooled)
     # Right answers too short for 4-grams score 100 (effective order), not 0.
-    short = [evaluate.bleu_stats("two words", "two words"), evaluate.bleu_stats("猫", "猫")]
-    assert evaluate.corpus_bleu(short) == pytest.approx(100.0)
-    half = [evaluate.bleu_stats("7", "7"), evaluate.bleu_stats("8", "9")]
-    assert evaluate.corpus_bleu(half) == pytest.approx(50.0)  # unigram precision 1/2, BP 1
+    short = [text_metrics.bleu_stats("two words", "two words"), text_metrics.bleu_stats("猫", "猫")]
+    assert text_metrics.corpus_bleu(short) == pytest.approx(100.0)
+    half = [text_metrics.bleu_stats("7", "7"), text_metrics.bleu_stats("8", "9")]
+    assert text_metrics.corpus_bleu(half) == pytest.approx(50.0)  # unigram precision 1/2, BP 1
 
 
 def test_rouge_by_hand_words_for_english_characters_for_chinese() -> None:
-    scores = evaluate.rouge_scores("The cat sat on the mat.", "the cat is on the mat")
+    scores = text_metrics.rouge_scores("The cat sat on the mat.", "the cat is on the mat")
     assert scores["rouge1"] == pytest.approx(5 / 6)  # the x2, cat, on, mat
     assert scores["rouge2"] == pytest.approx(3 / 5)  # the cat, on the, the mat
     assert scores["rougeL"] == pytest.approx(5 / 6)  # the cat on the mat
-    assert evaluate.lcs_length(list("abcde"), list("axcye")) == 3
-    assert evaluate.rouge_l(list("abcde"), list("axcye")) == pytest.approx(3 / 5)
-    assert evaluate.rouge_tokens("我爱北京, Paris 2024!") == [
+    assert text_metrics.lcs_length(list("abcde"), list("axcye")) == 3
+    assert text_metrics.rouge_l(list("abcde"), list("axcye")) == pytest.approx(3 / 5)
+    assert text_metrics.rouge_tokens("我爱北京, Paris 2024!") == [
         "我",
         "爱",
         "北",
@@ -133,19 +138,23 @@ def test_rouge_by_hand_words_for_english_characters_for_chinese() -> None:
         "paris",
         "2024",
     ]
-    chinese = evaluate.rouge_scores("我爱北京", "我爱天津。")
+    chinese = text_metrics.rouge_scores("我爱北京", "我爱天津。")
     assert chinese == {"rouge1": 0.5, "rouge2": pytest.approx(1 / 3), "rougeL": 0.5}
-    assert evaluate.rouge_scores("", "anything") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert text_metrics.rouge_scores("", "anything") == {
+        "rouge1": 0.0,
+        "rouge2": 0.0,
+        "rougeL": 0.0,
+    }
 
 
 def test_generation_metrics_per_family_and_overall() -> None:
     answers = [
-        evaluate.Answer("addition", "1+1?", "2", "2", True),
-        evaluate.Answer("addition", "2+2?", "4", "5", False),
-        evaluate.Answer("translation", "猫?", "cat", "cat", True),
-        evaluate.Answer(None, "free", "一只猫", "一只狗", False),
+        text_metrics.Answer("addition", "1+1?", "2", "2", True),
+        text_metrics.Answer("addition", "2+2?", "4", "5", False),
+        text_metrics.Answer("translation", "猫?", "cat", "cat", True),
+        text_metrics.Answer(None, "free", "一只猫", "一只狗", False),
     ]
-    metrics = evaluate.generation_metrics(answers)
+    metrics = text_metrics.generation_metrics(answers)
     assert metrics["exact_match"] == 0.5
     assert metrics["exact_match/addition"] == 0.5
     assert metrics["exact_match/translation"] == 1.0
@@ -156,13 +165,13 @@ def test_generation_metrics_per_family_and_overall() -> None:
 
 def test_per_family_draw_depends_on_the_seed_only() -> None:
     records = [{"task": f"t{i % 2}", "i": i} for i in range(40)] + [{"i": 99}]
-    first = evaluate.select_per_family(records, 5, seed=1)
-    assert first == evaluate.select_per_family(records, 5, seed=1)
-    assert first != evaluate.select_per_family(records, 5, seed=2)
+    first = eval_data.select_per_family(records, 5, seed=1)
+    assert first == eval_data.select_per_family(records, 5, seed=1)
+    assert first != eval_data.select_per_family(records, 5, seed=2)
     assert [r["i"] for r in first] == sorted(r["i"] for r in first)  # original order kept
     assert sum(r.get("task") == "t0" for r in first) == 5
     assert {"i": 99} in first  # untagged records are one more family
-    assert evaluate.select_per_family(records, None, seed=1) == records
+    assert eval_data.select_per_family(records, None, seed=1) == records
 
 
 # ------------------------------------------------------------------------------ exact match
@@ -174,12 +183,12 @@ def test_exact_match_equals_sfts_held_out_check(tiny_sft_run: Path, tmp_path: Pa
     loaded = load_run(tiny_sft_run)
     model, tokenizer = loaded.model, loaded.tokenizer
     theirs = score_answers(model, tokenizer, records, per_family=None)
-    ours = evaluate.answer_prompts(model, tokenizer, records)
+    ours = eval_answers.answer_prompts(model, tokenizer, records)
     assert [a.prediction for a in ours] == [r.prediction for r in theirs]
     assert [a.correct for a in ours] == [r.correct for r in theirs]
 
     # A nontrivial score: references that equal the answers up to case and spacing match.
-    short = evaluate.answer_prompts(model, tokenizer, records, max_new_tokens=5)
+    short = eval_answers.answer_prompts(model, tokenizer, records, max_new_tokens=5)
     assert any(a.prediction.strip() for a in short[::2])
     twisted = []
     for index, (record, answer) in enumerate(zip(records, short, strict=True)):
@@ -190,7 +199,7 @@ def test_exact_match_equals_sfts_held_out_check(tiny_sft_run: Path, tmp_path: Pa
                 "messages": [*record["messages"][:-1], {"role": "assistant", "content": reference}],
             }
         )
-    rescored = evaluate.answer_prompts(model, tokenizer, twisted, max_new_tokens=5)
+    rescored = eval_answers.answer_prompts(model, tokenizer, twisted, max_new_tokens=5)
     assert [a.correct for a in rescored] == [i % 2 == 0 for i in range(len(records))]
 
     # Through the CLI, from a file of those records: the numbers SFT logged at its last eval.
@@ -224,9 +233,11 @@ def test_exact_match_equals_sfts_held_out_check(tiny_sft_run: Path, tmp_path: Pa
 
 
 def test_a_tie_counts_as_wrong() -> None:
-    assert evaluate.preference_accuracy([1.0, 2.0, 0.5], [1.0, 1.0, 0.7]) == pytest.approx(1 / 3)
+    assert eval_preferences.preference_accuracy([1.0, 2.0, 0.5], [1.0, 1.0, 0.7]) == pytest.approx(
+        1 / 3
+    )
     nan = float("nan")
-    summary = evaluate.preference_summary(
+    summary = eval_preferences.preference_summary(
         np.array([1.0, nan, 3.0]), np.array([0.0, 0.0, 3.0]), ["a", "a", "b"]
     )
     assert summary["pref_accuracy"] == 0.5  # the dropped pair (NaN) is left out, the tie is wrong
@@ -271,10 +282,13 @@ def test_preference_accuracy_uses_the_parent_for_sft_and_mean_logp_for_pretrain(
 ) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PAIRS), "utf-8")
-    options = evaluate.EvalOptions(pref_data=(data,), parts=("preference",), per_family=None)
-    report = evaluate.evaluate_runs([tiny_sft_run, tiny_pretrain_run], options)
+    options = eval_report.EvalOptions(pref_data=(data,), parts=("preference",), per_family=None)
+    report = eval_run.run_eval([tiny_sft_run, tiny_pretrain_run], options)
     sft, base = report.runs  # listed order, though the parent was scored first
-    assert (sft.pref_score, base.pref_score) == (evaluate.PARENT_REWARD, evaluate.MEAN_LOGPROB)
+    assert (sft.pref_score, base.pref_score) == (
+        eval_report.PARENT_REWARD,
+        eval_report.MEAN_LOGPROB,
+    )
     assert sft.counts == base.counts == {"pairs": len(PAIRS)}
 
     base_model, tokenizer = load_run(tiny_pretrain_run).model, load_run(tiny_pretrain_run).tokenizer
@@ -328,8 +342,8 @@ def test_the_table_shows_runs_side_by_side(tiny_pretrain_run: Path, tiny_sft_run
 
     from minigpt_cli.cli.eval_cmd import print_report
 
-    options = evaluate.EvalOptions(per_family=1, max_new_tokens=3, samples=1)
-    report = evaluate.evaluate_runs([tiny_pretrain_run, tiny_sft_run], options)
+    options = eval_report.EvalOptions(per_family=1, max_new_tokens=3, samples=1)
+    report = eval_run.run_eval([tiny_pretrain_run, tiny_sft_run], options)
     console = Console(width=100, record=True, color_system=None)
     print_report(report, console)
     text = console.export_text()

@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from minigpt_cli.config.schema import GenerateConfig, ModelConfig
+from minigpt_cli.engine.inference.beam import beam_search
+from minigpt_cli.engine.inference.decode import generate, generate_batch
 from minigpt_cli.engine.inference.generation import (
     SamplingSettings,
     TextStream,
     apply_repetition_penalty,
-    beam_search,
     choose_next,
-    generate,
-    generate_batch,
 )
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.errors import UserError
@@ -350,14 +349,14 @@ def test_text_stream_flushes_held_text_at_the_end() -> None:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory built by hand: tokenizer, config, state and random weights.
 
-    Assumes the run-directory contract of DESIGN.md as `engine.checkpoint.load_run` reads it.
+    Assumes the run-directory contract of DESIGN.md as `engine.runs.load.load_run` reads it.
     """
     from minigpt_cli.config.loader import dump_config
     from minigpt_cli.config.schema import Config, TokenizerConfig
     from minigpt_cli.datasets.builtin import pretrain_records
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
-    from minigpt_cli.engine.runs.checkpoint import save_tensors
+    from minigpt_cli.engine.runs.files import save_tensors
 
     folder = tmp_path_factory.mktemp("generate") / "run"
     texts = [record["text"] for record in pretrain_records(300, seed=0)]
@@ -396,7 +395,7 @@ def test_cli_streams_a_seeded_continuation(run_dir: Path) -> None:
 
 
 def test_cli_greedy_stop_string_and_stdin(run_dir: Path) -> None:
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
 
     loaded = load_run(run_dir)
     tokenizer = loaded.tokenizer

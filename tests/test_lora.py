@@ -16,7 +16,6 @@ from minigpt_cli.config.params import count_parameters
 from minigpt_cli.config.schema import Config, LoraConfig, ModelConfig
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.lora import (
-    ADAPTER_FILE,
     LoRALinear,
     adapter_metadata,
     adapter_state_dict,
@@ -28,7 +27,17 @@ from minigpt_cli.engine.model.lora import (
     merge_lora,
     settings_from_metadata,
 )
-from minigpt_cli.engine.runs import checkpoint as ckpt
+from minigpt_cli.engine.runs.files import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+)
+from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.errors import UserError
 
 VOCAB = 61
@@ -286,15 +295,15 @@ def test_adapter_round_trips_through_a_file(tmp_path: Path) -> None:
     apply_lora(model, settings)
     randomise_adapters(model, seed=11)
     path = tmp_path / ADAPTER_FILE
-    ckpt.save_tensors(path, adapter_state_dict(model), adapter_metadata(settings))
+    save_tensors(path, adapter_state_dict(model), adapter_metadata(settings))
 
-    metadata = ckpt.read_metadata(path)
+    metadata = read_metadata(path)
     assert metadata["format"] == "minigpt-lora"
     restored_settings = settings_from_metadata(metadata, path)
     assert restored_settings == settings
     restored = make_model().eval()
     apply_lora(restored, restored_settings)
-    load_adapter_state_dict(restored, ckpt.load_tensors(path), path)
+    load_adapter_state_dict(restored, load_tensors(path), path)
     ids = batch(12)
     with torch.no_grad():
         assert torch.equal(restored(ids), model(ids))
@@ -338,16 +347,16 @@ def make_lora_run(
 ) -> Path:
     """A run directory as the trainer leaves a LoRA run: config, tokenizer, state, adapter."""
     run_dir.mkdir(parents=True)
-    for name in (ckpt.CONFIG_FILE, ckpt.TOKENIZER_FILE):
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
         shutil.copyfile(source / name, run_dir / name)
     state = {"step": 3, "stage": "sft", "parent": parent, "files": [ADAPTER_FILE]}
-    (run_dir / ckpt.STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-    ckpt.save_tensors(run_dir / ADAPTER_FILE, adapter_state_dict(model), adapter_metadata(settings))
+    (run_dir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    save_tensors(run_dir / ADAPTER_FILE, adapter_state_dict(model), adapter_metadata(settings))
     return run_dir
 
 
 def adapted_copy(parent: Path, settings: LoraConfig, seed: int) -> GPT:
-    model = ckpt.load_run(parent).model
+    model = load_run(parent).model
     apply_lora(model, settings)
     randomise_adapters(model, seed=seed)
     return model.eval()
@@ -355,7 +364,7 @@ def adapted_copy(parent: Path, settings: LoraConfig, seed: int) -> GPT:
 
 def copy_run(source: Path, target: Path) -> Path:
     target.mkdir(parents=True)
-    for name in (ckpt.CONFIG_FILE, ckpt.TOKENIZER_FILE, ckpt.STATE_FILE, ckpt.MODEL_FILE):
+    for name in (CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, MODEL_FILE):
         shutil.copyfile(source / name, target / name)
     return target
 
@@ -366,9 +375,9 @@ def test_lora_run_loads_as_parent_plus_adapter(tiny_pretrain_run: Path, tmp_path
     child = make_lora_run(
         tiny_pretrain_run, tmp_path / "child", str(tiny_pretrain_run), expected, settings
     )
-    assert not (child / ckpt.MODEL_FILE).exists()
+    assert not (child / MODEL_FILE).exists()
 
-    loaded = ckpt.load_run(child)
+    loaded = load_run(child)
     assert has_lora(loaded.model) and not loaded.model.training
     assert lora_settings(loaded.model) == settings
     assert loaded.config == read_run_config(tiny_pretrain_run)
@@ -378,7 +387,7 @@ def test_lora_run_loads_as_parent_plus_adapter(tiny_pretrain_run: Path, tmp_path
     with torch.no_grad():
         got = loaded.model(ids)
         assert torch.equal(got, expected(ids))
-        plain = ckpt.load_run(tiny_pretrain_run).model(ids)
+        plain = load_run(tiny_pretrain_run).model(ids)
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter is applied"
     # Loaded as a LoRA model it trains the adapter only, ready for a child stage to continue.
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
@@ -402,10 +411,10 @@ def test_relative_parent_is_found_from_another_directory(
     for cwd in (project, tmp_path):
         monkeypatch.chdir(cwd)
         with torch.no_grad():
-            assert torch.equal(ckpt.load_run(child).model(ids), reference)
+            assert torch.equal(load_run(child).model(ids), reference)
     monkeypatch.chdir(project / "runs")
     with torch.no_grad():
-        assert torch.equal(ckpt.load_run("sft-tiny").model(ids), reference)
+        assert torch.equal(load_run("sft-tiny").model(ids), reference)
 
 
 def test_a_chain_of_lora_runs_loads(tiny_pretrain_run: Path, tmp_path: Path) -> None:
@@ -419,7 +428,7 @@ def test_a_chain_of_lora_runs_loads(tiny_pretrain_run: Path, tmp_path: Path) -> 
     grandchild = make_lora_run(child, tmp_path / "dpo", str(child), second, settings)
     ids = batch(15, vocab=first.vocab_size, rows=2, length=16)
     with torch.no_grad():
-        got = ckpt.load_run(grandchild).model(ids)
+        got = load_run(grandchild).model(ids)
         assert torch.equal(got, second(ids))
         assert not torch.allclose(got, first(ids), atol=1e-3)
 
@@ -429,7 +438,7 @@ def test_a_chain_of_lora_runs_loads(tiny_pretrain_run: Path, tmp_path: Path) -> 
         child, tmp_path / "bad", str(child), adapted_copy(tiny_pretrain_run, other, 33), other
     )
     with pytest.raises(UserError, match=r"bad/adapter\.safetensors: adapter \(r=2.*parent run's"):
-        ckpt.load_run(mismatch)
+        load_run(mismatch)
 
 
 def test_merged_lora_run_loads_its_model_and_a_new_adapter_stacks(
@@ -442,19 +451,19 @@ def test_merged_lora_run_loads_its_model_and_a_new_adapter_stacks(
     with torch.no_grad():
         unmerged = model(ids)
     merge_lora(model)
-    ckpt.save_tensors(merged_run / ckpt.MODEL_FILE, model.export_state_dict(), {})
-    loaded = ckpt.load_run(merged_run)  # its parent is missing, but the merged file is enough
+    save_tensors(merged_run / MODEL_FILE, model.export_state_dict(), {})
+    loaded = load_run(merged_run)  # its parent is missing, but the merged file is enough
     assert not has_lora(loaded.model)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids), unmerged, atol=1e-5, rtol=1e-5)
 
     stacked = LoraConfig(r=2)
-    on_top = ckpt.load_run(merged_run).model
+    on_top = load_run(merged_run).model
     apply_lora(on_top, stacked)
     randomise_adapters(on_top, seed=42)
     child = make_lora_run(merged_run, tmp_path / "child", str(merged_run), on_top.eval(), stacked)
     with torch.no_grad():
-        assert torch.equal(ckpt.load_run(child).model(ids), on_top(ids))
+        assert torch.equal(load_run(child).model(ids), on_top(ids))
 
 
 def test_missing_parent_says_which_run_is_needed(tiny_pretrain_run: Path, tmp_path: Path) -> None:
@@ -464,13 +473,13 @@ def test_missing_parent_says_which_run_is_needed(tiny_pretrain_run: Path, tmp_pa
     gone = str(tmp_path / "runs" / "pretrain-gone")
     child = make_lora_run(tiny_pretrain_run, tmp_path / "child", gone, model, settings)
     with pytest.raises(UserError, match=rf"child: .*needs its parent run {gone}"):
-        ckpt.load_run(child)
+        load_run(child)
 
-    state = json.loads((child / ckpt.STATE_FILE).read_text())
+    state = json.loads((child / STATE_FILE).read_text())
     state["parent"] = None
-    (child / ckpt.STATE_FILE).write_text(json.dumps(state))
+    (child / STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(UserError, match=r"no base weights to apply the adapter to"):
-        ckpt.load_run(child)
+        load_run(child)
 
 
 def test_a_parent_loop_is_refused(tiny_pretrain_run: Path, tmp_path: Path) -> None:
@@ -480,4 +489,4 @@ def test_a_parent_loop_is_refused(tiny_pretrain_run: Path, tmp_path: Path) -> No
     a = make_lora_run(tiny_pretrain_run, tmp_path / "a", str(tmp_path / "b"), model, settings)
     make_lora_run(tiny_pretrain_run, tmp_path / "b", str(a), model, settings)
     with pytest.raises(UserError, match="loops back"):
-        ckpt.load_run(a)
+        load_run(a)

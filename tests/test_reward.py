@@ -19,7 +19,7 @@ from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
-from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors
+from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.stages import reward
 from minigpt_cli.engine.stages.dpo import PreferencePair
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.hardware.device import resolve_precision
-from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.rlhf import (
     PolicyWithValue,
     Reference,

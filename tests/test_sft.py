@@ -315,8 +315,9 @@ def test_exact_match_reads_rlhf_records_with_answers(
 
 
 def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> None:
-    from minigpt_cli.engine.inference.generation import SamplingSettings, generate
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.inference.decode import generate
+    from minigpt_cli.engine.inference.generation import SamplingSettings
+    from minigpt_cli.engine.runs.load import load_run
 
     loaded = load_run(tiny_pretrain_run)
     tok = loaded.tokenizer
@@ -337,7 +338,7 @@ def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> N
 
 
 def test_evaluate_reports_loss_and_exact_match_per_family(tiny_pretrain_run: Path) -> None:
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
 
     loaded = load_run(tiny_pretrain_run)
     tok = loaded.tokenizer

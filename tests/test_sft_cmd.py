@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minigpt_cli.engine.runs.checkpoint import load_run
+from minigpt_cli.engine.runs.load import load_run
 from tests.conftest import FINETUNE_SETS, run_cli, set_args
 
 FP32 = ["--precision", "fp32", "--device", "cpu"]

@@ -97,7 +97,8 @@ class _Session:
 
     def answer(self, text: str) -> None:
         """Stream the model's answer to `text` and keep the exchange (UserError: nothing sent)."""
-        from minigpt_cli.engine.inference.generation import TextStream, generate_batch
+        from minigpt_cli.engine.inference.decode import generate_batch
+        from minigpt_cli.engine.inference.generation import TextStream
 
         plan = self.conversation.prompt_for(text, self.settings.max_new_tokens)
         for note in plan.notes():

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from minigpt_cli.config.schema import GenerateConfig
     from minigpt_cli.engine.inference.generation import SamplingSettings
-    from minigpt_cli.engine.runs.checkpoint import LoadedRun
+    from minigpt_cli.engine.runs.load import LoadedRun
 
 TemperatureOpt = Annotated[
     float | None,
@@ -52,7 +52,7 @@ def load_for_decoding(run: Path, device: str) -> tuple[LoadedRun, torch.device]:
 
     from minigpt_cli.engine.hardware.device import resolve_device
     from minigpt_cli.engine.inference.generation import decode_threads
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
 
     target = resolve_device(device)
     loaded = load_run(run, str(target))

@@ -1,6 +1,6 @@
 """`minigpt eval RUN [RUN ...]`: several runs measured on the same held-out data, one table.
 
-The measuring is `engine.evaluate.evaluate_runs`; this module parses flags, applies the CPU caps
+The measuring is `engine.evaluate.run.run_eval`; this module parses flags, applies the CPU caps
 of the first run's [resources], and renders the report (`print_report`, also used by
 `quickstart`).
 """
@@ -18,7 +18,7 @@ from minigpt_cli.errors import UserError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from minigpt_cli.engine.evaluate import EvalReport
+    from minigpt_cli.engine.evaluate.report import EvalReport
 
 # Metrics where a lower value is better (every other shown metric: higher is better).
 LOWER_IS_BETTER = ("nll", "ppl", "bpb")
@@ -130,7 +130,8 @@ def eval_runs(
 
     from minigpt_cli.cli.render import EventRenderer
     from minigpt_cli.engine.core.io import atomic_write_text
-    from minigpt_cli.engine.evaluate import PARTS, EvalOptions, check_run_dirs, evaluate_runs
+    from minigpt_cli.engine.evaluate.report import PARTS, EvalOptions
+    from minigpt_cli.engine.evaluate.run import check_run_dirs, run_eval
 
     check_run_dirs(runs)
     skipped = {"text": no_text, "generation": no_generation, "preference": no_pref}
@@ -152,7 +153,7 @@ def eval_runs(
     _apply_caps(runs, device)
     # Progress goes to stderr, so stdout holds only the report (pipe --json into a file).
     with EventRenderer(console=Console(stderr=True, highlight=False)) as renderer:
-        report = evaluate_runs(runs, options, renderer)
+        report = run_eval(runs, options, renderer)
     document = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
     if output is not None:
         atomic_write_text(output, document)

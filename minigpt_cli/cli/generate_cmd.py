@@ -92,7 +92,8 @@ def generate(
     import torch
 
     from minigpt_cli.engine.data.chat_template import user_prompt
-    from minigpt_cli.engine.inference.generation import TextStream, generate_batch
+    from minigpt_cli.engine.inference.decode import generate_batch
+    from minigpt_cli.engine.inference.generation import TextStream
 
     text = _read_prompt(prompt)
     loaded, target = decoding.load_for_decoding(run, device)

@@ -73,7 +73,7 @@ def quickstart(
     from minigpt_cli.cli import dpo_cmd, pretrain_cmd, rlhf_cmd, sft_cmd, training
     from minigpt_cli.cli.render import PipelineRenderer, format_duration
     from minigpt_cli.config.loader import load_config
-    from minigpt_cli.engine.evaluate import EvalOptions
+    from minigpt_cli.engine.evaluate.report import EvalOptions
     from minigpt_cli.engine.resources.governor import release_memory
 
     preset_name = preset or "tiny"
@@ -158,9 +158,9 @@ def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> 
 def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any) -> Any:
     """Evaluate every stage's run side by side; the report is also kept as eval.json."""
     from minigpt_cli.engine.core.io import atomic_write_text
-    from minigpt_cli.engine.evaluate import evaluate_runs
+    from minigpt_cli.engine.evaluate.run import run_eval
 
-    report = evaluate_runs([dirs[stage] for stage in TRAINING_STAGES], options, dashboard)
+    report = run_eval([dirs[stage] for stage in TRAINING_STAGES], options, dashboard)
     atomic_write_text(
         folder / EVAL_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
     )

@@ -16,7 +16,7 @@ rather than in the CLI:
 - What `/set NAME VALUE` means for each sampling knob, with bad input reported as a `UserError`
   line rather than a crash.
 
-No torch here: the CLI feeds the plan's ids to `engine.generation.generate_batch`.
+No torch here: the CLI feeds the plan's ids to `inference.decode.generate_batch`.
 """
 
 from __future__ import annotations

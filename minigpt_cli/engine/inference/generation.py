@@ -1,11 +1,12 @@
-"""Turning a trained model into text: sampling, greedy and beam search over a KV cache.
+"""Turning a trained model into text: sampling and greedy decoding over a KV cache.
 
 One decoding loop serves `minigpt generate` now and `chat`/`eval`/RL rollouts later, so the pieces
 are separate and testable: `SamplingSettings` (what the user asked for), `choose_next` (the logits
 processors: repetition penalty, temperature, top-k, top-p, then a draw from a seeded generator),
-`generate_batch`/`generate` (prefill the prompt once, then one token per step through the cache),
-`beam_search`, and `TextStream` (incremental detokenisation that never prints half a character or
-the beginning of a stop string it will later take back).
+`sample` (prefill the prompt once, then one token per step through the cache), and `TextStream`
+(incremental detokenisation that never prints half a character or the beginning of a stop string
+it will later take back). Beam search is `inference.beam`; `inference.decode.generate_batch` is
+the one entry that picks between the two.
 
 Choices a user may want to know about:
 - Prompts longer than the context keep their last `context_length` tokens.
@@ -21,7 +22,6 @@ Choices a user may want to know about:
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
 import secrets
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
 from minigpt_cli.engine.resources.governor import throttle_point
@@ -310,7 +309,7 @@ def decode_threads(num_parameters: int, max_threads: int) -> int:
     return max(1, min(max_threads, idle))
 
 
-def _model_device(model: GPT) -> torch.device:
+def model_device(model: GPT) -> torch.device:
     return model.lm_head.weight.device
 
 
@@ -320,7 +319,7 @@ def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def _fit_prompt(model: GPT, prompt_ids: Sequence[int]) -> list[int]:
+def fit_prompt(model: GPT, prompt_ids: Sequence[int]) -> list[int]:
     ids = [int(i) for i in prompt_ids]
     if not ids:
         raise ValueError("the prompt must contain at least one token (e.g. the end-of-text id)")
@@ -331,7 +330,7 @@ def _fit_prompt(model: GPT, prompt_ids: Sequence[int]) -> list[int]:
     return ids[-model.config.context_length :]
 
 
-def _slide(model: GPT, cache: KVCache, history: torch.Tensor) -> torch.Tensor:
+def slide_window(model: GPT, cache: KVCache, history: torch.Tensor) -> torch.Tensor:
     """Rebuild a full cache from the last part of `history` (B, T); logits of its last position."""
     keep = max(1, int(model.config.context_length * _SLIDE_KEEP))
     cache.reset()
@@ -340,7 +339,7 @@ def _slide(model: GPT, cache: KVCache, history: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 @reuse_stacked_weights()
-def generate_batch(
+def sample(
     model: GPT,
     prompt_ids: Sequence[int],
     settings: SamplingSettings,
@@ -349,43 +348,11 @@ def generate_batch(
     tokenizer: TextCodec | None = None,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """`num_samples` continuations of one prompt, decoded together through one batched KV cache.
+    """`num_samples` sampled (or greedy) continuations of one prompt, through one batched KV cache.
 
-    Returns the new tokens of each sample (stop ids and stop strings cut off, see the module doc).
-    `on_token(sample_index, token_id)` is called for every token as it is drawn (before stop-string
-    trimming, which `TextStream` handles for display). Rows that have stopped keep riding along in
-    the batch (their draws are ignored) until every row stops or `max_new_tokens` is reached.
+    What `decode.generate_batch` runs when `settings.num_beams` is 1 (this function does not look
+    at it): the same returns and the same `on_token(sample_index, token_id)` calls.
     """
-    if num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {num_samples}")
-    if settings.num_beams > 1:
-        if num_samples > 1:
-            raise UserError(
-                "beam search is deterministic: --num-samples above 1 needs sampling, "
-                "not --num-beams"
-            )
-        eos = settings.stop_ids
-        result = beam_search(
-            model,
-            prompt_ids,
-            settings.num_beams,
-            settings.max_new_tokens,
-            settings.length_penalty,
-            eos,
-        )
-        if settings.stop_strings:
-            if tokenizer is None:
-                raise ValueError("stop strings need a tokenizer to decode the text")
-            stream = TextStream(tokenizer, settings.stop_strings, prompt_ids)
-            for token in result:
-                stream.push(token)
-                if stream.stopped:
-                    break
-            result = stream.ids_before_stop()
-        if on_token is not None:
-            for token in result:
-                on_token(0, token)
-        return [result]
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
 
@@ -405,8 +372,8 @@ def _sample_loop(
     tokenizer: TextCodec | None,
     on_token: Callable[[int, int], None] | None,
 ) -> list[list[int]]:
-    device = _model_device(model)
-    prompt = _fit_prompt(model, prompt_ids)
+    device = model_device(model)
+    prompt = fit_prompt(model, prompt_ids)
     generator = None if settings.is_greedy else _make_generator(device, settings.seed)
     stop_ids = set(settings.stop_ids)
     streams = (
@@ -453,157 +420,9 @@ def _sample_loop(
         if not any(active) or length == history.shape[1]:
             break
         if cache.length == cache.max_len:
-            logits = _slide(model, cache, history[:, :length])
+            logits = slide_window(model, cache, history[:, :length])
         else:
             logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
     if streams is not None:
         outputs = [stream.ids_before_stop() for stream in streams]
     return outputs
-
-
-def generate(
-    model: GPT,
-    prompt_ids: Sequence[int],
-    settings: SamplingSettings,
-    *,
-    tokenizer: TextCodec | None = None,
-    on_token: Callable[[int], None] | None = None,
-) -> list[int]:
-    """New tokens continuing `prompt_ids` (sampling, greedy or beam search per `settings`).
-
-    `on_token(id)` is called as each token is produced (after the search, for beam search), so a
-    caller can stream text through a `TextStream`. `tokenizer` is needed for stop strings.
-    """
-    callback = None if on_token is None else (lambda _row, token: on_token(token))
-    return generate_batch(model, prompt_ids, settings, 1, tokenizer=tokenizer, on_token=callback)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# beam search
-
-
-def _length_normalised(score: float, length: int, length_penalty: float) -> float:
-    return score / (length**length_penalty)
-
-
-@torch.inference_mode()
-@reuse_stacked_weights()
-def beam_search(
-    model: GPT,
-    prompt_ids: Sequence[int],
-    num_beams: int,
-    max_new_tokens: int,
-    length_penalty: float = 1.0,
-    eos_ids: Sequence[int] = (),
-) -> list[int]:
-    """The highest-scoring continuation found by beam search (eos not included).
-
-    A hypothesis scores `sum(log p) / length ** length_penalty` as in Hugging Face, where `length`
-    counts the new tokens including the eos that ended it (so an immediate eos is length 1, never a
-    division by zero). Each step considers the 2·num_beams best extensions: those ending in an
-    eos become finished hypotheses (the best `num_beams` are kept), the best `num_beams` others
-    continue.
-    The search stops when no running beam can still beat the worst kept hypothesis (an exact bound:
-    log-probabilities only lower a sum) or after `max_new_tokens`. `num_beams=1` is greedy decoding,
-    as in HF.
-    """
-    if num_beams < 1:
-        raise UserError(f"num_beams must be at least 1, got {num_beams}")
-    if num_beams == 1:
-        greedy = SamplingSettings(
-            max_new_tokens=max_new_tokens,
-            greedy=True,
-            top_k=None,
-            top_p=None,
-            stop_ids=tuple(eos_ids),
-        )
-        return generate(model, prompt_ids, greedy)
-    was_training = model.training
-    model.eval()
-    try:
-        return _beam_loop(model, prompt_ids, num_beams, max_new_tokens, length_penalty, eos_ids)
-    finally:
-        model.train(was_training)
-
-
-def _beam_loop(
-    model: GPT,
-    prompt_ids: Sequence[int],
-    beams: int,
-    max_new_tokens: int,
-    length_penalty: float,
-    eos_ids: Sequence[int],
-) -> list[int]:
-    device = _model_device(model)
-    prompt = _fit_prompt(model, prompt_ids)
-    eos = set(int(i) for i in eos_ids)
-    vocab = model.vocab_size
-    history = torch.empty(beams, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
-    history[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    length = len(prompt)
-    cache = model.new_kv_cache(beams)
-    logits = model(history[:, :length], kv_cache=cache, last_only=True)[:, -1]
-    # Only beam 0 is real at the start (the others are copies of it with score -inf).
-    scores = torch.full((beams,), float("-inf"), device=device)
-    scores[0] = 0.0
-    finished: list[tuple[float, int, list[int]]] = []  # min-heap of (score, tiebreak, tokens)
-    counter = 0
-
-    def add_finished(score: float, tokens: list[int]) -> None:
-        nonlocal counter
-        counter += 1
-        item = (score, -counter, tokens)
-        if len(finished) < beams:
-            heapq.heappush(finished, item)
-        elif score > finished[0][0]:
-            heapq.heapreplace(finished, item)
-
-    for step in range(max_new_tokens):
-        new_len = step + 1
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        candidates = (scores.unsqueeze(1) + logprobs).view(-1)
-        top_scores, top_index = candidates.topk(min(2 * beams, candidates.numel()))
-        survivors: list[tuple[float, int, int]] = []
-        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
-            if score == float("-inf"):
-                break
-            beam, token = divmod(index, vocab)
-            if token in eos:
-                tokens = history[beam, len(prompt) : length].tolist()
-                add_finished(_length_normalised(score, new_len, length_penalty), tokens)
-            elif len(survivors) < beams:
-                survivors.append((score, beam, token))
-        if not survivors:
-            break
-        if step == max_new_tokens - 1:
-            for score, beam, token in survivors:
-                tokens = [*history[beam, len(prompt) : length].tolist(), token]
-                add_finished(_length_normalised(score, new_len, length_penalty), tokens)
-            break
-        if len(finished) == beams:
-            best_running = survivors[0][0]
-            # A running beam's sum can only fall; its length ends between new_len + 1 and the
-            # maximum, and the normalised score of a fixed negative sum is monotone in length.
-            bound = max(
-                _length_normalised(best_running, new_len + 1, length_penalty),
-                _length_normalised(best_running, max_new_tokens, length_penalty),
-            )
-            if bound <= finished[0][0]:
-                break
-        while len(survivors) < beams:  # fewer real candidates than beams (tiny vocabularies)
-            survivors.append((float("-inf"), survivors[0][1], survivors[0][2]))
-        rows = torch.tensor([beam for _, beam, _ in survivors], device=device)
-        next_ids = torch.tensor([token for _, _, token in survivors], device=device)
-        scores = torch.tensor([score for score, _, _ in survivors], device=device)
-        history[:, :length] = history[rows, :length]
-        history[:, length] = next_ids
-        length += 1
-        cache.reorder(rows)
-        if cache.length == cache.max_len:
-            logits = _slide(model, cache, history[:, :length])
-        else:
-            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
-    if not finished:
-        return []
-    best = max(finished, key=lambda item: (item[0], item[1]))
-    return best[2]

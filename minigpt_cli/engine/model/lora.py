@@ -1,8 +1,11 @@
 """Low-rank adapters (LoRA): fine-tune a few percent of the weights, keep the parent's frozen.
 
 A LoRA run stores only what it trained, `adapter.safetensors`, and is loaded as the parent run's
-weights plus that adapter (`checkpoint.load_run` does this transparently); `merge_lora` folds the
-adapter into the weights when a standalone `model.safetensors` is wanted.
+weights plus that adapter (`runs.load.load_run` does this transparently); `merge_lora` folds the
+adapter into the weights when a standalone `model.safetensors` is wanted. This module is the maths
+and the adapter's tensors and metadata only: it imports torch, the config schema and nothing from
+the run directory (file names and loading are `runs.files` and `runs.load`), so it can be read and
+tested alone.
 
 Why this shape:
 - Names follow Hugging Face PEFT: a wrapped projection keeps its base `weight` under the original
@@ -35,9 +38,6 @@ from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.engine.model.gpt import GPT
-
-ADAPTER_FILE = "adapter.safetensors"
-"""The adapter weights in a LoRA run directory (and in each of its checkpoints/step-N/)."""
 
 ADAPTER_FORMAT = "minigpt-lora"
 """`format` value in the adapter file's metadata: tells an adapter from a model file."""
@@ -206,7 +206,7 @@ def adapter_metadata(settings: LoraConfig) -> dict[str, str]:
 
 
 def settings_from_metadata(
-    metadata: Mapping[str, str], source: str | Path = ADAPTER_FILE
+    metadata: Mapping[str, str], source: str | Path = "adapter"
 ) -> LoraConfig:
     """Inverse of `adapter_metadata` (other keys, such as a checkpoint's `step`, are ignored)."""
     missing = [key for key in ("r", "alpha", "dropout", "targets") if key not in metadata]
@@ -230,7 +230,7 @@ def settings_from_metadata(
 
 
 def load_adapter_state_dict(
-    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path = ADAPTER_FILE
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path = "adapter"
 ) -> None:
     """Copy adapter tensors into an adapted model; names and shapes must match exactly.
 
@@ -276,27 +276,3 @@ def merge_lora(model: nn.Module) -> None:
         plain.train(module.training)
         owner_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(owner_name), attribute, plain)
-
-
-def language_model_files(
-    model: nn.Module,
-) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-    """The files that hold what a language model trained: only its adapter when it has one (the
-    parent holds the rest), else the whole `model.safetensors`."""
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
-
-    settings = lora_settings(model)
-    if settings is not None:
-        return {ADAPTER_FILE: (adapter_state_dict(model), adapter_metadata(settings))}
-    return {MODEL_FILE: (model.export_state_dict(), {"format": "minigpt"})}
-
-
-def load_language_model_files(model: nn.Module, folder: Path) -> None:
-    """Restore what `language_model_files` wrote into `folder` (a resume)."""
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, load_model_weights, load_tensors
-
-    if has_lora(model):
-        adapter = folder / ADAPTER_FILE
-        load_adapter_state_dict(model, load_tensors(adapter), adapter)
-    else:
-        load_model_weights(model, folder / MODEL_FILE)

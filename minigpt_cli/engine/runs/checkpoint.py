@@ -5,6 +5,10 @@ snapshot under `checkpoints/step-NNNNNNNN/` (built in a temporary folder, then r
 then points the run's top-level files at it (hard links, each swapped in atomically, the state file
 last). Every tensor file records its step in the safetensors metadata, so a crash between two swaps
 is detected on resume and the newest complete snapshot is used instead.
+
+The names of a run's files and the safetensors I/O live in `runs.files`; opening a run for use
+(weights, tokenizer, the parent chain of a LoRA run) in `runs.load`. This module imports torch only
+inside the functions that handle tensors, so the CLI can check a run's state before loading it.
 """
 
 from __future__ import annotations
@@ -14,109 +18,29 @@ import json
 import os
 import shutil
 import socket
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text, fsync_dir
+import psutil
+
+from minigpt_cli.engine.core.io import atomic_write_text, fsync_dir
+from minigpt_cli.engine.runs.files import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    read_metadata,
+    save_tensors,
+)
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from minigpt_cli.config.schema import Config
-    from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.data.tokenizer import Tokenizer
-
-CONFIG_FILE = "config.toml"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILE = "tokenizer.model"
-CHECKPOINTS_DIR = "checkpoints"
-LOCK_FILE = ".lock"
 _SNAPSHOT_PREFIX = "step-"
-_MAX_HEADER = 100 * 2**20
-
-
-# ----------------------------------------------------------------------------- safetensors I/O
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header ourselves: a pickle or a truncated file gets a clear message."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            opening = handle.read(1)
-            handle.seek(8)
-            # A safetensors file is an 8-byte header length and a JSON object; its first byte can
-            # be 0x80 (a header of 128 + 256k bytes), so recognise it before looking for pickles.
-            looks_like_safetensors = (
-                len(prefix) == 8
-                and opening == b"{"
-                and 0 < struct.unpack("<Q", prefix)[0] <= size - 8
-            )
-            if not looks_like_safetensors and (prefix[:1] == b"\x80" or prefix[:2] == b"PK"):
-                raise UserError(
-                    f"{path}: this is a pickle/zip (torch.save) file, not safetensors; minigpt "
-                    "never unpickles files because loading them can run arbitrary code"
-                )
-            if len(prefix) < 8:
-                raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise UserError(f"{path}: not a safetensors file, or truncated (bad header)")
-            header = json.loads(handle.read(header_len))
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a safetensors file (header is not JSON)") from error
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a safetensors file (header is not an object)")
-    data_end = max(
-        (int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"),
-        default=0,
-    )
-    if 8 + header_len + data_end > size:
-        raise UserError(
-            f"{path}: truncated ({size} bytes, the header promises {8 + header_len + data_end}); "
-            "the run's older snapshots under checkpoints/ may still be complete"
-        )
-    return header
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file (validated as safetensors first)."""
-    return dict(_read_header(Path(path)).get("__metadata__") or {})
-
-
-def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, with one-line errors for missing, pickled or truncated files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{file}: no such file")
-    _read_header(file)
-    try:
-        return load_file(str(file), device=device)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{file}: cannot load safetensors file ({error})") from error
-
-
-def save_tensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Write a safetensors file atomically (contiguous CPU copies; metadata values are strings)."""
-    from safetensors.torch import save
-
-    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata={k: str(v) for k, v in metadata.items()}))
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -126,7 +50,7 @@ def optimizer_tensors(
     optimizer: torch.optim.Optimizer, names: dict[int, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Flatten optimizer state into named tensors (keyed by parameter name, not position)."""
-    import torch
+    import torch  # lazy: the rest of this module serves run-state checks that need no torch
 
     tensors: dict[str, torch.Tensor] = {}
     state = optimizer.state_dict()
@@ -304,8 +228,6 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        import psutil
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
@@ -383,135 +305,3 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
     return records
-
-
-# ----------------------------------------------------------------------------- loading a run
-
-
-@dataclass
-class LoadedRun:
-    """A trained run, ready for generate/chat/eval or as the parent of a new stage."""
-
-    run_dir: Path
-    model: GPT
-    tokenizer: Tokenizer
-    config: Config
-    state: dict[str, Any]
-
-
-def load_model_weights(model: GPT, path: Path) -> None:
-    """Load weights into `model`, refusing files whose names or shapes do not match its config."""
-    tensors = load_tensors(path)
-    expected = model.export_state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{path}: weights do not match the run's config.toml ({detail})")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(
-                f"{path}: weights do not match the run's config.toml ({name} has shape "
-                f"{tuple(tensor.shape)}, the config makes {tuple(expected[name].shape)})"
-            )
-    model.load_exported_state_dict(tensors)
-
-
-def find_parent(run_dir: Path, written: str) -> Path | None:
-    """The parent run a run names in its state, as the trainer wrote it (None: not found).
-
-    A relative path was written relative to the working directory of the training command; when
-    the current one differs, the same path is looked for next to the run and above it, so a
-    project folder can be used from anywhere (or moved whole).
-    """
-    path = Path(written)
-    candidates = [path]
-    if not path.is_absolute():
-        here = run_dir.resolve()
-        candidates += [ancestor / path for ancestor in (here, *here.parents)]
-    for candidate in candidates:
-        if (candidate / STATE_FILE).is_file() or (candidate / MODEL_FILE).is_file():
-            return candidate
-    return None
-
-
-def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> GPT:
-    """Parent weights (loaded recursively) plus this run's adapter, on the CPU.
-
-    When the parent is itself an unmerged LoRA run, this run continued the parent's adapter, so
-    its adapter replaces the parent's on the same base weights; a merged parent is a plain model
-    and gets a new adapter.
-    """
-    from minigpt_cli.engine.model.lora import (
-        ADAPTER_FILE,
-        apply_lora,
-        load_adapter_state_dict,
-        lora_settings,
-        settings_from_metadata,
-    )
-
-    adapter_path = folder / ADAPTER_FILE
-    written = state.get("parent")
-    if not isinstance(written, str) or not written:
-        raise UserError(
-            f"{folder}: has {ADAPTER_FILE} but neither {MODEL_FILE} nor a parent run in "
-            f"{STATE_FILE}, so there are no base weights to apply the adapter to"
-        )
-    parent_dir = find_parent(folder, written)
-    if parent_dir is None:
-        raise UserError(
-            f"{folder}: this LoRA run holds only an adapter; it needs its parent run {written} "
-            "(the weights the adapter was trained on), which is not there"
-        )
-    if parent_dir.resolve() in chain:
-        raise UserError(f"{folder}: its chain of parent runs loops back to {parent_dir}")
-    model = _load_run(parent_dir, "cpu", (*chain, parent_dir.resolve())).model
-    settings = settings_from_metadata(read_metadata(adapter_path), adapter_path)
-    current = lora_settings(model)
-    if current is None:
-        apply_lora(model, settings)
-    elif (current.r, current.alpha, current.targets) != (
-        settings.r,
-        settings.alpha,
-        settings.targets,
-    ):
-        raise UserError(
-            f"{adapter_path}: adapter (r={settings.r}, alpha={settings.alpha}, targets="
-            f"{','.join(settings.targets)}) differs from the parent run's adapter "
-            f"(r={current.r}, alpha={current.alpha}, targets={','.join(current.targets)})"
-        )
-    load_adapter_state_dict(model, load_tensors(adapter_path), adapter_path)
-    return model
-
-
-def _load_run(folder: Path, device: str, chain: tuple[Path, ...]) -> LoadedRun:
-    from minigpt_cli.config.loader import read_run_config
-    from minigpt_cli.engine.model.lora import ADAPTER_FILE
-    from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.data.tokenizer import Tokenizer
-
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such run directory")
-    config = read_run_config(folder)
-    tokenizer = Tokenizer.load(folder)
-    state = read_state(folder)
-    if (folder / MODEL_FILE).exists():
-        model = GPT(config.model, tokenizer.vocab_size)
-        load_model_weights(model, folder / MODEL_FILE)
-    elif (folder / ADAPTER_FILE).exists():
-        model = _load_adapter_run(folder, state, chain)
-    else:
-        raise UserError(f"{folder}: no {MODEL_FILE} (the run has not saved weights yet)")
-    model.to(device).eval()
-    return LoadedRun(folder, model, tokenizer, config, state)
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
-    """Open a run directory: config, tokenizer, state and the latest weights, in eval mode.
-
-    A LoRA run without a merged `model.safetensors` loads as its parent run (found through
-    `parent` in its trainer state, recursively along a chain) plus its `adapter.safetensors`; the
-    model then carries unmerged adapters (`engine.lora.has_lora`), base frozen, adapters trainable.
-    """
-    folder = Path(run_dir)
-    return _load_run(folder, device, (folder.resolve(),))

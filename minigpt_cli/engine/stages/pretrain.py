@@ -18,24 +18,11 @@ import torch
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data.shards import is_shard_folder
+from minigpt_cli.engine.metrics.text import token_byte_lengths
 from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0
-
-
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
-    """UTF-8 bytes each token stands for, so validation can report bits per byte exactly."""
-    special = set(tokenizer.special_ids)
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for token_id in range(tokenizer.vocab_size):
-        if token_id in special:
-            continue
-        if tokenizer.is_byte(token_id):
-            lengths[token_id] = 1
-        elif not tokenizer.is_control(token_id):
-            lengths[token_id] = len(tokenizer.piece(token_id).replace("\u2581", " ").encode())
-    return lengths
 
 
 class PretrainStage(StageBase):
@@ -378,7 +365,7 @@ def run_pretrain(
         resolve_precision,
     )
     from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.checkpoint import load_model_weights
+    from minigpt_cli.engine.runs.load import load_model_weights
 
     train = config.stage_train("pretrain")
     device = resolve_device(train.device)

@@ -407,7 +407,7 @@ class RewardRun:
 def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
     """Open a reward run directory: config, tokenizer, state, weights (backbone + score), eval mode.
 
-    Read as `checkpoint.load_run` reads a run (config.toml via `read_run_config`, safetensors only,
+    Read as `runs.load.load_run` reads a run (config.toml via `read_run_config`, safetensors only,
     names and shapes checked against the config), but the weights must include `score.weight`:
     a language model's run directory is refused with a message saying what is expected.
     """
@@ -416,12 +416,9 @@ def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.checkpoint import (
-        MODEL_FILE,
-        load_model_weights,
-        read_metadata,
-        read_state,
-    )
+    from minigpt_cli.engine.runs.checkpoint import read_state
+    from minigpt_cli.engine.runs.files import MODEL_FILE, read_metadata
+    from minigpt_cli.engine.runs.load import load_model_weights
 
     folder = Path(run_dir)
     if not folder.is_dir():

@@ -36,12 +36,9 @@ from torch import nn
 
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.objectives import rl
+from minigpt_cli.engine.runs.files import VALUE_HEAD_FILE
 from minigpt_cli.engine.training.trainer import Batch
 from minigpt_cli.errors import UserError
-
-# Files a PPO run adds beside the policy's: the value head and its metadata.
-VALUE_HEAD_FILE = "value_head.safetensors"
-
 
 # ----------------------------------------------------------------------------------------------
 # Models
@@ -72,7 +69,7 @@ class PolicyWithValue(nn.Module):
 
     def weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """What the Trainer checkpoints: the policy's own file(s) and the value head."""
-        from minigpt_cli.engine.model.lora import language_model_files
+        from minigpt_cli.engine.runs.load import language_model_files
 
         head = {"value_head.weight": self.value_head.weight.detach()}
         return {
@@ -82,8 +79,8 @@ class PolicyWithValue(nn.Module):
 
     def load_weight_files(self, folder: Any) -> None:
         """Restore what `weight_files` wrote (resume)."""
-        from minigpt_cli.engine.model.lora import load_language_model_files
-        from minigpt_cli.engine.runs.checkpoint import load_tensors
+        from minigpt_cli.engine.runs.files import load_tensors
+        from minigpt_cli.engine.runs.load import load_language_model_files
 
         head = load_tensors(folder / VALUE_HEAD_FILE)
         with torch.no_grad():
@@ -366,7 +363,8 @@ class RlStage:
 
     def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
         """(record index, response ids incl. end-of-turn when it stopped) per sampled response."""
-        from minigpt_cli.engine.inference.generation import SamplingSettings, generate_batch
+        from minigpt_cli.engine.inference.decode import generate_batch
+        from minigpt_cli.engine.inference.generation import SamplingSettings
 
         policy = policy_of(model)
         stops = chat_template.stop_token_ids(self.tokenizer)

@@ -34,6 +34,7 @@ import torch
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.metrics.text import token_byte_lengths
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.training.trainer import Batch, StageBase
@@ -608,7 +609,7 @@ def prepare_model(
     Rebuilt the same way on --resume, before the Trainer restores the checkpoint over it.
     """
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import load_run
+    from minigpt_cli.engine.runs.load import load_run
     from minigpt_cli.engine.training.trainer import seed_everything
 
     loaded = load_run(from_run)
@@ -647,7 +648,7 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str | None:
     """After training: with `--merge`, also write the merged weights as `model.safetensors`."""
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, save_tensors
+    from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 
     if not (merge and lora_lib.has_lora(model)):
         return None
@@ -682,7 +683,7 @@ def start_finetune(
         resolve_precision,
     )
     from minigpt_cli.engine.model import lora as lora_lib
-    from minigpt_cli.engine.runs.checkpoint import MODEL_FILE
+    from minigpt_cli.engine.runs.files import MODEL_FILE
 
     train = config.stage_train(stage)
     device = resolve_device(train.device)
@@ -735,7 +736,7 @@ def run_sft(
     config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.stages.pretrain import fit_memory, token_byte_lengths
+    from minigpt_cli.engine.stages.pretrain import fit_memory
 
     setup = start_finetune(config, spec, inputs, "sft", on_event)
     train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft

@@ -36,6 +36,13 @@ from minigpt_cli.engine.resources.governor import (
     install_throttle,
 )
 from minigpt_cli.engine.runs import checkpoint as ckpt
+from minigpt_cli.engine.runs.files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    OPTIMIZER_FILE,
+    load_tensors,
+    read_metadata,
+)
 from minigpt_cli.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -309,7 +316,7 @@ class Trainer:
         optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         files = {
             **self._weight_files(),
-            ckpt.OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
+            OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
         }
         folder = ckpt.save_checkpoint(
             self.spec.run_dir, self.step, files, self._state(data_state, rng), self.train.keep_last
@@ -323,7 +330,7 @@ class Trainer:
 
         A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
         """
-        from minigpt_cli.engine.model.lora import language_model_files
+        from minigpt_cli.engine.runs.load import language_model_files
 
         if hasattr(self.model, "weight_files"):
             return self.model.weight_files()
@@ -345,11 +352,11 @@ class Trainer:
             raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
         state = ckpt.read_state(point)
         self._load_weights(point)
-        tensors = ckpt.load_tensors(point / ckpt.OPTIMIZER_FILE)
+        tensors = load_tensors(point / OPTIMIZER_FILE)
         ckpt.restore_optimizer(
             self.optimizer,
             tensors,
-            ckpt.read_metadata(point / ckpt.OPTIMIZER_FILE),
+            read_metadata(point / OPTIMIZER_FILE),
             self.param_names,
         )
         self.step = int(state["step"])
@@ -366,7 +373,7 @@ class Trainer:
         self._resumed_from = point
 
     def _load_weights(self, point: Path) -> None:
-        from minigpt_cli.engine.model.lora import load_language_model_files
+        from minigpt_cli.engine.runs.load import load_language_model_files
 
         if hasattr(self.model, "load_weight_files"):
             self.model.load_weight_files(point)
@@ -419,13 +426,13 @@ class Trainer:
         if self.spec.resume:
             self._restore()
         self.metrics = ckpt.MetricsLog(
-            run_dir / ckpt.METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
+            run_dir / METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
         )
         if self.spec.resume and self.step >= self.total_steps:
             self.metrics.close()
             return {"nothing_to_do": True, "step": self.step, "total_steps": self.total_steps}
         self.finished = False
-        atomic_write_text(run_dir / ckpt.CONFIG_FILE, dump_config(self.config))
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
         warmup = self._warmup_steps()
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
         cap_bytes = parse_memory(self.config.resources.max_memory, physical_memory_bytes())

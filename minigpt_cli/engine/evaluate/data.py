@@ -1,0 +1,103 @@
+"""The held-out records `minigpt eval` measures on: user files, or the built-in data no run of the
+chain was trained on, drawn per task family with a seed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from minigpt_cli.config.loader import read_run_config
+from minigpt_cli.engine.data.files import read_records
+from minigpt_cli.engine.data.stage_records import builtin_documents, builtin_records
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.evaluate.report import EvalOptions
+from minigpt_cli.engine.runs.checkpoint import read_state
+from minigpt_cli.engine.runs.load import ancestors
+
+
+def select_per_family(records: Sequence[dict], per_family: int | None, seed: int) -> list[dict]:
+    """At most `per_family` records of each task family (untagged records form one family), drawn
+    with `seed`, in their original order. A pure function of (records, per_family, seed)."""
+    if per_family is None:
+        return list(records)
+    by_family: dict[str | None, list[int]] = {}
+    for index, record in enumerate(records):
+        by_family.setdefault(record.get("task"), []).append(index)
+    chosen: list[int] = []
+    for family, indices in by_family.items():
+        if len(indices) <= per_family:
+            chosen.extend(indices)
+            continue
+        stream = zlib.crc32((family or "").encode("utf-8"))
+        picks = np.random.default_rng([seed, stream]).permutation(len(indices))[:per_family]
+        chosen.extend(indices[i] for i in picks.tolist())
+    return [records[i] for i in sorted(chosen)]
+
+
+def builtin_heldout_documents(run_dir: Path) -> tuple[list[str], str]:
+    """The built-in documents pretraining held out, and a line saying so.
+
+    The built-in corpus has no separate validation split: pretraining validates on the last
+    `data.val_fraction` of its tokens. So this rebuilds the corpus of the chain's pretraining run
+    (its `data.builtin_size`, its tokenizer) and keeps the documents that lie wholly in that tail:
+    text none of the runs was trained on.
+    """
+    root = ([run_dir, *ancestors(run_dir)])[-1]  # normally the pretraining run
+    config = read_run_config(root)
+    documents = builtin_documents(config.data.builtin_size, seed=0)
+    tokenizer = Tokenizer.load(root)
+    starts, offset = [], 0
+    for ids in tokenizer.encode_batch(documents):
+        starts.append(offset)
+        offset += len(ids) + 1  # each document is followed by an end-of-text id
+    split = int(offset * (1 - config.data.val_fraction))
+    held_out = [doc for doc, start in zip(documents, starts, strict=True) if start >= split]
+    fraction = 100 * config.data.val_fraction
+    line = (
+        f"{len(held_out)} built-in documents pretraining held out (the last {fraction:g} % of "
+        f"the {config.data.builtin_size}-document corpus of {root})"
+    )
+    sources = read_state(root).get("sources") or {}
+    if sources.get("data") or sources.get("from_run"):
+        line = (
+            f"{len(held_out)} built-in documents (the last {fraction:g} % of the built-in "
+            f"corpus; {root} was pretrained on other text: pass --text for its own held-out text)"
+        )
+    return held_out, line
+
+
+def _describe_files(paths: Sequence[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
+def load_eval_data(options: EvalOptions, first_run: Path) -> tuple[dict[str, list], dict[str, str]]:
+    """Every part's records (user files or the built-in held-out data), read before any model is
+    loaded so a bad line stops the command at once (`path:line: problem`)."""
+    data: dict[str, list] = {}
+    described: dict[str, str] = {}
+    if "text" in options.parts:
+        if options.text:
+            data["text"] = [r["text"] for r in read_records(list(options.text), "pretrain")]
+            described["text"] = (
+                f"{len(data['text'])} documents from {_describe_files(options.text)}"
+            )
+        else:
+            data["text"], described["text"] = builtin_heldout_documents(first_run)
+        if options.text_documents is not None and len(data["text"]) > options.text_documents:
+            described["text"] += f" (the first {options.text_documents} scored)"
+            data["text"] = data["text"][: options.text_documents]
+    for part, paths, kind, what in (
+        ("generation", options.sft_data, "sft", "SFT records"),
+        ("preference", options.pref_data, "dpo", "preference pairs"),
+    ):
+        if part not in options.parts:
+            continue
+        records = read_records(list(paths), kind) if paths else builtin_records(kind, "val")
+        source = _describe_files(paths) if paths else "built-in held-out"
+        data[part] = select_per_family(records, options.per_family, options.seed)
+        described[part] = f"{len(data[part])} of {len(records)} {source} {what}"
+    return data, described

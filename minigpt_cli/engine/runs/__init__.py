@@ -1,0 +1,1 @@
+"""Layer 5: the run directory has one owner: its file names, checkpoints, and opening a run."""

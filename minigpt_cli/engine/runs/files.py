@@ -1,0 +1,115 @@
+"""What a run directory holds: every file name in it, and the safetensors I/O its tensor files use.
+
+One owner for the run-directory layout, so a new artefact is named once and every module that
+writes or reads it (training, loading, eval, the CLI) refers to the same constant. Tensor files are
+read only through `load_tensors`/`read_metadata`, which parse the safetensors header first: a
+pickle (torch.save) or a truncated file gets a one-line error instead of being unpickled or
+half-read. Imports nothing heavy at module level, so a run's state can be inspected (resume
+checks, quickstart's plan) without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minigpt_cli.engine.core.io import atomic_write_bytes
+from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_FILE = "config.toml"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+ADAPTER_FILE = "adapter.safetensors"
+"""The adapter weights in a LoRA run directory (and in each of its checkpoints/step-N/)."""
+VALUE_HEAD_FILE = "value_head.safetensors"
+"""PPO's value head, beside the policy's files in an rlhf run (and its snapshots)."""
+
+_MAX_HEADER = 100 * 2**20
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header ourselves: a pickle or a truncated file gets a clear message."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            opening = handle.read(1)
+            handle.seek(8)
+            # A safetensors file is an 8-byte header length and a JSON object; its first byte can
+            # be 0x80 (a header of 128 + 256k bytes), so recognise it before looking for pickles.
+            looks_like_safetensors = (
+                len(prefix) == 8
+                and opening == b"{"
+                and 0 < struct.unpack("<Q", prefix)[0] <= size - 8
+            )
+            if not looks_like_safetensors and (prefix[:1] == b"\x80" or prefix[:2] == b"PK"):
+                raise UserError(
+                    f"{path}: this is a pickle/zip (torch.save) file, not safetensors; minigpt "
+                    "never unpickles files because loading them can run arbitrary code"
+                )
+            if len(prefix) < 8:
+                raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise UserError(f"{path}: not a safetensors file, or truncated (bad header)")
+            header = json.loads(handle.read(header_len))
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a safetensors file (header is not JSON)") from error
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not an object)")
+    data_end = max(
+        (int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"),
+        default=0,
+    )
+    if 8 + header_len + data_end > size:
+        raise UserError(
+            f"{path}: truncated ({size} bytes, the header promises {8 + header_len + data_end}); "
+            "the run's older snapshots under checkpoints/ may still be complete"
+        )
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (validated as safetensors first)."""
+    return dict(_read_header(Path(path)).get("__metadata__") or {})
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with one-line errors for missing, pickled or truncated files."""
+    # lazy: safetensors.torch imports torch; the header checks above it must work without torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such file")
+    _read_header(file)
+    try:
+        return load_file(str(file), device=device)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{file}: cannot load safetensors file ({error})") from error
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file atomically (contiguous CPU copies; metadata values are strings)."""
+    from safetensors.torch import save  # lazy: imports torch (see the module docstring)
+
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata={k: str(v) for k, v in metadata.items()}))
