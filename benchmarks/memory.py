@@ -113,10 +113,11 @@ def run_worker(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_interop_threads(1)
 
     from minigpt_cli.config.schema import Config, LogConfig, TrainConfig
+    from minigpt_cli.engine.core.seeding import seed_everything
     from minigpt_cli.engine.hardware.device import PrecisionDecision
     from minigpt_cli.engine.model.gpt import GPT
     from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
-    from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
+    from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 
     model_cfg = ModelConfig(**case["model"])
     vocab = case["vocab"]

@@ -26,9 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt_cli.config.loader import load_config  # noqa: E402
+from minigpt_cli.datasets import BUILTIN_DATA_SEED  # noqa: E402
 from minigpt_cli.engine.data.tokenizer import Tokenizer  # noqa: E402
 from minigpt_cli.engine.metrics.text import token_byte_lengths  # noqa: E402
-from minigpt_cli.engine.stages.pretrain import BUILTIN_DATA_SEED, _encode_texts  # noqa: E402
+from minigpt_cli.engine.stages.pretrain import _encode_texts  # noqa: E402
 
 
 def unigram_bits_per_byte(run_dir: Path) -> tuple[float, float]:

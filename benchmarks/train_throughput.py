@@ -29,7 +29,7 @@ def measure(
 
     from minigpt_cli.config.loader import load_config
     from minigpt_cli.config.params import flops_per_token
-    from minigpt_cli.engine.doctor import peak_flops
+    from minigpt_cli.engine.hardware.speed_cache import peak_flops
 
     torch.set_num_threads(threads)
     config = load_config(preset)

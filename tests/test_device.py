@@ -11,19 +11,19 @@ import numpy
 import pytest
 import torch
 
-from minigpt_cli.engine import doctor
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.hardware import device as device_mod
+from minigpt_cli.engine.hardware import facts, matmul, speed_cache
 from minigpt_cli.engine.hardware.device import (
     PrecisionDecision,
     apply_matmul_precision,
     autocast_context,
     resolve_device,
     resolve_precision,
-    set_seed,
 )
 from minigpt_cli.errors import UserError
 
-NO_FEATURES = dict.fromkeys(doctor.CPU_FEATURES, False)
+NO_FEATURES = dict.fromkeys(facts.CPU_FEATURES, False)
 AVX512_BF16 = {**NO_FEATURES, "avx2": True, "avx512f": True, "avx512_bf16": True}
 AMX = {**AVX512_BF16, "amx_bf16": True, "amx_tile": True}
 
@@ -52,7 +52,7 @@ def no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("measure_device was called")
 
-    monkeypatch.setattr(doctor, "measure_device", refuse)
+    monkeypatch.setattr(matmul, "measure_device", refuse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,26 +204,26 @@ def test_unknown_precision_is_a_user_error() -> None:
 def test_cpu_auto_reads_the_doctor_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_measuring: None
 ) -> None:
-    monkeypatch.setenv(doctor.CACHE_ENV, str(tmp_path))
-    entry = {**measured(3.0), "fingerprint": doctor.machine_fingerprint("cpu")}
-    assert doctor.store_measurements(entry)
+    monkeypatch.setenv(speed_cache.CACHE_ENV, str(tmp_path))
+    entry = {**measured(3.0), "fingerprint": facts.machine_fingerprint("cpu")}
+    assert speed_cache.store_measurements(entry)
     decision = resolve_precision("auto", "cpu", cpu_features=AVX512_BF16)
     assert decision.dtype_name == "bf16" and "3.0x" in decision.reason
-    stored = json.loads((tmp_path / doctor.CACHE_FILE).read_text())
+    stored = json.loads((tmp_path / speed_cache.CACHE_FILE).read_text())
     assert len(stored["entries"]) == 1
 
 
 def test_cpu_auto_measures_when_the_cache_is_empty(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(doctor.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(speed_cache.CACHE_ENV, str(tmp_path))
     calls: list[tuple[str, ...]] = []
 
     def fake(device: Any, seconds_budget: float = 1.0, keys: Any = None) -> dict[str, Any]:
         calls.append(tuple(keys))
-        return {**measured(0.02, medium=1.0), "fingerprint": doctor.machine_fingerprint(device)}
+        return {**measured(0.02, medium=1.0), "fingerprint": facts.machine_fingerprint(device)}
 
-    monkeypatch.setattr(doctor, "measure_device", fake)
+    monkeypatch.setattr(matmul, "measure_device", fake)
     decision = resolve_precision("auto", "cpu", cpu_features=NO_FEATURES)
     assert calls == [("fp32", "fp32_medium", "bf16")]
     assert decision.dtype_name == "fp32" and decision.fp32_matmul_precision == "highest"
@@ -301,13 +301,13 @@ def test_decision_to_dict_is_json_ready() -> None:
     assert data["autocast_dtype"] == "float16" and data["use_grad_scaler"] is True
 
 
-def test_set_seed_makes_python_numpy_and_torch_repeat() -> None:
+def test_seed_everything_makes_python_numpy_and_torch_repeat() -> None:
     def draw() -> tuple[float, float, list[float]]:
         return random.random(), float(numpy.random.rand()), torch.rand(3).tolist()
 
-    set_seed(123)
+    seed_everything(123)
     first = draw()
-    set_seed(123)
+    seed_everything(123)
     assert draw() == first
-    set_seed(124)
+    seed_everything(124)
     assert draw() != first

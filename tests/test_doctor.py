@@ -1,4 +1,4 @@
-"""doctor: facts, matmul measurement and its cache, checks, and the `minigpt doctor` verb."""
+"""doctor: facts, matmul measurement and its cache, checks, the recommendation, and the verb."""
 
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ from typer.testing import CliRunner
 
 from minigpt_cli.cli.app import app
 from minigpt_cli.config.loader import load_config
-from minigpt_cli.engine import doctor
+from minigpt_cli.engine.core import units
+from minigpt_cli.engine.doctor import checks, recommend
+from minigpt_cli.engine.hardware import facts as hardware_facts
+from minigpt_cli.engine.hardware import matmul, speed_cache
 from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.resources import governor
 from minigpt_cli.engine.resources.estimate import estimate_for_config, plan_micro_batch
+from minigpt_cli.engine.training import step_timing
 from tests.conftest import run_cli
 
 REPORT_KEYS = {"minigpt_version", "facts", "measurements", "checks", "precision", "exit_status"}
@@ -30,13 +35,13 @@ FACT_KEYS = {"minigpt", "os", "python", "torch", "cpu", "memory", "disk", "accel
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty, private matmul cache for the test."""
     directory = tmp_path / "cache"
-    monkeypatch.setenv(doctor.CACHE_ENV, str(directory))
+    monkeypatch.setenv(speed_cache.CACHE_ENV, str(directory))
     return directory
 
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return doctor.collect_facts(tmp_path_factory.mktemp("runs"))
+    return hardware_facts.collect_facts(tmp_path_factory.mktemp("runs"))
 
 
 class FakeMeasure:
@@ -48,12 +53,12 @@ class FakeMeasure:
 
     def __call__(self, device: Any, seconds_budget: float = 1.0, keys: Any = None) -> dict:
         device = torch.device(device)
-        wanted = tuple(keys) if keys is not None else doctor.MATMUL_KEYS[device.type]
+        wanted = tuple(keys) if keys is not None else matmul.MATMUL_KEYS[device.type]
         self.calls.append(wanted)
         return {
             "device": device.type,
-            "device_name": doctor.device_name(device),
-            "fingerprint": doctor.machine_fingerprint(device),
+            "device_name": hardware_facts.device_name(device),
+            "fingerprint": hardware_facts.machine_fingerprint(device),
             "measured_at": "2025-01-01T00:00:00+00:00",
             "seconds": 0.0,
             "gflops": {key: self.gflops[key] for key in wanted},
@@ -87,18 +92,20 @@ class FakeTiming:
         *,
         device: Any,
         precision: Any,
-    ) -> doctor.StepTiming:
+    ) -> step_timing.StepTiming:
         self.calls.append((model_cfg.n_layer, micro, model_cfg.activation_checkpointing))
         wall = self.micro_step[model_cfg.n_layer]
         factor = self.cpu_factor
-        return doctor.StepTiming(wall, wall * factor, 0.001, 0.001 * factor, 0.004, 0.004 * factor)
+        return step_timing.StepTiming(
+            wall, wall * factor, 0.001, 0.001 * factor, 0.004, 0.004 * factor
+        )
 
 
 @pytest.fixture
 def fake_timing(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> FakeTiming:
     """Fake step timings, cached in the test's own empty cache so no other test reads them."""
     fake = FakeTiming()
-    monkeypatch.setattr(doctor, "measure_training_step", fake)
+    monkeypatch.setattr(step_timing, "measure_training_step", fake)
     return fake
 
 
@@ -127,25 +134,25 @@ CPU implementer\t: 0x41
 
 
 def test_parse_cpuinfo_reads_model_and_first_processor_flags() -> None:
-    model, flags = doctor.parse_cpuinfo(X86_CPUINFO)
+    model, flags = hardware_facts.parse_cpuinfo(X86_CPUINFO)
     assert model == "Intel(R) Xeon(R) Platinum 8480+"
     assert {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} <= flags
-    features = {name: name in flags for name in doctor.CPU_FEATURES}
-    assert doctor.bf16_hardware(features) == "AMX"
-    assert doctor.bf16_hardware({"avx512_bf16": True}) == "AVX512-BF16"
-    assert doctor.bf16_hardware({"avx2": True, "avx512f": True}) is None
+    features = {name: name in flags for name in hardware_facts.CPU_FEATURES}
+    assert hardware_facts.bf16_hardware(features) == "AMX"
+    assert hardware_facts.bf16_hardware({"avx512_bf16": True}) == "AVX512-BF16"
+    assert hardware_facts.bf16_hardware({"avx2": True, "avx512f": True}) is None
 
 
 def test_parse_cpuinfo_maps_arm_bf16_without_confusing_x86_flags() -> None:
-    model, flags = doctor.parse_cpuinfo(ARM_CPUINFO)
+    model, flags = hardware_facts.parse_cpuinfo(ARM_CPUINFO)
     assert model is None
     assert "arm_bf16" in flags and "bf16" not in flags
-    assert doctor.bf16_hardware({"arm_bf16": True}) == "ARM BF16"
+    assert hardware_facts.bf16_hardware({"arm_bf16": True}) == "ARM BF16"
 
 
 def test_collect_facts_describes_this_machine(tmp_path: Path) -> None:
     runs = tmp_path / "not" / "yet" / "runs"
-    facts = doctor.collect_facts(runs)
+    facts = hardware_facts.collect_facts(runs)
     assert facts.keys() >= FACT_KEYS
     json.dumps(facts)  # JSON-ready for bug reports
     assert facts["disk"]["runs_dir"] == str(runs)
@@ -156,7 +163,7 @@ def test_collect_facts_describes_this_machine(tmp_path: Path) -> None:
     cpu = facts["cpu"]
     assert cpu["logical_cores"] >= 1 and cpu["torch_threads"] == torch.get_num_threads()
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(cpu["features"]) == set(doctor.CPU_FEATURES)
+    assert set(cpu["features"]) == set(hardware_facts.CPU_FEATURES)
     assert 0 < facts["memory"]["available_bytes"] <= facts["memory"]["total_bytes"]
     assert facts["accelerators"]["cuda"]["available"] == torch.cuda.is_available()
     assert len(facts["accelerators"]["cuda"]["devices"]) == (
@@ -167,8 +174,8 @@ def test_collect_facts_describes_this_machine(tmp_path: Path) -> None:
 def test_collect_facts_reads_cpu_flags_on_linux() -> None:
     if not Path("/proc/cpuinfo").exists():
         pytest.skip("no /proc/cpuinfo")
-    model, flags = doctor.parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    info = doctor.cpu_info()
+    model, flags = hardware_facts.parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    info = hardware_facts.cpu_info()
     assert info["flags_source"] == "/proc/cpuinfo"
     assert info["features"]["avx2"] == ("avx2" in flags)
     assert info["features"]["avx512_bf16"] == ("avx512_bf16" in flags)
@@ -184,7 +191,7 @@ def test_measure_matmul_is_positive_bounded_and_restores_precision() -> None:
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(0)
     rng_state = torch.get_rng_state()
-    fp32 = doctor.measure_matmul("cpu", torch.float32, 0.15, fp32_precision="medium")
+    fp32 = matmul.measure_matmul("cpu", torch.float32, 0.15, fp32_precision="medium")
     assert fp32 > 0
     assert torch.get_float32_matmul_precision() == "highest"
     # peak_flops may measure mid-training: the global RNG must not move.
@@ -192,13 +199,13 @@ def test_measure_matmul_is_positive_bounded_and_restores_precision() -> None:
     # Without bf16 hardware one 1024² bf16 product can take seconds; the size ladder must keep
     # the measurement near its budget anyway.
     began = time.perf_counter()
-    bf16 = doctor.measure_matmul("cpu", "bf16", 0.15)
+    bf16 = matmul.measure_matmul("cpu", "bf16", 0.15)
     assert bf16 > 0
     assert time.perf_counter() - began < 2.0
 
 
 def test_measure_device_compares_precisions_like_with_like() -> None:
-    result = doctor.measure_device("cpu", 0.45)
+    result = matmul.measure_device("cpu", 0.45)
     assert set(result["gflops"]) == {"fp32", "fp32_medium", "bf16"}
     assert all(value > 0 for value in result["gflops"].values())
     # fp32 variants are timed at the same side, so their ratio is fair.
@@ -206,21 +213,21 @@ def test_measure_device_compares_precisions_like_with_like() -> None:
     assert result["sizes"]["bf16"] <= result["sizes"]["fp32"]
     assert result["speedup"]["fp32"] == 1.0 and result["speedup"]["bf16"] > 0
     # The accuracy probe separates fp32 arithmetic from bf16 arithmetic.
-    assert result["rel_error"]["fp32"] < doctor.FP32_LEVEL_ERROR < result["rel_error"]["bf16"]
-    assert result["fingerprint"] == doctor.machine_fingerprint("cpu")
+    assert result["rel_error"]["fp32"] < matmul.FP32_LEVEL_ERROR < result["rel_error"]["bf16"]
+    assert result["fingerprint"] == hardware_facts.machine_fingerprint("cpu")
     assert result["seconds"] < 3.0
 
 
 def test_matmul_rel_error_detects_reduced_precision() -> None:
-    assert doctor.matmul_rel_error("cpu", torch.float32) < 1e-5
-    assert doctor.matmul_rel_error("cpu", torch.bfloat16) > 1e-3
+    assert matmul.matmul_rel_error("cpu", torch.float32) < 1e-5
+    assert matmul.matmul_rel_error("cpu", torch.bfloat16) > 1e-3
 
 
 def test_unknown_measurement_key_is_rejected() -> None:
     with pytest.raises(ValueError, match="fp8"):
-        doctor.measure_device("cpu", 0.1, keys=("fp8",))
+        matmul.measure_device("cpu", 0.1, keys=("fp8",))
     with pytest.raises(ValueError):
-        doctor.precision_key("cpu", "bf16_medium")
+        matmul.precision_key("cpu", "bf16_medium")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,16 +238,16 @@ def test_peak_flops_measures_once_then_reads_the_cache(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeMeasure()
-    monkeypatch.setattr(doctor, "measure_device", fake)
-    assert doctor.peak_flops("cpu", "bf16") == 400e9
+    monkeypatch.setattr(matmul, "measure_device", fake)
+    assert speed_cache.peak_flops("cpu", "bf16") == 400e9
     assert fake.calls == [("bf16",)]
-    cache_file = cache_dir / doctor.CACHE_FILE
+    cache_file = cache_dir / speed_cache.CACHE_FILE
     stamp = cache_file.stat().st_mtime_ns
-    assert doctor.peak_flops("cpu", "bf16") == 400e9
+    assert speed_cache.peak_flops("cpu", "bf16") == 400e9
     assert fake.calls == [("bf16",)]  # read from the cache, nothing measured
     assert cache_file.stat().st_mtime_ns == stamp
     # A precision not cached yet is measured alone and merged into the same entry.
-    assert doctor.peak_flops("cpu", "fp32") == 100e9
+    assert speed_cache.peak_flops("cpu", "fp32") == 100e9
     assert fake.calls == [("bf16",), ("fp32",)]
     entries = json.loads(cache_file.read_text())["entries"]
     assert len(entries) == 1
@@ -249,25 +256,25 @@ def test_peak_flops_measures_once_then_reads_the_cache(
 
 
 def test_peak_flops_real_measurement_is_positive_and_cached(cache_dir: Path) -> None:
-    first = doctor.peak_flops("cpu", "fp32")
+    first = speed_cache.peak_flops("cpu", "fp32")
     assert first > 0
-    cache_file = cache_dir / doctor.CACHE_FILE
+    cache_file = cache_dir / speed_cache.CACHE_FILE
     before = cache_file.read_bytes()
-    assert doctor.peak_flops("cpu", "fp32") == first
+    assert speed_cache.peak_flops("cpu", "fp32") == first
     assert cache_file.read_bytes() == before
 
 
 def test_fp32_peak_follows_the_matmul_precision_in_force(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(doctor, "measure_device", FakeMeasure())
-    with doctor.float32_matmul_precision("medium"):
-        assert doctor.precision_key("cpu", "fp32") == "fp32_medium"
-        assert doctor.peak_flops("cpu", "fp32") == 200e9
-    with doctor.float32_matmul_precision("highest"):
-        assert doctor.peak_flops("cpu", "fp32") == 100e9
+    monkeypatch.setattr(matmul, "measure_device", FakeMeasure())
+    with matmul.float32_matmul_precision("medium"):
+        assert matmul.precision_key("cpu", "fp32") == "fp32_medium"
+        assert speed_cache.peak_flops("cpu", "fp32") == 200e9
+    with matmul.float32_matmul_precision("highest"):
+        assert speed_cache.peak_flops("cpu", "fp32") == 100e9
     decision = resolve_precision("bf16", "cpu", measurements={}, cpu_features={})
-    assert doctor.precision_key("cpu", decision) == "bf16"
+    assert matmul.precision_key("cpu", decision) == "bf16"
 
 
 @pytest.mark.parametrize(
@@ -283,28 +290,28 @@ def test_corrupt_cache_is_ignored_and_rewritten(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch, content: str
 ) -> None:
     cache_dir.mkdir(parents=True)
-    (cache_dir / doctor.CACHE_FILE).write_text(content)
+    (cache_dir / speed_cache.CACHE_FILE).write_text(content)
     fake = FakeMeasure()
-    monkeypatch.setattr(doctor, "measure_device", fake)
-    assert doctor.peak_flops("cpu", "fp32") == 100e9
+    monkeypatch.setattr(matmul, "measure_device", fake)
+    assert speed_cache.peak_flops("cpu", "fp32") == 100e9
     assert len(fake.calls) == 1
-    data = json.loads((cache_dir / doctor.CACHE_FILE).read_text())
-    assert data["version"] == doctor.CACHE_VERSION
-    key = doctor.fingerprint_key(doctor.machine_fingerprint("cpu"))
+    data = json.loads((cache_dir / speed_cache.CACHE_FILE).read_text())
+    assert data["version"] == speed_cache.CACHE_VERSION
+    key = speed_cache.fingerprint_key(hardware_facts.machine_fingerprint("cpu"))
     assert data["entries"][key]["gflops"]["fp32"] == 100.0
 
 
 def test_invalid_cache_entry_is_remeasured(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = doctor.fingerprint_key(doctor.machine_fingerprint("cpu"))
+    key = speed_cache.fingerprint_key(hardware_facts.machine_fingerprint("cpu"))
     cache_dir.mkdir(parents=True)
     fake = FakeMeasure()
-    monkeypatch.setattr(doctor, "measure_device", fake)
+    monkeypatch.setattr(matmul, "measure_device", fake)
     for entry in ({"gflops": {"fp32": -5}}, {"gflops": {"fp32": 5}, "speedup": {"bf16": "x"}}):
         bad = {"version": 1, "entries": {key: entry}}
-        (cache_dir / doctor.CACHE_FILE).write_text(json.dumps(bad))
-        assert doctor.peak_flops("cpu", "fp32") == 100e9
+        (cache_dir / speed_cache.CACHE_FILE).write_text(json.dumps(bad))
+        assert speed_cache.peak_flops("cpu", "fp32") == 100e9
     assert len(fake.calls) == 2
 
 
@@ -312,17 +319,17 @@ def test_another_machine_or_torch_gets_its_own_entry(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeMeasure()
-    monkeypatch.setattr(doctor, "measure_device", fake)
-    doctor.peak_flops("cpu", "fp32")
-    real = doctor.machine_fingerprint
+    monkeypatch.setattr(matmul, "measure_device", fake)
+    speed_cache.peak_flops("cpu", "fp32")
+    real = hardware_facts.machine_fingerprint
 
     def other_torch(device: Any) -> dict[str, Any]:
         return {**real(device), "torch": "9.9.9"}
 
-    monkeypatch.setattr(doctor, "machine_fingerprint", other_torch)
-    doctor.peak_flops("cpu", "fp32")
+    monkeypatch.setattr(hardware_facts, "machine_fingerprint", other_torch)
+    speed_cache.peak_flops("cpu", "fp32")
     assert len(fake.calls) == 2
-    assert len(json.loads((cache_dir / doctor.CACHE_FILE).read_text())["entries"]) == 2
+    assert len(json.loads((cache_dir / speed_cache.CACHE_FILE).read_text())["entries"]) == 2
 
 
 def test_unwritable_cache_does_not_stop_peak_flops(
@@ -330,19 +337,19 @@ def test_unwritable_cache_does_not_stop_peak_flops(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    monkeypatch.setenv(doctor.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setenv(speed_cache.CACHE_ENV, str(blocker / "cache"))
     fake = FakeMeasure()
-    monkeypatch.setattr(doctor, "measure_device", fake)
-    assert doctor.peak_flops("cpu", "bf16") == 400e9
-    assert doctor.store_measurements(fake("cpu", keys=("fp32",))) is False
+    monkeypatch.setattr(matmul, "measure_device", fake)
+    assert speed_cache.peak_flops("cpu", "bf16") == 400e9
+    assert speed_cache.store_measurements(fake("cpu", keys=("fp32",))) is False
 
 
 def test_cache_location_defaults_to_user_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(doctor.CACHE_ENV, raising=False)
+    monkeypatch.delenv(speed_cache.CACHE_ENV, raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert doctor.cache_path() == Path.home() / ".cache" / "minigpt" / "matmul.json"
-    monkeypatch.setenv(doctor.CACHE_ENV, "/somewhere/else")
-    assert doctor.cache_path() == Path("/somewhere/else/matmul.json")
+    assert speed_cache.cache_path() == Path.home() / ".cache" / "minigpt" / "matmul.json"
+    monkeypatch.setenv(speed_cache.CACHE_ENV, "/somewhere/else")
+    assert speed_cache.cache_path() == Path("/somewhere/else/matmul.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,8 +381,8 @@ def _facts(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return facts
 
 
-def _by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
-    return {check.name: check for check in checks}
+def _by_name(verdicts: list[checks.Check]) -> dict[str, checks.Check]:
+    return {check.name: check for check in verdicts}
 
 
 def test_healthy_cpu_only_machine_passes(facts: dict[str, Any]) -> None:
@@ -385,14 +392,14 @@ def test_healthy_cpu_only_machine_passes(facts: dict[str, Any]) -> None:
             "cuda": {"built": False, "available": False, "devices": [], "driver": False},
             "mps": {"built": False, "available": False},
         },
-        cpu__features={**dict.fromkeys(doctor.CPU_FEATURES, False), "avx512_bf16": True},
+        cpu__features={**dict.fromkeys(hardware_facts.CPU_FEATURES, False), "avx512_bf16": True},
     )
-    checks = doctor.run_checks(healthy, GOOD_MEASUREMENTS)
-    by_name = _by_name(checks)
-    assert {c.status for c in checks} == {"pass"}, checks
+    verdicts = checks.run_checks(healthy, GOOD_MEASUREMENTS)
+    by_name = _by_name(verdicts)
+    assert {c.status for c in verdicts} == {"pass"}, verdicts
     assert "CPU only" in by_name["accelerator"].message
     assert "4.5x" in by_name["bf16"].message and "AVX512-BF16" in by_name["bf16"].message
-    assert doctor.exit_status(checks) == 0
+    assert checks.exit_status(verdicts) == 0
 
 
 @pytest.mark.parametrize(
@@ -412,34 +419,34 @@ def test_healthy_cpu_only_machine_passes(facts: dict[str, Any]) -> None:
 def test_checks_flag_problems(
     facts: dict[str, Any], changes: dict[str, Any], name: str, status: str, text: str
 ) -> None:
-    checks = doctor.run_checks(_facts(facts, **changes), GOOD_MEASUREMENTS)
-    check = _by_name(checks)[name]
+    verdicts = checks.run_checks(_facts(facts, **changes), GOOD_MEASUREMENTS)
+    check = _by_name(verdicts)[name]
     assert check.status == status, check
     assert text in check.message
-    assert doctor.exit_status(checks) == (1 if status == "fail" else 0)
+    assert checks.exit_status(verdicts) == (1 if status == "fail" else 0)
 
 
 def test_fewer_threads_than_cores_warns(facts: dict[str, Any]) -> None:
     many = _facts(facts, cpu__physical_cores=8, cpu__logical_cores=16, cpu__usable_cores=16)
     many["cpu"]["torch_threads"] = 2
     many["cpu"]["thread_env"] = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": None}
-    check = _by_name(doctor.run_checks(many, GOOD_MEASUREMENTS))["threads"]
+    check = _by_name(checks.run_checks(many, GOOD_MEASUREMENTS))["threads"]
     assert check.status == "warn" and "OMP_NUM_THREADS=2" in check.message
     many["cpu"]["torch_threads"] = 8
-    assert _by_name(doctor.run_checks(many, GOOD_MEASUREMENTS))["threads"].status == "pass"
+    assert _by_name(checks.run_checks(many, GOOD_MEASUREMENTS))["threads"].status == "pass"
 
 
 def test_slow_bf16_warns_and_says_what_it_means(facts: dict[str, Any]) -> None:
     slow = dict(GOOD_MEASUREMENTS, speedup={"fp32": 1.0, "fp32_medium": 1.0, "bf16": 0.01})
-    no_bf16 = _facts(facts, cpu__features=dict.fromkeys(doctor.CPU_FEATURES, False))
-    check = _by_name(doctor.run_checks(no_bf16, slow))["bf16"]
+    no_bf16 = _facts(facts, cpu__features=dict.fromkeys(hardware_facts.CPU_FEATURES, False))
+    check = _by_name(checks.run_checks(no_bf16, slow))["bf16"]
     assert check.status == "warn"
     assert "0.01x" in check.message and "fp32" in check.message
 
 
 def test_wrong_matmul_results_fail(facts: dict[str, Any]) -> None:
     broken = dict(GOOD_MEASUREMENTS, rel_error={"fp32": 0.3})
-    check = _by_name(doctor.run_checks(_facts(facts), broken))["matmul"]
+    check = _by_name(checks.run_checks(_facts(facts), broken))["matmul"]
     assert check.status == "fail" and "broken" in check.message
 
 
@@ -461,22 +468,22 @@ def test_accelerator_never_fails(facts: dict[str, Any]) -> None:
     ]
     for cuda, status, text in cases:
         accelerators = {"cuda": cuda, "mps": {"built": False, "available": False}}
-        check = _by_name(doctor.run_checks(_facts(facts, accelerators=accelerators)))["accelerator"]
+        check = _by_name(checks.run_checks(_facts(facts, accelerators=accelerators)))["accelerator"]
         assert check.status == status and text in check.message, check
     mps = {"cuda": cases[0][0], "mps": {"built": True, "available": True}}
     assert (
-        "MPS" in _by_name(doctor.run_checks(_facts(facts, accelerators=mps)))["accelerator"].message
+        "MPS" in _by_name(checks.run_checks(_facts(facts, accelerators=mps)))["accelerator"].message
     )
     # On an old GPU the bf16 line explains the fp16 fallback.
     old_gpu = _facts(facts, accelerators={"cuda": cases[3][0], "mps": mps["mps"]})
-    bf16 = _by_name(doctor.run_checks(old_gpu, {**GOOD_MEASUREMENTS, "device": "cuda"}))["bf16"]
+    bf16 = _by_name(checks.run_checks(old_gpu, {**GOOD_MEASUREMENTS, "device": "cuda"}))["bf16"]
     assert bf16.status == "warn" and "fp16" in bf16.message
 
 
 def test_version_tuple() -> None:
-    assert doctor.version_tuple("2.13.0+cpu") == (2, 13, 0)
-    assert doctor.version_tuple("2.5.0a0+gitabc") == (2, 5, 0)
-    assert doctor.version_tuple("3.11.7") == (3, 11, 7)
+    assert checks.version_tuple("2.13.0+cpu") == (2, 13, 0)
+    assert checks.version_tuple("2.5.0a0+gitabc") == (2, 5, 0)
+    assert checks.version_tuple("3.11.7") == (3, 11, 7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +491,7 @@ def test_version_tuple() -> None:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, doctor.CACHE_ENV: str(cache), "COLUMNS": "200"}
+    return {**os.environ, speed_cache.CACHE_ENV: str(cache), "COLUMNS": "200"}
 
 
 def test_doctor_json_parses_and_caches_the_measurement(tmp_path: Path) -> None:
@@ -509,7 +516,7 @@ def test_doctor_json_parses_and_caches_the_measurement(tmp_path: Path) -> None:
     assert {"python", "torch", "memory", "disk", "accelerator", "bf16", "threads"} <= names
     precision = report["precision"]
     assert precision["dtype_name"] in {"fp32", "bf16", "fp16"} and precision["reason"]
-    cached = json.loads((cache / doctor.CACHE_FILE).read_text())
+    cached = json.loads((cache / speed_cache.CACHE_FILE).read_text())
     assert [entry["gflops"] for entry in cached["entries"].values()] == [gflops]
     recommendation = report["recommendation"]
     assert recommendation["preset"] is None and recommendation["command"] is None
@@ -518,21 +525,21 @@ def test_doctor_json_parses_and_caches_the_measurement(tmp_path: Path) -> None:
     assert tiny["speed_source"] == "measured" and tiny["tokens_per_sec"] > 0
     assert tiny["within_budget"] is False and tiny["seconds"] > 1
     assert all(row["tokens_per_sec"] is None for row in larger)
-    assert len(cached[doctor.SPEED_CACHE_SECTION]) == 1  # tiny's step, for the next doctor
+    assert len(cached[step_timing.SPEED_CACHE_SECTION]) == 1  # tiny's step, for the next doctor
 
 
 def test_doctor_plain_output_is_readable(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
 ) -> None:
-    monkeypatch.setattr(doctor, "measure_device", FakeMeasure())
+    monkeypatch.setattr(matmul, "measure_device", FakeMeasure())
     result = CliRunner().invoke(app, ["doctor", "--runs-dir", str(tmp_path), "--max-memory", "1TB"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("minigpt doctor")
     assert any(line.startswith("✓ python") for line in lines)
     assert any(line.startswith(("✓ accelerator", "! accelerator")) for line in lines)
-    matmul = next(line for line in lines if line.startswith("Matmul (cpu)"))
-    assert "fp32 100" in matmul and "bf16 400" in matmul
+    matmul_row = next(line for line in lines if line.startswith("Matmul (cpu)"))
+    assert "fp32 100" in matmul_row and "bf16 400" in matmul_row
     assert any(line.startswith("Precision auto") for line in lines)
     assert lines[-3].startswith("All checks passed")
     header = lines.index(next(line for line in lines if line.startswith("preset ")))
@@ -544,7 +551,7 @@ def test_doctor_plain_output_is_readable(
     assert "not timed: medium is over the budget" in large
     assert lines[-2] == (
         "small is the largest preset that fits and finishes within 30m; medium would take about "
-        f"{doctor.format_duration(medium_seconds())}, over the 30m budget"
+        f"{units.format_duration(medium_seconds())}, over the 30m budget"
     )
     assert lines[-1] == "recommended: minigpt pretrain --preset small --max-memory 1TB"
 
@@ -552,9 +559,11 @@ def test_doctor_plain_output_is_readable(
 def test_doctor_exits_1_when_a_check_fails(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
 ) -> None:
-    monkeypatch.setattr(doctor, "measure_device", FakeMeasure())
+    monkeypatch.setattr(matmul, "measure_device", FakeMeasure())
     monkeypatch.setattr(
-        doctor, "run_checks", lambda facts, m=None: [doctor.Check("fail", "python", "too old")]
+        checks,
+        "run_checks",
+        lambda facts, m=None: [checks.Check("fail", "python", "too old")],
     )
     result = CliRunner().invoke(app, ["doctor", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 1
@@ -592,7 +601,7 @@ def expected_seconds(preset: str, micro_batch: int | None = None) -> float:
     train = config.stage_train("pretrain")
     micro = micro_batch or train.micro_batch_size
     seq = config.model.context_length
-    tokens = doctor.builtin_token_estimate(config)
+    tokens = recommend.builtin_token_estimate(config)
     val_windows = (tokens - int(tokens * (1 - config.data.val_fraction)) - 1) // seq
     eval_sequences = min(val_windows, train.eval_batches * train.micro_batch_size)
     steps = train.max_steps
@@ -608,7 +617,7 @@ def medium_seconds() -> float:
 
 def _recommend(**kwargs: Any) -> dict[str, Any]:
     precision = resolve_precision("fp32", "cpu", measurements={}, cpu_features={})
-    return doctor.recommend_preset(device="cpu", precision=precision, **kwargs)
+    return recommend.recommend_preset(device="cpu", precision=precision, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -649,8 +658,8 @@ def test_recommendation_is_the_largest_preset_within_the_budget(
 
 def test_recommendation_respects_the_memory_cap(fake_timing: FakeTiming) -> None:
     tiny, small = load_config("tiny"), load_config("small")
-    tiny_needs = plan_micro_batch(tiny, 5000, "fp32", doctor.builtin_data_bytes(tiny), 2**50)
-    small_least = plan_micro_batch(small, 10000, "fp32", doctor.builtin_data_bytes(small), 0)
+    tiny_needs = plan_micro_batch(tiny, 5000, "fp32", recommend.builtin_data_bytes(tiny), 2**50)
+    small_least = plan_micro_batch(small, 10000, "fp32", recommend.builtin_data_bytes(small), 0)
     assert tiny_needs.estimate.total < small_least.estimate.total
     cap_mib = (tiny_needs.estimate.total + small_least.estimate.total) / 2 / 2**20
     result = _recommend(max_memory=f"{cap_mib:.0f}MiB", max_cpu=100)
@@ -688,9 +697,9 @@ def test_doctor_and_pretrain_pick_the_same_micro_batch(
     under which the configured micro-batch does not fit and a smaller one does."""
     from minigpt_cli.engine.stages.pretrain import fit_memory
 
-    monkeypatch.setattr(doctor, "measure_device", FakeMeasure(FP32_MEASURE))
+    monkeypatch.setattr(matmul, "measure_device", FakeMeasure(FP32_MEASURE))
     tiny = load_config("tiny")
-    data_bytes = doctor.builtin_data_bytes(tiny)
+    data_bytes = recommend.builtin_data_bytes(tiny)
 
     def needs(micro: int) -> int:
         return estimate_for_config(
@@ -756,12 +765,14 @@ def test_doctor_and_pretrain_pick_the_same_micro_batch(
 def test_a_fractional_cpu_cap_slows_the_estimate_by_its_duty_cycle(
     monkeypatch: pytest.MonkeyPatch, fake_timing: FakeTiming
 ) -> None:
-    monkeypatch.setattr(doctor.psutil, "cpu_count", lambda logical=True: 4)
-    monkeypatch.setattr(doctor.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(governor.psutil, "cpu_count", lambda logical=True: 4)
+    monkeypatch.setattr(governor.os, "cpu_count", lambda: 4)
     # 25% of 4 cores is one core: work that used 2 CPU-seconds takes 2 wall seconds at least.
-    assert doctor.throttled_seconds(1.0, 2.0, 25) == 2.0
-    assert doctor.throttled_seconds(1.0, 0.5, 25) == 1.0
-    assert doctor.throttled_seconds(1.0, 3.0, 100) == 1.0  # no throttle when every core is allowed
+    quarter = governor.CpuThrottle.from_percent(25)
+    assert quarter.throttled_seconds(1.0, 2.0) == 2.0
+    assert quarter.throttled_seconds(1.0, 0.5) == 1.0
+    every_core = governor.CpuThrottle.from_percent(100)
+    assert every_core.throttled_seconds(1.0, 3.0) == 1.0  # no throttle when every core is allowed
     fake_timing.cpu_factor = 2.0
     full = _recommend(max_memory="1TB", max_cpu=100)["presets"][0]
     capped = _recommend(max_memory="1TB", max_cpu=25)
@@ -771,8 +782,11 @@ def test_a_fractional_cpu_cap_slows_the_estimate_by_its_duty_cycle(
 
 def test_format_duration() -> None:
     cases = {0: "0s", 45: "45s", 90: "1m 30s", 1800: "30m", 5520: "1h 32m", 7200: "2h"}
-    assert {seconds: doctor.format_duration(seconds) for seconds in cases} == cases
-    assert doctor.format_duration(3 * 86400 + 4 * 3600) == "3d 4h"
+    assert {seconds: units.format_duration(seconds) for seconds in cases} == cases
+    assert units.format_duration(3 * 86400 + 4 * 3600) == "3d 4h"
+    # The progress line's ETA uses the same function: no figure yet reads "?".
+    assert units.format_duration(None) == units.format_duration(float("nan")) == "?"
+    assert units.format_duration(185) == "3m 05s" and units.format_duration(-4) == "0s"
 
 
 def test_builtin_token_estimate_is_a_little_above_the_real_count(tmp_path: Path) -> None:
@@ -787,9 +801,9 @@ def test_builtin_token_estimate_is_a_little_above_the_real_count(tmp_path: Path)
     train_tokenizer(texts, config.tokenizer.vocab_size, tmp_path, num_threads=1)
     tokenizer = Tokenizer.load(tmp_path)
     real = sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
-    estimate = doctor.builtin_token_estimate(config)
+    estimate = recommend.builtin_token_estimate(config)
     assert real <= estimate <= 1.03 * real
-    assert doctor.builtin_data_bytes(config) == 4 * estimate
+    assert recommend.builtin_data_bytes(config) == 4 * estimate
 
 
 def test_a_real_tiny_step_is_timed_once_then_read_from_the_cache(
@@ -800,7 +814,7 @@ def test_a_real_tiny_step_is_timed_once_then_read_from_the_cache(
     precision = resolve_precision("fp32", "cpu", measurements={}, cpu_features={})
     rng = torch.get_rng_state()
     args = (config.model, config.tokenizer.vocab_size, train, 8, 8)
-    first = doctor.training_step_timing(*args, device="cpu", precision=precision)
+    first = step_timing.training_step_timing(*args, device="cpu", precision=precision)
     assert first.source == "measured"
     assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
     assert first.micro_step > 0 and first.optimizer > 0 and first.eval_forward > 0
@@ -811,13 +825,13 @@ def test_a_real_tiny_step_is_timed_once_then_read_from_the_cache(
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(doctor, "measure_training_step", refuse)
-    second = doctor.training_step_timing(*args, device="cpu", precision=precision)
+    monkeypatch.setattr(step_timing, "measure_training_step", refuse)
+    second = step_timing.training_step_timing(*args, device="cpu", precision=precision)
     assert second.source == "cached"
     assert second.to_dict() == pytest.approx(first.to_dict())
     # Another micro-batch is another case.
     with pytest.raises(AssertionError, match="measured again"):
-        doctor.training_step_timing(
+        step_timing.training_step_timing(
             config.model,
             config.tokenizer.vocab_size,
             train,
@@ -848,12 +862,12 @@ def test_bad_flag_values_exit_2_with_one_line(flags: list[str], text: str) -> No
 def test_a_step_that_fails_is_reported_and_stops_the_timing(
     monkeypatch: pytest.MonkeyPatch, cache_dir: Path
 ) -> None:
-    def out_of_memory(model_cfg: Any, *_: Any, **__: Any) -> doctor.StepTiming:
+    def out_of_memory(model_cfg: Any, *_: Any, **__: Any) -> step_timing.StepTiming:
         if model_cfg.n_layer > 4:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return doctor.StepTiming(0.01, 0.01, 0.001, 0.001, 0.004, 0.004)
+        return step_timing.StepTiming(0.01, 0.01, 0.001, 0.001, 0.004, 0.004)
 
-    monkeypatch.setattr(doctor, "measure_training_step", out_of_memory)
+    monkeypatch.setattr(step_timing, "measure_training_step", out_of_memory)
     result = _recommend(max_memory="1TB")
     tiny, small, medium, _ = result["presets"]
     assert result["preset"] == "tiny"

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from minigpt_cli.config.loader import dump_config, load_config
 from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.stage_records import builtin_records, split_records
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages import dpo
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
 
 

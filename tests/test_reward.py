@@ -14,6 +14,7 @@ import torch
 
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
@@ -22,7 +23,7 @@ from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.stages import reward
 from minigpt_cli.engine.stages.dpo import PreferencePair
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
 from tests.test_dpo import CharTokenizer
 

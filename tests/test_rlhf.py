@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt_cli.config.loader import load_config
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.runs.load import load_run
@@ -24,7 +25,7 @@ from minigpt_cli.engine.stages.rlhf import (
     RlStage,
     rule_scores,
 )
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from tests.conftest import FINETUNE_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,10 +14,13 @@ import torch
 
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.engine.core.events import Event
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer, learning_rate, seed_everything
+from minigpt_cli.engine.training import optim, step_timing
+from minigpt_cli.engine.training.optim import learning_rate
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 
 VOCAB = 320
 SETS = [
@@ -161,3 +167,39 @@ def test_a_step_limit_that_cuts_the_epochs_short_is_announced(tmp_path: Path) ->
     wanted = math.ceil(2 * windows / 4)
     assert f"max_steps 3 ends the run before 2 epochs (about {wanted} steps)" in " ".join(notes)
     assert _steps(events)[-1] == 3
+
+
+def test_the_trainer_and_doctors_timed_step_make_the_same_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`doctor --budget` times the update a run really makes: the Trainer's steps and the timed
+    step (`step_timing`) both backpropagate through `optim.backward` and update through
+    `optim.apply_update`, with the run's clipping."""
+    calls: list[tuple[str, str, Any]] = []  # (function, calling module, grad_clip)
+
+    def spy(name: str) -> Callable[..., Any]:
+        real = getattr(optim, name)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals["__name__"].rsplit(".", 1)[-1]
+            calls.append((name, caller, args[1] if name == "apply_update" else None))
+            return real(*args, **kwargs)
+
+        return record
+
+    for name in ("backward", "apply_update"):
+        monkeypatch.setattr(optim, name, spy(name))
+    sets = ["train.max_steps=1", "train.grad_clip=0.5"]
+    _train(tmp_path, sets)
+    config = load_config("tiny", sets=[*SETS, *sets])
+    precision = resolve_precision("fp32", torch.device("cpu"), measurements={})
+    train = config.stage_train("pretrain")
+    step_timing.measure_training_step(
+        config.model, VOCAB, train, 2, 2, device="cpu", precision=precision
+    )
+    assert {(name, caller) for name, caller, _ in calls} == {
+        (name, caller)
+        for name in ("backward", "apply_update")
+        for caller in ("trainer", "step_timing")
+    }
+    assert {clip for name, _, clip in calls if name == "apply_update"} == {0.5}

@@ -2,7 +2,7 @@
 
 Besides the checks and facts it recommends a preset: the largest whose default pretraining run
 fits `--max-memory` / `--max-cpu` and finishes within `--budget`, from the governor's own memory
-plan and a measured training step (`engine.doctor.recommend_preset`).
+plan and a measured training step (`engine.doctor.recommend.recommend_preset`).
 
 Exit status: 0 when every check passes or only warns, 1 when a check fails (too old Python or
 torch, an unwritable runs directory, a matmul giving wrong answers), 2 for a bad flag value.
@@ -73,7 +73,7 @@ def _torch_row(build: dict[str, Any]) -> str:
 
 
 def _accelerator_rows(accelerators: dict[str, Any]) -> list[str]:
-    from minigpt_cli.engine.doctor import format_bytes
+    from minigpt_cli.engine.core.units import format_bytes
 
     rows = []
     for device in accelerators["cuda"]["devices"]:
@@ -89,7 +89,8 @@ def _accelerator_rows(accelerators: dict[str, Any]) -> list[str]:
 
 
 def _matmul_row(measurements: dict[str, Any]) -> str:
-    from minigpt_cli.engine.doctor import MATMUL_LABELS, format_gflops, format_ratio
+    from minigpt_cli.engine.core.units import format_gflops, format_ratio
+    from minigpt_cli.engine.hardware.matmul import MATMUL_LABELS
 
     speedups = measurements.get("speedup", {})
     parts = []
@@ -106,7 +107,7 @@ def _matmul_row(measurements: dict[str, Any]) -> str:
 
 def fact_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the facts table, shared by the rich and the plain rendering."""
-    from minigpt_cli.engine.doctor import format_bytes
+    from minigpt_cli.engine.core.units import format_bytes
 
     facts = report["facts"]
     cpu = facts["cpu"]
@@ -164,7 +165,7 @@ def _mb(count: float) -> str:
 def preset_rows(recommendation: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row of strings per preset (PRESET_HEADERS), shared by the rich and plain renderings."""
     from minigpt_cli.config.params import format_count
-    from minigpt_cli.engine.doctor import format_duration
+    from minigpt_cli.engine.core.units import format_duration
 
     budget = format_duration(recommendation["budget_seconds"])
     rows = []
@@ -201,7 +202,7 @@ def preset_rows(recommendation: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def preset_heading(recommendation: dict[str, Any]) -> str:
     """What the preset table was computed for: the caps, threads, budget, device and precision."""
-    from minigpt_cli.engine.doctor import format_duration
+    from minigpt_cli.engine.core.units import format_duration
 
     budget = format_duration(recommendation["budget_seconds"])
     count = recommendation["threads"]
@@ -369,7 +370,7 @@ def register(app: typer.Typer) -> None:
         load_config("tiny", None, overrides)  # a bad cap fails here, before anything is measured
         caps = {"max_memory": max_memory, "max_cpu": max_cpu, "budget_seconds": budget_seconds}
 
-        from minigpt_cli.engine.doctor import diagnose
+        from minigpt_cli.engine.doctor.checks import diagnose
 
         if json_output:
             report = diagnose(runs_dir, **caps)

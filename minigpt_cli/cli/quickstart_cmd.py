@@ -71,8 +71,9 @@ def quickstart(
     from rich.console import Console
 
     from minigpt_cli.cli import dpo_cmd, pretrain_cmd, rlhf_cmd, sft_cmd, training
-    from minigpt_cli.cli.render import PipelineRenderer, format_duration
+    from minigpt_cli.cli.render import PipelineRenderer
     from minigpt_cli.config.loader import load_config
+    from minigpt_cli.engine.core.units import format_duration
     from minigpt_cli.engine.evaluate.report import EvalOptions
     from minigpt_cli.engine.resources.governor import release_memory
 
@@ -176,7 +177,7 @@ def _print_summary(
     total_seconds: float,
 ) -> None:
     from minigpt_cli.cli.eval_cmd import print_report
-    from minigpt_cli.cli.render import format_duration
+    from minigpt_cli.engine.core.units import format_duration
 
     print_report(report, console)
     if timings:

@@ -17,20 +17,7 @@ from rich.progress import (
 )
 
 from minigpt_cli.engine.core.events import Event
-
-
-def format_duration(seconds: float | None) -> str:
-    """`1h02m`, `3m05s`, `42s`: short enough for a progress line."""
-    if seconds is None or seconds != seconds:
-        return "?"
-    seconds = max(int(round(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+from minigpt_cli.engine.core.units import format_duration
 
 
 def format_rate(tokens_per_sec: float) -> str:

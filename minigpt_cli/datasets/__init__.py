@@ -2,3 +2,6 @@
 
 Pure Python and deterministic; nothing here is ever downloaded.
 """
+
+# The seed `pretrain` generates its built-in corpus with; `doctor` sizes the same corpus by it.
+BUILTIN_DATA_SEED = 0

@@ -1,1 +1,1 @@
-"""Layer 0: plumbing every layer may use: atomic file writes and the engine's progress events."""
+"""Layer 0: plumbing every layer may use: atomic writes, progress events, seeding, units."""

@@ -4,10 +4,11 @@ Device `auto` takes CUDA, then Apple MPS, then the CPU. Precision `auto` follows
 
 * CUDA sm80+ (Ampere and newer): bf16 autocast. Older CUDA: fp16 autocast with a gradient scaler.
 * Apple MPS: fp32, the safe choice (autocast there is not reliably faster for training).
-* CPU: the doctor's cached matmul measurement decides. bf16 autocast when bf16 matmuls measured at
-  least 1.3x fp32 (AVX512-BF16 or AMX CPUs, 1.4-2.5x end to end); otherwise fp32, with
-  `set_float32_matmul_precision("medium")` when that measured faster *and* still computed at fp32
-  accuracy *and* the CPU has no AMX (where "medium" may compute in bf16).
+* CPU: the matmul measurement decides (`matmul`, cached per machine by `speed_cache`). bf16
+  autocast when bf16 matmuls measured at least 1.3x fp32 (AVX512-BF16 or AMX CPUs, 1.4-2.5x end to
+  end); otherwise fp32, with `set_float32_matmul_precision("medium")` when that measured faster
+  *and* still computed at fp32 accuracy *and* the CPU has no AMX (where "medium" may compute in
+  bf16).
 
 Explicit choices are honoured with two rules: `--precision fp32` keeps fp32 accuracy (the same
 "medium" rule, which only ever picks an fp32-accurate path); `--precision fp16` is refused off CUDA,
@@ -19,21 +20,17 @@ allowed but the decision's `reason` says it will be slow.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from minigpt_cli.engine.doctor import (
-    BF16_MIN_SPEEDUP,
-    FP32_LEVEL_ERROR,
-    MEDIUM_MIN_SPEEDUP,
-    bf16_hardware,
+from minigpt_cli.engine.core.units import format_ratio
+from minigpt_cli.engine.hardware.facts import bf16_hardware, cpu_info
+from minigpt_cli.engine.hardware.matmul import FP32_LEVEL_ERROR
+from minigpt_cli.engine.hardware.speed_cache import (
     cached_measurements,
-    cpu_info,
-    format_ratio,
     load_measurements,
     speed_ratio,
 )
@@ -44,6 +41,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 DtypeName = Literal["fp32", "bf16", "fp16"]
 MatmulPrecision = Literal["highest", "medium"]
+
+# `precision auto` on a CPU: bf16 autocast only when bf16 matmuls measure at least this much faster
+# than fp32 (below it, autocast casts cost more than the matmuls save); matmul precision "medium"
+# only when it measures at least MEDIUM_MIN_SPEEDUP faster than the default fp32 path.
+BF16_MIN_SPEEDUP = 1.3
+MEDIUM_MIN_SPEEDUP = 1.25
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,25 +120,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued work on `device` (a no-op on the CPU), so timings measure real work."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, numpy and torch (every device) so a run is reproducible from its config."""
-    random.seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy
-
-        numpy.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------
 # Precision
 # --------------------------------------------------------------------------------------------
@@ -157,7 +141,7 @@ class PrecisionDecision:
 
     @property
     def peak_key(self) -> str:
-        """The doctor measurement this run's matmuls correspond to (for MFU)."""
+        """The matmul measurement this run's matmuls correspond to (for MFU)."""
         if self.dtype_name == "fp32" and self.fp32_matmul_precision != "highest":
             return f"fp32_{self.fp32_matmul_precision}"
         return self.dtype_name
@@ -299,7 +283,7 @@ def resolve_precision(
 ) -> PrecisionDecision:
     """Decide how a run on `device` computes, for `auto`, `fp32`, `bf16` or `fp16`.
 
-    On the CPU the decision comes from the doctor's matmul measurement: the cache, measured
+    On the CPU the decision comes from the matmul measurement: the cache (`speed_cache`), measured
     (about a second) when missing. `measurements`, `cpu_features` and `cuda_capability` can be
     passed in so a decision can be made (and tested) without this machine's hardware.
     """

@@ -23,14 +23,15 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
-from minigpt_cli.engine.hardware.monitor import apply_nice, configure_threads, tree_rss_bytes
+from minigpt_cli.engine.hardware import monitor
+from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import ResourcesConfig
@@ -254,12 +255,37 @@ class CpuThrottle:
             return
         used = self._cpu_clock() - self._cpu_start
         elapsed = self._clock() - self._wall_start
-        owed = used / self.cap_cores - elapsed
+        owed = self.throttled_seconds(elapsed, used) - elapsed
         if owed > 0:
             self._sleep(owed)
             self.slept += owed
-        if elapsed + max(owed, 0.0) >= self._window:
+        if elapsed + owed >= self._window:
             self.restart()
+
+    def throttled_seconds(self, wall: float, cpu: float) -> float:
+        """Wall seconds that work of `wall` seconds and `cpu` CPU-seconds takes under this cap:
+        the throttle sleeps until CPU time / wall time is at most `cap_cores`, and is off when the
+        cap covers every core. `doctor` turns a measured step into a capped run's time with it."""
+        if not self.active:
+            return wall
+        return max(wall, cpu / self.cap_cores)
+
+
+@contextlib.contextmanager
+def capped_threads(max_cpu_pct: float) -> Iterator[tuple[int, str]]:
+    """Torch's threads as `pretrain --max-cpu` would set them (`monitor.configure_threads`, the
+    same function), restored afterwards so doctor's own checks and a test process are unchanged.
+    Yields (thread count, why)."""
+    import torch  # imported where used, as everywhere here: this module stays light to import
+
+    previous = torch.get_num_threads()
+    previous_budget = getattr(monitor, "_thread_budget", None)
+    try:
+        yield monitor.configure_threads(max_cpu_pct)
+    finally:
+        torch.set_num_threads(previous)
+        if hasattr(monitor, "_thread_budget"):
+            monitor._thread_budget = previous_budget
 
 
 # sentencepiece's BPE trainer holds about this much per training character (measured: 14 B/char
@@ -400,8 +426,8 @@ def apply_resources(
     Niceness, thread pools and the duty-cycle throttle cover everything a verb does after this
     call: tokenizer training and encoding as much as the training steps. Returns the thread note.
     """
-    apply_nice(resources.nice)
-    count, note = configure_threads(
+    monitor.apply_nice(resources.nice)
+    count, note = monitor.configure_threads(
         resources.max_cpu, threads if threads is not None else resources.threads, thread_source
     )
     throttle = CpuThrottle.from_percent(resources.max_cpu)

@@ -15,14 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.config.schema import Config
+from minigpt_cli.config.schema import Config, TrainConfig
+from minigpt_cli.datasets import BUILTIN_DATA_SEED
 from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.shards import is_shard_folder
 from minigpt_cli.engine.metrics.text import token_byte_lengths
-from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
+from minigpt_cli.engine.training.optim import plan_steps
+from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer
 from minigpt_cli.errors import UserError
 
-BUILTIN_DATA_SEED = 0
+EVAL_BATCH = 8
+"""Validation windows per forward pass, at most the micro-batch (see `run_shape`)."""
 
 
 class PretrainStage(StageBase):
@@ -44,13 +48,13 @@ class PretrainStage(StageBase):
         self.seq_len = seq_len
         self.seed = seed
         self.token_bytes = torch.from_numpy(token_bytes)
-        self.num_windows = (len(train_tokens) - 1) // seq_len
+        self.num_windows = self.window_count(len(train_tokens), seq_len)
         if self.num_windows < 1:
             raise UserError(
                 f"too little training text: {len(train_tokens)} tokens, need more than one "
                 f"context window of {seq_len} (add data or lower model.context_length)"
             )
-        val_windows = (len(val_tokens) - 1) // seq_len
+        val_windows = self.window_count(len(val_tokens), seq_len)
         if val_windows < 1:
             raise UserError(
                 f"too little validation text: {len(val_tokens)} tokens for a {seq_len}-token "
@@ -59,10 +63,16 @@ class PretrainStage(StageBase):
         count = min(val_windows, eval_sequences)
         self.val_starts = np.linspace(0, (val_windows - 1) * seq_len, count).astype(np.int64)
         self.val_starts = (self.val_starts // seq_len) * seq_len
-        self.eval_batch = 8  # the trainer lowers it with the micro-batch (see fit_memory)
+        self.eval_batch = EVAL_BATCH  # run_pretrain lowers it with the micro-batch (run_shape)
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
+
+    @staticmethod
+    def window_count(tokens: int, seq_len: int) -> int:
+        """Whole windows in a stream of `tokens`: each holds `seq_len` inputs and the token after
+        them, the last input's target, so consecutive windows share no input."""
+        return (tokens - 1) // seq_len
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
@@ -277,10 +287,69 @@ def load_tokens(
     if inputs.val_data:
         val = _token_stream(tokenizer, inputs.val_data, run_dir / "shards" / "val", on_event)
         return tokens, val
-    split = int(len(tokens) * (1 - config.data.val_fraction))
+    split = training_split(config, len(tokens))
     return (
         TokenRange(tokens.source, tokens.start, tokens.start + split),
         TokenRange(tokens.source, tokens.start + split, tokens.stop),
+    )
+
+
+def training_split(config: Config, tokens: int) -> int:
+    """How many of `tokens` train when validation is the stream's tail (no --val-data): all but
+    the last `data.val_fraction`."""
+    return int(tokens * (1 - config.data.val_fraction))
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How a pretraining run is laid out over its tokens: windows, steps and validation passes.
+
+    `run_pretrain` builds its stage from it and `doctor` times a preset's default run by it, so a
+    change to pretraining's layout reaches the recommendation by itself.
+    """
+
+    train: TrainConfig
+    seq_len: int
+    train_windows: int
+    eval_sequences: int  # validation windows scored at each evaluation
+    eval_batch: int  # validation windows per forward pass
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps, as the Trainer plans them: a step is a global batch of windows."""
+        batch = self.train.global_batch_size
+        return plan_steps(self.train, batch * self.seq_len, batch, self.train_windows)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the run trains on."""
+        return self.steps * self.train.global_batch_size * self.seq_len
+
+    @property
+    def evaluations(self) -> int:
+        """Validation passes: every `eval_every` steps, and at the last step."""
+        return -(-self.steps // self.train.eval_every)
+
+    @property
+    def eval_forwards(self) -> int:
+        """Forward passes of one validation pass."""
+        return -(-self.eval_sequences // self.eval_batch)
+
+
+def run_shape(
+    config: Config, train_tokens: int, val_tokens: int, micro_batch_size: int
+) -> RunShape:
+    """The layout of a pretraining run on `train_tokens` and `val_tokens` tokens, at the
+    micro-batch the memory plan chose (a validation forward is at most that large)."""
+    train = config.stage_train("pretrain")
+    seq = config.model.context_length
+    val_windows = max(1, PretrainStage.window_count(val_tokens, seq))
+    return RunShape(
+        train=train,
+        seq_len=seq,
+        train_windows=max(1, PretrainStage.window_count(train_tokens, seq)),
+        eval_sequences=min(val_windows, train.eval_batches * train.micro_batch_size),
+        eval_batch=min(EVAL_BATCH, micro_batch_size),
     )
 
 
@@ -390,15 +459,16 @@ def run_pretrain(
         measure_baseline=True,
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
+    shape = run_shape(config, len(train_tokens), len(val_tokens), micro_batch)
     stage = PretrainStage(
         train_tokens,
         val_tokens,
         config.model.context_length,
         seed=train.seed,
         token_bytes=token_byte_lengths(tokenizer),
-        eval_sequences=train.eval_batches * train.micro_batch_size,
+        eval_sequences=shape.eval_sequences,
     )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
+    stage.eval_batch = shape.eval_batch
     seed_everything(train.seed)
     model = GPT(config.model, tokenizer.vocab_size)
     if inputs.from_run is not None and not spec.resume:

@@ -643,6 +643,7 @@ def train_reward_model(
     a reward model that already knows the language the policy speaks).
     """
     from minigpt_cli.engine.core.events import emit
+    from minigpt_cli.engine.core.seeding import seed_everything
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.stages.dpo import load_dpo_records
     from minigpt_cli.engine.stages.pretrain import fit_memory
@@ -652,7 +653,7 @@ def train_reward_model(
         load_reward_model,
         reward_model_from_policy,
     )
-    from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
+    from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 
     if inputs.reward_model is not None:
         loaded = load_reward_model(inputs.reward_model, str(setup.device))

@@ -608,9 +608,9 @@ def prepare_model(
     adapter further); a full parent gets fresh adapters with `--lora`, or trains every weight.
     Rebuilt the same way on --resume, before the Trainer restores the checkpoint over it.
     """
+    from minigpt_cli.engine.core.seeding import seed_everything
     from minigpt_cli.engine.model import lora as lora_lib
     from minigpt_cli.engine.runs.load import load_run
-    from minigpt_cli.engine.training.trainer import seed_everything
 
     loaded = load_run(from_run)
     model = loaded.model

@@ -23,10 +23,12 @@ import torch
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.params import flops_per_token
-from minigpt_cli.config.schema import Config, TrainConfig, parse_duration, parse_memory
+from minigpt_cli.config.schema import Config, parse_duration, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.hardware.device import autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.hardware.speed_cache import peak_flops
 from minigpt_cli.engine.resources.governor import (
     Adjustment,
     CpuThrottle,
@@ -43,6 +45,8 @@ from minigpt_cli.engine.runs.files import (
     load_tensors,
     read_metadata,
 )
+from minigpt_cli.engine.training import optim
+from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -126,68 +130,6 @@ class RunSpec:
     events: list[dict[str, Any]] = field(default_factory=list)  # logged as event rows at start
 
 
-def plan_steps(
-    train: TrainConfig, tokens_per_step: int, sequences_per_step: int, stage: Stage
-) -> int:
-    """Optimizer steps the schedule spans: the tightest of max_steps, max_tokens and epochs."""
-    limits = []
-    if train.max_steps is not None:
-        limits.append(train.max_steps)
-    if train.max_tokens is not None:
-        limits.append(max(1, math.ceil(train.max_tokens / max(tokens_per_step, 1))))
-    if train.epochs is not None:
-        limits.append(
-            max(1, math.ceil(train.epochs * stage.sequences_per_epoch() / sequences_per_step))
-        )
-    if not limits:
-        raise UserError(
-            "no training length: set one of max_steps, max_tokens or epochs "
-            "(--max-steps, --max-tokens, --epochs)"
-        )
-    return min(limits)
-
-
-def learning_rate(
-    step: int, total_steps: int, warmup_steps: int, peak: float, floor: float
-) -> float:
-    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`.
-
-    A floor above the peak (min_lr left at a preset's value after lowering learning_rate) is
-    clamped to the peak rather than refused, so lowering one number never breaks a config.
-    """
-    floor = min(floor, peak)
-    if warmup_steps and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
-
-
-def build_optimizer(
-    model: torch.nn.Module, train: TrainConfig, device: torch.device
-) -> tuple[torch.optim.Optimizer, dict[int, str]]:
-    """AdamW with weight decay on matrices only; fused where this device supports it."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {
-        "lr": train.learning_rate,
-        "betas": (train.beta1, train.beta2),
-        "eps": train.adam_eps,
-    }
-    try:
-        optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups, foreach=True, **kwargs)
-    ordered = decay + no_decay
-    name_of = {id(p): n for n, p in named}
-    return optimizer, {index: name_of[id(p)] for index, p in enumerate(ordered)}
-
-
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -230,13 +172,6 @@ def _is_percent(max_memory: float | str) -> bool:
     return True
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every generator a run draws from, so a seed names one run."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     """Runs a Stage to completion, checkpointing and logging as the config says."""
 
@@ -253,8 +188,6 @@ class Trainer:
         vocab_size: int,
         micro_batch_size: int | None = None,
     ) -> None:
-        from minigpt_cli.engine.hardware.device import autocast_context
-
         self.config = config
         self.train = config.stage_train(stage.name)
         self.stage = stage
@@ -267,7 +200,7 @@ class Trainer:
         self._autocast = lambda: autocast_context(precision, device)
         # The governor may start below the configured micro-batch; a resumed run restores its own.
         self.micro_batch_size = micro_batch_size or self.train.micro_batch_size
-        self.optimizer, self.param_names = build_optimizer(model, self.train, device)
+        self.optimizer, self.param_names = optim.build_optimizer(model, self.train, device)
         self.scaler = (
             torch.amp.GradScaler(device.type)
             if getattr(precision, "use_grad_scaler", False)
@@ -418,8 +351,11 @@ class Trainer:
         # An RL stage runs several optimizer steps per iteration; its lengths and cadences count
         # iterations (its config says "100 iterations", not "100 x steps_per_iteration steps").
         unit = self._unit = int(getattr(self.stage, "steps_per_iteration", 1))
-        self.total_steps = unit * plan_steps(
-            self.train, tokens_per_step * unit, sequences_per_step * unit, self.stage
+        self.total_steps = unit * optim.plan_steps(
+            self.train,
+            tokens_per_step * unit,
+            sequences_per_step * unit,
+            self.stage.sequences_per_epoch(),
         )
         self._note_binding_limit(sequences_per_step)
         self._resumed_from: Path | None = None
@@ -480,7 +416,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 self.model.train()
                 self.stage.before_step(self.model, self.step)
-                lr = learning_rate(
+                lr = optim.learning_rate(
                     self.step, self.total_steps, warmup, self.train.learning_rate, self.train.min_lr
                 )
                 for group in self.optimizer.param_groups:
@@ -594,11 +530,12 @@ class Trainer:
         return int(getattr(self.stage, "seq_len", self.config.model.context_length))
 
     def _peak_flops(self) -> float | None:
+        # RuntimeError: this device cannot run the precision's matmul at all, so there is no peak
+        # to divide by and MFU is left out. A cache that cannot be read or written is no error
+        # (`speed_cache` only measures again), so nothing else is caught.
         try:
-            from minigpt_cli.engine.doctor import peak_flops
-
             return peak_flops(self.device.type, self.precision.dtype_name)
-        except (ImportError, RuntimeError, OSError):
+        except RuntimeError:
             return None
 
     def _stop_reason(self, elapsed: float, max_seconds: float | None) -> str:
@@ -629,32 +566,11 @@ class Trainer:
             self.throttle()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             loss_sum, metrics = self._forward(batch)
-            scaled = loss_sum / normaliser
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            optim.backward(loss_sum / normaliser, self.scaler)
             total_loss += float(loss_sum.detach())
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.train.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip))
-        else:
-            grad_norm = float(
-                torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                )
-            )
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        summed["grad_norm"] = grad_norm
+        summed["grad_norm"] = optim.apply_update(self.optimizer, self.train.grad_clip, self.scaler)
         return total_loss / normaliser, summed, step_tokens
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -699,7 +615,5 @@ class Trainer:
     def _plot(self) -> None:
         if not self.config.log.plot:
             return
-        with contextlib.suppress(ImportError):
-            from minigpt_cli.engine.training.plot import plot_metrics
-
+        with contextlib.suppress(ImportError):  # matplotlib is optional (the `plot` extra)
             plot_metrics(self.spec.run_dir)
