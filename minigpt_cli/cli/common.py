@@ -1,4 +1,4 @@
-"""Flags every training verb shares (DESIGN.md's contract), and turning them into a Config.
+"""Flags every training verb shares (a contract: README "Flags"), and turning them into a Config.
 
 Defined once here so `pretrain`, and later `sft`, `dpo` and `rlhf`, spell and document each flag
 identically. Only typer and the config package are imported at module level.

@@ -1,6 +1,6 @@
 """The chat template: the one way a conversation becomes token ids, for every stage and verb.
 
-DESIGN.md allows exactly one template, so SFT, DPO, RLHF, eval, generate and chat all call
+There is exactly one template, so SFT, DPO, RLHF, eval, generate and chat all call
 `render`/`prompt_ids` here and can never disagree about what a turn looks like. The layout is
 
     <|begin_of_text|> ( <|role|> content <|end_of_turn|> )*  [<|assistant|>]

@@ -4,7 +4,7 @@ A stage sees one shape whatever the source (a `--data` file or the built-in data
 special-cases a format, and every malformed record is a `RecordError` saying what is wrong (the
 file readers in `files.py` add `path:line`).
 
-Formats (DESIGN.md "Data formats"):
+Formats (README "Training on your own text"):
 
 - pretrain: `.txt` (a whole file is one document; streamed in chunks of about 1 MB cut at line ends,
   so a file of any size reads in bounded memory) and JSONL with one `{"text": ...}` document a line.

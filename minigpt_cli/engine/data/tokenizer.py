@@ -1,6 +1,6 @@
 """The tokenizer: sentencepiece BPE that gives back exactly the text it was given.
 
-Why these settings (DESIGN.md "Tokenizer and chat format"):
+Why these settings:
 
 - identity normalisation, no dummy prefix, no whitespace squeezing, byte fallback:
   `decode(encode(x)) == x` for any Unicode text, so bits per byte are honest and nothing a user
