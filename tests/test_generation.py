@@ -349,7 +349,8 @@ def test_text_stream_flushes_held_text_at_the_end() -> None:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory built by hand: tokenizer, config, state and random weights.
 
-    Assumes the run-directory contract (README "The run directory") as `engine.runs.load.load_run` reads it.
+    Assumes the run-directory contract (README "The run directory") as
+    `engine.runs.load.load_run` reads it.
     """
     from minigpt_cli.config.loader import dump_config
     from minigpt_cli.config.schema import Config, TokenizerConfig
