@@ -239,8 +239,7 @@ def test_data_state_replays_batches_and_refuses_changed_pairs() -> None:
 def test_evaluate_reports_loss_and_metrics_on_held_out_pairs() -> None:
     pairs = builtin_pairs(6)
     val = builtin_pairs(5, "val")
-    stage = make_stage(pairs, val)
-    stage.eval_batch = 2  # three forward passes, one of a single pair
+    stage = make_stage(pairs, val, eval_batch=2)  # three forward passes, one of a single pair
     model = tiny_reward_model().eval()
     metrics = stage.evaluate(model)
     assert set(metrics) == {"val_loss", "pref_accuracy", "margin", "chosen_score", "rejected_score"}

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.training.trainer import Batch, StageBase
+from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -487,6 +487,7 @@ class DpoStage(PairStage):
         tokenizer: Any = None,
         exact_match_records: Sequence[dict] = (),
         exact_match_per_family: int = 16,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_pairs:
             raise UserError("no DPO training pairs (all were empty or identical after truncation)")
@@ -514,7 +515,7 @@ class DpoStage(PairStage):
         count = len(val_pairs) if eval_pairs is None else min(len(val_pairs), max(1, eval_pairs))
         picks = np.linspace(0, len(val_pairs) - 1, count).round().astype(np.int64)
         self.val_pairs = [val_pairs[i] for i in sorted(set(picks.tolist()))]
-        self.eval_batch = 8  # pairs per evaluation forward; the caller may lower it
+        self.eval_batch = eval_batch  # pairs per evaluation forward; the caller may lower it
         self.order = PairOrder(self.train_pairs, seed, "DPO")
         self.reference_train: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         self.reference_val: torch.Tensor | None = None
@@ -738,6 +739,7 @@ def run_dpo(
         tokenizer=tokenizer,
         exact_match_records=exact_match_records,
         exact_match_per_family=settings.exact_match_per_family,
+        eval_batch=min(EVAL_BATCH, micro_batch),
     )
     stage.cache_reference(
         setup.model,

@@ -18,7 +18,14 @@ import torch
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data.shards import is_shard_folder
-from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer, seed_everything
+from minigpt_cli.engine.training.trainer import (
+    EVAL_BATCH,
+    Batch,
+    RunSpec,
+    StageBase,
+    Trainer,
+    seed_everything,
+)
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0
@@ -51,6 +58,7 @@ class PretrainStage(StageBase):
         seed: int,
         token_bytes: np.ndarray,
         eval_sequences: int,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         self.train_tokens = train_tokens
         self.val_tokens = val_tokens
@@ -72,7 +80,7 @@ class PretrainStage(StageBase):
         count = min(val_windows, eval_sequences)
         self.val_starts = np.linspace(0, (val_windows - 1) * seq_len, count).astype(np.int64)
         self.val_starts = (self.val_starts // seq_len) * seq_len
-        self.eval_batch = 8  # the trainer lowers it with the micro-batch (see fit_memory)
+        self.eval_batch = eval_batch  # the caller lowers it to the micro-batch (see fit_memory)
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
@@ -409,8 +417,8 @@ def run_pretrain(
         seed=train.seed,
         token_bytes=token_byte_lengths(tokenizer),
         eval_sequences=train.eval_batches * train.micro_batch_size,
+        eval_batch=min(EVAL_BATCH, micro_batch),
     )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
     seed_everything(train.seed)
     model = GPT(config.model, tokenizer.vocab_size)
     if inputs.from_run is not None and not spec.resume:

@@ -48,7 +48,7 @@ from minigpt_cli.engine.stages.dpo import (
     pad_pairs,
     preference_metrics,
 )
-from minigpt_cli.engine.training.trainer import Batch
+from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ class RewardStage(PairStage):
         pad_id: int,
         eval_pairs: int | None = None,
         center_coef: float = 0.0,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_pairs:
             raise UserError(
@@ -281,7 +282,7 @@ class RewardStage(PairStage):
         count = len(val_pairs) if eval_pairs is None else min(len(val_pairs), max(1, eval_pairs))
         picks = np.linspace(0, len(val_pairs) - 1, count).round().astype(np.int64)
         self.val_pairs = [val_pairs[i] for i in sorted(set(picks.tolist()))]
-        self.eval_batch = 8  # pairs per evaluation forward; the caller may lower it
+        self.eval_batch = eval_batch  # pairs per evaluation forward; the caller may lower it
         self.order = PairOrder(self.train_pairs, seed, "reward-model")
 
     # ------------------------------------------------------------------------------ batches

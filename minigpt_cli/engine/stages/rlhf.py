@@ -28,6 +28,7 @@ import base64
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch import nn
 
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.objectives import rl
-from minigpt_cli.engine.training.trainer import Batch
+from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch, StageBase, WeightFiles
 from minigpt_cli.errors import UserError
 
 # Files a PPO run adds beside the policy's: the value head and its metadata.
@@ -69,26 +70,6 @@ class PolicyWithValue(nn.Module):
     @property
     def vocab_size(self) -> int:
         return int(self.policy.vocab_size)
-
-    def weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        """What the Trainer checkpoints: the policy's own file(s) and the value head."""
-        from minigpt_cli.engine.model.lora import language_model_files
-
-        head = {"value_head.weight": self.value_head.weight.detach()}
-        return {
-            **language_model_files(self.policy),
-            VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"}),
-        }
-
-    def load_weight_files(self, folder: Any) -> None:
-        """Restore what `weight_files` wrote (resume)."""
-        from minigpt_cli.engine.model.lora import load_language_model_files
-        from minigpt_cli.engine.runs.checkpoint import load_tensors
-
-        head = load_tensors(folder / VALUE_HEAD_FILE)
-        with torch.no_grad():
-            self.value_head.weight.copy_(head["value_head.weight"])
-        load_language_model_files(self.policy, folder)
 
 
 def policy_of(model: nn.Module) -> nn.Module:
@@ -278,7 +259,7 @@ def _decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-class RlStage:
+class RlStage(StageBase):
     """PPO or GRPO iterations as Trainer steps (see the module docstring)."""
 
     name = "rlhf"
@@ -297,6 +278,7 @@ class RlStage:
         global_batch_size: int,
         seq_len: int,
         on_sample: Callable[[str], None] | None = None,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_records:
             raise UserError("no RLHF training prompts")
@@ -346,6 +328,7 @@ class RlStage:
         self.buffer_cursor = 0
         self.rollout_stats: dict[str, float] = {}
         self.mean_loss_tokens = float(settings.max_new_tokens)
+        self.eval_batch = eval_batch
 
     # ------------------------------------------------------------------------------ rollouts
 
@@ -626,6 +609,33 @@ class RlStage:
             self.buffer = None
             self.buffer_order = torch.empty(0, dtype=torch.long)
 
+    def weight_files(self, model: nn.Module) -> WeightFiles:
+        """PPO's model checkpoints the policy's own file(s) and the value head beside them, so the
+        run's `model.safetensors` (or adapter) stays a plain language model; GRPO's model is the
+        policy alone."""
+        from minigpt_cli.engine.model.lora import language_model_files
+
+        if not isinstance(model, PolicyWithValue):
+            return super().weight_files(model)
+        head = {"value_head.weight": model.value_head.weight.detach()}
+        return {
+            **language_model_files(model.policy),
+            VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"}),
+        }
+
+    def load_weight_files(self, model: nn.Module, folder: Path) -> None:
+        """Restore what `weight_files` wrote (resume)."""
+        from minigpt_cli.engine.model.lora import load_language_model_files
+        from minigpt_cli.engine.runs.checkpoint import load_tensors
+
+        if not isinstance(model, PolicyWithValue):
+            super().load_weight_files(model, folder)
+            return
+        head = load_tensors(folder / VALUE_HEAD_FILE)
+        with torch.no_grad():
+            model.value_head.weight.copy_(head["value_head.weight"])
+        load_language_model_files(model.policy, folder)
+
 
 # ----------------------------------------------------------------------------------------------
 # The runs
@@ -698,8 +708,8 @@ def train_reward_model(
         seed=train.seed,
         pad_id=setup.tokenizer.pad_id,
         eval_pairs=train.eval_batches * train.micro_batch_size,
+        eval_batch=min(EVAL_BATCH, micro_batch),
     )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
     reward_dir.mkdir(parents=True, exist_ok=True)
     setup.tokenizer.save(reward_dir)
     reward_spec = RunSpec(
@@ -784,6 +794,6 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
         global_batch_size=train.global_batch_size,
         seq_len=config.model.context_length,
         on_sample=lambda message: emit(on_event, "note", "rlhf", message=message),
+        eval_batch=micro_batch,
     )
-    stage.eval_batch = micro_batch
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

@@ -35,7 +35,7 @@ import torch
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.model.gpt import IGNORE_INDEX, reuse_stacked_weights
-from minigpt_cli.engine.training.trainer import Batch, StageBase
+from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch, StageBase
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -448,6 +448,7 @@ class SftStage(StageBase):
         exact_match_records: Sequence[dict] = (),
         exact_match_per_family: int = 16,
         token_bytes: np.ndarray | None = None,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_examples:
             raise UserError("no SFT training examples (all were empty or too long)")
@@ -469,7 +470,7 @@ class SftStage(StageBase):
         picks = np.linspace(0, len(self.val_examples) - 1, count).round().astype(np.int64)
         val_subset = [self.val_examples[i] for i in sorted(set(picks.tolist()))]
         self.eval_subset = sorted(val_subset, key=len)  # similar lengths batch together
-        self.eval_batch = 8  # the caller lowers it with the micro-batch
+        self.eval_batch = eval_batch  # the caller lowers it to the micro-batch
         self.epoch = 0
         self.cursor = 0
         self._order = self._epoch_order(0)
@@ -708,10 +709,13 @@ def finish_finetune(
     micro_batch: int,
     on_event: EventCallback | None,
 ) -> dict[str, Any]:
-    """Train `stage` to the end with the one Trainer; with --merge, write the merged weights."""
+    """Train `stage` to the end with the one Trainer; with --merge, write the merged weights.
+
+    `stage` evaluates in batches of at most `micro_batch` (its `eval_batch`, set by the caller),
+    which is what the memory plan assumed for validation.
+    """
     from minigpt_cli.engine.training.trainer import Trainer
 
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
     trainer = Trainer(
         config,
         stage,
@@ -773,5 +777,6 @@ def run_sft(
         exact_match_records=[r for r in val_records if r.get("task")],
         exact_match_per_family=sft_settings.exact_match_per_family,
         token_bytes=token_byte_lengths(tokenizer),
+        eval_batch=min(EVAL_BATCH, micro_batch),
     )
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

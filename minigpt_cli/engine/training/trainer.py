@@ -27,6 +27,7 @@ from minigpt_cli.config.schema import Config, TrainConfig, parse_duration, parse
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.model.lora import language_model_files, load_language_model_files
 from minigpt_cli.engine.resources.governor import (
     Adjustment,
     CpuThrottle,
@@ -39,22 +40,41 @@ from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.errors import UserError
 
 Batch = dict[str, torch.Tensor]
+# What a checkpoint writes for the model: file name -> (tensors, safetensors metadata).
+WeightFiles = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]
+
+EVAL_BATCH = 8  # sequences per evaluation forward, unless the fitted micro-batch is smaller
 
 
 class Stage(Protocol):
-    """What a training stage supplies to the Trainer."""
+    """What a training stage supplies to the Trainer. `StageBase` gives the defaults."""
 
     name: str
+    # Tokens per training sequence (the context length, for most stages): the attention length
+    # MFU is computed with, and the loss tokens per sequence when `mean_loss_tokens` is None.
+    seq_len: int
+    # Loss tokens per training example when examples vary in length (fine-tuning: the mean trained
+    # tokens of an example), so --max-tokens counts what it says; None: `seq_len`.
+    mean_loss_tokens: float | None
+    # Optimizer steps per iteration (RL: per rollout). The Trainer then counts max_steps and the
+    # *_every cadences in iterations, and time/token/epoch limits stop a run only between them.
+    steps_per_iteration: int
+    # An eval row at step 0, before any update: the baseline a stage's gains are read against.
+    evaluate_at_start: bool
+    # Sequences (or pairs) per evaluation forward; the run function sets it to at most the fitted
+    # micro-batch, which is what the memory plan assumed for validation. Not read by the Trainer.
+    eval_batch: int
 
     def next_batch(self, num_sequences: int) -> Batch:
         """The next `num_sequences` training examples (CPU tensors; the trainer moves them)."""
 
     def count_tokens(self, batch: Batch) -> int:
-        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded).
+        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded): tokens
+        seen, throughput, MFU and --max-tokens."""
 
-        The step's summed loss is divided by the step's total of this count, unless the stage
-        also has `loss_normaliser(batch)` (preference stages average per pair, not per token).
-        """
+    def loss_normaliser(self, batch: Batch) -> int:
+        """What a step's summed loss is divided by, summed over its micro-batches: the loss tokens
+        (`count_tokens`), or pairs for preference stages, which average per pair."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Summed loss over the batch's loss tokens, and metrics to average into the log line."""
@@ -83,10 +103,28 @@ class Stage(Protocol):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore `extra_state`."""
 
+    def weight_files(self, model: torch.nn.Module) -> WeightFiles:
+        """The files a checkpoint holds for `model`'s trained weights."""
+
+    def load_weight_files(self, model: torch.nn.Module, folder: Path) -> None:
+        """Restore what `weight_files` wrote into `folder` (a resume)."""
+
 
 class StageBase:
-    """The Stage protocol's optional parts as no-ops, for stages without between-step work or
-    state beyond their data position (everything but RL)."""
+    """The Stage protocol's defaults, for a stage that trains a language model token by token with
+    no between-step work or state beyond its data position (stages override what differs)."""
+
+    seq_len: int  # every stage sets its own
+    mean_loss_tokens: float | None = None
+    steps_per_iteration: int = 1
+    evaluate_at_start: bool = False
+    eval_batch: int = EVAL_BATCH
+
+    def count_tokens(self, batch: Batch) -> int:
+        raise NotImplementedError
+
+    def loss_normaliser(self, batch: Batch) -> int:
+        return self.count_tokens(batch)
 
     def before_step(self, model: torch.nn.Module, step: int) -> None:
         return None
@@ -96,6 +134,13 @@ class StageBase:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         return None
+
+    def weight_files(self, model: torch.nn.Module) -> WeightFiles:
+        """The whole model, or only the adapters of a LoRA run (the parent holds the rest)."""
+        return language_model_files(model)
+
+    def load_weight_files(self, model: torch.nn.Module, folder: Path) -> None:
+        load_language_model_files(model, folder)
 
 
 class TrainingInterrupted(Exception):
@@ -308,7 +353,7 @@ class Trainer:
         """Checkpoint the model, optimizer and trainer state at the current step."""
         optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         files = {
-            **self._weight_files(),
+            **self.stage.weight_files(self.model),
             ckpt.OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
         }
         folder = ckpt.save_checkpoint(
@@ -317,17 +362,6 @@ class Trainer:
         self._event("checkpoint", step=self.step, path=str(folder))
         self.metrics.write(self._row("event", event="checkpoint", message=f"saved {folder.name}"))
         return folder
-
-    def _weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        """The model's trained weights: the whole model, or only the adapters of a LoRA run.
-
-        A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
-        """
-        from minigpt_cli.engine.model.lora import language_model_files
-
-        if hasattr(self.model, "weight_files"):
-            return self.model.weight_files()
-        return language_model_files(self.model)
 
     def _row(self, kind: str, **values: Any) -> dict[str, Any]:
         return {
@@ -344,7 +378,7 @@ class Trainer:
         if point is None:
             raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
         state = ckpt.read_state(point)
-        self._load_weights(point)
+        self.stage.load_weight_files(self.model, point)
         tensors = ckpt.load_tensors(point / ckpt.OPTIMIZER_FILE)
         ckpt.restore_optimizer(
             self.optimizer,
@@ -364,14 +398,6 @@ class Trainer:
         self.stage.load_extra_state(state.get("extra", {}))
         _restore_rng(state["rng"])
         self._resumed_from = point
-
-    def _load_weights(self, point: Path) -> None:
-        from minigpt_cli.engine.model.lora import load_language_model_files
-
-        if hasattr(self.model, "load_weight_files"):
-            self.model.load_weight_files(point)
-        else:
-            load_language_model_files(self.model, point)
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
@@ -404,13 +430,11 @@ class Trainer:
         sequences_per_step = self.train.global_batch_size
         # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
         # tokens of an example in fine-tuning (so --max-tokens counts what it says).
-        per_sequence = getattr(self.stage, "mean_loss_tokens", None) or getattr(
-            self.stage, "seq_len", 1
-        )
+        per_sequence = self.stage.mean_loss_tokens or self.stage.seq_len
         tokens_per_step = max(1, round(sequences_per_step * per_sequence))
         # An RL stage runs several optimizer steps per iteration; its lengths and cadences count
         # iterations (its config says "100 iterations", not "100 x steps_per_iteration steps").
-        unit = self._unit = int(getattr(self.stage, "steps_per_iteration", 1))
+        unit = self._unit = int(self.stage.steps_per_iteration)
         self.total_steps = unit * plan_steps(
             self.train, tokens_per_step * unit, sequences_per_step * unit, self.stage
         )
@@ -460,7 +484,7 @@ class Trainer:
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
         )
-        if getattr(self.stage, "evaluate_at_start", False) and self.step == 0:
+        if self.stage.evaluate_at_start and self.step == 0:
             self._evaluate()  # the baseline a stage's gains are read against (RL's "before")
         window_tokens, window_time, window_metrics = 0, 0.0, {}
         last_rate = 0.0
@@ -584,7 +608,7 @@ class Trainer:
         self._event("governor", message=message)
 
     def stage_seq_len(self) -> int:
-        return int(getattr(self.stage, "seq_len", self.config.model.context_length))
+        return int(self.stage.seq_len)
 
     def _peak_flops(self) -> float | None:
         try:
@@ -614,8 +638,7 @@ class Trainer:
         step_tokens = sum(self.stage.count_tokens(batch) for batch in micro_batches)
         # The loss is summed per micro-batch and divided by the whole step's count (tokens, or
         # pairs for preference stages), so accumulation gives the same update as one big batch.
-        normalise = getattr(self.stage, "loss_normaliser", self.stage.count_tokens)
-        normaliser = max(sum(normalise(batch) for batch in micro_batches), 1)
+        normaliser = max(sum(self.stage.loss_normaliser(batch) for batch in micro_batches), 1)
         total_loss = 0.0
         summed: dict[str, float] = {}
         for batch in micro_batches:
