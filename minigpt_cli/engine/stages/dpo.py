@@ -688,7 +688,7 @@ def run_dpo(
     Trainer restores any checkpoint, so only one model is ever in memory.
     """
     from minigpt_cli.engine.hardware.device import autocast_context
-    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.resources.memory import fit_memory
     from minigpt_cli.engine.stages.sft import (
         finish_finetune,
         load_sft_records,

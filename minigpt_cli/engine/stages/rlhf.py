@@ -655,9 +655,9 @@ def train_reward_model(
     a reward model that already knows the language the policy speaks).
     """
     from minigpt_cli.engine.core.events import emit
+    from minigpt_cli.engine.resources.memory import fit_memory
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.stages.dpo import load_dpo_records
-    from minigpt_cli.engine.stages.pretrain import fit_memory
     from minigpt_cli.engine.stages.reward import (
         RewardStage,
         build_reward_pairs,
@@ -742,7 +742,7 @@ def rl_settings(config: Any) -> RlSettings:
 def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[str, Any]:
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     from minigpt_cli.engine.core.events import emit
-    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.resources.memory import fit_memory
     from minigpt_cli.engine.stages.sft import (
         finish_finetune,
         start_finetune,

@@ -738,7 +738,8 @@ def run_sft(
     config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Fine-tune (or resume) an SFT run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.stages.pretrain import fit_memory, token_byte_lengths
+    from minigpt_cli.engine.resources.memory import fit_memory
+    from minigpt_cli.engine.stages.pretrain import token_byte_lengths
 
     setup = start_finetune(config, spec, inputs, "sft", on_event)
     train, tokenizer, sft_settings = setup.train, setup.tokenizer, config.sft
