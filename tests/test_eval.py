@@ -13,8 +13,8 @@ import torch
 from minigpt_cli.engine import evaluate
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.records import builtin_records
+from minigpt_cli.engine.metrics.exact_match import score_answers, select_per_family
 from minigpt_cli.engine.runs.checkpoint import load_run
-from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
 
 # Long enough for three windows of the fixture's 64-token context, English and Chinese mixed.
@@ -156,13 +156,13 @@ def test_generation_metrics_per_family_and_overall() -> None:
 
 def test_per_family_draw_depends_on_the_seed_only() -> None:
     records = [{"task": f"t{i % 2}", "i": i} for i in range(40)] + [{"i": 99}]
-    first = evaluate.select_per_family(records, 5, seed=1)
-    assert first == evaluate.select_per_family(records, 5, seed=1)
-    assert first != evaluate.select_per_family(records, 5, seed=2)
+    first = select_per_family(records, 5, seed=1)
+    assert first == select_per_family(records, 5, seed=1)
+    assert first != select_per_family(records, 5, seed=2)
     assert [r["i"] for r in first] == sorted(r["i"] for r in first)  # original order kept
     assert sum(r.get("task") == "t0" for r in first) == 5
     assert {"i": 99} in first  # untagged records are one more family
-    assert evaluate.select_per_family(records, None, seed=1) == records
+    assert select_per_family(records, None, seed=1) == records
 
 
 # ------------------------------------------------------------------------------ exact match

@@ -148,7 +148,7 @@ def test_eval_scores_every_stage_with_the_reward_model(
     from minigpt_cli.engine.data.chat_template import render_response
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.evaluate import Answer, load_reward_judge, reward_metrics
-    from minigpt_cli.engine.stages.reward import score_texts
+    from minigpt_cli.engine.inference.scoring import score_texts
     from minigpt_cli.errors import UserError
 
     out, _ = finished_quickstart

@@ -7,9 +7,9 @@ it, so a number here can be checked against the run's own metrics.jsonl:
   end-of-text id (how pretraining separates documents) in non-overlapping windows of the model's
   context, as pretraining's validation does; bytes come from `token_byte_lengths`, so bits per
   byte are exact and comparable between runs with different tokenizers.
-- Answers to held-out prompts, greedy and batched (`sft.greedy_complete`), prompted in the one
+- Answers to held-out prompts, greedy and batched (`greedy.greedy_complete`), prompted in the one
   chat template for every run, base runs included (zero-shot, exactly as SFT's held-out check):
-  exact match (`sft.normalise_answer`), BLEU (sacrebleu; `13a` tokens for English, `zh` for
+  exact match (`exact_match.normalise_answer`), BLEU (sacrebleu; `13a` tokens for English, `zh` for
   Chinese), ROUGE-1/2/L F1 (words for English, characters for Chinese), per task family and
   overall.
 - Preference pairs: accuracy of the implicit reward log p_run(reply) - log p_parent(reply) (what
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import torch
 
 from minigpt_cli.config.schema import EvalConfig
 from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.metrics.exact_match import select_per_family
 from minigpt_cli.errors import UserError
 
 STAGE = "eval"  # the stage name of every event this module emits
@@ -349,7 +349,7 @@ class Answer:
     prompt: str  # the last user turn, for showing samples
     reference: str
     prediction: str
-    correct: bool  # exact match after `sft.normalise_answer`
+    correct: bool  # exact match after `exact_match.normalise_answer`
     prompt_messages: tuple[dict, ...] = ()  # the conversation answered (for a reward model)
 
 
@@ -385,7 +385,7 @@ def _check_ends_with_answer(records: Sequence[dict]) -> None:
 
 def answer_batches(count: int) -> int:
     """How many decoding batches `answer_prompts` makes (for progress totals)."""
-    from minigpt_cli.engine.stages.sft import EXACT_MATCH_BATCH
+    from minigpt_cli.engine.metrics.exact_match import EXACT_MATCH_BATCH
 
     return math.ceil(count / EXACT_MATCH_BATCH)
 
@@ -399,8 +399,9 @@ def answer_prompts(
     on_batch: Callable[[], None] | None = None,
 ) -> list[Answer]:
     """Greedy answers to SFT records, in their order, decoded by SFT's own held-out check
-    (`sft.score_answers`), so exact match equals `sft.exact_match_by_family` on the same records."""
-    from minigpt_cli.engine.stages.sft import score_answers
+    (`exact_match.score_answers`), so exact match equals `exact_match_by_family` on the same
+    records."""
+    from minigpt_cli.engine.metrics.exact_match import score_answers
 
     _check_ends_with_answer(records)
     results = score_answers(
@@ -433,7 +434,7 @@ def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -
     as RLHF scores its rollouts), overall and per task family: what RLHF optimised, measured on
     held-out prompts for every run alike."""
     from minigpt_cli.engine.data import chat_template
-    from minigpt_cli.engine.stages.reward import score_texts
+    from minigpt_cli.engine.inference.scoring import score_texts
 
     context = reward_run.model.config.context_length
     sequences = [
@@ -473,7 +474,7 @@ def load_reward_judge(path: Path, first_run: Path, device: torch.device) -> Any:
 @dataclass(frozen=True)
 class PairScores:
     """Per record: summed reply log-probs and reply tokens, chosen and rejected (NaN: the pair was
-    dropped by `dpo.build_pairs`, both replies identical after truncation)."""
+    dropped by `pairs.build_pairs`, both replies identical after truncation)."""
 
     chosen: np.ndarray  # float64 (records,)
     rejected: np.ndarray
@@ -496,10 +497,11 @@ def score_pairs(
     on_batch: Callable[[], None] | None = None,
 ) -> PairScores:
     """log p(reply | prompt) of both replies of every record, with DPO's own pair building
-    (`dpo.build_pairs`: the chat template, prompts cut from the left, replies from the right) and
-    scoring (`dpo.sequence_logps`)."""
+    (`pairs.build_pairs`: the chat template, prompts cut from the left, replies from the right) and
+    scoring (`preference.sequence_logps`)."""
+    from minigpt_cli.engine.data.pairs import build_pairs, pad_pairs
+    from minigpt_cli.engine.objectives.preference import sequence_logps
     from minigpt_cli.engine.resources.governor import throttle_point
-    from minigpt_cli.engine.stages.dpo import build_pairs, pad_pairs, sequence_logps
 
     context = int(model.config.context_length)
     kept: list[tuple[int, Any]] = []
@@ -538,8 +540,8 @@ def score_pairs(
 
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
     """Share of pairs whose chosen score is strictly above the rejected one: a tie is wrong, so a
-    run that has not moved from its parent scores 0, not 0.5 (as `dpo.preference_metrics`)."""
-    from minigpt_cli.engine.stages.dpo import preference_metrics
+    run that has not moved from its parent scores 0, not 0.5 (as `preference_metrics`)."""
+    from minigpt_cli.engine.objectives.preference import preference_metrics
 
     if len(chosen) == 0:
         return 0.0
@@ -585,25 +587,6 @@ def preference_summary(
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-
-def select_per_family(records: Sequence[dict], per_family: int | None, seed: int) -> list[dict]:
-    """At most `per_family` records of each task family (untagged records form one family), drawn
-    with `seed`, in their original order. A pure function of (records, per_family, seed)."""
-    if per_family is None:
-        return list(records)
-    by_family: dict[str | None, list[int]] = {}
-    for index, record in enumerate(records):
-        by_family.setdefault(record.get("task"), []).append(index)
-    chosen: list[int] = []
-    for family, indices in by_family.items():
-        if len(indices) <= per_family:
-            chosen.extend(indices)
-            continue
-        stream = zlib.crc32((family or "").encode("utf-8"))
-        picks = np.random.default_rng([seed, stream]).permutation(len(indices))[:per_family]
-        chosen.extend(indices[i] for i in picks.tolist())
-    return [records[i] for i in sorted(chosen)]
 
 
 def _parent_dir(run_dir: Path, state: dict[str, Any]) -> Path | None:

@@ -15,10 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.config.schema import Config
+from minigpt_cli.config.schema import Config, parse_memory
+from minigpt_cli.datasets.builtin import pretrain_records
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.data.shards import is_shard_folder
+from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards, is_shard_folder
+from minigpt_cli.engine.data.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
+from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.resources.governor import tokenizer_training_chars
 from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
+from minigpt_cli.engine.runs.checkpoint import load_model_weights
+from minigpt_cli.engine.training.finetune import resolve_hardware
 from minigpt_cli.engine.training.trainer import (
     EVAL_BATCH,
     Batch,
@@ -175,8 +182,6 @@ class PretrainInputs:
 
 
 def _builtin_texts(config: Config) -> list[str]:
-    from minigpt_cli.datasets.builtin import pretrain_records
-
     return [r["text"] for r in pretrain_records(config.data.builtin_size, seed=BUILTIN_DATA_SEED)]
 
 
@@ -195,8 +200,6 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    from minigpt_cli.engine.data.tokenizer import Tokenizer, VocabularyTooLarge, train_tokenizer
-
     own = run_dir / "tokenizer.model"
     if resume and own.exists():
         return Tokenizer.load(run_dir)
@@ -242,10 +245,6 @@ def _prepare_tokenizer(
 
 
 def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -> int:
-    from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
-    from minigpt_cli.engine.resources.governor import tokenizer_training_chars
-
     wanted = config.tokenizer.max_training_chars
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
     chars = tokenizer_training_chars(wanted, cap, tree_rss_bytes())
@@ -269,8 +268,6 @@ def _token_stream(
     tokenizer: Any, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
 ) -> TokenRange:
     """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
-    from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards
-
     if len(paths) == 1 and is_shard_folder(paths[0]):
         shards = TokenShards(paths[0])
         expected = shards.meta.get("tokenizer_sha256")
@@ -312,18 +309,8 @@ def run_pretrain(
     on_event: EventCallback | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a pretraining run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.hardware.device import (
-        apply_matmul_precision,
-        resolve_device,
-        resolve_precision,
-    )
-    from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.checkpoint import load_model_weights
-
     train = config.stage_train("pretrain")
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
-    apply_matmul_precision(precision)
+    device, precision = resolve_hardware(train)
     refuse_what_cannot_fit(config, precision.dtype_name)
     tokenizer = _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event)
     config.tokenizer.vocab_size = tokenizer.vocab_size
