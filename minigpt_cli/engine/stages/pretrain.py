@@ -26,14 +26,8 @@ from minigpt_cli.engine.resources.governor import tokenizer_training_chars
 from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
 from minigpt_cli.engine.runs.checkpoint import load_model_weights
 from minigpt_cli.engine.training.finetune import resolve_hardware
-from minigpt_cli.engine.training.trainer import (
-    EVAL_BATCH,
-    Batch,
-    RunSpec,
-    StageBase,
-    Trainer,
-    seed_everything,
-)
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 BUILTIN_DATA_SEED = 0

@@ -60,7 +60,8 @@ from minigpt_cli.engine.runs.checkpoint import (
 )
 from minigpt_cli.engine.training.finetune import FinetuneSetup
 from minigpt_cli.engine.training.pair_stage import PairStage
-from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch, RunSpec, Trainer, seed_everything
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 from minigpt_cli.errors import UserError
 
 REWARD_DIR = "reward"

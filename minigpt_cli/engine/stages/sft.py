@@ -39,7 +39,8 @@ from minigpt_cli.engine.training.finetune import (
     train_and_val_records,
     trainable_parameters,
 )
-from minigpt_cli.engine.training.trainer import EVAL_BATCH, Batch, RunSpec, StageBase
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
+from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 
 GROUPS_PER_WINDOW = 16  # length sorting happens within windows of this many micro-batches

@@ -27,7 +27,8 @@ from minigpt_cli.engine.hardware.device import (
 from minigpt_cli.engine.model import lora as lora_lib
 from minigpt_cli.engine.model.heads import policy_of
 from minigpt_cli.engine.runs.checkpoint import MODEL_FILE, load_run, save_tensors
-from minigpt_cli.engine.training.trainer import RunSpec, Stage, Trainer, seed_everything
+from minigpt_cli.engine.training.stage import Stage
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, seed_everything
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config, LoraConfig, TrainConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from minigpt_cli.engine.data.pairs import PairOrder, PreferencePair
-from minigpt_cli.engine.training.trainer import StageBase
+from minigpt_cli.engine.training.stage import StageBase
 
 
 class PairStage(StageBase):
