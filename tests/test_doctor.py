@@ -695,7 +695,7 @@ def test_doctor_and_pretrain_pick_the_same_micro_batch(
 ) -> None:
     """`doctor --max-memory N` and `pretrain --max-memory N` (its fit_memory) agree, for a cap
     under which the configured micro-batch does not fit and a smaller one does."""
-    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.resources.memory import fit_memory
 
     monkeypatch.setattr(matmul, "measure_device", FakeMeasure(FP32_MEASURE))
     tiny = load_config("tiny")

@@ -1,5 +1,6 @@
-"""The DPO stage library: pairs and truncation, sequence log-probs, the loss, the stage's batches,
-cached reference, resume and learning, on a tiny model and a character tokenizer."""
+"""DPO: pairs and truncation (`data.pairs`), sequence log-probs and the loss
+(`objectives.preference`), the stage's batches, cached reference, resume and learning, on a tiny
+model and a character tokenizer."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from minigpt_cli.config.loader import dump_config, load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.pairs import PreferencePair, build_pairs, pad_pairs
 from minigpt_cli.engine.data.stage_records import builtin_records, split_records
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.objectives.preference import dpo_loss, preference_metrics, sequence_logps
 from minigpt_cli.engine.stages import dpo
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
@@ -59,16 +62,16 @@ def pair(prompt: str, chosen: str, rejected: str, task: str | None = None) -> di
     return {"prompt_messages": messages, "chosen": chosen, "rejected": rejected, "task": task}
 
 
-def builtin_pairs(n: int, split: str = "train", max_len: int = 96) -> list[dpo.PreferencePair]:
+def builtin_pairs(n: int, split: str = "train", max_len: int = 96) -> list[PreferencePair]:
     records = builtin_records("dpo", split, n, 0)[:n]
-    pairs, stats = dpo.build_pairs(records, TOK, max_len)
+    pairs, stats = build_pairs(records, TOK, max_len)
     assert stats.dropped == 0
     return pairs
 
 
 def make_stage(
-    train: list[dpo.PreferencePair],
-    val: list[dpo.PreferencePair] | None = None,
+    train: list[PreferencePair],
+    val: list[PreferencePair] | None = None,
     *,
     seed: int = 3,
     beta: float = 0.1,
@@ -102,13 +105,13 @@ def test_dpo_loss_matches_a_hand_computation_with_and_without_label_smoothing() 
     def log_sigmoid(x: float) -> float:
         return -math.log1p(math.exp(-x))
 
-    losses, chosen, rejected = dpo.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta, 0.0)
+    losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta, 0.0)
     expected = [-log_sigmoid(beta * x) for x in h]
     torch.testing.assert_close(losses, torch.tensor(expected))
     torch.testing.assert_close(chosen, torch.tensor([0.5, 0.5, -0.5]))
     torch.testing.assert_close(rejected, torch.tensor([-0.5, 1.0, 0.5]))
 
-    smoothed, _, _ = dpo.dpo_loss(policy_c, policy_r, ref_c, ref_r, beta, 0.2)
+    smoothed, _, _ = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta, 0.2)
     expected = [-0.8 * log_sigmoid(beta * x) - 0.2 * log_sigmoid(-beta * x) for x in h]
     torch.testing.assert_close(smoothed, torch.tensor(expected))
     # Smoothing pulls a confident pair's loss up: the label might be wrong.
@@ -118,13 +121,13 @@ def test_dpo_loss_matches_a_hand_computation_with_and_without_label_smoothing() 
 def test_preference_metrics_count_ties_as_wrong() -> None:
     chosen = torch.tensor([1.0, 0.0, 0.5, -2.0])
     rejected = torch.tensor([0.0, 0.0, 1.0, -3.0])
-    metrics = dpo.preference_metrics(chosen, rejected)
+    metrics = preference_metrics(chosen, rejected)
     assert metrics["pref_accuracy"] == 0.5  # pairs 0 and 3 win; the tie (pair 1) does not
     assert metrics["chosen_reward"] == pytest.approx(-0.125)
     assert metrics["rejected_reward"] == pytest.approx(-0.5)
     assert metrics["margin"] == pytest.approx(0.375)
     zeros = torch.zeros(5)
-    assert dpo.preference_metrics(zeros, zeros)["pref_accuracy"] == 0.0
+    assert preference_metrics(zeros, zeros)["pref_accuracy"] == 0.0
 
 
 # ------------------------------------------------------------------------------ sequence log-probs
@@ -139,7 +142,7 @@ def test_sequence_logps_is_the_masked_per_token_sum_and_ignores_prompt_and_paddi
     mask[1, 8:14] = True  # ids[1, 14:] are padding
     mask[2, 1:3] = True
     with torch.no_grad():
-        got = dpo.sequence_logps(model, ids, mask)
+        got = sequence_logps(model, ids, mask)
         logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)
     per_token = logprobs.gather(2, ids[:, 1:, None]).squeeze(2)
     brute = [float(per_token[row][mask[row, 1:]].sum()) for row in range(3)]
@@ -151,7 +154,7 @@ def test_sequence_logps_is_the_masked_per_token_sum_and_ignores_prompt_and_paddi
     longer = torch.cat([changed, torch.full((3, 6), 13)], dim=1)  # and wider padding
     wider_mask = torch.cat([mask, torch.zeros(3, 6, dtype=torch.bool)], dim=1)
     with torch.no_grad():
-        again = dpo.sequence_logps(model, longer, wider_mask)
+        again = sequence_logps(model, longer, wider_mask)
     torch.testing.assert_close(again, got, rtol=1e-6, atol=1e-6)
 
 
@@ -161,7 +164,7 @@ def test_sequence_logps_gradient_equals_the_plain_computation() -> None:
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, 6:] = True
     weights = torch.tensor([1.0, -2.0])  # a different upstream gradient per sequence
-    (dpo.sequence_logps(model, ids, mask) * weights).sum().backward()
+    (sequence_logps(model, ids, mask) * weights).sum().backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)
@@ -176,7 +179,7 @@ def test_sequence_logps_gradient_equals_the_plain_computation() -> None:
 
 def test_pairs_share_the_rendered_prompt_and_mask_only_the_replies() -> None:
     records = [pair("Add 2 and 3.", "5", "6", "addition")]
-    pairs, stats = dpo.build_pairs(records, TOK, max_len=64)
+    pairs, stats = build_pairs(records, TOK, max_len=64)
     (only,) = pairs
     prompt = chat_template.prompt_ids(records[0]["prompt_messages"], TOK)
     chosen_ids, chosen_mask = chat_template.render_response(records[0]["prompt_messages"], "5", TOK)
@@ -192,7 +195,7 @@ def test_pairs_share_the_rendered_prompt_and_mask_only_the_replies() -> None:
 def test_long_prompts_are_cut_from_the_left_keeping_begin_of_text() -> None:
     text = "".join(str(i % 10) for i in range(30))  # 30 characters, 34 ids as a prompt
     records = [pair(text, "yes", "no!")]
-    pairs, stats = dpo.build_pairs(records, TOK, max_len=20)
+    pairs, stats = build_pairs(records, TOK, max_len=20)
     (only,) = pairs
     full = chat_template.prompt_ids(records[0]["prompt_messages"], TOK)
     # Budget 21 ids: the prompt gives way to the 4-id replies and keeps 17 ids, begin-of-text and
@@ -205,7 +208,7 @@ def test_long_prompts_are_cut_from_the_left_keeping_begin_of_text() -> None:
     assert (stats.prompts_truncated, stats.replies_truncated, stats.dropped) == (1, 0, 0)
     assert "1 prompts cut from the left to fit 20 tokens" in stats.describe()
     # A long reply cannot push the prompt below half the budget (10 ids): the reply is cut too.
-    pairs, stats = dpo.build_pairs([pair(text, "a" * 40, "b")], TOK, max_len=20)
+    pairs, stats = build_pairs([pair(text, "a" * 40, "b")], TOK, max_len=20)
     assert pairs[0].prompt_len == 10 and len(pairs[0].chosen_ids) == 21
     assert pairs[0].chosen_ids[:10].tolist() == [TOK.bos_id, *full[-9:]]
     assert (stats.prompts_truncated, stats.replies_truncated) == (1, 1)
@@ -213,7 +216,7 @@ def test_long_prompts_are_cut_from_the_left_keeping_begin_of_text() -> None:
 
 def test_long_replies_are_cut_from_the_right_keeping_their_start() -> None:
     records = [pair("hi", "abcdefghij" * 3, "zyx"), pair("hi", "same start A", "same start B")]
-    pairs, stats = dpo.build_pairs(records, TOK, max_len=15)
+    pairs, stats = build_pairs(records, TOK, max_len=15)
     (only,) = pairs  # the second pair's replies are identical once cut: dropped, counted
     prompt_len = len(chat_template.prompt_ids(records[0]["prompt_messages"], TOK))
     assert prompt_len == 6  # short prompts are never cut to make room
@@ -237,15 +240,15 @@ def test_prompt_truncation_drops_the_oldest_exchange_first_and_keeps_the_system_
     record = {"prompt_messages": messages, "chosen": "5", "rejected": "6", "task": None}
     full = chat_template.prompt_ids(messages, TOK)
     latest = chat_template.prompt_ids([messages[0], messages[3]], TOK)
-    pairs, stats = dpo.build_pairs([record], TOK, max_len=len(full) - 1, max_prompt_tokens=None)
+    pairs, stats = build_pairs([record], TOK, max_len=len(full) - 1, max_prompt_tokens=None)
     assert pairs[0].chosen_ids[: pairs[0].prompt_len].tolist() == latest
     assert stats.prompts_truncated == 1
     # An explicit cap applies even when everything would fit, and is counted.
-    pairs, stats = dpo.build_pairs([record], TOK, max_len=200, max_prompt_tokens=10)
+    pairs, stats = build_pairs([record], TOK, max_len=200, max_prompt_tokens=10)
     assert pairs[0].prompt_len == 10 and stats.prompts_truncated == 1
     assert pairs[0].chosen_ids[:10].tolist() == [TOK.bos_id, *latest[-9:]]
     with pytest.raises(UserError, match="max_prompt_tokens"):
-        dpo.build_pairs([record], TOK, max_len=10, max_prompt_tokens=10)
+        build_pairs([record], TOK, max_len=10, max_prompt_tokens=10)
 
 
 def test_split_pairs_holds_out_a_fixed_random_share() -> None:
@@ -364,7 +367,7 @@ TRAINER_SETS = [
 
 
 def train_dpo(
-    run_dir: Path, pairs: list[dpo.PreferencePair], sets: list[str], val=None
+    run_dir: Path, pairs: list[PreferencePair], sets: list[str], val=None
 ) -> tuple[GPT, dpo.DpoStage, list[dict]]:
     config = load_config("tiny", sets=[*TRAINER_SETS, *sets])
     seed_everything(0)
@@ -471,7 +474,7 @@ def test_dpo_config_round_trips_through_toml(tmp_path: Path) -> None:
 
 def test_pad_pairs_puts_chosen_rows_first() -> None:
     pairs = builtin_pairs(3)
-    ids, mask = dpo.pad_pairs(pairs, TOK.pad_id)
+    ids, mask = pad_pairs(pairs, TOK.pad_id)
     width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     assert ids.shape == (6, width) and mask.shape == (6, width)
     for row, p in enumerate(pairs):

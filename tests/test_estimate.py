@@ -283,7 +283,7 @@ def test_plan_says_why_when_nothing_fits() -> None:
 def test_fit_memory_acts_on_the_plan() -> None:
     """pretrain's governor and doctor share one decision: fit_memory returns the plan's choice,
     emits its messages and switches checkpointing on in the config."""
-    from minigpt_cli.engine.stages.pretrain import fit_memory
+    from minigpt_cli.engine.resources.memory import fit_memory
 
     events: list = []
     config = _plan_config(micro=8, global_batch=8)

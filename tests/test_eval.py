@@ -18,8 +18,8 @@ from minigpt_cli.engine.evaluate import preferences as eval_preferences
 from minigpt_cli.engine.evaluate import report as eval_report
 from minigpt_cli.engine.evaluate import run as eval_run
 from minigpt_cli.engine.metrics import text as text_metrics
+from minigpt_cli.engine.metrics.exact_match import score_answers, select_per_family
 from minigpt_cli.engine.runs.load import load_run
-from minigpt_cli.engine.stages.sft import score_answers, select_per_family
 from tests.conftest import run_cli
 
 # Long enough for three windows of the fixture's 64-token context, English and Chinese mixed.
@@ -165,13 +165,13 @@ def test_generation_metrics_per_family_and_overall() -> None:
 
 def test_per_family_draw_depends_on_the_seed_only() -> None:
     records = [{"task": f"t{i % 2}", "i": i} for i in range(40)] + [{"i": 99}]
-    first = eval_data.select_per_family(records, 5, seed=1)
-    assert first == eval_data.select_per_family(records, 5, seed=1)
-    assert first != eval_data.select_per_family(records, 5, seed=2)
+    first = select_per_family(records, 5, seed=1)
+    assert first == select_per_family(records, 5, seed=1)
+    assert first != select_per_family(records, 5, seed=2)
     assert [r["i"] for r in first] == sorted(r["i"] for r in first)  # original order kept
     assert sum(r.get("task") == "t0" for r in first) == 5
     assert {"i": 99} in first  # untagged records are one more family
-    assert eval_data.select_per_family(records, None, seed=1) == records
+    assert select_per_family(records, None, seed=1) == records
 
 
 # ------------------------------------------------------------------------------ exact match

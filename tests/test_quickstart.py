@@ -148,8 +148,8 @@ def test_eval_scores_every_stage_with_the_reward_model(
     from minigpt_cli.engine.data.chat_template import render_response
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.evaluate.answers import load_reward_judge, reward_metrics
+    from minigpt_cli.engine.inference.scoring import score_texts
     from minigpt_cli.engine.metrics.text import Answer
-    from minigpt_cli.engine.stages.reward import score_texts
     from minigpt_cli.errors import UserError
 
     out, _ = finished_quickstart

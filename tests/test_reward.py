@@ -1,6 +1,6 @@
-"""The reward model (engine/stages/reward.py): the Bradley-Terry loss, scores read at the last real
-token, the reward stage's batches and resume, learning through the real Trainer, and export/load
-of a reward run directory."""
+"""The reward model (model/heads.py, stages/reward.py): the Bradley-Terry loss, scores read at the
+last real token, the reward stage's batches and resume, learning through the real Trainer, and
+export/load of a reward run directory."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ import torch
 from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.core.seeding import seed_everything
+from minigpt_cli.engine.data.pairs import PreferencePair, build_pairs, build_reward_pairs
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
 from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.inference.scoring import score_texts
 from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.heads import RewardModel, reward_model_from_policy
+from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.stages import reward
-from minigpt_cli.engine.stages.dpo import PreferencePair
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
 from tests.test_dpo import CharTokenizer
@@ -43,12 +46,12 @@ def _one_thread():
 def tiny_reward_model(seed: int = 0, tie: bool = True, vocab: int = TOK.vocab_size):
     torch.manual_seed(seed)
     config = ModelConfig(n_layer=2, n_head=2, n_embd=32, context_length=CONTEXT, tie_embeddings=tie)
-    return reward.RewardModel(GPT(config, vocab))
+    return RewardModel(GPT(config, vocab))
 
 
 def builtin_pairs(n: int, split: str = "train") -> list[PreferencePair]:
     records = builtin_records("reward", split, None, 0)[:n]
-    pairs, stats = reward.build_reward_pairs(records, TOK, CONTEXT)
+    pairs, stats = build_reward_pairs(records, TOK, CONTEXT)
     assert stats.dropped == 0
     return pairs
 
@@ -64,12 +67,12 @@ def make_stage(train: list[PreferencePair], val=None, **kwargs) -> reward.Reward
 def test_bradley_terry_loss_and_metrics_by_hand() -> None:
     chosen = torch.tensor([2.0, 0.0, -1.0])
     rejected = torch.tensor([1.0, 0.0, 1.0])
-    losses = reward.bradley_terry_loss(chosen, rejected)
+    losses = bradley_terry_loss(chosen, rejected)
     # -log sigmoid(d) = log(1 + exp(-d)) for d = 1, 0, -2.
     expected = [math.log1p(math.exp(-1.0)), math.log(2.0), math.log1p(math.exp(2.0))]
     torch.testing.assert_close(losses, torch.tensor(expected))
     assert float(losses[0]) == pytest.approx(0.3132617)
-    metrics = reward.reward_metrics(chosen, rejected)
+    metrics = reward_metrics(chosen, rejected)
     assert metrics["pref_accuracy"] == pytest.approx(1 / 3)  # the tie counts as wrong
     assert metrics["margin"] == pytest.approx(-1 / 3)
     assert metrics["chosen_score"] == pytest.approx(1 / 3)
@@ -117,7 +120,7 @@ def test_score_texts_batches_by_length_and_keeps_the_order() -> None:
         torch.randint(7, TOK.vocab_size, (n,), generator=generator).tolist()
         for n in (9, 3, 40, 1, 17)
     ]
-    scores = reward.score_texts(model, sequences, batch_size=2, pad_id=TOK.pad_id)
+    scores = score_texts(model, sequences, batch_size=2, pad_id=TOK.pad_id)
     assert scores.dtype == torch.float32 and scores.shape == (5,)
     assert model.training  # restored after scoring in eval mode
     model.eval()
@@ -125,9 +128,9 @@ def test_score_texts_batches_by_length_and_keeps_the_order() -> None:
         one_by_one = [float(model(torch.tensor([s]))) for s in sequences]
     torch.testing.assert_close(scores, torch.tensor(one_by_one), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sequence 1 has 0 ids"):
-        reward.score_texts(model, [[5], []])
+        score_texts(model, [[5], []])
     with pytest.raises(ValueError, match=f"1..{CONTEXT}"):
-        reward.score_texts(model, [[5] * (CONTEXT + 1)])
+        score_texts(model, [[5] * (CONTEXT + 1)])
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -165,8 +168,8 @@ def test_reward_model_from_a_lora_policy_merges_a_copy() -> None:
             if "lora_B" in name:
                 param.normal_(0, 0.1)  # a trained adapter: not a no-op
     with pytest.raises(ValueError, match="LoRA"):
-        reward.RewardModel(policy)
-    model = reward.reward_model_from_policy(policy)
+        RewardModel(policy)
+    model = reward_model_from_policy(policy)
     assert lora.has_lora(policy) and not lora.has_lora(model)
     assert all(p.requires_grad for p in model.parameters())
     ids = torch.randint(7, 122, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -181,12 +184,10 @@ def test_reward_model_from_a_lora_policy_merges_a_copy() -> None:
 
 def test_reward_pairs_fit_the_context_with_their_last_id() -> None:
     records = builtin_records("reward", "train", None, 0)[:40]
-    pairs, stats = reward.build_reward_pairs(records, TOK, 40)
+    pairs, stats = build_reward_pairs(records, TOK, 40)
     assert stats.max_len == 39
     assert max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) == 40
     reward.RewardStage(pairs, pairs[:2], seq_len=40, seed=0, pad_id=TOK.pad_id)
-    from minigpt_cli.engine.stages.dpo import build_pairs
-
     too_long, _ = build_pairs(records, TOK, 40)  # DPO's: 41 ids
     with pytest.raises(ValueError, match="build_reward_pairs"):
         reward.RewardStage(too_long, too_long[:2], seq_len=40, seed=0, pad_id=TOK.pad_id)
@@ -206,9 +207,9 @@ def test_batches_losses_and_normalisers() -> None:
     loss, metrics = stage.loss(model, batch)
     with torch.no_grad():
         scores = model(batch["ids"], batch["lengths"])
-    expected = reward.bradley_terry_loss(scores[:4], scores[4:]).sum()
+    expected = bradley_terry_loss(scores[:4], scores[4:]).sum()
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
-    assert metrics == pytest.approx(reward.reward_metrics(scores[:4], scores[4:]))
+    assert metrics == pytest.approx(reward_metrics(scores[:4], scores[4:]))
     # Two micro-batches of 2 pairs sum to the loss of the same 4 pairs at once.
     halves = make_stage(pairs)
     total = sum(float(halves.loss(model, halves.next_batch(2))[0].detach()) for _ in range(2))
@@ -241,15 +242,14 @@ def test_data_state_replays_batches_and_refuses_changed_pairs() -> None:
 def test_evaluate_reports_loss_and_metrics_on_held_out_pairs() -> None:
     pairs = builtin_pairs(6)
     val = builtin_pairs(5, "val")
-    stage = make_stage(pairs, val)
-    stage.eval_batch = 2  # three forward passes, one of a single pair
+    stage = make_stage(pairs, val, eval_batch=2)  # three forward passes, one of a single pair
     model = tiny_reward_model().eval()
     metrics = stage.evaluate(model)
     assert set(metrics) == {"val_loss", "pref_accuracy", "margin", "chosen_score", "rejected_score"}
     with torch.no_grad():
         chosen, rejected = _direct_scores(model, val)
     assert metrics["val_loss"] == pytest.approx(
-        float(reward.bradley_terry_loss(chosen, rejected).mean()), abs=1e-5
+        float(bradley_terry_loss(chosen, rejected).mean()), abs=1e-5
     )
     assert metrics["pref_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
 
@@ -277,7 +277,7 @@ TRAINER_SETS = [
 
 
 def train_reward(
-    run_dir: Path, model: reward.RewardModel, stage: reward.RewardStage, sets: list[str], vocab: int
+    run_dir: Path, model: RewardModel, stage: reward.RewardStage, sets: list[str], vocab: int
 ) -> list[dict]:
     config = load_config("tiny", sets=[*TRAINER_SETS, *sets])
     trainer = Trainer(
@@ -337,7 +337,7 @@ def test_a_reward_run_directory_loads_back_and_a_language_model_is_refused(
     tmp_path: Path, sp_tokenizer: Tokenizer
 ) -> None:
     records = builtin_records("reward", "train", None, 0)[:12]
-    pairs, _ = reward.build_reward_pairs(records, sp_tokenizer, CONTEXT)
+    pairs, _ = build_reward_pairs(records, sp_tokenizer, CONTEXT)
     seed_everything(0)
     model = tiny_reward_model(seed=0, tie=False, vocab=sp_tokenizer.vocab_size)
     stage = reward.RewardStage(
@@ -353,13 +353,13 @@ def test_a_reward_run_directory_loads_back_and_a_language_model_is_refused(
     train_reward(run_dir, model, stage, sets, sp_tokenizer.vocab_size)
     sp_tokenizer.save(run_dir)
     sequences = [p.chosen_ids.tolist() for p in pairs[:5]]
-    expected = reward.score_texts(model, sequences, pad_id=sp_tokenizer.pad_id)
+    expected = score_texts(model, sequences, pad_id=sp_tokenizer.pad_id)
 
     loaded = reward.load_reward_model(run_dir)
-    assert isinstance(loaded.model, reward.RewardModel) and not loaded.model.training
+    assert isinstance(loaded.model, RewardModel) and not loaded.model.training
     assert loaded.state["step"] == 2 and loaded.config.model.tie_embeddings is False
     assert loaded.tokenizer.vocab_size == sp_tokenizer.vocab_size
-    got = reward.score_texts(loaded.model, sequences, pad_id=sp_tokenizer.pad_id)
+    got = score_texts(loaded.model, sequences, pad_id=sp_tokenizer.pad_id)
     torch.testing.assert_close(got, expected)
 
     lm_dir = tmp_path / "lm"

@@ -16,15 +16,12 @@ from minigpt_cli.config.loader import load_config
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.hardware.device import resolve_precision
+from minigpt_cli.engine.metrics.exact_match import rule_scores
+from minigpt_cli.engine.metrics.rewards import RewardSource
+from minigpt_cli.engine.model.heads import PolicyWithValue
+from minigpt_cli.engine.objectives.policy import Reference
 from minigpt_cli.engine.runs.load import load_run
-from minigpt_cli.engine.stages.rlhf import (
-    PolicyWithValue,
-    Reference,
-    RewardSource,
-    RlSettings,
-    RlStage,
-    rule_scores,
-)
+from minigpt_cli.engine.stages.rlhf import RlSettings, RlStage
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from tests.conftest import FINETUNE_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows

@@ -1,5 +1,5 @@
-"""The SFT stage library: examples, masked loss, length-grouped exact-resume batches, exact match,
-and `minigpt data inspect`."""
+"""SFT: its examples (`data.examples`), masked loss, length-grouped exact-resume batches, exact
+match (`metrics.exact_match`), and `minigpt data inspect`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ from minigpt_cli.config.loader import load_config
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.datasets.builtin import TASK_FAMILIES
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.examples import (
+    SftExample,
+    build_examples,
+    load_sft_records,
+    pad_batch,
+    render_example,
+)
 from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.inference import greedy
+from minigpt_cli.engine.metrics import exact_match
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.stages import sft
@@ -35,18 +44,18 @@ def qa(question: str, answer: str, task: str | None = None) -> dict:
     return {"messages": messages, "task": task}
 
 
-def synthetic(lengths: list[int]) -> list[sft.SftExample]:
+def synthetic(lengths: list[int]) -> list[SftExample]:
     """Examples of the given input lengths; example i's tokens all equal i (to identify it)."""
     out = []
     for index, length in enumerate(lengths):
         ids = np.full(length, index, dtype=np.int64)
         targets = ids.copy()
         targets[: length // 2] = IGNORE_INDEX
-        out.append(sft.SftExample(ids, targets, None, int((targets != IGNORE_INDEX).sum())))
+        out.append(SftExample(ids, targets, None, int((targets != IGNORE_INDEX).sum())))
     return out
 
 
-def stage_of(examples: list[sft.SftExample], group_size: int = 8, seed: int = 3) -> sft.SftStage:
+def stage_of(examples: list[SftExample], group_size: int = 8, seed: int = 3) -> sft.SftStage:
     return sft.SftStage(
         examples,
         examples[:4],
@@ -63,7 +72,7 @@ def stage_of(examples: list[sft.SftExample], group_size: int = 8, seed: int = 3)
 
 def test_examples_mask_targets_and_count_truncation(tok: Tokenizer) -> None:
     records = [qa("What is 3 + 4?", "7", "addition"), qa("word " * 80, "answer")]
-    examples, stats = sft.build_examples(records, tok, max_len=64, train_on_prompt=False)
+    examples, stats = build_examples(records, tok, max_len=64, train_on_prompt=False)
     ids, mask = chat_template.render(records[0]["messages"], tok)
     first = examples[0]
     assert first.input_ids.tolist() == ids[:-1]
@@ -86,41 +95,41 @@ def test_truncation_drops_oldest_exchanges_first(tok: Tokenizer) -> None:
     messages = [{"role": "system", "content": "sys"}, *old, *last]
     kept = [messages[0], *last]
     limit = len(chat_template.render(kept, tok)[0]) - 1  # exactly fits without the old exchange
-    rendered = sft.render_example(messages, tok, limit)
+    rendered = render_example(messages, tok, limit)
     assert rendered.truncated and rendered.dropped_turns == 1
     assert rendered.ids == chat_template.render(kept, tok)[0]
     # A single exchange that is still too long keeps its start.
-    cut = sft.render_example(last, tok, 4)
+    cut = render_example(last, tok, 4)
     assert cut.ids == chat_template.render(last, tok)[0][:5] and cut.truncated
 
 
 def test_train_on_prompt_trains_the_prompt(tok: Tokenizer) -> None:
     record = qa("What is 3 + 4?", "7")
-    (masked,), _ = sft.build_examples([record], tok, 64, train_on_prompt=False)
-    (full,), _ = sft.build_examples([record], tok, 64, train_on_prompt=True)
+    (masked,), _ = build_examples([record], tok, 64, train_on_prompt=False)
+    (full,), _ = build_examples([record], tok, 64, train_on_prompt=True)
     assert full.loss_tokens == len(full) and masked.loss_tokens < full.loss_tokens
 
 
 def test_bad_role_order_names_the_record(tok: Tokenizer) -> None:
     bad = {"messages": [{"role": "assistant", "content": "x"}], "task": None}
     with pytest.raises(UserError, match="^sft record 2: chat template: message 0"):
-        sft.build_examples([qa("a", "b"), bad], tok, 64)
+        build_examples([qa("a", "b"), bad], tok, 64)
 
 
 def test_load_sft_records_builtin_and_file_split(tmp_path: Path) -> None:
     config = load_config("tiny", sets=["data.builtin_size=40", "data.val_fraction=0.25"])
-    train = sft.load_sft_records(None, "train", config)
+    train = load_sft_records(None, "train", config)
     assert len(train) == 40 and set(train[0]) == {"messages", "task"}
     lines = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(8)]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    file_train = sft.load_sft_records([path], "train", config)
-    file_val = sft.load_sft_records([path], "val", config)
-    everything = sft.load_sft_records([path], "all", config)
+    file_train = load_sft_records([path], "train", config)
+    file_val = load_sft_records([path], "val", config)
+    everything = load_sft_records([path], "all", config)
     assert (len(file_train), len(file_val), len(everything)) == (6, 2, 8)
     contents = sorted(r["messages"][0]["content"] for r in file_train + file_val)
     assert contents == sorted(r["messages"][0]["content"] for r in everything)
-    assert file_val == sft.load_sft_records([path], "val", config)  # fixed, seed-independent
+    assert file_val == load_sft_records([path], "val", config)  # fixed, seed-independent
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -130,9 +139,9 @@ def test_loss_is_summed_over_trained_tokens_only(tok: Tokenizer) -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_embd=32, n_head=2, context_length=64), tok.vocab_size)
     records = [qa("What is 12 + 30?", "42"), qa("Say hello in Chinese.", "你好 there")]
-    examples, _ = sft.build_examples(records, tok, 64)
+    examples, _ = build_examples(records, tok, 64)
     stage = stage_of(examples, group_size=2)
-    batch = sft.pad_batch(examples, pad_id=tok.pad_id)
+    batch = pad_batch(examples, pad_id=tok.pad_id)
     assert batch["input_ids"].shape[1] == max(len(e) for e in examples)
     loss, _ = stage.loss(model, batch)  # the training path (gradients on)
     loss = loss.detach()
@@ -157,9 +166,7 @@ def test_loss_is_summed_over_trained_tokens_only(tok: Tokenizer) -> None:
     same = stage.loss(model, {"input_ids": padded, "targets": targets})[0].detach()
     assert float(same) == pytest.approx(float(loss), rel=1e-6)
     # Each example's loss is independent of its batch-mates (padding does not leak in).
-    alone = sum(
-        float(stage.loss(model, sft.pad_batch([e], tok.pad_id))[0].detach()) for e in examples
-    )
+    alone = sum(float(stage.loss(model, pad_batch([e], tok.pad_id))[0].detach()) for e in examples)
     assert alone == pytest.approx(float(loss), rel=1e-5)
 
 
@@ -182,7 +189,7 @@ def test_batches_are_length_grouped() -> None:
     lengths = rng.integers(5, 61, size=512).tolist()
     examples = synthetic([max(2, n) for n in lengths])
     # Make row identity robust: ids start at 1 so padding (0) never looks like an example.
-    examples = [sft.SftExample(e.input_ids + 1, e.targets, None, e.loss_tokens) for e in examples]
+    examples = [SftExample(e.input_ids + 1, e.targets, None, e.loss_tokens) for e in examples]
     group = 8
     stage = stage_of(examples, group_size=group)
     batches = [stage.next_batch(group) for _ in range(512 // group)]
@@ -198,8 +205,7 @@ def test_batches_are_length_grouped() -> None:
     assert pad <= bound
     shuffled = torch.randperm(512, generator=torch.Generator().manual_seed(0)).tolist()
     random_batches = [
-        sft.pad_batch([examples[i] for i in shuffled[s : s + group]], 0)
-        for s in range(0, 512, group)
+        pad_batch([examples[i] for i in shuffled[s : s + group]], 0) for s in range(0, 512, group)
     ]
     random_pad, _ = padding_of(random_batches)
     assert pad / (pad + real) < 0.1 < random_pad / (random_pad + real)
@@ -207,7 +213,7 @@ def test_batches_are_length_grouped() -> None:
 
 def test_uneven_epochs_stay_aligned_and_cover_everything() -> None:
     examples = synthetic(list(range(3, 3 + 21)))  # 21 examples, groups of 4
-    examples = [sft.SftExample(e.input_ids + 1, e.targets, None, e.loss_tokens) for e in examples]
+    examples = [SftExample(e.input_ids + 1, e.targets, None, e.loss_tokens) for e in examples]
     stage = stage_of(examples, group_size=4)
     first_epoch = [stage.next_batch(4) for _ in range(6)]  # 24 = 21 rounded up to whole groups
     assert stage.epoch == 0 and stage.epochs_done() == 1.0
@@ -258,12 +264,13 @@ def test_data_state_resumes_the_exact_batches() -> None:
     ],
 )
 def test_normalise_answer(prediction: str, reference: str, equal: bool) -> None:
-    assert (sft.normalise_answer(prediction) == sft.normalise_answer(reference)) is equal
+    normalise = exact_match.normalise_answer
+    assert (normalise(prediction) == normalise(reference)) is equal
 
 
 def val_records(per_family: int = 3) -> list[dict]:
     records = builtin_records("sft", "val", 400)
-    return sft.select_per_family(records, per_family)
+    return exact_match.select_per_family(records, per_family)
 
 
 def test_exact_match_by_family_right_and_wrong(
@@ -280,8 +287,8 @@ def test_exact_match_by_family_right_and_wrong(
         calls.append((len(prompts), max_new_tokens, tuple(stop_ids)))
         return [tok.encode("  " + answers[tuple(p)].upper() + " ") for p in prompts]
 
-    monkeypatch.setattr(sft, "greedy_complete", right)
-    scores = sft.exact_match_by_family(None, tok, records, per_family=2, batch_size=3)
+    monkeypatch.setattr(greedy, "greedy_complete", right)
+    scores = exact_match.exact_match_by_family(None, tok, records, per_family=2, batch_size=3)
     assert scores == {"exact_match": 1.0, **{f"exact_match/{f}": 1.0 for f in TASK_FAMILIES}}
     assert sum(n for n, _, _ in calls) == 2 * len(TASK_FAMILIES)  # two per family
     assert all(n <= 3 and stops == (tok.eot_id, tok.eos_id) for n, _, stops in calls)
@@ -289,8 +296,8 @@ def test_exact_match_by_family_right_and_wrong(
     def wrong(model, prompts, max_new_tokens, stop_ids):  # noqa: ANN001, ANN202
         return [tok.encode(answers[tuple(p)] + " extra") for p in prompts]
 
-    monkeypatch.setattr(sft, "greedy_complete", wrong)
-    scores = sft.exact_match_by_family(None, tok, records, per_family=2)
+    monkeypatch.setattr(greedy, "greedy_complete", wrong)
+    scores = exact_match.exact_match_by_family(None, tok, records, per_family=2)
     assert scores["exact_match"] == 0.0
     assert all(scores[f"exact_match/{f}"] == 0.0 for f in TASK_FAMILIES)
 
@@ -303,15 +310,15 @@ def test_exact_match_reads_rlhf_records_with_answers(
         tuple(chat_template.prompt_ids(r["prompt_messages"], tok)): r["answer"] for r in records
     }
     monkeypatch.setattr(
-        sft,
+        greedy,
         "greedy_complete",
         lambda model, prompts, max_new_tokens, stop_ids: [
             tok.encode(answers[tuple(p)]) for p in prompts
         ],
     )
-    results = sft.score_answers(None, tok, records, per_family=None)
+    results = exact_match.score_answers(None, tok, records, per_family=None)
     assert [r.reference for r in results] == [r["answer"] for r in records]
-    assert sft.summarise_exact_match(results)["exact_match"] == 1.0
+    assert exact_match.summarise_exact_match(results)["exact_match"] == 1.0
 
 
 def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> None:
@@ -332,7 +339,7 @@ def test_greedy_batch_equals_one_by_one_generation(tiny_pretrain_run: Path) -> N
     shape = loaded.config.model.model_copy(update={"init_std": 0.5, "tie_embeddings": False})
     random_model = GPT(shape, tok.vocab_size).eval()
     for model in (loaded.model, random_model):
-        batched = sft.greedy_complete(model, prompts, 6, stops)
+        batched = greedy.greedy_complete(model, prompts, 6, stops)
         assert batched == [generate(model, p, settings) for p in prompts]
     assert len({tuple(row) for row in batched}) > 1
 
@@ -343,7 +350,7 @@ def test_evaluate_reports_loss_and_exact_match_per_family(tiny_pretrain_run: Pat
     loaded = load_run(tiny_pretrain_run)
     tok = loaded.tokenizer
     records = val_records(2)
-    examples, _ = sft.build_examples(records, tok, 64)
+    examples, _ = build_examples(records, tok, 64)
     stage = sft.SftStage(
         examples,
         examples,
@@ -358,7 +365,7 @@ def test_evaluate_reports_loss_and_exact_match_per_family(tiny_pretrain_run: Pat
     )
     with torch.no_grad():
         metrics = stage.evaluate(loaded.model)
-        batch = sft.pad_batch(examples, tok.pad_id)
+        batch = pad_batch(examples, tok.pad_id)
         _, total = loaded.model(batch["input_ids"], targets=batch["targets"], reduction="sum")
     mean = float(total) / sum(e.loss_tokens for e in examples)
     assert metrics["val_loss"] == pytest.approx(mean, abs=1e-4)

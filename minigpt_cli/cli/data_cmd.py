@@ -271,7 +271,7 @@ def _inspected(
     """(label, counts, spans, rendering) to show: the conversation for sft; for dpo the shared
     prompt, then the chosen and the rejected reply (counts are of prompt + reply)."""
     from minigpt_cli.engine.data.chat_template import mask_spans
-    from minigpt_cli.engine.stages.sft import render_example
+    from minigpt_cli.engine.data.examples import render_example
 
     if kind is InspectKind.sft:
         rendered = render_example(record["messages"], tokenizer, max_len, on_prompt)

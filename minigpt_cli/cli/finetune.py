@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from minigpt_cli.cli import common
 from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from minigpt_cli.engine.training.finetune import FinetuneInputs
 
 FromOpt = Annotated[
     Path | None,
@@ -96,17 +99,19 @@ def run_finetune(
     sets: list[str] | None,
     run_name: str | None = None,
     extra_inputs: dict[str, Any] | None = None,
+    inputs_type: type[FinetuneInputs] | None = None,
 ) -> None:
     """The body of `sft`/`dpo`/`rlhf`: resolve parent and config, validate data, train.
 
     `flags` are the verb's stage and resource flags (None = not given); `engine(config, spec,
     inputs, on_event)` trains. `run_name` names the default run directory (`runs/<name>-<preset>`,
-    default the stage); `extra_inputs` are further `FinetuneInputs` fields.
+    default the stage); `extra_inputs` are further fields of `inputs_type` (a `FinetuneInputs`
+    with the verb's own inputs, e.g. rlhf's `RlhfInputs`; default `FinetuneInputs`).
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.files import expand_paths, validate
-    from minigpt_cli.engine.stages.sft import FinetuneInputs
+    from minigpt_cli.engine.training.finetune import FinetuneInputs
     from minigpt_cli.engine.training.trainer import RunSpec
 
     if merge and not lora and not resume:
@@ -137,7 +142,7 @@ def run_finetune(
         parent_config = read_run_config(parent)
         config.model = parent_config.model
         config.tokenizer = parent_config.tokenizer
-    inputs = FinetuneInputs(
+    inputs = (inputs_type or FinetuneInputs)(
         from_run=parent,
         data=list(data or [Path(p) for p in sources.get("data", [])]),
         val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),

@@ -109,7 +109,7 @@ def rlhf(
     (Bradley-Terry) into the run's reward/ folder; rule scores exact answers of prompts that have
     one. Prompts: {"prompt", "answer"?} JSONL; with no --data, the built-in prompts.
     """
-    from minigpt_cli.engine.stages.rlhf import run_rlhf
+    from minigpt_cli.engine.stages.rlhf import RlhfInputs, run_rlhf
 
     arguments = dict(locals())  # the flag values, for common.training_flags
 
@@ -153,6 +153,7 @@ def rlhf(
             "preference_data": list(preference_data or []),
             "reward_model": reward_model,
         },
+        inputs_type=RlhfInputs,
     )
 
 

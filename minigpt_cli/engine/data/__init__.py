@@ -1,1 +1,2 @@
-"""Layer 4: text in, token ids out: records, built-in data, tokenizer, shards, chat template."""
+"""Layer 4: text in, token ids out: records, built-in data, tokenizer, shards, chat template,
+SFT examples and preference pairs."""

@@ -7,9 +7,9 @@ it, so a number here can be checked against the run's own metrics.jsonl:
   end-of-text id (how pretraining separates documents) in non-overlapping windows of the model's
   context, as pretraining's validation does; bytes come from `token_byte_lengths`, so bits per
   byte are exact and comparable between runs with different tokenizers.
-- Answers to held-out prompts, greedy and batched (`sft.greedy_complete`), prompted in the one
+- Answers to held-out prompts, greedy and batched (`greedy.greedy_complete`), prompted in the one
   chat template for every run, base runs included (zero-shot, exactly as SFT's held-out check):
-  exact match (`sft.normalise_answer`), BLEU (sacrebleu; `13a` tokens for English, `zh` for
+  exact match (`exact_match.normalise_answer`), BLEU (sacrebleu; `13a` tokens for English, `zh` for
   Chinese), ROUGE-1/2/L F1 (words for English, characters for Chinese), per task family and
   overall.
 - Preference pairs: accuracy of the implicit reward log p_run(reply) - log p_parent(reply) (what

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.inference.scoring import score_texts
+from minigpt_cli.engine.metrics.exact_match import EXACT_MATCH_BATCH, score_answers
 from minigpt_cli.engine.metrics.text import Answer
 from minigpt_cli.engine.runs.files import TOKENIZER_FILE
-from minigpt_cli.engine.stages.reward import load_reward_model, score_texts
-from minigpt_cli.engine.stages.sft import EXACT_MATCH_BATCH, score_answers
+from minigpt_cli.engine.stages.reward import load_reward_model
 from minigpt_cli.errors import UserError
 
 
@@ -41,7 +42,8 @@ def answer_prompts(
     on_batch: Callable[[], None] | None = None,
 ) -> list[Answer]:
     """Greedy answers to SFT records, in their order, decoded by SFT's own held-out check
-    (`sft.score_answers`), so exact match equals `sft.exact_match_by_family` on the same records."""
+    (`exact_match.score_answers`), so exact match equals `exact_match_by_family` on the same
+    records."""
     _check_ends_with_answer(records)
     results = score_answers(
         model,

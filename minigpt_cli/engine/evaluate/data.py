@@ -4,38 +4,17 @@ chain was trained on, drawn per task family with a seed.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.engine.data.files import read_records
 from minigpt_cli.engine.data.stage_records import builtin_documents, builtin_records
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.evaluate.report import EvalOptions
+from minigpt_cli.engine.metrics.exact_match import select_per_family
 from minigpt_cli.engine.runs.checkpoint import read_state
 from minigpt_cli.engine.runs.load import ancestors
-
-
-def select_per_family(records: Sequence[dict], per_family: int | None, seed: int) -> list[dict]:
-    """At most `per_family` records of each task family (untagged records form one family), drawn
-    with `seed`, in their original order. A pure function of (records, per_family, seed)."""
-    if per_family is None:
-        return list(records)
-    by_family: dict[str | None, list[int]] = {}
-    for index, record in enumerate(records):
-        by_family.setdefault(record.get("task"), []).append(index)
-    chosen: list[int] = []
-    for family, indices in by_family.items():
-        if len(indices) <= per_family:
-            chosen.extend(indices)
-            continue
-        stream = zlib.crc32((family or "").encode("utf-8"))
-        picks = np.random.default_rng([seed, stream]).permutation(len(indices))[:per_family]
-        chosen.extend(indices[i] for i in picks.tolist())
-    return [records[i] for i in sorted(chosen)]
 
 
 def builtin_heldout_documents(run_dir: Path) -> tuple[list[str], str]:

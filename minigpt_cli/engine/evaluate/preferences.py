@@ -13,13 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from minigpt_cli.engine.data.pairs import build_pairs, pad_pairs
+from minigpt_cli.engine.objectives.preference import preference_metrics, sequence_logps
 from minigpt_cli.engine.resources.governor import throttle_point
-from minigpt_cli.engine.stages.dpo import (
-    build_pairs,
-    pad_pairs,
-    preference_metrics,
-    sequence_logps,
-)
 
 PAIR_BATCH = 8  # preference pairs (16 sequences) scored per forward pass
 
@@ -27,7 +23,7 @@ PAIR_BATCH = 8  # preference pairs (16 sequences) scored per forward pass
 @dataclass(frozen=True)
 class PairScores:
     """Per record: summed reply log-probs and reply tokens, chosen and rejected (NaN: the pair was
-    dropped by `dpo.build_pairs`, both replies identical after truncation)."""
+    dropped by `pairs.build_pairs`, both replies identical after truncation)."""
 
     chosen: np.ndarray  # float64 (records,)
     rejected: np.ndarray
@@ -50,8 +46,8 @@ def score_pairs(
     on_batch: Callable[[], None] | None = None,
 ) -> PairScores:
     """log p(reply | prompt) of both replies of every record, with DPO's own pair building
-    (`dpo.build_pairs`: the chat template, prompts cut from the left, replies from the right) and
-    scoring (`dpo.sequence_logps`)."""
+    (`pairs.build_pairs`: the chat template, prompts cut from the left, replies from the right) and
+    scoring (`preference.sequence_logps`)."""
     context = int(model.config.context_length)
     kept: list[tuple[int, Any]] = []
     for index, record in enumerate(records):
@@ -89,7 +85,7 @@ def score_pairs(
 
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
     """Share of pairs whose chosen score is strictly above the rejected one: a tie is wrong, so a
-    run that has not moved from its parent scores 0, not 0.5 (as `dpo.preference_metrics`)."""
+    run that has not moved from its parent scores 0, not 0.5 (as `preference_metrics`)."""
     if len(chosen) == 0:
         return 0.0
     # Differences against zero: `preference_metrics` compares in float32, which could round two

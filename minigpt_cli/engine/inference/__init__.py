@@ -1,1 +1,1 @@
-"""Layer 5: running a trained model: sampling and beam search, and the interactive chat session."""
+"""Layer 5: running a trained model: sampling, beam search, greedy batches, reward scores, chat."""

@@ -1,1 +1,1 @@
-"""Layer 5: pure tensor maths of the training objectives (no model, no I/O)."""
+"""Layer 5: the training objectives: the losses' tensor maths and the log-probs they read."""

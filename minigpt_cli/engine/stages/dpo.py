@@ -1,20 +1,15 @@
 """Direct preference optimisation: learn from (prompt, chosen, rejected) without a reward model.
 
-The pieces `minigpt dpo` assembles (`run_dpo`, at the end, puts them together):
+`run_dpo`, the engine function behind `minigpt dpo`, builds the pairs (`data.pairs.build_pairs`:
+each prompt in the one chat template, each reply and its end-of-turn after it, cuts counted) and
+trains a `DpoStage` on the one Trainer, the policy started and finished by `training.finetune`.
 
-- `load_dpo_records`: the user's pairs (already normalised to `{"prompt_messages", "chosen",
-  "rejected", "task"}` by `engine.data`, a `Human: ... Assistant:` prompt split into turns) or the
-  built-in pairs.
-- `build_pairs`: render each prompt with the one chat template (`data.chat_template`) and append
-  each reply and its end-of-turn token, so preference training scores exactly what SFT taught.
-  What does not fit the context is cut, prompts from the left and replies from the right, and
-  counted.
-- `sequence_logps`: log p(reply | prompt) summed over the reply's tokens.
-- `dpo_loss` / `preference_metrics`: the sigmoid DPO loss (with TRL's conservative label
-  smoothing) and the implicit rewards beta * (log p_policy - log p_reference).
 - `DpoStage`: the Trainer's `Stage`. The reference model is the frozen starting policy; its
   log-probabilities are computed once (`cache_reference`) and stored on the stage, so memory holds
   one model and a resumed run uses exactly the reference of the first run.
+- The loss is `objectives.preference.dpo_loss` on `sequence_logps` (the sigmoid DPO loss with
+  TRL's conservative label smoothing) and the implicit rewards beta * (log p_policy - log
+  p_reference) feed `preference_metrics`.
 
 Loss normalisation: the Trainer divides a step's summed loss by the sum of `loss_normaliser` over
 its micro-batches. Here that is the number of pairs and `loss` the sum of per-pair losses, so a
@@ -24,437 +19,43 @@ step optimises the mean loss per pair however the step is split into micro-batch
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.data import chat_template
-from minigpt_cli.engine.training.trainer import Batch, StageBase
+from minigpt_cli.engine.data.examples import load_sft_records
+from minigpt_cli.engine.data.pairs import (
+    PairOrder,
+    PreferencePair,
+    build_pairs,
+    forward_length,
+    pad_pairs,
+)
+from minigpt_cli.engine.hardware.device import autocast_context
+from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
+from minigpt_cli.engine.objectives.preference import dpo_loss, preference_metrics, sequence_logps
+from minigpt_cli.engine.resources.memory import fit_memory
+from minigpt_cli.engine.training.finetune import (
+    FinetuneInputs,
+    finish_finetune,
+    start_finetune,
+    train_and_val_records,
+    trainable_parameters,
+)
+from minigpt_cli.engine.training.pair_stage import PairStage
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch
+from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
-
-if TYPE_CHECKING:
-    from minigpt_cli.config.schema import Config
-    from minigpt_cli.engine.stages.sft import FinetuneInputs
-
-
-# Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
-# loss: large enough for efficient matmuls, small enough that a long batch never holds
-# (tokens x vocabulary) logits.
-_LOGIT_CHUNK_ELEMENTS = 4 * 2**20
 
 # Reference log-probabilities must be reproduced on resume; a drift above this means the reference
 # model is not the one the run started from.
 _REFERENCE_TOLERANCE = 1e-3
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-def load_dpo_records(paths: Sequence[Path] | None, split: str, config: Config) -> list[dict]:
-    """Preference records `{"prompt_messages", "chosen", "rejected", "task"}` of `split` (see
-    `data.stage_records`)."""
-    from minigpt_cli.engine.data.stage_records import stage_records
-
-    return stage_records("dpo", paths, split, config.data.builtin_size, config.data.val_fraction)
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One prompt with two replies, as full token sequences that share the prompt's ids.
-
-    `*_mask[i]` is True when `*_ids[i]` is a reply token (the reply's end-of-turn included): only
-    those are scored. Sequences hold at most `max_len + 1` ids (the model reads `ids[:-1]`).
-    """
-
-    chosen_ids: np.ndarray  # int64: prompt + chosen reply + end of turn
-    chosen_mask: np.ndarray  # bool
-    rejected_ids: np.ndarray  # int64: prompt + rejected reply + end of turn
-    rejected_mask: np.ndarray  # bool
-    prompt_len: int
-    task: str | None
-
-    @property
-    def tokens(self) -> int:
-        """Model inputs of both sequences (what a forward pass reads)."""
-        return len(self.chosen_ids) - 1 + len(self.rejected_ids) - 1
-
-
-@dataclass(frozen=True)
-class PairStats:
-    """What `build_pairs` did to the records, for the one line a verb prints."""
-
-    records: int
-    pairs: int
-    prompts_truncated: int  # pairs whose prompt lost its oldest turns or tokens (kept)
-    replies_truncated: int  # chosen or rejected replies cut at the end (each counted; kept)
-    dropped: int  # pairs whose two replies became identical when cut: no preference (not kept)
-    tokens: int  # model inputs of the kept pairs, both sequences, no padding
-    reply_tokens: int  # scored reply tokens of the kept pairs
-    max_len: int
-
-    def describe(self) -> str:
-        """e.g. '5,600 pairs, 190,000 tokens (40,000 scored); 3 prompts cut from the left ...'."""
-        text = f"{self.pairs:,} pairs, {self.tokens:,} tokens ({self.reply_tokens:,} scored)"
-        cuts = []
-        if self.prompts_truncated:
-            cuts.append(f"{self.prompts_truncated:,} prompts cut from the left")
-        if self.replies_truncated:
-            cuts.append(f"{self.replies_truncated:,} replies cut at the end")
-        if cuts:
-            text += f"; {' and '.join(cuts)} to fit {self.max_len} tokens"
-        if self.dropped:
-            text += (
-                f"; {self.dropped:,} dropped: both replies identical after truncation, nothing "
-                "to prefer (raise model.context_length or shorten the prompts)"
-            )
-        return text
-
-
-def _exchange_starts(messages: Sequence[dict]) -> list[int]:
-    return [i for i, m in enumerate(messages) if m["role"] == "user"]
-
-
-def fit_prompt(
-    messages: Sequence[dict], tokenizer: Any, limit: int
-) -> tuple[list[int], list[dict], bool]:
-    """(prompt ids, messages kept, truncated): the prompt in the template, at most `limit` ids.
-
-    Cut from the left, because the latest turn is the one the replies answer: first the oldest
-    user/assistant exchanges are dropped (the system message stays) while more than one is left,
-    as SFT does, so the rest reads as a conversation; if the last turn alone is still too long, its
-    oldest tokens go, keeping the leading begin-of-text id and the closing `<|assistant|>`.
-    """
-    if limit < 2:
-        raise ValueError(f"a prompt needs at least 2 ids (begin of text, assistant), got {limit}")
-    current = list(messages)
-    ids = chat_template.prompt_ids(current, tokenizer)
-    if len(ids) <= limit:
-        return ids, current, False
-    while len(ids) > limit:
-        starts = _exchange_starts(current)
-        if len(starts) < 2:
-            break
-        current = current[: starts[0]] + current[starts[1] :]
-        ids = chat_template.prompt_ids(current, tokenizer)
-    if len(ids) > limit:
-        ids = ids[:1] + ids[len(ids) - (limit - 1) :]
-    return ids, current, True
-
-
-def forward_length(pairs: Sequence[PreferencePair]) -> int:
-    """The longest forward pass over `pairs`: a sequence of n ids is read as its first n - 1 (the
-    last id is only a target), what the memory estimate must be given."""
-    return max(1, max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) - 1)
-
-
-def build_pairs(
-    records: Sequence[dict],
-    tokenizer: Any,
-    max_len: int,
-    max_prompt_tokens: int | None = None,
-) -> tuple[list[PreferencePair], PairStats]:
-    """Token sequences of preference records, and counts of what was cut or dropped.
-
-    `max_len` is the model's context length: each sequence keeps at most `max_len + 1` ids. The
-    prompt is rendered once (the same ids start both sequences) and is cut from the LEFT
-    (`fit_prompt`): to `max_prompt_tokens` when given, and when prompt and the longer reply do not
-    fit, down to what leaves room for that reply, but never below half the context unless
-    `max_prompt_tokens` says so. Replies are then cut from the RIGHT to the room left (their start
-    is what the preference is about; a cut reply loses its end-of-turn). A reply is never cut to
-    nothing: the room left is at least half the context, or `max_len + 1 - max_prompt_tokens` >= 2.
-    Every cut is counted; a pair whose two replies become identical when cut carries no preference
-    and is dropped and counted, never silently. Role-order problems raise `UserError` naming the
-    record.
-    """
-    budget = max_len + 1
-    if max_prompt_tokens is not None and max_prompt_tokens >= max_len:
-        raise UserError(
-            f"dpo.max_prompt_tokens ({max_prompt_tokens}) must be below model.context_length "
-            f"({max_len}) to leave room for the replies"
-        )
-    pairs: list[PreferencePair] = []
-    prompts_cut = replies_cut = identical = tokens = reply_tokens = 0
-    for number, record in enumerate(records, start=1):
-        messages = record["prompt_messages"]
-        try:
-            prompt = chat_template.prompt_ids(messages, tokenizer)
-            replies = [
-                _reply_ids(messages, record[key], tokenizer, prompt)
-                for key in ("chosen", "rejected")
-            ]
-        except UserError as error:
-            raise UserError(f"dpo record {number}: {error}") from None
-        longest = max(len(reply) for reply in replies)
-        limit = len(prompt)
-        if max_prompt_tokens is not None:
-            limit = min(limit, max_prompt_tokens)
-        if limit + longest > budget:
-            limit = min(limit, max(budget - longest, budget // 2))
-        if limit < len(prompt):
-            prompt, _, _ = fit_prompt(messages, tokenizer, limit)
-            prompts_cut += 1
-        room = budget - len(prompt)
-        replies_cut += sum(len(reply) > room for reply in replies)
-        replies = [reply[:room] for reply in replies]
-        if replies[0] == replies[1]:
-            identical += 1
-            continue
-        chosen_ids, chosen_mask = _sequence(prompt, replies[0])
-        rejected_ids, rejected_mask = _sequence(prompt, replies[1])
-        pair = PreferencePair(
-            chosen_ids, chosen_mask, rejected_ids, rejected_mask, len(prompt), record.get("task")
-        )
-        pairs.append(pair)
-        tokens += pair.tokens
-        reply_tokens += len(replies[0]) + len(replies[1])
-    stats = PairStats(
-        records=len(records),
-        pairs=len(pairs),
-        prompts_truncated=prompts_cut,
-        replies_truncated=replies_cut,
-        dropped=identical,
-        tokens=tokens,
-        reply_tokens=reply_tokens,
-        max_len=max_len,
-    )
-    return pairs, stats
-
-
-def _reply_ids(
-    messages: Sequence[dict], reply: str, tokenizer: Any, prompt: list[int]
-) -> list[int]:
-    """The reply's ids (its end-of-turn included) exactly as the chat template renders them."""
-    ids, _ = chat_template.render_response(messages, reply, tokenizer)
-    if ids[: len(prompt)] != prompt:
-        raise AssertionError(
-            "chat_template.render_response no longer extends chat_template.prompt_ids"
-        )
-    return ids[len(prompt) :]
-
-
-def _sequence(prompt: list[int], reply: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(prompt + reply, dtype=np.int64)
-    mask = np.zeros(len(ids), dtype=bool)
-    mask[len(prompt) :] = True
-    return ids, mask
-
-
-def pad_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (2n, width): the n chosen sequences, then the n rejected ones.
-
-    Right padding needs no attention mask: causal attention never lets a real token see the padding
-    after it, and padding is never scored (mask False).
-    """
-    sequences = [(p.chosen_ids, p.chosen_mask) for p in pairs]
-    sequences += [(p.rejected_ids, p.rejected_mask) for p in pairs]
-    width = max(len(ids) for ids, _ in sequences)
-    ids_out = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask_out = np.zeros((len(sequences), width), dtype=bool)
-    for row, (ids, mask) in enumerate(sequences):
-        ids_out[row, : len(ids)] = ids
-        mask_out[row, : len(mask)] = mask
-    return torch.from_numpy(ids_out), torch.from_numpy(mask_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring and the loss
-# ----------------------------------------------------------------------------------------------
-
-
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPT inside a `torch.compile` wrapper (scoring needs its `hidden_states`)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def _token_logps(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    logits = head(hidden).float()
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(ids[t] | ids[:t]) over the positions t where `mask` is True, per row (fp32).
-
-    `ids` and `mask` are (B, L): the model reads `ids[:, :-1]`, and `mask[:, 0]` is ignored (the
-    first id has no context). Prompt and padding positions (mask False) contribute nothing.
-
-    Only the scored positions go through the output head, chunk by chunk, and while gradients are
-    on each chunk's logits are recomputed in backward rather than kept, so the (tokens x
-    vocabulary) logits of a batch are never held at once.
-    """
-    network = _language_model(model)
-    inputs, targets, scored = ids[:, :-1], ids[:, 1:], mask[:, 1:].bool()
-    hidden = network.hidden_states(inputs)
-    picked_hidden = hidden[scored]
-    picked_targets = targets[scored]
-    head = network.lm_head
-    chunk = max(1, _LOGIT_CHUNK_ELEMENTS // int(network.vocab_size))
-    pieces = []
-    for start in range(0, picked_hidden.shape[0], chunk):
-        rows = picked_hidden[start : start + chunk]
-        row_targets = picked_targets[start : start + chunk]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, rows, row_targets, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(head, rows, row_targets))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    per_position = torch.zeros(scored.shape, dtype=torch.float32, device=ids.device)
-    per_position = per_position.masked_scatter(scored, token_logps)
-    return per_position.sum(dim=1)
-
-
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair losses, chosen rewards, rejected rewards), each (B,), from sequence log-probs.
-
-    The sigmoid DPO loss on h = (pi_c - ref_c) - (pi_r - ref_r):
-    -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h), where ls is the share of pairs
-    assumed to be labelled the wrong way round (cDPO, as TRL computes it; ls = 0 is plain DPO).
-    Rewards are the implicit ones, beta * (policy - reference), detached: they are for reporting.
-    """
-    chosen_ratio = policy_chosen - reference_chosen
-    rejected_ratio = policy_rejected - reference_rejected
-    logits = beta * (chosen_ratio - rejected_ratio)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
-        -logits
-    )
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
-
-def preference_metrics(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-) -> dict[str, float]:
-    """Means of the implicit rewards, their margin, and how often the chosen reply wins.
-
-    A tie counts as wrong (strictly greater wins), so a policy that has not moved from its
-    reference scores 0, not 0.5.
-    """
-    chosen = chosen_rewards.detach().float()
-    rejected = rejected_rewards.detach().float()
-    return {
-        "chosen_reward": float(chosen.mean()),
-        "rejected_reward": float(rejected.mean()),
-        "margin": float((chosen - rejected).mean()),
-        "pref_accuracy": float((chosen > rejected).float().mean()),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
-
-
-def pair_fingerprint(pairs: Sequence[PreferencePair]) -> str:
-    """A short hash of every pair's ids, so a resume can refuse data that changed."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for array in (pair.chosen_ids, pair.rejected_ids):
-            digest.update(len(array).to_bytes(4, "little"))
-            digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
-
-
-class PairOrder:
-    """Which training pair comes next, as a position a checkpoint can save and restore.
-
-    A permutation of the pairs per epoch, a pure function of (seed, epoch), taken `n` pairs at a
-    time: `state()` (epoch + cursor) replays the exact batches, and 2 micro-batches of 2 pairs
-    train the same 4 pairs as one micro-batch of 4. The state also records the pairs' count and
-    fingerprint, so a resume on changed data is refused rather than silently reordered. Shared by
-    every stage that trains on preference pairs (DPO, the reward model).
-    """
-
-    def __init__(self, pairs: Sequence[PreferencePair], seed: int, data_name: str) -> None:
-        if not pairs:
-            raise ValueError("PairOrder needs at least one pair")
-        self.count = len(pairs)
-        self.seed = seed
-        self.data_name = data_name  # names the data in the refusal message ("DPO", "reward")
-        self.fingerprint = pair_fingerprint(pairs)
-        self.epoch = 0
-        self.cursor = 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
-
-    def take(self, count: int) -> list[int]:
-        """The indices of the next `count` pairs, crossing into the next epoch as needed."""
-        indices = []
-        for _ in range(count):
-            if self.cursor >= len(self._order):
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._epoch_order(self.epoch)
-            indices.append(int(self._order[self.cursor]))
-            self.cursor += 1
-        return indices
-
-    def epochs_done(self) -> float:
-        return self.epoch + self.cursor / self.count
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "pairs": self.count,
-            "fingerprint": self.fingerprint,
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        saved_count = state.get("pairs")
-        saved_print = state.get("fingerprint")
-        if (saved_count is not None and int(saved_count) != self.count) or (
-            saved_print is not None and saved_print != self.fingerprint
-        ):
-            raise UserError(
-                f"the {self.data_name} training data changed since the checkpoint ({saved_count} "
-                f"pairs then, {self.count} now, or different pairs): resume with the same data "
-                "and context length, or start over with --overwrite"
-            )
-        self.epoch = int(state["epoch"])
-        self.cursor = int(state["cursor"])
-        self._order = self._epoch_order(self.epoch)
-
-
-class PairStage(StageBase):
-    """What every stage over preference pairs shares: its position is a `PairOrder`."""
-
-    order: PairOrder
-    train_pairs: list[PreferencePair]
-
-    def epochs_done(self) -> float:
-        return self.order.epochs_done()
-
-    def sequences_per_epoch(self) -> int:
-        """Pairs in one pass (the Trainer's batch sizes count pairs for this stage)."""
-        return len(self.train_pairs)
-
-    def data_state(self) -> dict[str, Any]:
-        return self.order.state()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.order.load_state(state)
 
 
 class DpoStage(PairStage):
@@ -487,6 +88,7 @@ class DpoStage(PairStage):
         tokenizer: Any = None,
         exact_match_records: Sequence[dict] = (),
         exact_match_per_family: int = 16,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_pairs:
             raise UserError("no DPO training pairs (all were empty or identical after truncation)")
@@ -514,7 +116,7 @@ class DpoStage(PairStage):
         count = len(val_pairs) if eval_pairs is None else min(len(val_pairs), max(1, eval_pairs))
         picks = np.linspace(0, len(val_pairs) - 1, count).round().astype(np.int64)
         self.val_pairs = [val_pairs[i] for i in sorted(set(picks.tolist()))]
-        self.eval_batch = 8  # pairs per evaluation forward; the caller may lower it
+        self.eval_batch = eval_batch  # pairs per evaluation forward; the caller may lower it
         self.order = PairOrder(self.train_pairs, seed, "DPO")
         self.reference_train: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         self.reference_val: torch.Tensor | None = None
@@ -643,8 +245,6 @@ class DpoStage(PairStage):
         return result
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        from minigpt_cli.engine.stages.sft import held_out_exact_match
-
         metrics = self.preference_eval(model)
         metrics.update(
             held_out_exact_match(
@@ -679,23 +279,13 @@ class DpoStage(PairStage):
 
 
 def run_dpo(
-    config: Config, spec: Any, inputs: FinetuneInputs, on_event: EventCallback | None = None
+    config: Config, spec: RunSpec, inputs: FinetuneInputs, on_event: EventCallback | None = None
 ) -> dict[str, Any]:
     """Preference-tune (or resume) a DPO run in `spec.run_dir`; returns the Trainer's summary.
 
     The reference is the starting policy (the parent, adapters included), scored once before the
     Trainer restores any checkpoint, so only one model is ever in memory.
     """
-    from minigpt_cli.engine.hardware.device import autocast_context
-    from minigpt_cli.engine.stages.pretrain import fit_memory
-    from minigpt_cli.engine.stages.sft import (
-        finish_finetune,
-        load_sft_records,
-        start_finetune,
-        train_and_val_records,
-        trainable_parameters,
-    )
-
     setup = start_finetune(config, spec, inputs, "dpo", on_event)
     train, tokenizer, settings = setup.train, setup.tokenizer, config.dpo
     train_records, val_records = train_and_val_records("dpo", inputs, config)
@@ -738,6 +328,7 @@ def run_dpo(
         tokenizer=tokenizer,
         exact_match_records=exact_match_records,
         exact_match_per_family=settings.exact_match_per_family,
+        eval_batch=min(EVAL_BATCH, micro_batch),
     )
     stage.cache_reference(
         setup.model,

@@ -15,18 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.config.schema import Config, TrainConfig
+from minigpt_cli.config.schema import Config, TrainConfig, parse_memory
 from minigpt_cli.datasets import BUILTIN_DATA_SEED
+from minigpt_cli.datasets.builtin import pretrain_records
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything
-from minigpt_cli.engine.data.shards import is_shard_folder
+from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards, is_shard_folder
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.data.tokenizer_training import VocabularyTooLarge, train_tokenizer
+from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.metrics.text import token_byte_lengths
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.resources.governor import tokenizer_training_chars
+from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
+from minigpt_cli.engine.runs.load import load_model_weights
+from minigpt_cli.engine.training.finetune import resolve_hardware
 from minigpt_cli.engine.training.optim import plan_steps
-from minigpt_cli.engine.training.trainer import Batch, RunSpec, StageBase, Trainer
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
-
-EVAL_BATCH = 8
-"""Validation windows per forward pass, at most the micro-batch (see `run_shape`)."""
 
 
 class PretrainStage(StageBase):
@@ -42,6 +49,7 @@ class PretrainStage(StageBase):
         seed: int,
         token_bytes: np.ndarray,
         eval_sequences: int,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         self.train_tokens = train_tokens
         self.val_tokens = val_tokens
@@ -63,7 +71,7 @@ class PretrainStage(StageBase):
         count = min(val_windows, eval_sequences)
         self.val_starts = np.linspace(0, (val_windows - 1) * seq_len, count).astype(np.int64)
         self.val_starts = (self.val_starts // seq_len) * seq_len
-        self.eval_batch = EVAL_BATCH  # run_pretrain lowers it with the micro-batch (run_shape)
+        self.eval_batch = eval_batch  # at most the micro-batch: `run_shape` lowers it
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
@@ -163,8 +171,6 @@ class PretrainInputs:
 
 
 def _builtin_texts(config: Config) -> list[str]:
-    from minigpt_cli.datasets.builtin import pretrain_records
-
     return [r["text"] for r in pretrain_records(config.data.builtin_size, seed=BUILTIN_DATA_SEED)]
 
 
@@ -183,9 +189,6 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    from minigpt_cli.engine.data.tokenizer import Tokenizer
-    from minigpt_cli.engine.data.tokenizer_training import VocabularyTooLarge, train_tokenizer
-
     own = run_dir / "tokenizer.model"
     if resume and own.exists():
         return Tokenizer.load(run_dir)
@@ -231,10 +234,6 @@ def _prepare_tokenizer(
 
 
 def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -> int:
-    from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
-    from minigpt_cli.engine.resources.governor import tokenizer_training_chars
-
     wanted = config.tokenizer.max_training_chars
     cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
     chars = tokenizer_training_chars(wanted, cap, tree_rss_bytes())
@@ -258,8 +257,6 @@ def _token_stream(
     tokenizer: Any, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
 ) -> TokenRange:
     """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
-    from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards
-
     if len(paths) == 1 and is_shard_folder(paths[0]):
         shards = TokenShards(paths[0])
         expected = shards.meta.get("tokenizer_sha256")
@@ -353,74 +350,6 @@ def run_shape(
     )
 
 
-def fit_memory(
-    config: Config,
-    vocab_size: int,
-    precision: str,
-    data_bytes: int,
-    on_event: EventCallback | None,
-    *,
-    stage: str = "pretrain",
-    measure_baseline: bool = False,
-    **estimate_kwargs: Any,
-) -> tuple[int, list[str]]:
-    """Estimate peak memory before anything large is allocated and fit the micro-batch to the cap.
-
-    Returns the micro-batch to train with and the governor messages to log. The decision itself is
-    `estimate.plan_micro_batch`, shared with `doctor` so its recommendation and this run agree; here
-    it is acted on: the estimate is shown beside the cap, activation checkpointing is switched on
-    in the config when the plan needs it, and when nothing fits the run stops with exit status 2.
-    `measure_baseline`: a training run plans with what this process really holds already (never
-    less than the estimator's constant), since imports and libraries differ between machines.
-    """
-    from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes
-    from minigpt_cli.engine.resources.estimate import plan_micro_batch
-
-    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
-    if measure_baseline and "framework_bytes" not in estimate_kwargs:
-        estimate_kwargs["framework_bytes"] = measured_framework_bytes()
-    plan = plan_micro_batch(
-        config, vocab_size, precision, data_bytes, cap, stage=stage, **estimate_kwargs
-    )
-    emit(
-        on_event,
-        "note",
-        stage,
-        message=f"memory: {plan.configured_estimate.describe()}; cap {cap / 2**20:,.0f} MB",
-    )
-    if not plan.fits:
-        raise UserError(plan.refusal)
-    if plan.activation_checkpointing and not config.model.activation_checkpointing:
-        config.model.activation_checkpointing = True
-    for message in plan.messages:
-        emit(on_event, "governor", stage, message=message)
-    return plan.micro_batch_size, plan.messages
-
-
-def measured_framework_bytes() -> int:
-    """The process tree's resident memory now (after handing freed heap back), at least the
-    estimator's constant for a process that prepared its data: the baseline a plan adds to."""
-    from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
-    from minigpt_cli.engine.resources.estimate import FRAMEWORK_BYTES, PIPELINE_BYTES
-    from minigpt_cli.engine.resources.governor import release_memory
-
-    release_memory()
-    return max(FRAMEWORK_BYTES + PIPELINE_BYTES, tree_rss_bytes())
-
-
-def _refuse_what_cannot_fit(config: Config, precision: str) -> None:
-    """Exit 2 before tokenizer training when not even the smallest setting could fit the cap."""
-    from minigpt_cli.config.schema import parse_memory
-    from minigpt_cli.engine.hardware.monitor import physical_memory_bytes
-    from minigpt_cli.engine.resources.estimate import plan_micro_batch
-
-    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
-    plan = plan_micro_batch(config, config.tokenizer.vocab_size, precision, 0, cap)
-    if not plan.fits:
-        raise UserError(plan.refusal)
-
-
 def run_pretrain(
     config: Config,
     spec: RunSpec,
@@ -428,19 +357,9 @@ def run_pretrain(
     on_event: EventCallback | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a pretraining run in `spec.run_dir`; returns the Trainer's summary."""
-    from minigpt_cli.engine.hardware.device import (
-        apply_matmul_precision,
-        resolve_device,
-        resolve_precision,
-    )
-    from minigpt_cli.engine.model.gpt import GPT
-    from minigpt_cli.engine.runs.load import load_model_weights
-
     train = config.stage_train("pretrain")
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
-    apply_matmul_precision(precision)
-    _refuse_what_cannot_fit(config, precision.dtype_name)
+    device, precision = resolve_hardware(train)
+    refuse_what_cannot_fit(config, precision.dtype_name)
     tokenizer = _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event)
     config.tokenizer.vocab_size = tokenizer.vocab_size
     train_tokens, val_tokens = load_tokens(config, inputs, tokenizer, spec.run_dir, on_event)
@@ -467,8 +386,8 @@ def run_pretrain(
         seed=train.seed,
         token_bytes=token_byte_lengths(tokenizer),
         eval_sequences=shape.eval_sequences,
+        eval_batch=shape.eval_batch,
     )
-    stage.eval_batch = shape.eval_batch
     seed_everything(train.seed)
     model = GPT(config.model, tokenizer.vocab_size)
     if inputs.from_run is not None and not spec.resume:

@@ -4,7 +4,8 @@ The stage turns reinforcement learning into what the Trainer already runs, a seq
 steps over batches:
 
 - An *iteration* samples responses to `rollout_batch_size` prompts with the KV cache (GRPO: G per
-  prompt), scores them (`RewardFunction`: a reward model trained here, the rule checker, or both)
+  prompt), scores them (`metrics.rewards.RewardSource`: a reward model trained here by
+  `stages.reward`, the rule checker, or both)
   and computes, without gradients, everything the losses compare against: the sampling policy's
   log-probabilities, the frozen reference's, values and advantages (PPO: KL-penalised rewards and
   GAE; GRPO: group-normalised rewards). That happens in `before_step`, when the buffer is used up.
@@ -17,220 +18,51 @@ steps over batches:
   the stage checkpoints its buffer, running reward statistics and KL controller, so a killed run
   resumes exactly where it stopped.
 
-Tensors of one batch follow `engine.rl`: (B, R) over response tokens only, right-padded; the model
-reads the whole right-padded sequence (prompt + response) and the response positions are
-gathered from it.
+Tensors of one batch follow `objectives.rl`: (B, R) over response tokens only, right-padded; the
+model reads the whole right-padded sequence (prompt + response) and the response positions are
+gathered from it (`objectives.policy.response_outputs`).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from minigpt_cli.config.schema import Config
+from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.inference.decode import generate_batch
+from minigpt_cli.engine.inference.generation import SamplingSettings
+from minigpt_cli.engine.metrics.exact_match import (
+    AnswerResult,
+    score_answers,
+    summarise_exact_match,
+)
+from minigpt_cli.engine.metrics.rewards import RewardSource
+from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.objectives import rl
-from minigpt_cli.engine.runs.files import VALUE_HEAD_FILE
-from minigpt_cli.engine.training.trainer import Batch
+from minigpt_cli.engine.objectives.policy import Reference, response_outputs
+from minigpt_cli.engine.resources.memory import fit_memory
+from minigpt_cli.engine.runs.files import VALUE_HEAD_FILE, load_tensors
+from minigpt_cli.engine.runs.load import language_model_files, load_language_model_files
+from minigpt_cli.engine.stages.reward import run_reward
+from minigpt_cli.engine.training.finetune import (
+    FinetuneInputs,
+    finish_finetune,
+    start_finetune,
+    train_and_val_records,
+    trainable_parameters,
+)
+from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase, WeightFiles
+from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
-
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-
-
-class PolicyWithValue(nn.Module):
-    """The PPO model: the policy GPT plus a scalar value head on its final hidden states.
-
-    Sharing the trunk keeps one model in memory (early TRL's `ValueHead` design) instead of a
-    second network of the policy's size. The run's `model.safetensors` (or adapter) stays a plain
-    language model that generate/chat/eval load; the head is saved beside it.
-    """
-
-    def __init__(self, policy: nn.Module) -> None:
-        super().__init__()
-        self.policy = policy
-        self.value_head = nn.Linear(policy.config.n_embd, 1, bias=False)
-        nn.init.zeros_(self.value_head.weight)  # values start at 0: returns are learned from there
-
-    @property
-    def config(self) -> Any:
-        return self.policy.config
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.policy.vocab_size)
-
-    def weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        """What the Trainer checkpoints: the policy's own file(s) and the value head."""
-        from minigpt_cli.engine.runs.load import language_model_files
-
-        head = {"value_head.weight": self.value_head.weight.detach()}
-        return {
-            **language_model_files(self.policy),
-            VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"}),
-        }
-
-    def load_weight_files(self, folder: Any) -> None:
-        """Restore what `weight_files` wrote (resume)."""
-        from minigpt_cli.engine.runs.files import load_tensors
-        from minigpt_cli.engine.runs.load import load_language_model_files
-
-        head = load_tensors(folder / VALUE_HEAD_FILE)
-        with torch.no_grad():
-            self.value_head.weight.copy_(head["value_head.weight"])
-        load_language_model_files(self.policy, folder)
-
-
-def policy_of(model: nn.Module) -> nn.Module:
-    """The language model inside a PPO wrapper (or the model itself for GRPO)."""
-    return model.policy if isinstance(model, PolicyWithValue) else model
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run a LoRA model as its base (adapter scale 0): the reference policy for free."""
-    from minigpt_cli.engine.model.lora import LoRALinear
-
-    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    scales = [m.scaling for m in modules]
-    for module in modules:
-        module.scaling = 0.0
-    try:
-        yield
-    finally:
-        for module, scale in zip(modules, scales, strict=True):
-            module.scaling = scale
-
-
-class Reference:
-    """The frozen starting policy the KL penalty measures against, in its cheapest form.
-
-    A LoRA policy's reference is the same network with its adapters switched off (no copy at all);
-    a fully trained policy gets a frozen copy of its starting weights.
-    """
-
-    def __init__(self, policy: nn.Module) -> None:
-        from minigpt_cli.engine.model.lora import has_lora
-
-        self.shared = has_lora(policy)
-        self.policy = policy
-        self.copy: nn.Module | None = None
-        if not self.shared:
-            import copy
-
-            self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    @property
-    def extra_parameters(self) -> int:
-        """Parameters held beyond the policy's (for the memory estimate)."""
-        return 0 if self.copy is None else sum(p.numel() for p in self.copy.parameters())
-
-    @torch.no_grad()
-    def logps(self, batch: Batch) -> torch.Tensor:
-        if self.copy is not None:
-            return response_outputs(self.copy, batch)[0]
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with adapters_disabled(self.policy):
-                return response_outputs(self.policy, batch)[0]
-        finally:
-            self.policy.train(was_training)
-
-
-def response_outputs(
-    model: nn.Module, batch: Batch, *, with_values: bool = False, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(logps, values, entropy) of the response tokens of a batch, each (B, R).
-
-    `batch["ids"]` (B, L) holds prompt + response + padding, `batch["positions"]` (B, R) the
-    index in `ids` of each response token. Only the response positions go through the output head.
-    """
-    policy = policy_of(model)
-    ids, positions = batch["ids"], batch["positions"]
-    hidden = policy.hidden_states(ids[:, :-1])
-    # The token at position p is predicted from the hidden state at p - 1.
-    index = (positions - 1).clamp(min=0)
-    selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    logits = policy.lm_head(selected).float()
-    tokens = ids.gather(1, positions)
-    logps = rl.logps_from_logits(logits, tokens)
-    values = None
-    if with_values and isinstance(model, PolicyWithValue):
-        values = model.value_head(selected).squeeze(-1).float()
-    entropy = None
-    if with_entropy:
-        entropy = rl.entropy_from_logits(logits, batch["mask"])
-    return logps, values, entropy
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards
-# ----------------------------------------------------------------------------------------------
-
-
-RewardFunction = Callable[[list[dict], list[list[int]], list[str]], dict[str, torch.Tensor]]
-"""(records, full sequences as ids, response texts) -> named (N,) score tensors."""
-
-
-def rule_scores(records: Sequence[dict], responses: Sequence[str]) -> torch.Tensor:
-    """1.0 where the response equals the record's answer after SFT's normalisation, else 0.0."""
-    from minigpt_cli.engine.stages.sft import normalise_answer
-
-    scores = []
-    for record, response in zip(records, responses, strict=True):
-        answer = record.get("answer")
-        if answer is None:
-            raise UserError(
-                "the rule reward needs prompts with an 'answer' (use --reward model otherwise)"
-            )
-        scores.append(float(normalise_answer(response) == normalise_answer(str(answer))))
-    return torch.tensor(scores)
-
-
-@dataclass
-class RewardSource:
-    """How responses are judged: `kind` is model, rule or both (each term standardised)."""
-
-    kind: str
-    reward_model: nn.Module | None = None
-    pad_id: int = 0
-    moments: dict[str, rl.RunningMoments] = field(default_factory=dict)
-
-    def terms(
-        self, records: Sequence[dict], sequences: Sequence[list[int]], responses: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        """The raw scores per term, each (N,)."""
-        from minigpt_cli.engine.stages.reward import score_texts
-
-        terms: dict[str, torch.Tensor] = {}
-        if self.kind in ("model", "both"):
-            assert self.reward_model is not None
-            # A long answer keeps its end (the response) within the model's context.
-            context = self.reward_model.config.context_length
-            clipped = [list(sequence[-context:]) for sequence in sequences]
-            terms["model"] = score_texts(self.reward_model, clipped, pad_id=self.pad_id)
-        if self.kind in ("rule", "both"):
-            terms["rule"] = rule_scores(records, responses)
-        return terms
-
-    def combine(self, terms: dict[str, torch.Tensor], update: bool = True) -> torch.Tensor:
-        """One raw reward per response: the term itself, or the sum of standardised terms."""
-        if len(terms) == 1:
-            return next(iter(terms.values()))
-        total = torch.zeros_like(next(iter(terms.values())))
-        for name, values in terms.items():
-            moments = self.moments.setdefault(name, rl.RunningMoments())
-            total += rl.normalise_and_clip(values, moments, None, update=update)
-        return total
-
 
 # ----------------------------------------------------------------------------------------------
 # The stage
@@ -275,7 +107,7 @@ def _decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-class RlStage:
+class RlStage(StageBase):
     """PPO or GRPO iterations as Trainer steps (see the module docstring)."""
 
     name = "rlhf"
@@ -294,6 +126,7 @@ class RlStage:
         global_batch_size: int,
         seq_len: int,
         on_sample: Callable[[str], None] | None = None,
+        eval_batch: int = EVAL_BATCH,
     ) -> None:
         if not train_records:
             raise UserError("no RLHF training prompts")
@@ -343,6 +176,7 @@ class RlStage:
         self.buffer_cursor = 0
         self.rollout_stats: dict[str, float] = {}
         self.mean_loss_tokens = float(settings.max_new_tokens)
+        self.eval_batch = eval_batch
 
     # ------------------------------------------------------------------------------ rollouts
 
@@ -363,9 +197,6 @@ class RlStage:
 
     def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
         """(record index, response ids incl. end-of-turn when it stopped) per sampled response."""
-        from minigpt_cli.engine.inference.decode import generate_batch
-        from minigpt_cli.engine.inference.generation import SamplingSettings
-
         policy = policy_of(model)
         stops = chat_template.stop_token_ids(self.tokenizer)
         responses = []
@@ -503,7 +334,7 @@ class RlStage:
         return int(batch["mask"].sum())
 
     def loss_normaliser(self, batch: Batch) -> int:
-        """PPO averages over response tokens, GRPO over sequences (see engine.rl)."""
+        """PPO averages over response tokens, GRPO over sequences (see objectives.rl)."""
         if self.settings.algo == "grpo":
             return int(batch["mask"].shape[0])
         return int(batch["mask"].sum())
@@ -540,8 +371,6 @@ class RlStage:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Greedy answers to held-out prompts: reward, length, distinct-2, exact match."""
-        from minigpt_cli.engine.stages.sft import score_answers, summarise_exact_match
-
         policy = policy_of(model)
         records = self.val_records[: self.settings.eval_prompts]
         if not records:
@@ -567,7 +396,7 @@ class RlStage:
             metrics.update(summarise_exact_match(results))
         return metrics
 
-    def _record_of(self, result: Any) -> dict:
+    def _record_of(self, result: AnswerResult) -> dict:
         return {"prompt_messages": result.prompt_messages, "answer": result.reference}
 
     def epochs_done(self) -> float:
@@ -624,126 +453,65 @@ class RlStage:
             self.buffer = None
             self.buffer_order = torch.empty(0, dtype=torch.long)
 
+    def weight_files(self, model: nn.Module) -> WeightFiles:
+        """PPO's model checkpoints the policy's own file(s) and the value head beside them, so the
+        run's `model.safetensors` (or adapter) stays a plain language model; GRPO's model is the
+        policy alone."""
+        if not isinstance(model, PolicyWithValue):
+            return super().weight_files(model)
+        head = {"value_head.weight": model.value_head.weight.detach()}
+        return {
+            **language_model_files(model.policy),
+            VALUE_HEAD_FILE: (head, {"format": "minigpt-value-head"}),
+        }
+
+    def load_weight_files(self, model: nn.Module, folder: Path) -> None:
+        """Restore what `weight_files` wrote (resume)."""
+        if not isinstance(model, PolicyWithValue):
+            super().load_weight_files(model, folder)
+            return
+        head = load_tensors(folder / VALUE_HEAD_FILE)
+        with torch.no_grad():
+            model.value_head.weight.copy_(head["value_head.weight"])
+        load_language_model_files(model.policy, folder)
+
 
 # ----------------------------------------------------------------------------------------------
 # The runs
 # ----------------------------------------------------------------------------------------------
 
 
-REWARD_DIR = "reward"
-
-
-def train_reward_model(
-    config: Any, spec: Any, inputs: Any, setup: Any, on_event: Any
-) -> tuple[nn.Module, str]:
-    """The reward model: reused (--reward-model), finished earlier in reward/, or trained now.
-
-    Trained as its own run directory (`reward/` inside the RLHF run) by the one Trainer, so it
-    resumes on its own after a kill, and starts from the policy's weights (InstructGPT's recipe:
-    a reward model that already knows the language the policy speaks).
-    """
-    from minigpt_cli.engine.core.events import emit
-    from minigpt_cli.engine.core.seeding import seed_everything
-    from minigpt_cli.engine.runs import checkpoint as ckpt
-    from minigpt_cli.engine.stages.dpo import load_dpo_records
-    from minigpt_cli.engine.stages.pretrain import fit_memory
-    from minigpt_cli.engine.stages.reward import (
-        RewardStage,
-        build_reward_pairs,
-        load_reward_model,
-        reward_model_from_policy,
-    )
-    from minigpt_cli.engine.training.trainer import RunSpec, Trainer
-
-    if inputs.reward_model is not None:
-        loaded = load_reward_model(inputs.reward_model, str(setup.device))
-        return loaded.model, str(inputs.reward_model)
-    reward_dir = spec.run_dir / REWARD_DIR
-    point = ckpt.find_resume_point(reward_dir) if reward_dir.is_dir() else None
-    if point is not None and ckpt.read_state(point).get("finished"):
-        emit(
-            on_event, "note", "reward", message=f"reusing the finished reward model in {reward_dir}"
-        )
-        return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
-    emit(on_event, "note", "reward", message="training the reward model on preference pairs")
-    train = config.stage_train("reward")
-    seed_everything(train.seed)
-    model = reward_model_from_policy(policy_of(setup.model)).to(setup.device)
-    context = config.model.context_length
-    data = inputs.preference_data or None
-    train_pairs, stats = build_reward_pairs(
-        load_dpo_records(data, "train", config), setup.tokenizer, context
-    )
-    val_pairs, _ = build_reward_pairs(
-        load_dpo_records(data, "val", config), setup.tokenizer, context
-    )
-    emit(on_event, "note", "reward", message=f"training: {stats.describe()}")
-    micro_batch, messages = fit_memory(
-        config,
-        setup.tokenizer.vocab_size,
-        setup.precision.dtype_name,
-        16 * stats.tokens,
-        on_event,
-        measure_baseline=True,
-        stage="reward",
-        sequences_per_example=2,
-        # A reward model reads every id of a pair (the last is the one it scores).
-        seq_len=max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs),
-    )
-    stage = RewardStage(
-        train_pairs,
-        val_pairs,
-        seq_len=context,
-        seed=train.seed,
-        pad_id=setup.tokenizer.pad_id,
-        eval_pairs=train.eval_batches * train.micro_batch_size,
-    )
-    stage.eval_batch = min(stage.eval_batch, micro_batch)
-    reward_dir.mkdir(parents=True, exist_ok=True)
-    setup.tokenizer.save(reward_dir)
-    reward_spec = RunSpec(
-        run_dir=reward_dir,
-        resume=point is not None,
-        parent=str(inputs.from_run),
-        sources={"preference_data": [str(p) for p in inputs.preference_data]},
-        events=[{"event": "governor", "message": m} for m in messages],
-    )
-    Trainer(
-        config,
-        stage,
-        model,
-        reward_spec,
-        device=setup.device,
-        precision=setup.precision,
-        on_event=on_event,
-        vocab_size=setup.tokenizer.vocab_size,
-        micro_batch_size=micro_batch,
-    ).fit()
-    return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
-
-
-def rl_settings(config: Any) -> RlSettings:
+def rl_settings(config: Config) -> RlSettings:
     """The stage's knobs from the `[rlhf]` section."""
     section = config.rlhf
     return RlSettings(**{name: getattr(section, name) for name in RlSettings.__dataclass_fields__})
 
 
-def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[str, Any]:
-    """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
-    from minigpt_cli.engine.core.events import emit
-    from minigpt_cli.engine.stages.pretrain import fit_memory
-    from minigpt_cli.engine.stages.sft import (
-        finish_finetune,
-        start_finetune,
-        train_and_val_records,
-        trainable_parameters,
-    )
+@dataclass
+class RlhfInputs(FinetuneInputs):
+    """A fine-tuning run's inputs plus where the reward model comes from."""
 
+    preference_data: list[Path] = field(default_factory=list)  # the reward model's pairs
+    reward_model: Path | None = None  # a reward run to reuse instead of training one
+
+
+def run_rlhf(
+    config: Config, spec: RunSpec, inputs: RlhfInputs, on_event: EventCallback | None = None
+) -> dict[str, Any]:
+    """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     setup = start_finetune(config, spec, inputs, "rlhf", on_event)
     settings = rl_settings(config)
     reward_model = None
     if config.rlhf.reward in ("model", "both"):
-        reward_model, source = train_reward_model(config, spec, inputs, setup, on_event)
+        reward_model, source = run_reward(
+            config,
+            spec,
+            setup,
+            parent=inputs.from_run,
+            preference_data=inputs.preference_data,
+            reuse=inputs.reward_model,
+            on_event=on_event,
+        )
         reward_model.eval().requires_grad_(False)
         spec.sources["reward_model"] = source
     reward = RewardSource(config.rlhf.reward, reward_model, setup.tokenizer.pad_id)
@@ -783,6 +551,6 @@ def run_rlhf(config: Any, spec: Any, inputs: Any, on_event: Any = None) -> dict[
         global_batch_size=train.global_batch_size,
         seq_len=config.model.context_length,
         on_sample=lambda message: emit(on_event, "note", "rlhf", message=message),
+        eval_batch=micro_batch,
     )
-    stage.eval_batch = micro_batch
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

@@ -1,1 +1,1 @@
-"""Layer 6: the one training loop (Trainer, Stage protocol), its optimizer, step timing, curves."""
+"""Layer 6: the one training loop (Trainer, the Stage contract), what fine-tuning shares, curves."""

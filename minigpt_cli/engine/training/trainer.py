@@ -1,10 +1,10 @@
 """The one training loop every stage runs on.
 
-A `Stage` supplies what differs between pretraining, SFT, DPO and RL: its batches (with a position
-that can be saved and restored), its loss, its evaluation and any work between optimizer steps.
-The `Trainer` owns everything else — optimizer, schedule, accumulation, clipping, autocast,
-evaluation cadence, checkpoints, exact resume, metrics and events — so a new stage never copies
-the loop.
+A `Stage` (training/stage.py) supplies what differs between pretraining, SFT, DPO and RL: its
+batches (with a position that can be saved and restored), its loss, its evaluation and any work
+between optimizer steps. The `Trainer` owns everything else — optimizer, schedule, accumulation,
+clipping, autocast, evaluation cadence, checkpoints, exact resume, metrics and events — so a new
+stage never copies the loop.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,66 +47,8 @@ from minigpt_cli.engine.runs.files import (
 )
 from minigpt_cli.engine.training import optim
 from minigpt_cli.engine.training.plot import plot_metrics
+from minigpt_cli.engine.training.stage import Batch, Stage
 from minigpt_cli.errors import UserError
-
-Batch = dict[str, torch.Tensor]
-
-
-class Stage(Protocol):
-    """What a training stage supplies to the Trainer."""
-
-    name: str
-
-    def next_batch(self, num_sequences: int) -> Batch:
-        """The next `num_sequences` training examples (CPU tensors; the trainer moves them)."""
-
-    def count_tokens(self, batch: Batch) -> int:
-        """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded).
-
-        The step's summed loss is divided by the step's total of this count, unless the stage
-        also has `loss_normaliser(batch)` (preference stages average per pair, not per token).
-        """
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed loss over the batch's loss tokens, and metrics to average into the log line."""
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Held-out metrics (val_loss, val_ppl, val_bpb, ...)."""
-
-    def epochs_done(self) -> float:
-        """Passes over the training data so far (for --epochs)."""
-
-    def sequences_per_epoch(self) -> int:
-        """Training examples in one pass (to turn --epochs into steps)."""
-
-    def data_state(self) -> dict[str, Any]:
-        """The data position, JSON-serialisable."""
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        """Restore a position from `data_state`."""
-
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        """Work between optimizer steps (RL rollouts); a no-op for supervised stages."""
-
-    def extra_state(self) -> dict[str, Any]:
-        """Anything else the stage must checkpoint (JSON-serialisable)."""
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore `extra_state`."""
-
-
-class StageBase:
-    """The Stage protocol's optional parts as no-ops, for stages without between-step work or
-    state beyond their data position (everything but RL)."""
-
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
 
 class TrainingInterrupted(Exception):
@@ -248,7 +190,7 @@ class Trainer:
         """Checkpoint the model, optimizer and trainer state at the current step."""
         optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         files = {
-            **self._weight_files(),
+            **self.stage.weight_files(self.model),
             OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
         }
         folder = ckpt.save_checkpoint(
@@ -257,17 +199,6 @@ class Trainer:
         self._event("checkpoint", step=self.step, path=str(folder))
         self.metrics.write(self._row("event", event="checkpoint", message=f"saved {folder.name}"))
         return folder
-
-    def _weight_files(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        """The model's trained weights: the whole model, or only the adapters of a LoRA run.
-
-        A model with its own `weight_files()` (PPO's policy + value head) says what it needs.
-        """
-        from minigpt_cli.engine.runs.load import language_model_files
-
-        if hasattr(self.model, "weight_files"):
-            return self.model.weight_files()
-        return language_model_files(self.model)
 
     def _row(self, kind: str, **values: Any) -> dict[str, Any]:
         return {
@@ -284,7 +215,7 @@ class Trainer:
         if point is None:
             raise UserError(f"{self.spec.run_dir}: no complete checkpoint to resume from")
         state = ckpt.read_state(point)
-        self._load_weights(point)
+        self.stage.load_weight_files(self.model, point)
         tensors = load_tensors(point / OPTIMIZER_FILE)
         ckpt.restore_optimizer(
             self.optimizer,
@@ -304,14 +235,6 @@ class Trainer:
         self.stage.load_extra_state(state.get("extra", {}))
         _restore_rng(state["rng"])
         self._resumed_from = point
-
-    def _load_weights(self, point: Path) -> None:
-        from minigpt_cli.engine.runs.load import load_language_model_files
-
-        if hasattr(self.model, "load_weight_files"):
-            self.model.load_weight_files(point)
-        else:
-            load_language_model_files(self.model, point)
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
@@ -344,13 +267,11 @@ class Trainer:
         sequences_per_step = self.train.global_batch_size
         # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
         # tokens of an example in fine-tuning (so --max-tokens counts what it says).
-        per_sequence = getattr(self.stage, "mean_loss_tokens", None) or getattr(
-            self.stage, "seq_len", 1
-        )
+        per_sequence = self.stage.mean_loss_tokens or self.stage.seq_len
         tokens_per_step = max(1, round(sequences_per_step * per_sequence))
         # An RL stage runs several optimizer steps per iteration; its lengths and cadences count
         # iterations (its config says "100 iterations", not "100 x steps_per_iteration steps").
-        unit = self._unit = int(getattr(self.stage, "steps_per_iteration", 1))
+        unit = self._unit = int(self.stage.steps_per_iteration)
         self.total_steps = unit * optim.plan_steps(
             self.train,
             tokens_per_step * unit,
@@ -403,7 +324,7 @@ class Trainer:
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
         )
-        if getattr(self.stage, "evaluate_at_start", False) and self.step == 0:
+        if self.stage.evaluate_at_start and self.step == 0:
             self._evaluate()  # the baseline a stage's gains are read against (RL's "before")
         window_tokens, window_time, window_metrics = 0, 0.0, {}
         last_rate = 0.0
@@ -527,7 +448,7 @@ class Trainer:
         self._event("governor", message=message)
 
     def stage_seq_len(self) -> int:
-        return int(getattr(self.stage, "seq_len", self.config.model.context_length))
+        return int(self.stage.seq_len)
 
     def _peak_flops(self) -> float | None:
         # RuntimeError: this device cannot run the precision's matmul at all, so there is no peak
@@ -558,8 +479,7 @@ class Trainer:
         step_tokens = sum(self.stage.count_tokens(batch) for batch in micro_batches)
         # The loss is summed per micro-batch and divided by the whole step's count (tokens, or
         # pairs for preference stages), so accumulation gives the same update as one big batch.
-        normalise = getattr(self.stage, "loss_normaliser", self.stage.count_tokens)
-        normaliser = max(sum(normalise(batch) for batch in micro_batches), 1)
+        normaliser = max(sum(self.stage.loss_normaliser(batch) for batch in micro_batches), 1)
         total_loss = 0.0
         summed: dict[str, float] = {}
         for batch in micro_batches:
