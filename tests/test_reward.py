@@ -25,6 +25,7 @@ from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.heads import RewardModel, reward_model_from_policy
 from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
+from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.stages import reward
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
@@ -355,7 +356,7 @@ def test_a_reward_run_directory_loads_back_and_a_language_model_is_refused(
     sequences = [p.chosen_ids.tolist() for p in pairs[:5]]
     expected = score_texts(model, sequences, pad_id=sp_tokenizer.pad_id)
 
-    loaded = reward.load_reward_model(run_dir)
+    loaded = load_reward_model(run_dir)
     assert isinstance(loaded.model, RewardModel) and not loaded.model.training
     assert loaded.state["step"] == 2 and loaded.config.model.tie_embeddings is False
     assert loaded.tokenizer.vocab_size == sp_tokenizer.vocab_size
@@ -366,6 +367,6 @@ def test_a_reward_run_directory_loads_back_and_a_language_model_is_refused(
     shutil.copytree(run_dir, lm_dir)
     save_tensors(lm_dir / MODEL_FILE, model.backbone.export_state_dict(), {"format": "minigpt"})
     with pytest.raises(UserError, match="not a reward model"):
-        reward.load_reward_model(lm_dir)
+        load_reward_model(lm_dir)
     with pytest.raises(UserError, match="no such reward-model directory"):
-        reward.load_reward_model(tmp_path / "missing")
+        load_reward_model(tmp_path / "missing")

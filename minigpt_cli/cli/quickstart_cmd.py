@@ -76,6 +76,7 @@ def quickstart(
     from minigpt_cli.engine.core.units import format_duration
     from minigpt_cli.engine.evaluate.report import EvalOptions
     from minigpt_cli.engine.resources.governor import release_memory
+    from minigpt_cli.engine.runs.files import REWARD_DIR
 
     preset_name = preset or "tiny"
     folder = out or Path("runs") / f"quickstart-{preset_name}"
@@ -87,7 +88,7 @@ def quickstart(
         seed=seed or 0,
         device=device or "auto",
         # The reward model RLHF trained judges every stage's answers: what RLHF optimised.
-        reward_model=dirs["rlhf"] / "reward",
+        reward_model=dirs["rlhf"] / REWARD_DIR,
     )
     continue_command = f"minigpt quickstart --out {folder}" + (
         f" --preset {preset}" if preset else ""
@@ -119,7 +120,7 @@ def quickstart(
     ):
         for stage in TRAINING_STAGES:
             status = stage_status(dirs[stage])
-            if stage == "rlhf" and stage_status(dirs[stage] / "reward") == "finished":
+            if stage == "rlhf" and stage_status(dirs[stage] / REWARD_DIR) == "finished":
                 dashboard.stage_skipped("reward", "finished earlier")
             if status == "finished":
                 dashboard.stage_skipped(stage, "finished earlier")

@@ -16,7 +16,7 @@ from minigpt_cli.engine.inference.scoring import score_texts
 from minigpt_cli.engine.metrics.exact_match import EXACT_MATCH_BATCH, score_answers
 from minigpt_cli.engine.metrics.text import Answer
 from minigpt_cli.engine.runs.files import TOKENIZER_FILE
-from minigpt_cli.engine.stages.reward import load_reward_model
+from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.errors import UserError
 
 

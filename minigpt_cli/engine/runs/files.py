@@ -32,6 +32,7 @@ LOCK_FILE = ".lock"
 ADAPTER_FILE = "adapter.safetensors"
 """The adapter weights in a LoRA run directory (and in each of its checkpoints/step-N/)."""
 VALUE_HEAD_FILE = "value_head.safetensors"
+REWARD_DIR = "reward"  # rlhf runs: the reward model's own run directory
 """PPO's value head, beside the policy's files in an rlhf run (and its snapshots)."""
 
 _MAX_HEADER = 100 * 2**20

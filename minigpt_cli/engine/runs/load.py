@@ -3,7 +3,8 @@
 The one place that turns a run directory into a model: `load_run` for generate/chat/eval and as
 the parent of a new stage, `language_model_files`/`load_language_model_files` for what the Trainer
 saves and resumes, and `find_parent`/`parent_run`/`ancestors` for every walk up the parent chain
-(a LoRA run's base weights, eval's references and built-in held-out text). It sits above both
+(a LoRA run's base weights, eval's references and built-in held-out text); `load_reward_model`
+opens an RLHF run's reward model. It sits above both
 `runs.checkpoint` (state, snapshots) and `model.lora` (the adapter maths), so neither of those
 needs the other.
 """
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.heads import SCORE_WEIGHT, RewardModel
 from minigpt_cli.engine.model.lora import (
     adapter_metadata,
     adapter_state_dict,
@@ -203,3 +206,44 @@ def load_language_model_files(model: nn.Module, folder: Path) -> None:
         load_adapter_state_dict(model, load_tensors(adapter), adapter)
     else:
         load_model_weights(model, folder / MODEL_FILE)
+
+
+@dataclass
+class RewardRun:
+    """A trained reward model with what came with it (as `LoadedRun` for a GPT)."""
+
+    run_dir: Path
+    model: RewardModel
+    tokenizer: Tokenizer
+    config: Config
+    state: dict[str, Any]
+
+
+def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
+    """Open a reward run directory: config, tokenizer, state, weights (backbone + score), eval mode.
+
+    Read as `load_run` reads a run (config.toml via `read_run_config`, safetensors only,
+    names and shapes checked against the config), but the weights must include `score.weight`:
+    a language model's run directory is refused with a message saying what is expected.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such reward-model directory")
+    config = read_run_config(folder)
+    tokenizer = Tokenizer.load(folder)
+    state = read_state(folder)
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {MODEL_FILE} (the reward model has not saved weights yet)")
+    read_metadata(path)  # a pickle or truncated file gets its one-line error here
+    with safe_open(str(path), framework="pt") as handle:
+        names = set(handle.keys())
+    if SCORE_WEIGHT not in names:
+        raise UserError(
+            f"{path}: not a reward model (no {SCORE_WEIGHT}); pass the reward/ directory of an "
+            "rlhf run, not a language model's run"
+        )
+    model = RewardModel(GPT(config.model, tokenizer.vocab_size))
+    load_model_weights(model, path)  # type: ignore[arg-type]  # duck-typed: export/load pair
+    model.to(device).eval()
+    return RewardRun(folder, model, tokenizer, config, state)

@@ -14,7 +14,7 @@ The pieces (`minigpt rlhf` assembles them):
   one id shorter by `build_reward_pairs` because the reward model reads every id, the last
   included) and the same resumable order (`data.pairs.PairOrder`).
 - `run_reward`: the reward model an RLHF run uses, reused, or trained in the run's `reward/`.
-- `load_reward_model`: a trained reward model from its run directory, safetensors only.
+- a trained reward model is opened by `runs.load.load_reward_model` (safetensors only).
 
 Loss normalisation: `loss` returns the sum of per-pair losses and `loss_normaliser` the number of
 pairs, so the Trainer optimises the mean loss per pair however a step is split into micro-batches.
@@ -23,15 +23,11 @@ pairs, so the Trainer optimises the mean loss per pair however a step is split i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything
@@ -42,10 +38,7 @@ from minigpt_cli.engine.data.pairs import (
     load_dpo_records,
     pad_pairs,
 )
-from minigpt_cli.engine.data.tokenizer import Tokenizer
-from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.heads import (
-    SCORE_WEIGHT,
     RewardModel,
     policy_of,
     reward_model_from_policy,
@@ -53,15 +46,13 @@ from minigpt_cli.engine.model.heads import (
 from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.runs.checkpoint import find_resume_point, read_state
-from minigpt_cli.engine.runs.files import MODEL_FILE, read_metadata
-from minigpt_cli.engine.runs.load import load_model_weights
+from minigpt_cli.engine.runs.files import REWARD_DIR
+from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.training.finetune import FinetuneSetup
 from minigpt_cli.engine.training.pair_stage import PairStage
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 from minigpt_cli.errors import UserError
-
-REWARD_DIR = "reward"
 
 
 def _lengths(pairs: Sequence[PreferencePair]) -> torch.Tensor:
@@ -270,44 +261,3 @@ def run_reward(
         micro_batch_size=micro_batch,
     ).fit()
     return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
-
-
-@dataclass
-class RewardRun:
-    """A trained reward model with what came with it (as `checkpoint.LoadedRun` for a GPT)."""
-
-    run_dir: Path
-    model: RewardModel
-    tokenizer: Tokenizer
-    config: Config
-    state: dict[str, Any]
-
-
-def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
-    """Open a reward run directory: config, tokenizer, state, weights (backbone + score), eval mode.
-
-    Read as `runs.load.load_run` reads a run (config.toml via `read_run_config`, safetensors only,
-    names and shapes checked against the config), but the weights must include `score.weight`:
-    a language model's run directory is refused with a message saying what is expected.
-    """
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such reward-model directory")
-    config = read_run_config(folder)
-    tokenizer = Tokenizer.load(folder)
-    state = read_state(folder)
-    path = folder / MODEL_FILE
-    if not path.is_file():
-        raise UserError(f"{folder}: no {MODEL_FILE} (the reward model has not saved weights yet)")
-    read_metadata(path)  # a pickle or truncated file gets its one-line error here
-    with safe_open(str(path), framework="pt") as handle:
-        names = set(handle.keys())
-    if SCORE_WEIGHT not in names:
-        raise UserError(
-            f"{path}: not a reward model (no {SCORE_WEIGHT}); pass the reward/ directory of an "
-            "rlhf run, not a language model's run"
-        )
-    model = RewardModel(GPT(config.model, tokenizer.vocab_size))
-    load_model_weights(model, path)  # type: ignore[arg-type]  # duck-typed: export/load pair
-    model.to(device).eval()
-    return RewardRun(folder, model, tokenizer, config, state)
