@@ -370,21 +370,21 @@ def register(app: typer.Typer) -> None:
         load_config("tiny", None, overrides)  # a bad cap fails here, before anything is measured
         caps = {"max_memory": max_memory, "max_cpu": max_cpu, "budget_seconds": budget_seconds}
 
-        from minigpt_cli.engine.doctor.checks import diagnose
+        from minigpt_cli.engine.doctor.checks import run_doctor
 
         if json_output:
-            report = diagnose(runs_dir, **caps)
+            report = run_doctor(runs_dir, **caps)
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         elif sys.stdout.isatty():
             from rich.console import Console
 
             with Console(stderr=True).status("Measuring matmul speed...") as status:
-                report = diagnose(
+                report = run_doctor(
                     runs_dir, on_event=lambda event: status.update(event.data["message"]), **caps
                 )
             _render_rich(report)
         else:
-            report = diagnose(runs_dir, **caps)
+            report = run_doctor(runs_dir, **caps)
             sys.stdout.write(render_plain(report, _symbols(sys.stdout)) + "\n")
         if report["exit_status"]:
             raise typer.Exit(code=report["exit_status"])

@@ -1,1 +1,1 @@
-"""`minigpt doctor`: the machine's checks (`checks.diagnose`) and a preset for it (`recommend`)."""
+"""`minigpt doctor`: the checks (`checks.run_doctor`) and a preset for this machine (`recommend`)."""

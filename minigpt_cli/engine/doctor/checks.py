@@ -1,6 +1,6 @@
 """`minigpt doctor`'s verdict: facts and measurements turned into pass / warn / fail lines.
 
-`diagnose` is the verb's one entry point: it collects the facts (`hardware.facts`), measures the
+`run_doctor` is the verb's one entry point: it collects the facts (`hardware.facts`), measures the
 matmul speeds afresh (`hardware.speed_cache`, which keeps them for the Trainer's MFU), runs the
 checks, says which precision `auto` picks and asks `recommend` for a preset. Lacking an
 accelerator is never a failure: minigpt is built to train on a laptop CPU. The engine never
@@ -273,7 +273,7 @@ def exit_status(checks: Iterable[Check]) -> int:
     return 1 if any(check.status == "fail" for check in checks) else 0
 
 
-def diagnose(
+def run_doctor(
     runs_dir: str | Path | None = None,
     *,
     seconds_budget: float = DEFAULT_MEASURE_SECONDS,
