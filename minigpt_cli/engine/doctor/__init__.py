@@ -1,1 +1,1 @@
-"""`minigpt doctor`: the checks (`checks.run_doctor`) and a preset for this machine (`recommend`)."""
+"""`minigpt doctor`: the checks (`checks.run_doctor`) and a preset for this machine."""
