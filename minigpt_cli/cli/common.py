@@ -1,13 +1,18 @@
 """Flags every training verb shares (a contract: README "Flags"), and turning them into a Config.
 
-Defined once here so `pretrain`, and later `sft`, `dpo` and `rlhf`, spell and document each flag
-identically. Only typer and the config package are imported at module level.
+Defined once here so `pretrain`, `sft`, `dpo` and `rlhf` spell and document each flag identically:
+each verb declares only its own flags, and `training_verb` adds the shared ones to its signature.
+Only typer and the config package are imported at module level.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -101,7 +106,34 @@ SetOpt = Annotated[
 ]
 
 
-# The shared flags a training verb passes on as config overrides (parameter name -> config key).
+# The flags every training verb takes, in --help order around the verb's own (name -> type).
+# Each verb declares only its own flags; `training_verb` adds these to its signature for Typer.
+SHARED_HEAD = {
+    "preset": PresetOpt,
+    "config_file": ConfigOpt,
+    "data": DataOpt,
+    "val_data": ValDataOpt,
+    "out": OutOpt,
+}
+SHARED_TAIL = {
+    "max_steps": MaxStepsOpt,
+    "max_tokens": MaxTokensOpt,
+    "epochs": EpochsOpt,
+    "max_time": MaxTimeOpt,
+    "max_memory": MaxMemoryOpt,
+    "max_cpu": MaxCpuOpt,
+    "threads": ThreadsOpt,
+    "nice": NiceOpt,
+    "resume": ResumeOpt,
+    "overwrite": OverwriteOpt,
+    "seed": SeedOpt,
+    "precision": PrecisionOpt,
+    "device": DeviceOpt,
+    "compile_model": CompileOpt,
+    "sets": SetOpt,
+}
+_SWITCHES = {"resume", "overwrite"}  # default False; every other shared flag defaults to None
+# The shared flags that become config overrides of the verb's stage (parameter -> config key).
 TRAINING_FLAGS = {
     "max_steps": "max_steps",
     "max_tokens": "max_tokens",
@@ -118,12 +150,78 @@ TRAINING_FLAGS = {
 }
 
 
-def training_flags(arguments: dict[str, Any], *stage_keys: str) -> dict[str, Any]:
-    """The flag values a verb received (its `locals()`), keyed as `stage_overrides` wants: the
-    shared training flags plus the verb's own `stage_keys` (e.g. "beta")."""
-    picked = {key: arguments[name] for name, key in TRAINING_FLAGS.items() if name in arguments}
-    picked.update({key: arguments[key] for key in stage_keys})
-    return picked
+@dataclass(frozen=True)
+class TrainingFlags:
+    """What a training verb was given of the shared flags (None: not given)."""
+
+    preset: str | None
+    config_file: Path | None
+    data: list[Path] | None
+    val_data: list[Path] | None
+    out: Path | None
+    resume: bool
+    overwrite: bool
+    sets: list[str] | None
+    knobs: dict[str, Any]  # the TRAINING_FLAGS values, by parameter name
+
+    def overrides(self, stage: str, **own: Any) -> dict[str, Any]:
+        """Dotted config overrides: the shared knobs plus the verb's own flags (`own`, by the
+        config key of `stage`'s section)."""
+        values = {TRAINING_FLAGS[name]: value for name, value in self.knobs.items()}
+        return stage_overrides(stage, **values, **own)
+
+
+VerbFunction = TypeVar("VerbFunction", bound=Callable[..., None])
+
+
+def training_verb(
+    omit: tuple[str, ...] = (),
+    replace: dict[str, Any] | None = None,
+    first: tuple[str, ...] = (),
+) -> Callable[[VerbFunction], VerbFunction]:
+    """Give a training verb the shared flags: its signature, as Typer reads it, becomes the shared
+    head, the verb's own parameters, then the shared tail; the verb receives the shared values as
+    its first argument, a `TrainingFlags`. `omit` drops shared flags the verb does not take;
+    `replace` gives one its own option (e.g. rlhf's --max-steps counts iterations); the verb's
+    parameters named in `first` lead its --help (a fine-tuning verb's --from)."""
+    replaced = replace or {}
+
+    def shared(names: dict[str, Any]) -> list[inspect.Parameter]:
+        return [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False if name in _SWITCHES else None,
+                annotation=replaced.get(name, annotation),
+            )
+            for name, annotation in names.items()
+            if name not in omit
+        ]
+
+    def decorate(verb: VerbFunction) -> VerbFunction:
+        own = list(inspect.signature(verb, eval_str=True).parameters.values())[1:]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        lead = [p for p in own if p.name in first]
+        rest = [p for p in own if p.name not in first]
+        parameters = lead + shared(SHARED_HEAD) + rest + shared(SHARED_TAIL)
+        shared_names = (set(SHARED_HEAD) | set(SHARED_TAIL)) - set(omit)
+
+        @functools.wraps(verb)
+        def command(**given: Any) -> None:
+            values = {name: given.pop(name) for name in shared_names}
+            flags = TrainingFlags(
+                **{name: values.pop(name, None) for name in (*SHARED_HEAD, "sets")},
+                resume=bool(values.pop("resume")),
+                overwrite=bool(values.pop("overwrite")),
+                knobs=values,
+            )
+            verb(flags, **given)
+
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command  # type: ignore[return-value]
+
+    return decorate
 
 
 def stage_overrides(stage: str, **flags: Any) -> dict[str, Any]:

@@ -20,27 +20,10 @@ LabelSmoothingOpt = Annotated[
 ]
 
 
+@common.training_verb(first=("from_run",))
 def dpo(
+    flags: common.TrainingFlags,
     from_run: finetune.FromOpt = None,
-    preset: common.PresetOpt = None,
-    config_file: common.ConfigOpt = None,
-    data: common.DataOpt = None,
-    val_data: common.ValDataOpt = None,
-    out: common.OutOpt = None,
-    max_steps: common.MaxStepsOpt = None,
-    max_tokens: common.MaxTokensOpt = None,
-    epochs: common.EpochsOpt = None,
-    max_time: common.MaxTimeOpt = None,
-    max_memory: common.MaxMemoryOpt = None,
-    max_cpu: common.MaxCpuOpt = None,
-    threads: common.ThreadsOpt = None,
-    nice: common.NiceOpt = None,
-    resume: common.ResumeOpt = False,
-    overwrite: common.OverwriteOpt = False,
-    seed: common.SeedOpt = None,
-    precision: common.PrecisionOpt = None,
-    device: common.DeviceOpt = None,
-    compile_model: common.CompileOpt = None,
     beta: BetaOpt = None,
     label_smoothing: LabelSmoothingOpt = None,
     lora: finetune.LoraOpt = False,
@@ -49,7 +32,6 @@ def dpo(
     lora_dropout: finetune.LoraDropoutOpt = None,
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
-    sets: common.SetOpt = None,
 ) -> None:
     """Preference-tune a run with DPO: prefer the chosen reply over the rejected one.
 
@@ -58,18 +40,12 @@ def dpo(
     """
     from minigpt_cli.engine.stages.dpo import run_dpo
 
-    arguments = dict(locals())  # the flag values, for common.training_flags
-
     finetune.run_finetune(
         "dpo",
         run_dpo,
+        flags,
         from_run=from_run,
-        preset=preset,
-        config_file=config_file,
-        data=data,
-        val_data=val_data,
-        out=out,
-        flags=common.training_flags(arguments, "beta", "label_smoothing"),
+        own={"beta": beta, "label_smoothing": label_smoothing},
         lora=lora,
         lora_options={
             "r": lora_r,
@@ -78,9 +54,6 @@ def dpo(
             "targets": lora_targets,
         },
         merge=merge,
-        resume=resume,
-        overwrite=overwrite,
-        sets=sets,
     )
 
 

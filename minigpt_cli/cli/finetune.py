@@ -47,6 +47,13 @@ MergeOpt = Annotated[
 ]
 
 
+def lora_options(
+    r: int | None, alpha: float | None, dropout: float | None, targets: str | None
+) -> dict[str, Any]:
+    """The --lora-* flags as `[lora]` config keys (None: not given)."""
+    return {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
+
+
 def parent_preset(from_run: Path) -> str | None:
     """The preset the parent run was started with (the default for its children)."""
     from minigpt_cli.engine.runs import checkpoint as ckpt
@@ -83,30 +90,24 @@ def check_parent(from_run: Path | None, stage: str) -> Path:
 def run_finetune(
     stage: str,
     engine: Callable[..., dict[str, Any]],
+    flags: common.TrainingFlags,
     *,
     from_run: Path | None,
-    preset: str | None,
-    config_file: Path | None,
-    data: list[Path] | None,
-    val_data: list[Path] | None,
-    out: Path | None,
-    flags: dict[str, Any],
+    own: dict[str, Any],
     lora: bool,
     lora_options: dict[str, Any],
     merge: bool,
-    resume: bool,
-    overwrite: bool,
-    sets: list[str] | None,
     run_name: str | None = None,
     extra_inputs: dict[str, Any] | None = None,
     inputs_type: type[FinetuneInputs] | None = None,
 ) -> None:
     """The body of `sft`/`dpo`/`rlhf`: resolve parent and config, validate data, train.
 
-    `flags` are the verb's stage and resource flags (None = not given); `engine(config, spec,
-    inputs, on_event)` trains. `run_name` names the default run directory (`runs/<name>-<preset>`,
-    default the stage); `extra_inputs` are further fields of `inputs_type` (a `FinetuneInputs`
-    with the verb's own inputs, e.g. rlhf's `RlhfInputs`; default `FinetuneInputs`).
+    `flags` are the shared flags and `own` the verb's own stage flags (None = not given);
+    `engine(config, spec, inputs, on_event)` trains. `run_name` names the default run directory
+    (`runs/<name>-<preset>`, default the stage); `extra_inputs` are further fields of
+    `inputs_type` (a `FinetuneInputs` with the verb's own inputs, e.g. rlhf's `RlhfInputs`;
+    default `FinetuneInputs`).
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
@@ -114,23 +115,23 @@ def run_finetune(
     from minigpt_cli.engine.training.finetune import FinetuneInputs
     from minigpt_cli.engine.training.trainer import RunSpec
 
+    name, resume = run_name or stage, flags.resume
     if merge and not lora and not resume:
         raise UserError("--merge folds a LoRA adapter into the weights: use it with --lora")
-    name = run_name or stage
-    parent = check_parent(from_run or resumed_parent(out, name, preset, resume), stage)
-    preset = preset or parent_preset(parent)
-    run_dir = out or common.default_run_dir(name, preset)
-    overrides = common.stage_overrides(stage, **flags)
+    parent = check_parent(from_run or resumed_parent(flags.out, name, flags.preset, resume), stage)
+    preset = flags.preset or parent_preset(parent)
+    run_dir = flags.out or common.default_run_dir(name, preset)
+    overrides = flags.overrides(stage, **own)
     overrides.update({f"lora.{k}": v for k, v in lora_options.items() if v is not None})
     run = training.prepare(
         stage,
         run_dir=run_dir,
         preset=preset,
-        config_file=config_file,
+        config_file=flags.config_file,
         overrides=overrides,
-        sets=sets,
+        sets=flags.sets,
         resume=resume,
-        overwrite=overwrite,
+        overwrite=flags.overwrite,
     )
     config, sources = run.config, run.saved_sources
     extra = dict(extra_inputs or {})
@@ -144,8 +145,8 @@ def run_finetune(
         config.tokenizer = parent_config.tokenizer
     inputs = (inputs_type or FinetuneInputs)(
         from_run=parent,
-        data=list(data or [Path(p) for p in sources.get("data", [])]),
-        val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
+        data=list(flags.data or [Path(p) for p in sources.get("data", [])]),
+        val_data=list(flags.val_data or [Path(p) for p in sources.get("val_data", [])]),
         lora=lora or bool(sources.get("lora")),
         merge=merge or bool(sources.get("merge")),
         **extra,

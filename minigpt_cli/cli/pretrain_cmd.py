@@ -19,29 +19,11 @@ FromOpt = Annotated[
 ]
 
 
+@common.training_verb()
 def pretrain(
-    preset: common.PresetOpt = None,
-    config_file: common.ConfigOpt = None,
-    data: common.DataOpt = None,
-    val_data: common.ValDataOpt = None,
+    flags: common.TrainingFlags,
     tokenizer: TokenizerOpt = None,
     from_run: FromOpt = None,
-    out: common.OutOpt = None,
-    max_steps: common.MaxStepsOpt = None,
-    max_tokens: common.MaxTokensOpt = None,
-    epochs: common.EpochsOpt = None,
-    max_time: common.MaxTimeOpt = None,
-    max_memory: common.MaxMemoryOpt = None,
-    max_cpu: common.MaxCpuOpt = None,
-    threads: common.ThreadsOpt = None,
-    nice: common.NiceOpt = None,
-    resume: common.ResumeOpt = False,
-    overwrite: common.OverwriteOpt = False,
-    seed: common.SeedOpt = None,
-    precision: common.PrecisionOpt = None,
-    device: common.DeviceOpt = None,
-    compile_model: common.CompileOpt = None,
-    sets: common.SetOpt = None,
 ) -> None:
     """Pretrain a GPT on text: tokenizer, encoding, training, checkpoints, validation bits/byte.
 
@@ -54,22 +36,22 @@ def pretrain(
     from minigpt_cli.engine.stages.pretrain import PretrainInputs, run_pretrain
     from minigpt_cli.engine.training.trainer import RunSpec
 
-    run_dir = out or common.default_run_dir("pretrain", preset)
-    overrides = common.stage_overrides("pretrain", **common.training_flags(locals()))
+    preset, resume = flags.preset, flags.resume
+    run_dir = flags.out or common.default_run_dir("pretrain", preset)
     run = training.prepare(
         "pretrain",
         run_dir=run_dir,
         preset=preset,
-        config_file=config_file,
-        overrides=overrides,
-        sets=sets,
+        config_file=flags.config_file,
+        overrides=flags.overrides("pretrain"),
+        sets=flags.sets,
         resume=resume,
-        overwrite=overwrite,
+        overwrite=flags.overwrite,
     )
     config, sources = run.config, run.saved_sources
     inputs = PretrainInputs(
-        data=list(data or [Path(p) for p in sources.get("data", [])]),
-        val_data=list(val_data or [Path(p) for p in sources.get("val_data", [])]),
+        data=list(flags.data or [Path(p) for p in sources.get("data", [])]),
+        val_data=list(flags.val_data or [Path(p) for p in sources.get("val_data", [])]),
         tokenizer=tokenizer,
         from_run=from_run or (Path(sources["from_run"]) if sources.get("from_run") else None),
     )

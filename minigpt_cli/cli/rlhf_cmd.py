@@ -65,30 +65,22 @@ GenerationsOpt = Annotated[
 ]
 
 
+@common.training_verb(
+    omit=("max_tokens", "epochs", "compile_model"),
+    first=("from_run", "algo", "reward", "reward_model", "preference_data"),
+    replace={
+        "max_steps": Annotated[
+            int | None, typer.Option("--max-steps", help="PPO/GRPO iterations (default 30).")
+        ]
+    },
+)
 def rlhf(
+    flags: common.TrainingFlags,
     from_run: finetune.FromOpt = None,
     algo: AlgoOpt = None,
     reward: RewardOpt = None,
     reward_model: RewardModelOpt = None,
     preference_data: PreferenceDataOpt = None,
-    preset: common.PresetOpt = None,
-    config_file: common.ConfigOpt = None,
-    data: common.DataOpt = None,
-    val_data: common.ValDataOpt = None,
-    out: common.OutOpt = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="PPO/GRPO iterations (default 30).")
-    ] = None,
-    max_time: common.MaxTimeOpt = None,
-    max_memory: common.MaxMemoryOpt = None,
-    max_cpu: common.MaxCpuOpt = None,
-    threads: common.ThreadsOpt = None,
-    nice: common.NiceOpt = None,
-    resume: common.ResumeOpt = False,
-    overwrite: common.OverwriteOpt = False,
-    seed: common.SeedOpt = None,
-    precision: common.PrecisionOpt = None,
-    device: common.DeviceOpt = None,
     kl_coef: KlCoefOpt = None,
     target_kl: TargetKlOpt = None,
     gamma: GammaOpt = None,
@@ -101,7 +93,6 @@ def rlhf(
     num_generations: GenerationsOpt = None,
     lora: finetune.LoraOpt = False,
     merge: finetune.MergeOpt = False,
-    sets: common.SetOpt = None,
 ) -> None:
     """Reinforcement learning from feedback: PPO (or GRPO) against a reward, with a KL leash.
 
@@ -111,44 +102,34 @@ def rlhf(
     """
     from minigpt_cli.engine.stages.rlhf import RlhfInputs, run_rlhf
 
-    arguments = dict(locals())  # the flag values, for common.training_flags
-
+    own = {
+        "algo": algo,
+        "reward": reward,
+        "kl_coef": kl_coef,
+        "target_kl": target_kl,
+        "gamma": gamma,
+        "lam": lam,
+        "clip_eps": clip_eps,
+        "ppo_epochs": ppo_epochs,
+        "rollout_batch_size": rollout_batch_size,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "num_generations": num_generations,
+    }
     if algo is not None and algo not in ALGOS:
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
         raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-    name = f"rlhf-{algo or _saved_algo(out, resume) or 'ppo'}"
     finetune.run_finetune(
         "rlhf",
         run_rlhf,
+        flags,
         from_run=from_run,
-        preset=preset,
-        config_file=config_file,
-        data=data,
-        val_data=val_data,
-        out=out,
-        flags=common.training_flags(
-            arguments,
-            "algo",
-            "reward",
-            "kl_coef",
-            "target_kl",
-            "gamma",
-            "lam",
-            "clip_eps",
-            "ppo_epochs",
-            "rollout_batch_size",
-            "max_new_tokens",
-            "temperature",
-            "num_generations",
-        ),
+        own=own,
         lora=lora,
         lora_options={},
         merge=merge,
-        resume=resume,
-        overwrite=overwrite,
-        sets=sets,
-        run_name=name,
+        run_name=f"rlhf-{algo or _saved_algo(flags.out, flags.resume) or 'ppo'}",
         extra_inputs={
             "preference_data": list(preference_data or []),
             "reward_model": reward_model,
