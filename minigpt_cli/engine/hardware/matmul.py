@@ -82,7 +82,9 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
-def _operands(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _operands(
+    n: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two random n×n matrices and an output buffer, made on `device` itself.
 
     A private generator leaves the global RNG alone: `peak_flops` may run in the middle of a
@@ -125,7 +127,7 @@ class _Timing:
     key: str
     setting: str
     n: int
-    operands: tuple[torch.Tensor, ...]
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     best: float
     times: list[float] = field(default_factory=list)
 

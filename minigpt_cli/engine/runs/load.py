@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.config.schema import Config
@@ -186,7 +185,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
 
 
 def language_model_files(
-    model: nn.Module,
+    model: GPT,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """The files that hold what a language model trained: only its adapter when it has one (the
     parent holds the rest), else the whole `model.safetensors`."""
@@ -196,7 +195,7 @@ def language_model_files(
     return {MODEL_FILE: (model.export_state_dict(), {"format": "minigpt"})}
 
 
-def load_language_model_files(model: nn.Module, folder: Path) -> None:
+def load_language_model_files(model: GPT, folder: Path) -> None:
     """Restore what `language_model_files` wrote into `folder` (a resume)."""
     if has_lora(model):
         adapter = folder / ADAPTER_FILE
