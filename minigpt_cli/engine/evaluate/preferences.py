@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.engine.stages.dpo import (
     build_pairs,
@@ -42,8 +44,8 @@ def pair_batches(count: int) -> int:
 
 @torch.no_grad()
 def score_pairs(
-    model: Any,
-    tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
     records: Sequence[dict],
     *,
     max_prompt_tokens: int | None = None,

@@ -15,11 +15,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minigpt_cli.engine.hardware import facts
+
+if TYPE_CHECKING:
+    from minigpt_cli.engine.hardware.device import PrecisionDecision
 
 # Above this relative error (vs. a float64 reference) a "fp32" matmul is not computing in fp32:
 # plain fp32 sits near 1e-7, bf16 arithmetic near 3e-3.
@@ -352,19 +355,16 @@ def measure_device(
     return result
 
 
-def precision_key(device: str | torch.device, precision: Any) -> str:
+def precision_key(device: str | torch.device, precision: str | PrecisionDecision) -> str:
     """Measurement key for a precision: "bf16", "fp16", "fp32", or "fp32_medium"/"fp32_high".
 
     A bare "fp32" follows the fp32 matmul precision currently set in torch, so the Trainer gets the
-    peak of the path its matmuls really take. A `PrecisionDecision` (anything with `peak_key`)
-    answers for itself.
+    peak of the path its matmuls really take. A `PrecisionDecision` answers for itself.
     """
-    key = getattr(precision, "peak_key", None)
-    if isinstance(key, str):
-        return key
-    name = str(precision)
-    if name == "fp32":
+    if not isinstance(precision, str):
+        return precision.peak_key
+    if precision == "fp32":
         setting = torch.get_float32_matmul_precision()
         return "fp32" if setting == "highest" else f"fp32_{setting}"
-    _key_setup(name)
-    return name
+    _key_setup(precision)
+    return precision
