@@ -36,6 +36,7 @@ from minigpt_cli.errors import UserError
 if TYPE_CHECKING:
     from minigpt_cli.engine.inference.chat import Conversation
     from minigpt_cli.engine.inference.generation import SamplingSettings
+    from minigpt_cli.engine.runs.load import LoadedRun
 
 STOP_MARKER = "[stopped]"
 USER_PROMPT = "you> "
@@ -76,7 +77,7 @@ class _Session:
 
     def __init__(
         self,
-        loaded: Any,
+        loaded: LoadedRun,
         conversation: Conversation,
         settings: SamplingSettings,
         *,
@@ -293,7 +294,9 @@ def _read_piped_line(_prompt: str) -> str:
     return line.rstrip("\r\n")
 
 
-def _banner(run: Path, loaded: Any, device: str, settings: SamplingSettings, chat: bool) -> str:
+def _banner(
+    run: Path, loaded: LoadedRun, device: str, settings: SamplingSettings, chat: bool
+) -> str:
     parameters = loaded.model.num_parameters()
     context = loaded.model.config.context_length
     mode = (

@@ -12,11 +12,14 @@ from __future__ import annotations
 import enum
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
 PREVIEW_CHARS = 300  # how much of each pretraining document `show` prints
 
@@ -266,7 +269,11 @@ def _context_length(run: Path) -> int | None:
 
 
 def _inspected(
-    kind: InspectKind, record: dict[str, Any], tokenizer: Any, max_len: int | None, on_prompt: bool
+    kind: InspectKind,
+    record: dict[str, Any],
+    tokenizer: Tokenizer,
+    max_len: int | None,
+    on_prompt: bool,
 ) -> list[tuple[str, str, list[tuple[str, bool, bool]], Any]]:
     """(label, counts, spans, rendering) to show: the conversation for sft; for dpo the shared
     prompt, then the chosen and the rejected reply (counts are of prompt + reply)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -168,7 +169,7 @@ def preset_rows(recommendation: dict[str, Any]) -> list[tuple[str, ...]]:
     from minigpt_cli.engine.core.units import format_duration
 
     budget = format_duration(recommendation["budget_seconds"])
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for row in recommendation["presets"]:
         if row["fits"]:
             micro = str(row["micro_batch_size"])
@@ -368,23 +369,27 @@ def register(app: typer.Typer) -> None:
         if max_cpu is not None:
             overrides["resources.max_cpu"] = max_cpu
         load_config("tiny", None, overrides)  # a bad cap fails here, before anything is measured
-        caps = {"max_memory": max_memory, "max_cpu": max_cpu, "budget_seconds": budget_seconds}
-
         from minigpt_cli.engine.doctor.checks import run_doctor
 
+        # the caps are checked above; every measurement below runs under them
+        measure = partial(
+            run_doctor,
+            runs_dir,
+            max_memory=max_memory,
+            max_cpu=max_cpu,
+            budget_seconds=budget_seconds,
+        )
         if json_output:
-            report = run_doctor(runs_dir, **caps)
+            report = measure()
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         elif sys.stdout.isatty():
             from rich.console import Console
 
             with Console(stderr=True).status("Measuring matmul speed...") as status:
-                report = run_doctor(
-                    runs_dir, on_event=lambda event: status.update(event.data["message"]), **caps
-                )
+                report = measure(on_event=lambda event: status.update(event.data["message"]))
             _render_rich(report)
         else:
-            report = run_doctor(runs_dir, **caps)
+            report = measure()
             sys.stdout.write(render_plain(report, _symbols(sys.stdout)) + "\n")
         if report["exit_status"]:
             raise typer.Exit(code=report["exit_status"])

@@ -202,11 +202,11 @@ def _best(key: str, values: list[float | None]) -> float | None:
     return min(known) if key.split("/", 1)[0] in LOWER_IS_BETTER else max(known)
 
 
-def _rows(report: EvalReport) -> list[tuple[str | None, list[str]]]:
+def _rows(report: EvalReport) -> list[tuple[str, list[str]]]:
     """(section title, metric keys) in display order, only keys some run has."""
     present = {key for run in report.runs for key in run.metrics}
     families = sorted({key.split("/", 1)[1] for key in present if "/" in key})
-    sections: list[tuple[str | None, list[str]]] = [
+    sections: list[tuple[str, list[str]]] = [
         ("held-out text", ["ppl", "bpb"]),
         ("answers", ["exact_match", "bleu", "rouge1", "rouge2", "rougeL", "reward"]),
         (PREFERENCE_SECTION, ["pref_accuracy", "pref_margin"]),

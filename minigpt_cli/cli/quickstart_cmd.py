@@ -12,11 +12,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from minigpt_cli.cli import common
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from minigpt_cli.cli.render import PipelineRenderer
+    from minigpt_cli.engine.evaluate.report import EvalOptions, EvalReport
 
 TRAINING_STAGES = ("pretrain", "sft", "dpo", "rlhf")
 # The dashboard's rows: the reward model trains inside the rlhf stage but is a stage of its own
@@ -157,7 +163,9 @@ def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> 
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any) -> Any:
+def _evaluate(
+    folder: Path, dirs: dict[str, Path], options: EvalOptions, dashboard: PipelineRenderer
+) -> EvalReport:
     """Evaluate every stage's run side by side; the report is also kept as eval.json."""
     from minigpt_cli.engine.core.io import atomic_write_text
     from minigpt_cli.engine.evaluate.run import run_eval
@@ -170,8 +178,8 @@ def _evaluate(folder: Path, dirs: dict[str, Path], options: Any, dashboard: Any)
 
 
 def _print_summary(
-    console: Any,
-    report: Any,
+    console: Console,
+    report: EvalReport,
     folder: Path,
     dirs: dict[str, Path],
     timings: dict[str, float],

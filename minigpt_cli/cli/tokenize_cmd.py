@@ -14,11 +14,17 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+    from rich.status import Status
+
+    from minigpt_cli.engine.core.events import Event
 
 tokenize_app = typer.Typer(
     name="tokenize",
@@ -75,7 +81,7 @@ class _TrainDisplay:
 
         self.console = Console(stderr=True, highlight=False)
         self.live = _stderr_is_terminal()
-        self.status: Any = None
+        self.status: Status | None = None
         self.phase: str | None = None
 
     def __enter__(self) -> _TrainDisplay:
@@ -89,7 +95,7 @@ class _TrainDisplay:
             self.status.stop()
             self.status = None
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: Event) -> None:
         data = event.data
         if event.kind == "note":
             self.console.print(f"note: {data['message']}", markup=False)
@@ -114,8 +120,8 @@ class _EncodeDisplay:
 
         self.console = Console(stderr=True, highlight=False)
         self.live = _stderr_is_terminal()
-        self.progress: Any = None
-        self.task: Any = None
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
         self.next_quarter = 0.25
 
     def __enter__(self) -> _EncodeDisplay:
@@ -146,7 +152,7 @@ class _EncodeDisplay:
             self.progress.stop()
             self.progress = None
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: Event) -> None:
         if event.kind != "progress" or event.data.get("task") != "encode":
             return
         done, total = int(event.data["done"]), event.data.get("total") or 0

@@ -22,7 +22,9 @@ from minigpt_cli.cli import common
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
+    from minigpt_cli.cli.render import EventRenderer
     from minigpt_cli.config.schema import Config
+    from minigpt_cli.engine.core.events import EventCallback
     from minigpt_cli.engine.training.trainer import RunSpec
 
 
@@ -48,7 +50,7 @@ class SharedDisplay:
     stage's own verb).
     """
 
-    renderer: Any
+    renderer: EventRenderer
     continue_command: str
 
 
@@ -56,7 +58,7 @@ _SHARED_DISPLAY: ContextVar[SharedDisplay | None] = ContextVar("shared_display",
 
 
 @contextlib.contextmanager
-def shared_display(renderer: Any, continue_command: str) -> Iterator[None]:
+def shared_display(renderer: EventRenderer, continue_command: str) -> Iterator[None]:
     """Run training verbs called inside this block through `renderer` instead of their own."""
     token = _SHARED_DISPLAY.set(SharedDisplay(renderer, continue_command))
     try:
@@ -107,7 +109,7 @@ def prepare(
 def execute(
     run: TrainingRun,
     spec: RunSpec,
-    engine: Callable[[Config, RunSpec, Any], dict[str, Any]],
+    engine: Callable[[Config, RunSpec, EventCallback], dict[str, Any]],
 ) -> dict[str, Any]:
     """Lock the run directory, apply the caps, run `engine(config, spec, on_event)` with progress.
 

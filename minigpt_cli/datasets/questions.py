@@ -110,7 +110,7 @@ def _pick_question(rng: random.Random, split: str, asked: str, lang: str) -> str
 
 
 # Phrasings of one relation or direction only, training only (none is a shared-frame form).
-_OWN_PHRASINGS = {
+_OWN_PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "capital": {
         "en": (
             "{s} has which capital city?",

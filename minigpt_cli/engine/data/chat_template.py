@@ -28,9 +28,12 @@ the model is taught to predict it from `ids[:i]`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:  # the template itself needs only `ChatTokenizer`; sentencepiece stays out
+    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -156,7 +159,7 @@ def stop_token_ids(tokenizer: ChatTokenizer) -> tuple[int, int]:
 
 
 def mask_spans(
-    ids: Sequence[int], mask: Sequence[bool], tokenizer: Any
+    ids: Sequence[int], mask: Sequence[bool], tokenizer: Tokenizer
 ) -> list[tuple[str, bool, bool]]:
     """`(text, trained, special)` runs of `ids`, for showing a person what is learned.
 

@@ -21,7 +21,7 @@ Unknown extra fields are ignored.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from minigpt_cli.datasets import builtin
 from minigpt_cli.engine.data.chat_template import role_problem
@@ -69,6 +69,15 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+# A required field comes back as a string; only an optional one can be None.
+@overload
+def _string(
+    obj: dict, key: str, *, required: Literal[True] = ..., allow_empty: bool = ..., needs: str = ...
+) -> str: ...
+@overload
+def _string(
+    obj: dict, key: str, *, required: bool, allow_empty: bool = ..., needs: str = ...
+) -> str | None: ...
 def _string(
     obj: dict, key: str, *, required: bool = True, allow_empty: bool = True, needs: str = ""
 ) -> str | None:

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -161,7 +161,7 @@ class _ShardWriter:
         self.shard_tokens = shard_tokens
         self.partials: list[Path] = []
         self.counts: list[int] = []
-        self._handle: Any = None
+        self._handle: BinaryIO | None = None
 
     def write(self, tokens: np.ndarray) -> None:
         position = 0

@@ -149,8 +149,15 @@ def _open_source(inputs: Iterable[str | Path] | str | Path) -> _Source:
         total = sum(f.stat().st_size for f in files)
         return _Source(iter_text_chunks(files), total, "B", files)
     total_chars = sum(len(t) for t in inputs) if isinstance(inputs, Sequence) else None
-    texts = chain([first], iterator)
-    return _Source(((text, True) for text in texts), total_chars, "chars", [])
+    return _Source(_texts(chain([first], iterator)), total_chars, "chars", [])
+
+
+def _texts(texts: Iterator[str | Path]) -> Iterator[tuple[str, bool]]:
+    """Each text as one whole chunk; checked as it comes, since a generator is read only once."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError("train_tokenizer takes paths (Path) or texts (str), not a mix")
+        yield text, True
 
 
 def _collect(

@@ -7,16 +7,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference.scoring import score_texts
 from minigpt_cli.engine.metrics.exact_match import EXACT_MATCH_BATCH, score_answers
 from minigpt_cli.engine.metrics.text import Answer
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.runs.files import TOKENIZER_FILE
-from minigpt_cli.engine.runs.load import load_reward_model
+from minigpt_cli.engine.runs.load import RewardRun, load_reward_model
 from minigpt_cli.errors import UserError
 
 
@@ -34,8 +35,8 @@ def answer_batches(count: int) -> int:
 
 
 def answer_prompts(
-    model: Any,
-    tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
     records: Sequence[dict],
     *,
     max_new_tokens: int | None = None,
@@ -70,7 +71,9 @@ def answer_prompts(
     return answers
 
 
-def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -> dict[str, float]:
+def reward_metrics(
+    reward_run: RewardRun, tokenizer: Tokenizer, answers: Sequence[Answer]
+) -> dict[str, float]:
     """The reward model's mean score of the answers (each as prompt + reply in the chat template,
     as RLHF scores its rollouts), overall and per task family: what RLHF optimised, measured on
     held-out prompts for every run alike."""
@@ -89,7 +92,7 @@ def reward_metrics(reward_run: Any, tokenizer: Any, answers: Sequence[Answer]) -
     return metrics
 
 
-def load_reward_judge(path: Path, first_run: Path, device: torch.device) -> Any:
+def load_reward_judge(path: Path, first_run: Path, device: torch.device) -> RewardRun:
     """The reward run that judges every run's answers; its tokenizer must be the runs' own (the
     scores are of token ids), which holds for every run of one pipeline."""
     judge = load_reward_model(path, str(device))

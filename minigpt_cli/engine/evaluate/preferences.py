@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from minigpt_cli.engine.data.pairs import build_pairs, pad_pairs
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.objectives.preference import preference_metrics, sequence_logps
 from minigpt_cli.engine.resources.governor import throttle_point
 
@@ -38,8 +40,8 @@ def pair_batches(count: int) -> int:
 
 @torch.no_grad()
 def score_pairs(
-    model: Any,
-    tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
     records: Sequence[dict],
     *,
     max_prompt_tokens: int | None = None,

@@ -49,7 +49,7 @@ from minigpt_cli.engine.metrics.text import (
 from minigpt_cli.engine.resources.governor import release_memory
 from minigpt_cli.engine.runs.checkpoint import read_state
 from minigpt_cli.engine.runs.files import ADAPTER_FILE, MODEL_FILE
-from minigpt_cli.engine.runs.load import ancestors, load_run, parent_run
+from minigpt_cli.engine.runs.load import RewardRun, ancestors, load_run, parent_run
 from minigpt_cli.errors import UserError
 
 STAGE = "eval"  # the stage name of every event this module emits
@@ -201,7 +201,7 @@ def _measure_run(
     options: EvalOptions,
     device: torch.device,
     on_event: EventCallback | None,
-    judge: Any = None,
+    judge: RewardRun | None = None,
 ) -> tuple[RunReport, PairScores | None]:
     """Load one run and measure what `data` holds; its own pair scores come back separately (the
     preference metrics need the parent's too). The model is freed when this returns."""

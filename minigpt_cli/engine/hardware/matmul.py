@@ -15,11 +15,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minigpt_cli.engine.hardware import facts
+
+if TYPE_CHECKING:
+    from minigpt_cli.engine.hardware.device import PrecisionDecision
 
 # Above this relative error (vs. a float64 reference) a "fp32" matmul is not computing in fp32:
 # plain fp32 sits near 1e-7, bf16 arithmetic near 3e-3.
@@ -82,7 +85,9 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
-def _operands(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _operands(
+    n: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two random n×n matrices and an output buffer, made on `device` itself.
 
     A private generator leaves the global RNG alone: `peak_flops` may run in the middle of a
@@ -125,7 +130,7 @@ class _Timing:
     key: str
     setting: str
     n: int
-    operands: tuple[torch.Tensor, ...]
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     best: float
     times: list[float] = field(default_factory=list)
 
@@ -350,19 +355,16 @@ def measure_device(
     return result
 
 
-def precision_key(device: str | torch.device, precision: Any) -> str:
+def precision_key(device: str | torch.device, precision: str | PrecisionDecision) -> str:
     """Measurement key for a precision: "bf16", "fp16", "fp32", or "fp32_medium"/"fp32_high".
 
     A bare "fp32" follows the fp32 matmul precision currently set in torch, so the Trainer gets the
-    peak of the path its matmuls really take. A `PrecisionDecision` (anything with `peak_key`)
-    answers for itself.
+    peak of the path its matmuls really take. A `PrecisionDecision` answers for itself.
     """
-    key = getattr(precision, "peak_key", None)
-    if isinstance(key, str):
-        return key
-    name = str(precision)
-    if name == "fp32":
+    if not isinstance(precision, str):
+        return precision.peak_key
+    if precision == "fp32":
         setting = torch.get_float32_matmul_precision()
         return "fp32" if setting == "highest" else f"fp32_{setting}"
-    _key_setup(name)
-    return name
+    _key_setup(precision)
+    return precision

@@ -13,12 +13,15 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minigpt_cli.engine.core.io import atomic_write_text
 from minigpt_cli.engine.hardware import facts, matmul
+
+if TYPE_CHECKING:
+    from minigpt_cli.engine.hardware.device import PrecisionDecision
 
 CACHE_ENV = "MINIGPT_CACHE_DIR"
 CACHE_FILE = "matmul.json"
@@ -165,7 +168,7 @@ def speed_ratio(measurements: Mapping[str, Any] | None, key: str) -> float | Non
     return float(value) / float(base)
 
 
-def peak_flops(device: str | torch.device, precision: Any) -> float:
+def peak_flops(device: str | torch.device, precision: str | PrecisionDecision) -> float:
     """Matmul peak in FLOP/s for `precision` on `device`: the denominator of MFU.
 
     Read from the cache; measured (about half a second) and cached when missing.

@@ -24,10 +24,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from minigpt_cli.engine.data.chat_template import ChatTokenizer, prompt_ids, render
 from minigpt_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # Knobs `/set` changes, in the order /help and `/set` list them.
 SETTING_NAMES = (
@@ -206,7 +209,7 @@ def _next_line(text: str, line: str) -> str:
 
 # ------------------------------------------------------------------------------------ /set
 
-Settings = TypeVar("Settings")
+Settings = TypeVar("Settings", bound="DataclassInstance")  # rebuilt by dataclasses.replace
 
 
 def parse_setting(name: str, raw: str) -> tuple[str, Any]:
@@ -267,7 +270,7 @@ def updated_settings(settings: Settings, command: str) -> Settings:
     if not name:
         raise UserError(f"usage: /set NAME VALUE, NAME one of: {', '.join(SETTING_NAMES)}")
     key, value = parse_setting(name, raw)
-    return dataclasses.replace(settings, **{key: value})  # type: ignore[type-var]
+    return dataclasses.replace(settings, **{key: value})
 
 
 # ------------------------------------------------------------------------------------ input

@@ -143,17 +143,18 @@ def choose_next(
         return logits.argmax(dim=-1)
     logits = logits / settings.temperature
     vocab = logits.shape[-1]
-    use_top_p = settings.top_p is not None and settings.top_p < 1.0
+    # top-p of 1.0 keeps every token: no nucleus to cut
+    top_p = settings.top_p if settings.top_p is not None and settings.top_p < 1.0 else None
     candidates: torch.Tensor | None = None
     if settings.top_k is not None and settings.top_k < vocab:
         logits, candidates = torch.topk(logits, settings.top_k, dim=-1)
-    elif use_top_p:
+    elif top_p is not None:
         logits, candidates = torch.sort(logits, dim=-1, descending=True)
-    if use_top_p:
+    if top_p is not None:
         probs = torch.softmax(logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # The nucleus is the shortest prefix whose mass reaches top_p; the best token always stays.
-        outside = mass_before >= settings.top_p
+        outside = mass_before >= top_p
         outside[..., 0] = False
         logits = logits.masked_fill(outside, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

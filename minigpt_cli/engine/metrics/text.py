@@ -25,13 +25,18 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.resources.governor import throttle_point
+
+if TYPE_CHECKING:
+    from sacrebleu.metrics import BLEU
 
 TEXT_BATCH = 8  # context windows scored per forward pass
 
@@ -47,7 +52,7 @@ _ROUGE_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 # ----------------------------------------------------------------------------------------------
 
 
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """UTF-8 bytes each token stands for, so validation can report bits per byte exactly."""
     special = set(tokenizer.special_ids)
     lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
@@ -94,7 +99,7 @@ def document_windows(ids: Sequence[int], context: int) -> list[tuple[list[int], 
 
 
 def text_windows(
-    tokenizer: Any, documents: Sequence[str], context: int
+    tokenizer: Tokenizer, documents: Sequence[str], context: int
 ) -> list[tuple[list[int], list[int]]]:
     """Every document's windows (each document from an end-of-text id), shortest first so
     similar lengths batch together with little padding."""
@@ -107,7 +112,7 @@ def text_windows(
 
 @torch.no_grad()
 def score_windows(
-    model: Any,
+    model: GPT,
     windows: Sequence[tuple[list[int], list[int]]],
     token_bytes: np.ndarray,
     pad_id: int,
@@ -143,14 +148,14 @@ def score_windows(
     return TextScore(nats, tokens, total_bytes)
 
 
-def score_text(model: Any, tokenizer: Any, documents: Sequence[str]) -> TextScore:
+def score_text(model: GPT, tokenizer: Tokenizer, documents: Sequence[str]) -> TextScore:
     """Negative log-likelihood of `documents` under `model`, scored as `minigpt eval` scores text:
     from an end-of-text id, in non-overlapping windows of the model's context."""
     windows = text_windows(tokenizer, documents, int(model.config.context_length))
     return score_windows(model, windows, token_byte_lengths(tokenizer), tokenizer.pad_id)
 
 
-def text_batches(windows: Sequence[Any]) -> int:
+def text_batches(windows: Sequence[tuple[list[int], list[int]]]) -> int:
     """How many forward passes `score_windows` makes (for progress totals)."""
     return math.ceil(len(windows) / TEXT_BATCH)
 
@@ -181,7 +186,7 @@ class BleuStats:
     ref_len: int
 
 
-_BLEU_SCORERS: dict[str, Any] = {}
+_BLEU_SCORERS: dict[str, BLEU] = {}
 
 
 def bleu_stats(hypothesis: str, reference: str, tokenize: str | None = None) -> BleuStats:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns
 from torch.utils.checkpoint import checkpoint
 
 from minigpt_cli.config import params
@@ -46,6 +47,10 @@ class GPT(nn.Module):
     With a `KVCache` the call appends to the cache, which is how generation decodes one token at a
     time in O(context) instead of O(context^2) work.
     """
+
+    # The rotary tables are buffers (register_buffer below); declared here so their type is known.
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, model_cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -295,7 +300,9 @@ class GPT(nn.Module):
                 f"{missing}, unexpected keys {result.unexpected_keys}"
             )
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
         """Load weights, accepting a tied checkpoint without `lm_head.weight` (or with a copy)."""
         state = dict(state_dict)
         if self.config.tie_embeddings and "model.embed_tokens.weight" in state:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,15 +75,16 @@ class _RMSNormFunction(torch.autograd.Function):
     forward + backward on the CPU, which is a few percent of a `tiny` training step (9 norms).
     """
 
+    # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         normed, rstd = _rms_normalise(x, eps)
         ctx.save_for_backward(normed, rstd, weight)
         ctx.x_dtype = x.dtype
         return (normed * weight.to(normed.dtype)).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         normed, rstd, weight = ctx.saved_tensors
         grad = grad_out.to(normed.dtype)
         grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)

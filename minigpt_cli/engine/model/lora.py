@@ -137,9 +137,9 @@ def mark_only_lora_trainable(model: nn.Module) -> int:
         parameter.requires_grad_(False)
     trainable = 0
     for _, module in _lora_modules(model):
-        for parameter in (module.lora_A.weight, module.lora_B.weight):
-            parameter.requires_grad_(True)
-            trainable += parameter.numel()
+        for weight in (module.lora_A.weight, module.lora_B.weight):
+            weight.requires_grad_(True)
+            trainable += weight.numel()
     return trainable
 
 

@@ -8,6 +8,8 @@ is a plain `nn.Linear` and no logits were asked for.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -62,9 +64,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     autocast dtype when autocast is on).
     """
 
+    # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
@@ -114,7 +117,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         scale = grad_total.float()

@@ -41,6 +41,7 @@ and `data` are host RSS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from minigpt_cli.config.params import count_parameters
 from minigpt_cli.config.schema import Config, ModelConfig
@@ -206,6 +207,24 @@ class MemoryEstimate:
         )
 
 
+class StageMemory(TypedDict, total=False):
+    """What a stage tells the estimate beyond its config: keywords of `estimate_training_memory`."""
+
+    seq_len: int | None
+    trainable_params: int | None
+    extra_frozen_params: int
+    sequences_per_example: int
+    other_bytes: int
+    framework_bytes: int | None
+
+
+class MemoryInputs(StageMemory, total=False):
+    """The estimate's keywords besides the model, the batch, precision and checkpointing."""
+
+    data_bytes: int
+    eval_sequences: int
+
+
 def estimate_training_memory(
     model_cfg: ModelConfig,
     vocab_size: int,
@@ -325,7 +344,8 @@ def estimate_for_config(
     stage: str = "pretrain",
     micro_batch_size: int | None = None,
     precision: str | None = None,
-    **kwargs: object,
+    activation_checkpointing: bool | None = None,
+    **kwargs: Unpack[MemoryInputs],
 ) -> MemoryEstimate:
     """The estimate for a resolved run config: its stage's micro- and global batch, its model.
 
@@ -341,7 +361,8 @@ def estimate_for_config(
         micro_batch_size=micro_batch_size or train.micro_batch_size,
         global_batch_size=train.global_batch_size,
         precision="fp32" if chosen == "auto" else chosen,
-        **kwargs,  # type: ignore[arg-type]
+        activation_checkpointing=activation_checkpointing,
+        **kwargs,
     )
 
 
@@ -352,7 +373,9 @@ def largest_micro_batch(
     *,
     configured: int,
     global_batch_size: int,
-    **kwargs: object,
+    precision: str = "fp32",
+    activation_checkpointing: bool | None = None,
+    **kwargs: Unpack[MemoryInputs],
 ) -> int | None:
     """The largest micro-batch <= `configured` that divides `global_batch_size` and whose
     estimate fits under `cap_bytes`; None when not even 1 fits.
@@ -371,7 +394,9 @@ def largest_micro_batch(
             vocab_size,
             micro_batch_size=size,
             global_batch_size=global_batch_size,
-            **kwargs,  # type: ignore[arg-type]
+            precision=precision,
+            activation_checkpointing=activation_checkpointing,
+            **kwargs,
         )
         if estimate.total <= cap_bytes:
             return size
@@ -428,7 +453,7 @@ def plan_micro_batch(
     cap_bytes: int,
     *,
     stage: str = "pretrain",
-    **kwargs: object,
+    **kwargs: Unpack[StageMemory],
 ) -> MemoryPlan:
     """The governor's memory decision for a run of `config` under `cap_bytes`, before step 1.
 
@@ -447,21 +472,21 @@ def plan_micro_batch(
     train = config.stage_train(stage)
     configured = train.micro_batch_size
     configured_checkpointing = config.model.activation_checkpointing
-    shape: dict[str, object] = {
-        "precision": precision,
-        "global_batch_size": train.global_batch_size,
+    inputs: MemoryInputs = {
         "data_bytes": data_bytes,
         "eval_sequences": min(8, configured),
         **kwargs,
     }
 
-    def estimate(size: int, checkpointing: bool, **changes: object) -> MemoryEstimate:
+    def estimate(size: int, checkpointing: bool) -> MemoryEstimate:
         return estimate_training_memory(
             config.model,
             vocab_size,
             micro_batch_size=size,
+            global_batch_size=train.global_batch_size,
+            precision=precision,
             activation_checkpointing=checkpointing,
-            **{**shape, **changes},  # type: ignore[arg-type]
+            **inputs,
         )
 
     def plan(
@@ -489,8 +514,10 @@ def plan_micro_batch(
             config.model,
             vocab_size,
             configured=configured,
+            global_batch_size=train.global_batch_size,
+            precision=precision,
             activation_checkpointing=checkpointing,
-            **shape,
+            **inputs,
         )
         if chosen is None:
             continue

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 
@@ -34,6 +34,8 @@ from minigpt_cli.engine.hardware import monitor
 from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from minigpt_cli.config.schema import ResourcesConfig
 
 # Back off when a step's peak passes this share of the cap: the next step may allocate a little
@@ -327,22 +329,25 @@ def fractional_cpu_cap() -> float | None:
     return _active_throttle.cap_cores
 
 
-def _child_entry(function: Callable[..., object], args: tuple, connection: object) -> None:
+def _child_entry(function: Callable[..., object], args: tuple, connection: Connection) -> None:
     try:
         result = ("ok", function(*args))
     except Exception as error:  # noqa: BLE001 - handed back to the parent, which decides
         result = ("error", f"{type(error).__name__}: {error}")
-    connection.send(result)  # type: ignore[attr-defined]
-    connection.close()  # type: ignore[attr-defined]
+    connection.send(result)
+    connection.close()
+
+
+_Result = TypeVar("_Result")
 
 
 def run_duty_cycled(
-    function: Callable[..., object],
+    function: Callable[..., _Result],
     args: tuple,
     cap_cores: float,
     on_tick: Callable[[float], None] | None = None,
     tick_seconds: float = 1.0,
-) -> object:
+) -> _Result:
     """Run `function(*args)` in a child process held to `cap_cores` by stopping and continuing it.
 
     For work that runs in C++ without coming back to Python (sentencepiece's trainer), there is no
@@ -360,7 +365,9 @@ def run_duty_cycled(
     child = context.Process(target=_child_entry, args=(function, args, sender), daemon=True)
     child.start()
     sender.close()
-    watched = psutil.Process(child.pid)
+    pid = child.pid
+    assert pid is not None  # set by start()
+    watched = psutil.Process(pid)
     started = time.monotonic()
     last_tick = started
     try:
@@ -373,11 +380,11 @@ def run_duty_cycled(
                 continue
             owed = (times.user + times.system) / cap_cores - (time.monotonic() - started)
             if owed > 0.01:
-                os.kill(child.pid, signal.SIGSTOP)
+                os.kill(pid, signal.SIGSTOP)
                 try:
                     time.sleep(owed)
                 finally:
-                    os.kill(child.pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGCONT)
             now = time.monotonic()
             if on_tick is not None and now - last_tick >= tick_seconds:
                 on_tick(now - started)
@@ -386,7 +393,7 @@ def run_duty_cycled(
     finally:
         if child.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGCONT)
             child.join(timeout=5)
             if child.is_alive():
                 child.kill()

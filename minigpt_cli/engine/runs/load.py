@@ -189,7 +189,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
 
 
 def language_model_files(
-    model: nn.Module,
+    model: GPT,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """The files that hold what a language model trained: only its adapter when it has one (the
     parent holds the rest), else the whole `model.safetensors`."""
@@ -199,7 +199,7 @@ def language_model_files(
     return {MODEL_FILE: (model.export_state_dict(), {"format": "minigpt"})}
 
 
-def load_language_model_files(model: nn.Module, folder: Path) -> None:
+def load_language_model_files(model: GPT, folder: Path) -> None:
     """Restore what `language_model_files` wrote into `folder` (a resume)."""
     if has_lora(model):
         adapter = folder / ADAPTER_FILE

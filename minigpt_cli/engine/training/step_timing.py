@@ -59,14 +59,15 @@ class StepTiming:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str) -> StepTiming | None:
         """The cached timing, or None when any figure is missing or not a positive number."""
-        names = [name for name in cls.__dataclass_fields__ if name != "source"]
-        values = [data.get(name) for name in names]
-        if not all(
-            isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-            for value in values
-        ):
-            return None
-        return cls(*(float(value) for value in values), source=source)  # type: ignore[arg-type]
+        figures: dict[str, float] = {}
+        for name in cls.__dataclass_fields__:
+            if name == "source":
+                continue
+            value = data.get(name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                return None  # `not > 0` refuses NaN too
+            figures[name] = float(value)
+        return cls(**figures, source=source)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
