@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -171,14 +171,11 @@ class TrainingFlags:
         return stage_overrides(stage, **values, **own)
 
 
-VerbFunction = TypeVar("VerbFunction", bound=Callable[..., None])
-
-
 def training_verb(
     omit: tuple[str, ...] = (),
     replace: dict[str, Any] | None = None,
     first: tuple[str, ...] = (),
-) -> Callable[[VerbFunction], VerbFunction]:
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a training verb the shared flags: its signature, as Typer reads it, becomes the shared
     head, the verb's own parameters, then the shared tail; the verb receives the shared values as
     its first argument, a `TrainingFlags`. `omit` drops shared flags the verb does not take;
@@ -198,7 +195,7 @@ def training_verb(
             if name not in omit
         ]
 
-    def decorate(verb: VerbFunction) -> VerbFunction:
+    def decorate(verb: Callable[..., None]) -> Callable[..., None]:
         own = list(inspect.signature(verb, eval_str=True).parameters.values())[1:]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         lead = [p for p in own if p.name in first]
@@ -206,8 +203,14 @@ def training_verb(
         parameters = lead + shared(SHARED_HEAD) + rest + shared(SHARED_TAIL)
         shared_names = (set(SHARED_HEAD) | set(SHARED_TAIL)) - set(omit)
 
+        signature = inspect.Signature(parameters)
+
         @functools.wraps(verb)
         def command(**given: Any) -> None:
+            # Typer passes every flag; a caller in Python (quickstart) may pass only some.
+            bound = signature.bind(**given)
+            bound.apply_defaults()
+            given = dict(bound.arguments)
             values = {name: given.pop(name) for name in shared_names}
             flags = TrainingFlags(
                 **{name: values.pop(name, None) for name in (*SHARED_HEAD, "sets")},
@@ -217,9 +220,9 @@ def training_verb(
             )
             verb(flags, **given)
 
-        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__signature__ = signature  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
-        return command  # type: ignore[return-value]
+        return command
 
     return decorate
 
