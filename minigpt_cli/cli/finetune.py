@@ -1,4 +1,4 @@
-"""What the fine-tuning verbs (sft, dpo, rlhf) share: starting from a parent run, LoRA flags, the body.
+"""What sft, dpo and rlhf share: starting from a parent run, LoRA flags, the verb body.
 
 Each verb lists its own flags (Typer reads them from the signature) and hands them here, so the
 parent handling, resume, LoRA options and run-directory contract are written once.
