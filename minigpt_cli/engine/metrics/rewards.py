@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from minigpt_cli.engine.inference.scoring import score_texts
 from minigpt_cli.engine.metrics.exact_match import rule_scores
+from minigpt_cli.engine.model.heads import RewardModel
 from minigpt_cli.engine.objectives import rl
 
 RewardFunction = Callable[[list[dict], list[list[int]], list[str]], dict[str, torch.Tensor]]
@@ -27,7 +27,7 @@ class RewardSource:
     """How responses are judged: `kind` is model, rule or both (each term standardised)."""
 
     kind: str
-    reward_model: nn.Module | None = None
+    reward_model: RewardModel | None = None
     pad_id: int = 0
     moments: dict[str, rl.RunningMoments] = field(default_factory=dict)
 

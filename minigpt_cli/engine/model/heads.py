@@ -16,16 +16,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import cast
 
 import torch
 from torch import nn
 
+from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.lora import has_lora, merge_lora
-
-if TYPE_CHECKING:
-    from minigpt_cli.config.schema import ModelConfig
-    from minigpt_cli.engine.model.gpt import GPT
 
 SCORE_WEIGHT = "score.weight"
 """The scalar head's tensor, HF `LlamaForSequenceClassification`'s name for it."""
@@ -146,14 +144,17 @@ class PolicyWithValue(nn.Module):
     language model that generate/chat/eval load; the head is saved beside it.
     """
 
-    def __init__(self, policy: nn.Module) -> None:
+    policy: GPT
+    value_head: nn.Linear
+
+    def __init__(self, policy: GPT) -> None:
         super().__init__()
         self.policy = policy
         self.value_head = nn.Linear(policy.config.n_embd, 1, bias=False)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: returns are learned from there
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ModelConfig:
         return self.policy.config
 
     @property
@@ -161,6 +162,10 @@ class PolicyWithValue(nn.Module):
         return int(self.policy.vocab_size)
 
 
-def policy_of(model: nn.Module) -> nn.Module:
+def policy_of(model: nn.Module) -> GPT:
     """The language model inside a PPO wrapper (or the model itself for GRPO)."""
-    return model.policy if isinstance(model, PolicyWithValue) else model
+    if isinstance(model, PolicyWithValue):
+        return model.policy
+    # A GRPO policy: the GPT itself, or torch.compile's wrapper of it (a Trainer's loss gets that),
+    # which forwards every attribute to the GPT.
+    return cast(GPT, model)

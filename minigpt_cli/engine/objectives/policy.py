@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.model.lora import LoRALinear, has_lora
 from minigpt_cli.engine.objectives import rl
@@ -42,10 +43,10 @@ class Reference:
     a fully trained policy gets a frozen copy of its starting weights.
     """
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: GPT) -> None:
         self.shared = has_lora(policy)
         self.policy = policy
-        self.copy: nn.Module | None = None
+        self.copy: GPT | None = None
         if not self.shared:
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
 

@@ -15,9 +15,13 @@ Like `objectives.rl`, nothing here knows about batches, stages or the Trainer.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from minigpt_cli.engine.model.gpt import GPT
 
 # Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
 # loss: large enough for efficient matmuls, small enough that a long batch never holds
@@ -25,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 _LOGIT_CHUNK_ELEMENTS = 4 * 2**20
 
 
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+def _language_model(model: torch.nn.Module) -> GPT:
     """The GPT inside a `torch.compile` wrapper (scoring needs its `hidden_states`)."""
-    return getattr(model, "_orig_mod", model)
+    return cast(GPT, getattr(model, "_orig_mod", model))
 
 
 def _token_logps(

@@ -55,7 +55,7 @@ class LoadedRun:
     state: dict[str, Any]
 
 
-def load_model_weights(model: GPT, path: Path) -> None:
+def load_model_weights(model: GPT | RewardModel, path: Path) -> None:
     """Load weights into `model`, refusing files whose names or shapes do not match its config."""
     tensors = load_tensors(path)
     expected = model.export_state_dict()
@@ -189,17 +189,17 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
 
 
 def language_model_files(
-    model: GPT,
+    model: GPT | RewardModel,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """The files that hold what a language model trained: only its adapter when it has one (the
-    parent holds the rest), else the whole `model.safetensors`."""
+    parent holds the rest), else the whole `model.safetensors` (a reward model's, always)."""
     settings = lora_settings(model)
     if settings is not None:
         return {ADAPTER_FILE: (adapter_state_dict(model), adapter_metadata(settings))}
     return {MODEL_FILE: (model.export_state_dict(), {"format": "minigpt"})}
 
 
-def load_language_model_files(model: GPT, folder: Path) -> None:
+def load_language_model_files(model: GPT | RewardModel, folder: Path) -> None:
     """Restore what `language_model_files` wrote into `folder` (a resume)."""
     if has_lora(model):
         adapter = folder / ADAPTER_FILE
@@ -244,6 +244,6 @@ def load_reward_model(run_dir: str | Path, device: str = "cpu") -> RewardRun:
             "rlhf run, not a language model's run"
         )
     model = RewardModel(GPT(config.model, tokenizer.vocab_size))
-    load_model_weights(model, path)  # type: ignore[arg-type]  # duck-typed: export/load pair
+    load_model_weights(model, path)
     model.to(device).eval()
     return RewardRun(folder, model, tokenizer, config, state)

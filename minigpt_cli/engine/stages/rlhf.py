@@ -38,6 +38,7 @@ from torch import nn
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference.decode import generate_batch
 from minigpt_cli.engine.inference.generation import SamplingSettings
 from minigpt_cli.engine.metrics.exact_match import (
@@ -118,7 +119,7 @@ class RlStage(StageBase):
         train_records: Sequence[dict],
         val_records: Sequence[dict],
         *,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         reward: RewardSource,
         reference: Reference,
         settings: RlSettings,
@@ -516,7 +517,7 @@ def run_rlhf(
         spec.sources["reward_model"] = source
     reward = RewardSource(config.rlhf.reward, reward_model, setup.tokenizer.pad_id)
     train_records, val_records = train_and_val_records("rlhf", inputs, config)
-    policy = setup.model
+    policy = policy_of(setup.model)  # start_finetune's policy itself (PPO wraps it below)
     reference = Reference(policy)  # the starting weights: the Trainer restores a resume later
     if settings.algo == "ppo":
         setup.model = PolicyWithValue(policy).to(setup.device)

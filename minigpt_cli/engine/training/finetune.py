@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from minigpt_cli.config.schema import Config, LoraConfig, TrainConfig
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.stage_records import stage_records
+from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.hardware.device import (
     PrecisionDecision,
     apply_matmul_precision,
@@ -26,15 +28,12 @@ from minigpt_cli.engine.hardware.device import (
     resolve_precision,
 )
 from minigpt_cli.engine.model import lora as lora_lib
-from minigpt_cli.engine.model.heads import policy_of
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.training.stage import Stage
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
-
-if TYPE_CHECKING:
-    from minigpt_cli.config.schema import Config, LoraConfig, TrainConfig
-    from minigpt_cli.engine.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -78,7 +77,7 @@ def prepare_model(
     seed: int,
     on_event: EventCallback | None,
     stage: str,
-) -> tuple[torch.nn.Module, Tokenizer]:
+) -> tuple[GPT, Tokenizer]:
     """The starting policy: the parent's weights, with adapters when asked (or inherited).
 
     A LoRA parent keeps training its own adapter (DESIGN.md: a child of a LoRA run trains the same
@@ -118,7 +117,7 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def finish_lora_run(model: torch.nn.Module, run_dir: Path, merge: bool) -> str | None:
+def finish_lora_run(model: GPT, run_dir: Path, merge: bool) -> str | None:
     """After training: with `--merge`, also write the merged weights as `model.safetensors`."""
     if not (merge and lora_lib.has_lora(model)):
         return None
@@ -135,7 +134,7 @@ class FinetuneSetup:
     train: TrainConfig  # of the stage
     device: torch.device
     precision: PrecisionDecision
-    model: torch.nn.Module
+    model: GPT | PolicyWithValue  # the policy; PPO (run_rlhf) puts it in a PolicyWithValue
     tokenizer: Tokenizer
 
 
@@ -152,8 +151,9 @@ def start_finetune(
     model, tokenizer = prepare_model(
         inputs.from_run, inputs.lora, config.lora, train.seed, on_event, stage
     )
-    if lora_lib.has_lora(model):
-        config.lora = lora_lib.lora_settings(model)
+    settings = lora_lib.lora_settings(model)  # None: no adapters
+    if settings is not None:
+        config.lora = settings
         if spec.resume:  # a merged file from an earlier finish would shadow the newer adapter
             (spec.run_dir / MODEL_FILE).unlink(missing_ok=True)
     tokenizer.save(spec.run_dir)

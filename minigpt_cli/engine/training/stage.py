@@ -8,13 +8,18 @@ plainly (no probing for optional attributes).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.heads import PolicyWithValue, RewardModel
 from minigpt_cli.engine.runs.load import language_model_files, load_language_model_files
 
 Batch = dict[str, torch.Tensor]
+# Every kind of model a stage trains: a language model (pretraining, SFT, DPO, GRPO), a reward
+# model, or PPO's policy with its value head. The Trainer reads only what they share (`config`).
+TrainedModel: TypeAlias = GPT | RewardModel | PolicyWithValue
 # What a checkpoint writes for the model: file name -> (tensors, safetensors metadata).
 WeightFiles = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]
 
@@ -112,7 +117,9 @@ class StageBase:
 
     def weight_files(self, model: torch.nn.Module) -> WeightFiles:
         """The whole model, or only the adapters of a LoRA run (the parent holds the rest)."""
+        assert isinstance(model, GPT | RewardModel), "a stage of another model overrides this"
         return language_model_files(model)
 
     def load_weight_files(self, model: torch.nn.Module, folder: Path) -> None:
+        assert isinstance(model, GPT | RewardModel), "a stage of another model overrides this"
         load_language_model_files(model, folder)

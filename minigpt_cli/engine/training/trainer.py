@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from minigpt_cli.config.params import flops_per_token
 from minigpt_cli.config.schema import Config, parse_duration, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text
-from minigpt_cli.engine.hardware.device import autocast_context
+from minigpt_cli.engine.hardware.device import PrecisionDecision, autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.hardware.speed_cache import peak_flops
 from minigpt_cli.engine.resources.governor import (
@@ -47,7 +47,7 @@ from minigpt_cli.engine.runs.files import (
 )
 from minigpt_cli.engine.training import optim
 from minigpt_cli.engine.training.plot import plot_metrics
-from minigpt_cli.engine.training.stage import Batch, Stage
+from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.errors import UserError
 
 
@@ -86,7 +86,11 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _numpy_state() -> list[Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # The global generator is MT19937, whose legacy state is this tuple (the stubs also allow the
+    # dict other bit generators give).
+    state = np.random.get_state()
+    assert isinstance(state, tuple)
+    name, keys, pos, has_gauss, cached = state
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
@@ -117,15 +121,17 @@ def _is_percent(max_memory: float | str) -> bool:
 class Trainer:
     """Runs a Stage to completion, checkpointing and logging as the config says."""
 
+    _resumed_from: Path | None  # the checkpoint a resumed run started from (set by `_fit`)
+
     def __init__(
         self,
         config: Config,
         stage: Stage,
-        model: torch.nn.Module,
+        model: TrainedModel,
         spec: RunSpec,
         *,
         device: torch.device,
-        precision: Any,
+        precision: PrecisionDecision,
         on_event: EventCallback | None = None,
         vocab_size: int,
         micro_batch_size: int | None = None,
@@ -143,11 +149,7 @@ class Trainer:
         # The governor may start below the configured micro-batch; a resumed run restores its own.
         self.micro_batch_size = micro_batch_size or self.train.micro_batch_size
         self.optimizer, self.param_names = optim.build_optimizer(model, self.train, device)
-        self.scaler = (
-            torch.amp.GradScaler(device.type)
-            if getattr(precision, "use_grad_scaler", False)
-            else None
-        )
+        self.scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0
@@ -229,7 +231,7 @@ class Trainer:
         self.micro_batch_size = int(state.get("micro_batch_size", self.micro_batch_size))
         if self.train.global_batch_size % self.micro_batch_size:
             self.micro_batch_size = self.train.micro_batch_size
-        if state.get("activation_checkpointing") and hasattr(self.model, "config"):
+        if state.get("activation_checkpointing"):
             self.model.config.activation_checkpointing = True
         self.stage.load_data_state(state["data_state"])
         self.stage.load_extra_state(state.get("extra", {}))
@@ -279,7 +281,7 @@ class Trainer:
             self.stage.sequences_per_epoch(),
         )
         self._note_binding_limit(sequences_per_step)
-        self._resumed_from: Path | None = None
+        self._resumed_from = None
         if self.spec.resume:
             self._restore()
         self.metrics = ckpt.MetricsLog(
@@ -320,13 +322,14 @@ class Trainer:
             tokens_per_step=tokens_per_step,
             micro_batch_size=self.micro_batch_size,
             accumulation=self.accumulation,
-            precision=getattr(self.precision, "reason", str(self.precision)),
+            precision=self.precision.reason,
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
         )
         if self.stage.evaluate_at_start and self.step == 0:
             self._evaluate()  # the baseline a stage's gains are read against (RL's "before")
-        window_tokens, window_time, window_metrics = 0, 0.0, {}
+        window_tokens, window_time = 0, 0.0
+        window_metrics: dict[str, list[float]] = {}
         last_rate = 0.0
         data_state, rng = self.stage.data_state(), _rng_state()
         self.governor.start()
@@ -427,8 +430,7 @@ class Trainer:
             )
 
     def _checkpointing(self) -> bool:
-        model_config = getattr(self.model, "config", None)
-        return bool(getattr(model_config, "activation_checkpointing", False))
+        return bool(self.model.config.activation_checkpointing)
 
     def _govern_memory(self) -> None:
         adjustment = self.governor.after_step(
@@ -497,7 +499,9 @@ class Trainer:
         if self._compile_pending:
             self._compile_pending = False
             try:
-                compiled = torch.compile(self.model)
+                # The stubs type torch.compile's result as a plain callable; given a module it is
+                # one (an `OptimizedModule` wrapping it), which is what a stage's loss takes.
+                compiled = cast(torch.nn.Module, torch.compile(self.model))
                 with self._autocast():
                     result = self.stage.loss(compiled, batch)
                 self._forward_model = compiled
