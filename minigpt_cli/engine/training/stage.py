@@ -7,6 +7,7 @@ plainly (no probing for optional attributes).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
@@ -90,7 +91,7 @@ class Stage(Protocol):
         """Restore what `weight_files` wrote into `folder` (a resume)."""
 
 
-class StageBase:
+class StageBase(ABC):
     """The Stage protocol's defaults, for a stage that trains a language model token by token with
     no between-step work or state beyond its data position (stages override what differs)."""
 
@@ -100,8 +101,9 @@ class StageBase:
     evaluate_at_start: bool = False
     eval_batch: int = EVAL_BATCH
 
+    @abstractmethod
     def count_tokens(self, batch: Batch) -> int:
-        raise NotImplementedError
+        """Each stage counts its own loss tokens (the default normaliser divides by them)."""
 
     def loss_normaliser(self, batch: Batch) -> int:
         return self.count_tokens(batch)
