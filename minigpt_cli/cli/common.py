@@ -220,6 +220,7 @@ def training_verb(
             )
             verb(flags, **given)
 
+        # Typer reads `__signature__`; functions have no such declared attribute for mypy.
         command.__signature__ = signature  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         return command
@@ -250,15 +251,15 @@ def resolve_config(
     resume: bool,
 ) -> Config:
     """The run's config: on --resume the saved config.toml is the base, else the preset."""
-    from minigpt_cli.config.loader import load_config
+    from minigpt_cli.config.loader import RUN_CONFIG_FILE, load_config
 
-    if resume and run_dir is not None and (run_dir / "config.toml").is_file():
+    if resume and run_dir is not None and (run_dir / RUN_CONFIG_FILE).is_file():
         if config_file is not None:
             raise UserError(
                 "--resume continues the run with its saved config.toml; drop --config "
                 "(use flags or --set to change a value, e.g. a larger --max-steps)"
             )
-        return load_config(None, run_dir / "config.toml", overrides, sets or [])
+        return load_config(None, run_dir / RUN_CONFIG_FILE, overrides, sets or [])
     return load_config(preset or "tiny", config_file, overrides, sets or [])
 
 

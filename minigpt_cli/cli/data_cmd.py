@@ -246,10 +246,10 @@ TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # plain-text marks around trained toke
 
 def default_inspect_run(runs_dir: Path = Path("runs")) -> Path:
     """The most recently modified run under `runs_dir` that holds a tokenizer.model."""
+    from minigpt_cli.engine.data.tokenizer import MODEL_FILE
+
     candidates = (
-        [p for p in runs_dir.iterdir() if (p / "tokenizer.model").is_file()]
-        if runs_dir.is_dir()
-        else []
+        [p for p in runs_dir.iterdir() if (p / MODEL_FILE).is_file()] if runs_dir.is_dir() else []
     )
     if not candidates:
         raise UserError(
@@ -261,9 +261,9 @@ def default_inspect_run(runs_dir: Path = Path("runs")) -> Path:
 
 def _context_length(run: Path) -> int | None:
     """The run's model.context_length (where truncation happens), None for a bare tokenizer."""
-    from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.config.loader import RUN_CONFIG_FILE, read_run_config
 
-    if not (run / "config.toml").is_file():
+    if not (run / RUN_CONFIG_FILE).is_file():
         return None
     return read_run_config(run).model.context_length
 

@@ -47,12 +47,7 @@ def dpo(
         from_run=from_run,
         own={"beta": beta, "label_smoothing": label_smoothing},
         lora=lora,
-        lora_options={
-            "r": lora_r,
-            "alpha": lora_alpha,
-            "dropout": lora_dropout,
-            "targets": lora_targets,
-        },
+        lora_options=finetune.lora_options(lora_r, lora_alpha, lora_dropout, lora_targets),
         merge=merge,
     )
 

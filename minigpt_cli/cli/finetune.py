@@ -82,8 +82,12 @@ def check_parent(from_run: Path | None, stage: str) -> Path:
         raise UserError(
             f"{stage} needs --from RUN, the run to start from (e.g. runs/pretrain-tiny)"
         )
-    if not (from_run / "config.toml").is_file():
-        raise UserError(f"{from_run}: not a run directory (no config.toml); pass a finished run")
+    from minigpt_cli.config.loader import RUN_CONFIG_FILE
+
+    if not (from_run / RUN_CONFIG_FILE).is_file():
+        raise UserError(
+            f"{from_run}: not a run directory (no {RUN_CONFIG_FILE}); pass a finished run"
+        )
     return from_run
 
 

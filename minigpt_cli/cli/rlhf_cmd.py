@@ -140,10 +140,10 @@ def rlhf(
 
 def _saved_algo(out: Path | None, resume: bool) -> str | None:
     """On --resume --out DIR without --algo: the algorithm the run's config names."""
-    if not (resume and out is not None and (out / "config.toml").is_file()):
-        return None
-    from minigpt_cli.config.loader import read_run_config
+    from minigpt_cli.config.loader import RUN_CONFIG_FILE, read_run_config
 
+    if not (resume and out is not None and (out / RUN_CONFIG_FILE).is_file()):
+        return None
     return read_run_config(out).rlhf.algo
 
 

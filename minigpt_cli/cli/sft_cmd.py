@@ -43,12 +43,7 @@ def sft(
         from_run=from_run,
         own={"train_on_prompt": train_on_prompt},
         lora=lora,
-        lora_options={
-            "r": lora_r,
-            "alpha": lora_alpha,
-            "dropout": lora_dropout,
-            "targets": lora_targets,
-        },
+        lora_options=finetune.lora_options(lora_r, lora_alpha, lora_dropout, lora_targets),
         merge=merge,
     )
 

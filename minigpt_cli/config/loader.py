@@ -283,12 +283,15 @@ def dump_config(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+RUN_CONFIG_FILE = "config.toml"  # a run's resolved config (engine/runs/files.py names it too)
+
+
 def read_run_config(run_dir: Path | str) -> Config:
     """The configuration a run was trained with (`RUN/config.toml`), validated like any file."""
     run = Path(run_dir)
-    path = run / "config.toml"
+    path = run / RUN_CONFIG_FILE
     if not run.is_dir() or not path.is_file():
-        raise UserError(f"{run} is not a run directory (no config.toml)")
+        raise UserError(f"{run} is not a run directory (no {RUN_CONFIG_FILE})")
     return load_config(preset=None, config_file=path)
 
 

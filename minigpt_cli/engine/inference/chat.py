@@ -4,7 +4,7 @@
 rather than in the CLI:
 
 - What the model sees. A chat-tuned run gets the conversation in the one chat template
-  (`engine.chat.prompt_ids`), so a single question is exactly what `generate` builds for it. A
+  (`chat_template.prompt_ids`), so a single question is exactly what `generate` builds for it. A
   run that was only pretrained knows no turns: the conversation is plain text (the system text,
   then each input on a new line followed by the model's continuation), fed as a document start
   (end-of-text id first), again exactly what `generate` feeds for one input.

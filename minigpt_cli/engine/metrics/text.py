@@ -313,7 +313,7 @@ class Answer:
     prompt: str  # the last user turn, for showing samples
     reference: str
     prediction: str
-    correct: bool  # exact match after `sft.normalise_answer`
+    correct: bool  # exact match after `exact_match.normalise_answer`
     prompt_messages: tuple[dict, ...] = ()  # the conversation answered (for a reward model)
 
 

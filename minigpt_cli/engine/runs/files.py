@@ -15,25 +15,27 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minigpt_cli.config.loader import RUN_CONFIG_FILE
 from minigpt_cli.engine.core.io import atomic_write_bytes
+from minigpt_cli.engine.data.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-CONFIG_FILE = "config.toml"
+CONFIG_FILE = RUN_CONFIG_FILE
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 ADAPTER_FILE = "adapter.safetensors"
 """The adapter weights in a LoRA run directory (and in each of its checkpoints/step-N/)."""
 VALUE_HEAD_FILE = "value_head.safetensors"
-REWARD_DIR = "reward"  # rlhf runs: the reward model's own run directory
 """PPO's value head, beside the policy's files in an rlhf run (and its snapshots)."""
+REWARD_DIR = "reward"
+"""rlhf runs: the reward model's own run directory."""
 
 _MAX_HEADER = 100 * 2**20
 

@@ -28,6 +28,7 @@ from minigpt_cli.engine.metrics.text import token_byte_lengths
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.resources.governor import tokenizer_training_chars
 from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
+from minigpt_cli.engine.runs.files import MODEL_FILE, TOKENIZER_FILE
 from minigpt_cli.engine.runs.load import load_model_weights
 from minigpt_cli.engine.training.finetune import resolve_hardware
 from minigpt_cli.engine.training.optim import plan_steps
@@ -189,7 +190,7 @@ def _prepare_tokenizer(
     resume: bool,
     on_event: EventCallback | None,
 ) -> Any:
-    own = run_dir / "tokenizer.model"
+    own = run_dir / TOKENIZER_FILE
     if resume and own.exists():
         return Tokenizer.load(run_dir)
     source = inputs.tokenizer or inputs.from_run
@@ -391,7 +392,7 @@ def run_pretrain(
     seed_everything(train.seed)
     model = GPT(config.model, tokenizer.vocab_size)
     if inputs.from_run is not None and not spec.resume:
-        load_model_weights(model, inputs.from_run / "model.safetensors")
+        load_model_weights(model, inputs.from_run / MODEL_FILE)
     model.to(device)
     trainer = Trainer(
         config,

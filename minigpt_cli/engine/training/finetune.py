@@ -80,7 +80,7 @@ def prepare_model(
 ) -> tuple[GPT, Tokenizer]:
     """The starting policy: the parent's weights, with adapters when asked (or inherited).
 
-    A LoRA parent keeps training its own adapter (DESIGN.md: a child of a LoRA run trains the same
+    A LoRA parent keeps training its own adapter (README: a child of a LoRA run trains the same
     adapter further); a full parent gets fresh adapters with `--lora`, or trains every weight.
     Rebuilt the same way on --resume, before the Trainer restores the checkpoint over it.
     """
