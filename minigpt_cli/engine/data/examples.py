@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.chat_template import ChatTokenizer
 from minigpt_cli.engine.data.stage_records import stage_records
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.errors import UserError
@@ -57,7 +58,10 @@ def exchange_starts(messages: Sequence[dict]) -> list[int]:
 
 
 def render_example(
-    messages: Sequence[dict], tokenizer: Any, max_len: int | None, train_on_prompt: bool = False
+    messages: Sequence[dict],
+    tokenizer: ChatTokenizer,
+    max_len: int | None,
+    train_on_prompt: bool = False,
 ) -> RenderedConversation:
     """Render `messages` and fit them into `max_len + 1` ids (`max_len` inputs, shifted targets).
 
@@ -124,7 +128,7 @@ class BuildStats:
 
 def build_examples(
     records: Sequence[dict],
-    tokenizer: Any,
+    tokenizer: ChatTokenizer,
     max_len: int | None,
     train_on_prompt: bool = False,
 ) -> tuple[list[SftExample], BuildStats]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.chat_template import ChatTokenizer
 from minigpt_cli.engine.data.examples import exchange_starts
 from minigpt_cli.engine.data.stage_records import stage_records
 from minigpt_cli.errors import UserError
@@ -93,7 +94,7 @@ class PairStats:
 
 
 def fit_prompt(
-    messages: Sequence[dict], tokenizer: Any, limit: int
+    messages: Sequence[dict], tokenizer: ChatTokenizer, limit: int
 ) -> tuple[list[int], list[dict], bool]:
     """(prompt ids, messages kept, truncated): the prompt in the template, at most `limit` ids.
 
@@ -127,7 +128,7 @@ def forward_length(pairs: Sequence[PreferencePair]) -> int:
 
 def build_pairs(
     records: Sequence[dict],
-    tokenizer: Any,
+    tokenizer: ChatTokenizer,
     max_len: int,
     max_prompt_tokens: int | None = None,
 ) -> tuple[list[PreferencePair], PairStats]:
@@ -199,7 +200,7 @@ def build_pairs(
 
 
 def _reply_ids(
-    messages: Sequence[dict], reply: str, tokenizer: Any, prompt: list[int]
+    messages: Sequence[dict], reply: str, tokenizer: ChatTokenizer, prompt: list[int]
 ) -> list[int]:
     """The reply's ids (its end-of-turn included) exactly as the chat template renders them."""
     ids, _ = chat_template.render_response(messages, reply, tokenizer)
@@ -236,7 +237,7 @@ def pad_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> tuple[torch.Tenso
 
 def build_reward_pairs(
     records: Sequence[dict],
-    tokenizer: Any,
+    tokenizer: ChatTokenizer,
     context_length: int,
     max_prompt_tokens: int | None = None,
 ) -> tuple[list[PreferencePair], PairStats]:

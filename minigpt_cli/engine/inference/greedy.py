@@ -8,10 +8,10 @@ must equal decoding each prompt alone (held-out exact match is compared across r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
 
 
@@ -22,7 +22,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 @torch.inference_mode()
 @reuse_stacked_weights()
 def greedy_complete(
-    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]
+    model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]
 ) -> list[list[int]]:
     """Greedy continuations of several prompts of different lengths, decoded as one batch.
 

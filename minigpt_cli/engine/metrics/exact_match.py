@@ -11,13 +11,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from minigpt_cli.engine.data import chat_template
+from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference import greedy
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.errors import UserError
 
@@ -86,8 +87,8 @@ def select_per_family(
 
 
 def score_answers(
-    model: Any,
-    tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
     records: Sequence[dict],
     *,
     per_family: int | None = 16,
@@ -146,8 +147,8 @@ def summarise_exact_match(results: Sequence[AnswerResult]) -> dict[str, float]:
 
 
 def exact_match_by_family(
-    model: Any,
-    tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
     records: Sequence[dict],
     *,
     per_family: int | None = 16,
@@ -166,7 +167,7 @@ def exact_match_by_family(
 
 
 def held_out_exact_match(
-    model: Any, tokenizer: Any, records: Sequence[dict], per_family: int
+    model: GPT, tokenizer: Tokenizer, records: Sequence[dict], per_family: int
 ) -> dict[str, float]:
     """A stage's exact-match evaluation, or nothing when it has no records or it is switched off
     (`exact_match_per_family = 0`)."""

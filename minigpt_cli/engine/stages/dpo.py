@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from minigpt_cli.engine.data.pairs import (
 )
 from minigpt_cli.engine.hardware.device import autocast_context
 from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.objectives.preference import dpo_loss, preference_metrics, sequence_logps
 from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.training.finetune import (
@@ -248,7 +249,10 @@ class DpoStage(PairStage):
         metrics = self.preference_eval(model)
         metrics.update(
             held_out_exact_match(
-                model, self.tokenizer, self.exact_match_records, self.exact_match_per_family
+                cast(GPT, model),  # DPO trains a GPT (LoRA adapts its layers in place)
+                self.tokenizer,
+                self.exact_match_records,
+                self.exact_match_per_family,
             )
         )
         return metrics

@@ -175,7 +175,7 @@ def _builtin_texts(config: Config) -> list[str]:
     return [r["text"] for r in pretrain_records(config.data.builtin_size, seed=BUILTIN_DATA_SEED)]
 
 
-def _encode_texts(tokenizer: Any, texts: list[str]) -> np.ndarray:
+def _encode_texts(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     ids: list[int] = []
     for encoded in tokenizer.encode_batch(texts):
         ids.extend(encoded)
@@ -255,7 +255,7 @@ def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -
 
 
 def _token_stream(
-    tokenizer: Any, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
+    tokenizer: Tokenizer, paths: list[Path], cache_dir: Path, on_event: EventCallback | None
 ) -> TokenRange:
     """Memory-mapped tokens of `paths` (encoded once into `cache_dir`, reused when unchanged)."""
     if len(paths) == 1 and is_shard_folder(paths[0]):
@@ -272,7 +272,7 @@ def _token_stream(
 def load_tokens(
     config: Config,
     inputs: PretrainInputs,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     run_dir: Path,
     on_event: EventCallback | None,
 ) -> tuple[TokenRange, TokenRange]:

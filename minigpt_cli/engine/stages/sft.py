@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data.examples import SftExample, build_examples, pad_batch
 from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
 from minigpt_cli.engine.metrics.text import token_byte_lengths
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.training.finetune import (
@@ -171,7 +172,10 @@ class SftStage(StageBase):
         metrics = self.validation_loss(model)
         metrics.update(
             held_out_exact_match(
-                model, self.tokenizer, self.exact_match_records, self.exact_match_per_family
+                cast(GPT, model),  # SFT trains a GPT (LoRA adapts its layers in place)
+                self.tokenizer,
+                self.exact_match_records,
+                self.exact_match_per_family,
             )
         )
         return metrics
