@@ -157,6 +157,9 @@ def _popen_pretrain(*args: str | Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C as at a terminal, even when pytest runs as a background job (SIGINT ignored,
+        # which a child inherits).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
