@@ -132,3 +132,28 @@ def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Pa
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
+    """A finished 10-step LoRA SFT run of `tiny_pretrain_run`, snapshots kept at steps 5 and 10:
+    a LoRA parent to continue from, and a straight run to compare a resumed copy against."""
+    run_dir = tmp_path_factory.mktemp("tiny-lora-sft") / "run"
+    result = run_cli(
+        "sft",
+        "--from",
+        tiny_pretrain_run,
+        "--out",
+        run_dir,
+        "--lora",
+        "--max-steps",
+        "10",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *set_args([*FINETUNE_SETS, "sft.save_every=5", "train.keep_last=3"]),
+        env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
