@@ -1,13 +1,25 @@
-"""Shared fixtures: the expensive artefacts (a tiny pretrained run) are built once per session."""
+"""Shared fixtures: the expensive artefacts (a tiny pretrained run) are built once per session.
+
+Under pytest-xdist (the default `-n 2`, pyproject's addopts) a session is a worker: each worker
+builds the session fixtures it needs once. A test marked `exclusive` runs while no other worker
+runs a test, so that what it measures of this machine (CPU time under a cap) is its own.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks between workers (run with -n 0 for exclusive tests)
+    fcntl = None  # type: ignore[assignment]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -53,6 +65,33 @@ def run_cli(
         timeout=timeout,
         input=input_text,
     )
+
+
+@contextlib.contextmanager
+def _turn_on_this_machine(item: pytest.Item) -> Iterator[None]:
+    """Between xdist workers: an `exclusive` test waits for the others' current tests to end and
+    holds them off until it ends; every other test shares the machine. Without xdist, nothing."""
+    if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    # The workers' base temporary folders share a parent: the run's own, removed like the rest.
+    root = item.config._tmp_path_factory.getbasetemp().parent
+    with open(root / "machine.gate", "a") as gate, open(root / "machine.share", "a") as share:
+        # The gate queues everyone behind an exclusive test that is waiting for its turn, so a
+        # stream of shared holders cannot starve it. Closing the files releases both locks.
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(share, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    # Around setup too: a session fixture built for this test is load on the machine as well.
+    with _turn_on_this_machine(item):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
@@ -128,6 +167,31 @@ def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Pa
         "--device",
         "cpu",
         *set_args(FINETUNE_SETS),
+        env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
+    """A finished 10-step LoRA SFT run of `tiny_pretrain_run`, snapshots kept at steps 5 and 10:
+    a LoRA parent to continue from, and a straight run to compare a resumed copy against."""
+    run_dir = tmp_path_factory.mktemp("tiny-lora-sft") / "run"
+    result = run_cli(
+        "sft",
+        "--from",
+        tiny_pretrain_run,
+        "--out",
+        run_dir,
+        "--lora",
+        "--max-steps",
+        "10",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *set_args([*FINETUNE_SETS, "sft.save_every=5", "train.keep_last=3"]),
         env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
     )
     assert result.returncode == 0, result.stdout + result.stderr

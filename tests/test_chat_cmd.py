@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -264,11 +265,18 @@ def test_a_missing_run_is_one_line_and_exit_2(tmp_path: Path) -> None:
     ]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_real_terminal_session(tiny_sft_run: Path, tiny_pretrain_run: Path) -> None:
     one_shot = chat(tiny_sft_run, "-p", QUESTION, "--greedy", "-n", "6").stdout.rstrip("\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+    # Ctrl-C reaches the chat as at a terminal, even when pytest runs as a background job (SIGINT
+    # ignored, which a child inherits).
+    spawn = {"env": env, "encoding": "utf-8", "timeout": 120, "preexec_fn": _default_sigint}
     args = ["-m", "minigpt_cli", "chat", str(tiny_sft_run), "--greedy", "-n", "6"]
-    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120)
+    child = pexpect.spawn(sys.executable, args, **spawn)
     try:
         child.expect("/help for commands")  # the banner
         assert "chat-tuned" in child.before and "context 64 tokens" in child.before
@@ -311,7 +319,7 @@ def test_a_real_terminal_session(tiny_sft_run: Path, tiny_pretrain_run: Path) ->
     # long (its end-of-text id is one token in hundreds), so the interrupt lands mid-answer; a
     # chat-tuned one may end its answer before the signal arrives.
     args = ["-m", "minigpt_cli", "chat", str(tiny_pretrain_run), "--seed", "1", "-n", "2000"]
-    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120)
+    child = pexpect.spawn(sys.executable, args, **spawn)
     try:
         child.expect_exact("you> ")
         child.sendline("Once upon a time")

@@ -175,8 +175,14 @@ def _user_text(kind: str, record: dict) -> str:
     return record["prompt"]
 
 
+@functools.cache
+def _seed_7_records(kind: str, split: str, n: int) -> tuple[dict, ...]:
+    """`builtin.records(kind, split, n, 7)`, generated once: the tests below only read them."""
+    return tuple(builtin.records(kind, split, n, 7))
+
+
 def _records_of(kind: str, split: str, family: str, n: int = 1200) -> list[dict]:
-    return [r for r in builtin.records(kind, split, n, 7) if r["task"] == family]
+    return [r for r in _seed_7_records(kind, split, n) if r["task"] == family]
 
 
 def _pair(text: str) -> tuple[int, int]:

@@ -63,22 +63,9 @@ def test_a_bad_pair_line_exits_2_naming_file_and_line(tiny_sft_run: Path, tmp_pa
 
 
 def test_dpo_on_a_lora_run_trains_the_same_adapter_and_resumes_exactly(
-    tiny_pretrain_run: Path, tmp_path: Path
+    tiny_lora_sft_run: Path, tmp_path: Path
 ) -> None:
-    lora_sft = tmp_path / "lora-sft"
-    result = run_cli(
-        "sft",
-        "--from",
-        tiny_pretrain_run,
-        "--out",
-        lora_sft,
-        "--lora",
-        "--max-steps",
-        "4",
-        *FP32,
-        *set_args(FINETUNE_SETS),
-    )
-    assert result.returncode == 0, result.stderr
+    lora_sft = tiny_lora_sft_run  # a finished LoRA SFT run (shared: only read here)
     steps = ["--max-steps", "10", "--set", "train.save_every=5", "--set", "train.keep_last=3"]
     straight = tmp_path / "straight"
     _dpo(lora_sft, straight, *steps)

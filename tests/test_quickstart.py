@@ -115,6 +115,9 @@ def test_ctrl_c_mid_stage_resumes_that_stage(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # Ctrl-C as at a terminal, even when pytest runs as a background job (SIGINT ignored,
+        # which a child inherits).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not (out / "sft" / "trainer_state.json").exists():

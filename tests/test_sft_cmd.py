@@ -99,19 +99,12 @@ def test_lora_trains_only_a_small_adapter_and_merging_changes_nothing(
 
 
 def test_lora_resume_from_a_checkpoint_is_bitwise_identical(
-    tiny_pretrain_run: Path, tmp_path: Path
+    tiny_lora_sft_run: Path, tmp_path: Path
 ) -> None:
-    sets = [
-        "--lora",
-        "--max-steps",
-        "10",
-        "--set",
-        "sft.save_every=5",
-        "--set",
-        "train.keep_last=3",
-    ]
-    straight = tmp_path / "straight"
-    _sft(tiny_pretrain_run, straight, *sets)
+    # The straight run: `sft --lora --max-steps 10 --set sft.save_every=5 --set train.keep_last=3`
+    # (the shared fixture, only read here).
+    straight = tiny_lora_sft_run
+    assert json.loads((straight / "trainer_state.json").read_text())["step"] == 10
     # A run that "died" after its step-5 checkpoint: only that snapshot survives.
     died = tmp_path / "died"
     shutil.copytree(straight, died)
