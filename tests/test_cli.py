@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minigpt_cli import __version__
+from minigpt_cli.cli import common
 from tests.conftest import run_cli
 
 
@@ -109,3 +113,28 @@ def test_pickle_given_as_a_checkpoint_is_refused_and_never_run(
     assert result.returncode == 2
     assert "never unpickles" in result.stderr
     assert not marker.exists()
+
+
+def test_a_training_verb_gets_the_shared_flags_once_and_their_defaults_from_python() -> None:
+    """`training_verb` declares the shared flags for every training verb: Typer sees them in the
+    signature, a verb that omits one does not take it, and a Python caller gets the defaults."""
+    received: list[tuple[common.TrainingFlags, int | None]] = []
+
+    @common.training_verb(omit=("epochs",), first=("beta",))
+    def verb(flags: common.TrainingFlags, beta: int | None = None) -> None:
+        received.append((flags, beta))
+
+    names = list(inspect.signature(verb).parameters)
+    assert names[:2] == ["beta", "preset"] and names[-1] == "sets"
+    assert "max_steps" in names and "epochs" not in names
+    verb(max_steps=7, resume=True, beta=3)
+    flags, beta = received[0]
+    assert beta == 3 and flags.resume and not flags.overwrite and flags.preset is None
+    assert flags.overrides("dpo", beta=beta) == {"dpo.max_steps": 7, "dpo.beta": 3}
+    with pytest.raises(TypeError):
+        verb(epochs=2)  # an omitted flag is not accepted
+
+
+def test_rlhf_takes_no_flag_it_cannot_honour() -> None:
+    result = run_cli("rlhf", "--max-tokens", "5")
+    assert result.returncode == 2 and "--max-tokens" in result.stderr
