@@ -246,16 +246,10 @@ class DpoStage(PairStage):
         return result
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        metrics = self.preference_eval(model)
-        metrics.update(
-            held_out_exact_match(
-                cast(GPT, model),  # DPO trains a GPT (LoRA adapts its layers in place)
-                self.tokenizer,
-                self.exact_match_records,
-                self.exact_match_per_family,
-            )
-        )
-        return metrics
+        gpt = cast(GPT, model)  # DPO trains a GPT (LoRA adapts its layers in place)
+        records, per_family = self.exact_match_records, self.exact_match_per_family
+        held_out = held_out_exact_match(gpt, self.tokenizer, records, per_family)
+        return {**self.preference_eval(model), **held_out}
 
     # ------------------------------------------------------------------------------ position
 
