@@ -282,6 +282,7 @@ class Trainer:
         )
         self._note_binding_limit(sequences_per_step)
         self._resumed_from = None
+        self._last_eval: dict[str, float] = {}  # the newest eval row, for the summary
         if self.spec.resume:
             self._restore()
         self.metrics = ckpt.MetricsLog(
@@ -533,7 +534,7 @@ class Trainer:
             "seconds": round(self.elapsed_before + time.perf_counter() - self._start, 2),
             "tokens_per_sec": round(tokens_per_sec, 1),
             "stop_reason": self.stop_reason,
-            **getattr(self, "_last_eval", {}),
+            **self._last_eval,
         }
 
     def _plot(self) -> None:
