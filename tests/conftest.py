@@ -150,49 +150,48 @@ FINETUNE_SETS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
-    """A finished 30-step full SFT run of `tiny_pretrain_run` on the built-in data, built once."""
-    run_dir = tmp_path_factory.mktemp("tiny-sft") / "run"
+def _finished_sft_run(
+    tmp_path_factory: pytest.TempPathFactory, parent: Path, name: str, *flags: str, sets: list[str]
+) -> Path:
+    """A tiny fp32 SFT run of `parent` on the built-in data, trained to the end in a CLI process."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
     result = run_cli(
         "sft",
         "--from",
-        tiny_pretrain_run,
+        parent,
         "--out",
         run_dir,
-        "--max-steps",
-        "30",
+        *flags,
         "--precision",
         "fp32",
         "--device",
         "cpu",
-        *set_args(FINETUNE_SETS),
+        *set_args(sets),
         env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
+    """A finished 30-step full SFT run of `tiny_pretrain_run` on the built-in data, built once."""
+    return _finished_sft_run(
+        tmp_path_factory, tiny_pretrain_run, "tiny-sft", "--max-steps", "30", sets=FINETUNE_SETS
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_lora_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
     """A finished 10-step LoRA SFT run of `tiny_pretrain_run`, snapshots kept at steps 5 and 10:
     a LoRA parent to continue from, and a straight run to compare a resumed copy against."""
-    run_dir = tmp_path_factory.mktemp("tiny-lora-sft") / "run"
-    result = run_cli(
-        "sft",
-        "--from",
+    sets = [*FINETUNE_SETS, "sft.save_every=5", "train.keep_last=3"]
+    return _finished_sft_run(
+        tmp_path_factory,
         tiny_pretrain_run,
-        "--out",
-        run_dir,
+        "tiny-lora-sft",
         "--lora",
         "--max-steps",
         "10",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        *set_args([*FINETUNE_SETS, "sft.save_every=5", "train.keep_last=3"]),
-        env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
+        sets=sets,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run_dir

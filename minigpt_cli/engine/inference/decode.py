@@ -11,19 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from minigpt_cli.engine.inference.beam import beam_search
 from minigpt_cli.engine.inference.generation import SamplingSettings, TextCodec, TextStream, sample
-from minigpt_cli.engine.model.layers import reuse_stacked_weights
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
     from minigpt_cli.engine.model.gpt import GPT
 
 
-@torch.inference_mode()
-@reuse_stacked_weights()
 def generate_batch(
     model: GPT,
     prompt_ids: Sequence[int],
