@@ -14,7 +14,14 @@ from typing import Annotated
 import typer
 
 from minigpt_cli import __version__
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import (
+    EXIT_MACHINE,
+    EXIT_USER,
+    MACHINE_ERRNOS,
+    RunFailed,
+    UserError,
+    describe_os_error,
+)
 
 app = typer.Typer(
     name="minigpt",
@@ -95,16 +102,28 @@ def _debug_requested() -> bool:
 
 
 def main() -> None:
-    """Entry point of the console script: every user error becomes one line and exit status 2."""
+    """Entry point of the console script: every failure a user can meet becomes one line.
+
+    Exit status 2: the user's input (config, data, flags, paths) needs fixing; 3: the machine
+    failed during the work (the line says what was kept and how to continue); 130: interrupted.
+    Any other exception is a bug in minigpt and keeps its traceback.
+    """
     try:
         app(prog_name="minigpt")
-    except UserError as error:
+    except (UserError, RunFailed, OSError, KeyboardInterrupt) as error:
         if _debug_requested():
             raise
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        if _debug_requested():
-            raise
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        message, code = _one_line(error)
+        sys.stderr.write(f"{message}\n")
+        sys.exit(code)
+
+
+def _one_line(error: BaseException) -> tuple[str, int]:
+    if isinstance(error, UserError | RunFailed):
+        return f"error: {error}", error.exit_code
+    if isinstance(error, OSError):
+        # Outside a training run: a path problem is the user's to fix (2); a full disk, too many
+        # open files or an I/O error is the machine's (3). Nothing half-written is left behind.
+        code = EXIT_MACHINE if error.errno in MACHINE_ERRNOS else EXIT_USER
+        return f"error: {describe_os_error(error)}", code
+    return "interrupted", 130

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from minigpt_cli.cli import common
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import RunFailed, UserError, advice_for, cause_of, describe_os_error
 
 if TYPE_CHECKING:
     from minigpt_cli.cli.render import EventRenderer
@@ -96,7 +96,11 @@ def prepare(
     if resume:
         point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
         if point is None:
-            raise UserError(f"{run_dir}: nothing to resume (no complete checkpoint there)")
+            raise UserError(
+                f"{run_dir}: nothing to resume (no complete checkpoint there: the run stopped "
+                "before its first save); start it again with the same command and --overwrite "
+                "instead of --resume"
+            )
         saved = ckpt.read_state(point)
         run.saved_sources = saved.get("sources", {})
         # The same thread count gives the same float reductions: resume stays bit-exact.
@@ -116,11 +120,15 @@ def execute(
     Exit 130 after a Ctrl-C (a checkpoint was saved); says so when a resumed run had nothing left.
     """
     from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.engine.core.io import check_writable
     from minigpt_cli.engine.resources.governor import apply_resources
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable(run.run_dir)
+    except OSError as error:  # a path under a file, no permission, a read-only disk: fix first
+        raise UserError(f"cannot write the run: {describe_os_error(error)}") from error
     with ckpt.RunLock(run.run_dir):
         if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
             raise UserError(
@@ -129,6 +137,7 @@ def execute(
             )
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
+        ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
         shared = _SHARED_DISPLAY.get()
         continue_command = (
@@ -153,9 +162,34 @@ def execute(
                     err=True,
                 )
                 raise typer.Exit(130) from None
+            except OSError as error:
+                render.close()
+                raise RunFailed(failure_line(run, error, continue_command)) from error
     if summary.get("nothing_to_do"):
         typer.echo(
             f"{run.run_dir}: already finished at step {summary['step']} "
             f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
         )
     return summary
+
+
+def failure_line(run: TrainingRun, error: OSError, continue_command: str) -> str:
+    """One line for a run the machine stopped: what happened, what was kept, what to run next."""
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+
+    where = f"{error.filename}: " if error.filename is not None else ""
+    happened = f"{where}{cause_of(error)} during {run.stage}"
+    try:
+        point = ckpt.find_resume_point(run.run_dir) if run.run_dir.is_dir() else None
+        step = ckpt.read_state(point)["step"] if point is not None else None
+    except (OSError, UserError):
+        point, step = None, None
+    if point is None or step is None:
+        return (
+            f"{happened}; nothing was kept (no checkpoint had been saved yet); "
+            f"{advice_for(error)}, then start again with the same command and --overwrite"
+        )
+    return (
+        f"{happened}; kept the checkpoint at step {step} ({point}); "
+        f"{advice_for(error)}, then continue with: {continue_command}"
+    )

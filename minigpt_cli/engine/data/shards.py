@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_text, before_write, make_dir
 from minigpt_cli.engine.data.files import expand_paths, file_sha256, iter_text_chunks
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.errors import UserError
@@ -172,9 +172,11 @@ class _ShardWriter:
                 )
                 self.partials.append(path)
                 self.counts.append(0)
+                before_write(path)
                 self._handle = path.open("wb")
             room = self.shard_tokens - self.counts[-1]
             part = tokens[position : position + room]
+            before_write(self.partials[-1])
             self._handle.write(part.astype(self.dtype, copy=False).tobytes())
             self.counts[-1] += len(part)
             position += len(part)
@@ -298,7 +300,7 @@ def encode_to_shards(
     described = _describe_inputs(files, hashes)
 
     started = time.monotonic()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     _clear(folder)
     dtype = shard_dtype(tokenizer.vocab_size)
     writer = _ShardWriter(folder, dtype, shard_tokens)
@@ -334,29 +336,34 @@ def encode_to_shards(
     except BaseException:
         writer.abort()
         raise
-    shards = []
-    for index, (partial, count) in enumerate(written):
-        final = _shard_path(folder, index)
-        os.replace(partial, final)
-        shards.append({"file": final.name, "tokens": count})
-    total_tokens = sum(count for _, count in written)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "tokenizer_sha256": tokenizer.sha256,
-        "shard_tokens": shard_tokens,
-        "shards": shards,
-        "total_tokens": total_tokens,
-        "documents": documents,
-        "text_bytes": text_bytes,
-        "bytes_per_token": round(text_bytes / total_tokens, 4) if total_tokens else None,
-        "inputs": described,
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2))
+    try:
+        shards = []
+        for index, (partial, count) in enumerate(written):
+            final = _shard_path(folder, index)
+            before_write(final)
+            os.replace(partial, final)
+            shards.append({"file": final.name, "tokens": count})
+        total_tokens = sum(count for _, count in written)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer_sha256": tokenizer.sha256,
+            "shard_tokens": shard_tokens,
+            "shards": shards,
+            "total_tokens": total_tokens,
+            "documents": documents,
+            "text_bytes": text_bytes,
+            "bytes_per_token": round(text_bytes / total_tokens, 4) if total_tokens else None,
+            "inputs": described,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2))
+    except BaseException:
+        _clear(folder)  # shards without their meta are never used: leave none behind
+        raise
     return {**meta, "reused": False}
 
 

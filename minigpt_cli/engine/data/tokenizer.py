@@ -27,7 +27,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text, make_dir
 from minigpt_cli.engine.hardware.monitor import thread_budget
 from minigpt_cli.errors import UserError
 
@@ -290,7 +290,7 @@ class Tokenizer:
         Returns the model file's path.
         """
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder)
         target = folder / MODEL_FILE
         atomic_write_bytes(target, self._bytes)
         if self.meta:

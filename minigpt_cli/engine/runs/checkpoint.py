@@ -14,6 +14,7 @@ inside the functions that handle tensors, so the CLI can check a run's state bef
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from minigpt_cli.engine.core.io import atomic_write_text, fsync_dir
+from minigpt_cli.engine.core.io import (
+    append_line,
+    atomic_write_text,
+    before_write,
+    fsync_dir,
+    make_dir,
+    open_for_append,
+)
 from minigpt_cli.engine.runs.files import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -35,7 +43,7 @@ from minigpt_cli.engine.runs.files import (
     read_metadata,
     save_tensors,
 )
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import MACHINE_ERRNOS, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -125,10 +133,18 @@ def _link_into_place(source: Path, target: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+        before_write(target)
+        try:
+            os.link(source, temporary)
+        except OSError as error:
+            if error.errno in MACHINE_ERRNOS:
+                raise
+            shutil.copyfile(source, temporary)  # a filesystem without hard links
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def save_checkpoint(
@@ -144,18 +160,26 @@ def save_checkpoint(
     tensors and metadata; each file's metadata gets `step` so resume can check consistency.
     """
     folder = run_dir / CHECKPOINTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if not run_dir.is_dir():  # removed under the running job: do not rebuild half a run
+        raise FileNotFoundError(errno.ENOENT, "the run folder was removed", str(run_dir))
+    make_dir(folder)
     final = folder / f"{_SNAPSHOT_PREFIX}{step:08d}"
     building = folder / f".{final.name}.tmp"
     shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    for file_name, (tensors, metadata) in tensor_files.items():
-        save_tensors(building / file_name, tensors, {**metadata, "step": str(step)})
-    state = {**trainer_state, "step": step, "files": sorted(tensor_files)}
-    atomic_write_text(building / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(building, final)
+    try:
+        before_write(building)
+        building.mkdir()
+        for file_name, (tensors, metadata) in tensor_files.items():
+            save_tensors(building / file_name, tensors, {**metadata, "step": str(step)})
+        state = {**trainer_state, "step": step, "files": sorted(tensor_files)}
+        atomic_write_text(building / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        before_write(final)
+        os.replace(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)  # a failed save leaves no half snapshot
+        raise
     fsync_dir(folder)
     for file_name in [*sorted(tensor_files), STATE_FILE]:
         _link_into_place(final / file_name, run_dir / file_name)
@@ -163,6 +187,26 @@ def save_checkpoint(
     for old in snapshots(run_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a killed writer left half-made in `run_dir` (temporary files, snapshot folders
+    being built, links being swapped); returns what was removed. Call it holding the run lock."""
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            name = child.name
+            if not name.startswith(".") or not name.endswith((".tmp", ".link")):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
+            removed.append(child)
+    return removed
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -228,12 +272,13 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
         payload = json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
         )
         for _ in range(3):
             try:
+                before_write(self.path)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
@@ -285,14 +330,16 @@ class MetricsLog:
                 if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
                     kept.append(line)
             atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-        self._handle = path.open("a", encoding="utf-8")
+        self._handle = open_for_append(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        append_line(self._handle, json.dumps(record, ensure_ascii=False))
 
     def close(self) -> None:
-        self._handle.close()
+        # After a failed write (a full disk) the flush inside close fails again: the lines that
+        # made it are on disk, a cut one is skipped on resume.
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -108,11 +108,30 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
         raise UserError(f"{file}: cannot load safetensors file ({error})") from error
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with a canonical header: metadata keys sorted, tensors in data
+    order, no spaces. The safetensors writer keeps metadata in a Rust HashMap, whose order changes
+    from process to process: the same weights would otherwise be different bytes."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.pop("__metadata__", None)
+    tensors = sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0]))
+    ordered: dict[str, Any] = {}
+    if metadata:
+        ordered["__metadata__"] = dict(sorted(metadata.items()))
+    ordered.update(tensors)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
+
+
 def save_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Write a safetensors file atomically (contiguous CPU copies; metadata values are strings)."""
+    """Write a safetensors file atomically, in canonical bytes (contiguous CPU copies; metadata
+    values are strings): the same tensors and metadata always give the same file."""
     from safetensors.torch import save  # lazy: imports torch (see the module docstring)
 
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata={k: str(v) for k, v in metadata.items()}))
+    data = save(cpu, metadata={k: str(v) for k, v in metadata.items()})
+    atomic_write_bytes(path, canonical_safetensors(data))

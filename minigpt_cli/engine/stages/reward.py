@@ -30,6 +30,7 @@ import torch
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.io import make_dir
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data.pairs import (
     PairOrder,
@@ -240,7 +241,7 @@ def run_reward(
         eval_pairs=train.eval_batches * train.micro_batch_size,
         eval_batch=min(EVAL_BATCH, micro_batch),
     )
-    reward_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(reward_dir)
     setup.tokenizer.save(reward_dir)
     reward_spec = RunSpec(
         run_dir=reward_dir,

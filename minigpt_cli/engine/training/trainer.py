@@ -10,7 +10,6 @@ stage never copies the loop.
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
 import random
 import time
@@ -25,7 +24,7 @@ from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.params import flops_per_token
 from minigpt_cli.config.schema import Config, parse_duration, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_text, make_dir
 from minigpt_cli.engine.hardware.device import PrecisionDecision, autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.hardware.speed_cache import peak_flops
@@ -48,7 +47,7 @@ from minigpt_cli.engine.runs.files import (
 from minigpt_cli.engine.training import optim
 from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import UserError, describe_os_error
 
 
 class TrainingInterrupted(Exception):
@@ -264,7 +263,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         run_dir = self.spec.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         self._start = time.perf_counter()
         sequences_per_step = self.train.global_batch_size
         # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
@@ -402,6 +401,11 @@ class Trainer:
                 f"{over}; checkpoint saved at step {self.step}: resume with --resume and a "
                 "higher --max-memory (or a smaller model.context_length)"
             ) from None
+        except OSError:
+            # The machine refused a write (full disk, removed folder...): the newest complete
+            # snapshot stands; the caller says what was kept and how to continue.
+            self.metrics.close()
+            raise
         except KeyboardInterrupt:
             # Roll back to the start of the unfinished step so the checkpoint is exact.
             self.optimizer.zero_grad(set_to_none=True)
@@ -540,5 +544,14 @@ class Trainer:
     def _plot(self) -> None:
         if not self.config.log.plot:
             return
-        with contextlib.suppress(ImportError):  # matplotlib is optional (the `plot` extra)
+        try:
             plot_metrics(self.spec.run_dir)
+        except ImportError:
+            pass  # matplotlib is optional (the `plot` extra)
+        except OSError as error:
+            # The picture is a view of metrics.jsonl; the run itself is complete and saved.
+            self._event(
+                "note",
+                message=f"loss plot not written ({describe_os_error(error)}); "
+                f"the run is complete at step {self.step}",
+            )
