@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import UserError, describe_os_error
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
@@ -261,6 +261,17 @@ def resolve_config(
             )
         return load_config(None, run_dir / RUN_CONFIG_FILE, overrides, sets or [])
     return load_config(preset or "tiny", config_file, overrides, sets or [])
+
+
+def check_output(folder: Path) -> None:
+    """Refuse with one line (exit 2) before any work when nothing can be written in `folder`
+    (a path under a file, no permission, a read-only filesystem); the folder is not created."""
+    from minigpt_cli.engine.core.io import check_writable
+
+    try:
+        check_writable(folder)
+    except OSError as error:
+        raise UserError(f"cannot write the output: {describe_os_error(error)}") from error
 
 
 def default_run_dir(stage: str, preset: str | None) -> Path:

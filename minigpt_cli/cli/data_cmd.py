@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from minigpt_cli.cli import common
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -222,6 +223,7 @@ def export(
         raise UserError(f"{out}: is a folder; give a file name such as {out / 'data.jsonl'}")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (add --overwrite to replace it)")
+    common.check_output(out.parent)
     try:
         records = builtin.records(kind.value, split.value, n, seed)
     except ValueError as error:

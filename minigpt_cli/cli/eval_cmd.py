@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from minigpt_cli.cli import common
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ def eval_runs(
     from minigpt_cli.engine.evaluate.run import check_run_dirs, run_eval
 
     check_run_dirs(runs)
+    if output is not None:
+        common.check_output(output.parent)  # before minutes of evaluation, not after
     skipped = {"text": no_text, "generation": no_generation, "preference": no_pref}
     parts = tuple(part for part in PARTS if not skipped[part])
     if not parts:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from minigpt_cli.cli import common
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -219,6 +220,7 @@ def train(
     _check_settings(vocab_size, character_coverage, max_training_chars)
     files = expand_paths(inputs, kind="pretrain")
     validate(files, "pretrain")
+    common.check_output(out)
     with _TrainDisplay() as display:
         report = train_tokenizer(
             files,
@@ -268,6 +270,7 @@ def encode(
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     files = expand_paths(inputs, kind="pretrain")
+    common.check_output(out)
     started = time.monotonic()
     meta = reusable_shards(tokenizer, files, out)
     if meta is not None:

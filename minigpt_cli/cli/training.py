@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from minigpt_cli.cli import common
-from minigpt_cli.errors import RunFailed, UserError, advice_for, cause_of, describe_os_error
+from minigpt_cli.errors import RunFailed, UserError, advice_for, cause_of
 
 if TYPE_CHECKING:
     from minigpt_cli.cli.render import EventRenderer
@@ -120,16 +120,18 @@ def execute(
     Exit 130 after a Ctrl-C (a checkpoint was saved); says so when a resumed run had nothing left.
     """
     from minigpt_cli.cli.render import EventRenderer
-    from minigpt_cli.engine.core.io import check_writable
     from minigpt_cli.engine.resources.governor import apply_resources
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
-    try:
-        check_writable(run.run_dir)
-    except OSError as error:  # a path under a file, no permission, a read-only disk: fix first
-        raise UserError(f"cannot write the run: {describe_os_error(error)}") from error
-    with ckpt.RunLock(run.run_dir):
+    common.check_output(run.run_dir)  # a path under a file, no permission: fix first
+    shared = _SHARED_DISPLAY.get()
+    continue_command = (
+        shared.continue_command
+        if shared is not None
+        else f"minigpt {run.stage} --out {run.run_dir} --resume"
+    )
+    with _machine_failures(run, continue_command), ckpt.RunLock(run.run_dir):
         if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
             raise UserError(
                 f"{run.run_dir} already holds a run: pass --resume to continue it or --overwrite "
@@ -138,13 +140,9 @@ def execute(
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
         ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
+        if run.resume:
+            ckpt.republish(run.run_dir)  # a publication a crash cut short
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
-        shared = _SHARED_DISPLAY.get()
-        continue_command = (
-            shared.continue_command
-            if shared is not None
-            else f"minigpt {run.stage} --out {run.run_dir} --resume"
-        )
         with contextlib.ExitStack() as stack:
             render = (
                 shared.renderer
@@ -162,15 +160,21 @@ def execute(
                     err=True,
                 )
                 raise typer.Exit(130) from None
-            except OSError as error:
-                render.close()
-                raise RunFailed(failure_line(run, error, continue_command)) from error
     if summary.get("nothing_to_do"):
         typer.echo(
             f"{run.run_dir}: already finished at step {summary['step']} "
             f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
         )
     return summary
+
+
+@contextlib.contextmanager
+def _machine_failures(run: TrainingRun, continue_command: str) -> Iterator[None]:
+    """Turn an OSError from taking the lock to the last save into RunFailed's one line."""
+    try:
+        yield
+    except OSError as error:
+        raise RunFailed(failure_line(run, error, continue_command)) from error
 
 
 def failure_line(run: TrainingRun, error: OSError, continue_command: str) -> str:

@@ -119,14 +119,21 @@ def append_line(handle: IO[str], line: str) -> None:
 
 
 def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if needed and prove a file can be written in it (then remove that file).
+    """Prove a file can be written where `folder` is or will be, without creating it.
 
-    Raises the OSError the system gives (path under a file, permission denied, read-only
-    filesystem), so a verb can refuse before it starts work rather than fail at its first save.
+    Writes and removes a probe file in `folder`, or in its nearest existing ancestor when it does
+    not exist yet. Raises the OSError the system gives (a path under a file, permission denied, a
+    read-only filesystem), so a verb can refuse before it starts work rather than fail at its
+    first save.
     """
-    target = make_dir(folder)
+    target = Path(folder)
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(target))
     before_write(target)
-    fd, probe = tempfile.mkstemp(prefix=".minigpt-write-check.", dir=target)
+    fd, probe = tempfile.mkstemp(prefix=".minigpt-write-check.", suffix=".tmp", dir=existing)
     os.close(fd)
     os.unlink(probe)
     return target

@@ -129,6 +129,9 @@ def snapshots(run_dir: Path) -> list[Path]:
 
 def _link_into_place(source: Path, target: Path) -> None:
     """Make `target` the same file as `source`, atomically (a hard link, else a copy)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(source, target):
+            return  # already published (renaming a link onto its twin would leave the link)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.link")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
@@ -181,12 +184,28 @@ def save_checkpoint(
         shutil.rmtree(building, ignore_errors=True)  # a failed save leaves no half snapshot
         raise
     fsync_dir(folder)
-    for file_name in [*sorted(tensor_files), STATE_FILE]:
-        _link_into_place(final / file_name, run_dir / file_name)
-    fsync_dir(run_dir)
+    _publish(final, run_dir, sorted(tensor_files))
     for old in snapshots(run_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _publish(snapshot: Path, run_dir: Path, file_names: list[str]) -> None:
+    """Point the run's top-level files at `snapshot` (tensor files first, the state last)."""
+    for file_name in [*file_names, STATE_FILE]:
+        _link_into_place(snapshot / file_name, run_dir / file_name)
+    fsync_dir(run_dir)
+
+
+def republish(run_dir: Path) -> Path | None:
+    """Finish a publication a crash cut short: when the run's top-level files disagree (some from
+    the newest snapshot, some from the one before), point them all at the newest complete snapshot.
+    Returns the resume point. Without this, a run that had saved its last step would resume to
+    "nothing to do" with mixed top-level files."""
+    point = find_resume_point(run_dir)
+    if point is not None and point != run_dir:
+        _publish(point, run_dir, list(read_state(point).get("files", [])))
+    return point
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
