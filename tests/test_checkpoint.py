@@ -159,3 +159,50 @@ def test_a_header_whose_length_starts_with_the_pickle_byte_still_loads(tmp_path:
         raise AssertionError("no metadata length gave a header starting with 0x80")
     assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
     assert load_tensors(path)["w"].equal(torch.zeros(2))
+
+
+def test_tensor_files_are_the_same_bytes_whatever_order_their_metadata_came_in(
+    tmp_path: Path,
+) -> None:
+    # The safetensors writer keeps metadata in a hash map whose order changes between processes
+    # (and between maps): the same weights must still be the same file, byte for byte.
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.bfloat16)}
+    metadata = {"format": "minigpt", "step": "7", "param_groups": "[]", "lora_r": "8"}
+    written = []
+    for index in range(8):
+        order = list(metadata.items())[index % 4 :] + list(metadata.items())[: index % 4]
+        path = tmp_path / f"{index}.safetensors"
+        save_tensors(path, tensors, dict(order))
+        written.append(path.read_bytes())
+    assert len(set(written)) == 1
+    header_len = int.from_bytes(written[0][:8], "little")
+    header = json.loads(written[0][8 : 8 + header_len])
+    assert list(header["__metadata__"]) == sorted(metadata)
+    assert read_metadata(tmp_path / "0.safetensors") == metadata
+    loaded = load_tensors(tmp_path / "0.safetensors")
+    assert all(loaded[name].equal(tensors[name]) for name in tensors)
+    # Written with the mode open() gives (the umask's), not a temporary file's private 0o600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "0.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_crash_cut_publication_is_finished_before_resuming(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, 1, _files(1), {"elapsed": 0.0}, keep_last=3)
+    ckpt.save_checkpoint(tmp_path, 2, _files(2), {"elapsed": 0.0}, keep_last=3)
+    # A kill after the step-3 snapshot was renamed into place but before any top-level swap.
+    snapshot = ckpt.save_checkpoint(tmp_path, 3, _files(3), {"elapsed": 0.0}, keep_last=3)
+    for name in (MODEL_FILE, STATE_FILE):
+        (tmp_path / name).unlink()
+        os.link(tmp_path / "checkpoints" / "step-00000002" / name, tmp_path / name)
+    (tmp_path / "checkpoints" / ".model.safetensors.123.link").write_text("half made")
+    assert ckpt.find_resume_point(tmp_path) == tmp_path  # the top level agrees with itself...
+    os.unlink(tmp_path / STATE_FILE)
+    os.link(snapshot / STATE_FILE, tmp_path / STATE_FILE)  # ...until the state says step 3
+    assert ckpt.find_resume_point(tmp_path) == snapshot
+    assert ckpt.republish(tmp_path) == snapshot
+    assert ckpt.find_resume_point(tmp_path) == tmp_path
+    assert load_tensors(tmp_path / MODEL_FILE)["w"].eq(3.0).all()
+    removed = ckpt.remove_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".model.safetensors.123.link"]
+    assert not list(tmp_path.rglob(".*.link"))
