@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,23 @@ def test_stage_status_reads_the_run_directory(
     assert stage_status(tmp_path / "missing") == "start"
     (tmp_path / "empty").mkdir()
     assert stage_status(tmp_path / "empty") == "start"
+
+
+def test_a_stage_stopped_before_its_first_checkpoint_is_redone(
+    finished_quickstart: tuple[Path, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "qs"
+    shutil.copytree(finished_quickstart[0], out)
+    # DPO as a kill (or a full disk) leaves it before its first save: config and metrics written,
+    # no snapshot. Nothing to resume; without a restart the pipeline could never go on.
+    for leftover in out.joinpath("dpo").iterdir():
+        if leftover.name not in ("config.toml", "metrics.jsonl", "tokenizer.model"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    assert stage_status(out / "dpo") == "start"
+    result = run_cli("quickstart", "--out", out, *QUICK_ARGS, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stage_status(out / "dpo") == "finished"
+    assert "rlhf: finished earlier" in result.stdout
 
 
 def test_ctrl_c_mid_stage_resumes_that_stage(tmp_path: Path) -> None:

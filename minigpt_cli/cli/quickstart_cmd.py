@@ -82,6 +82,7 @@ def quickstart(
     from minigpt_cli.engine.core.units import format_duration
     from minigpt_cli.engine.evaluate.report import EvalOptions
     from minigpt_cli.engine.resources.governor import release_memory
+    from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.runs.files import REWARD_DIR
 
     preset_name = preset or "tiny"
@@ -135,6 +136,8 @@ def quickstart(
             verbs[stage](
                 out=dirs[stage],
                 resume=status == "resume",
+                # A stage stopped before its first checkpoint left nothing to continue: redo it.
+                overwrite=status == "start" and ckpt.holds_run(dirs[stage]),
                 # --config seeds a new run; a resumed one continues with its saved config.toml.
                 config_file=None if status == "resume" else config_file,
                 **shared,

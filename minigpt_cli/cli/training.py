@@ -131,7 +131,12 @@ def execute(
         if shared is not None
         else f"minigpt {run.stage} --out {run.run_dir} --resume"
     )
-    with _machine_failures(run, continue_command), ckpt.RunLock(run.run_dir):
+    # Under quickstart the pipeline's command both continues and restarts a stage.
+    restart_command = shared.continue_command if shared is not None else None
+    with (
+        _machine_failures(run, continue_command, restart_command),
+        ckpt.RunLock(run.run_dir),
+    ):
         if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
             raise UserError(
                 f"{run.run_dir} already holds a run: pass --resume to continue it or --overwrite "
@@ -169,16 +174,22 @@ def execute(
 
 
 @contextlib.contextmanager
-def _machine_failures(run: TrainingRun, continue_command: str) -> Iterator[None]:
+def _machine_failures(
+    run: TrainingRun, continue_command: str, restart_command: str | None
+) -> Iterator[None]:
     """Turn an OSError from taking the lock to the last save into RunFailed's one line."""
     try:
         yield
     except OSError as error:
-        raise RunFailed(failure_line(run, error, continue_command)) from error
+        raise RunFailed(failure_line(run, error, continue_command, restart_command)) from error
 
 
-def failure_line(run: TrainingRun, error: OSError, continue_command: str) -> str:
-    """One line for a run the machine stopped: what happened, what was kept, what to run next."""
+def failure_line(
+    run: TrainingRun, error: OSError, continue_command: str, restart_command: str | None = None
+) -> str:
+    """One line for a run the machine stopped: what happened, what was kept, what to run next
+    (`continue_command` from a checkpoint; `restart_command` when none was saved, by default the
+    same command with --overwrite)."""
     from minigpt_cli.engine.runs import checkpoint as ckpt
 
     where = f"{error.filename}: " if error.filename is not None else ""
@@ -189,9 +200,14 @@ def failure_line(run: TrainingRun, error: OSError, continue_command: str) -> str
     except (OSError, UserError):
         point, step = None, None
     if point is None or step is None:
+        restart = (
+            f"start again with: {restart_command}"
+            if restart_command
+            else "start again with the same command and --overwrite"
+        )
         return (
             f"{happened}; nothing was kept (no checkpoint had been saved yet); "
-            f"{advice_for(error)}, then start again with the same command and --overwrite"
+            f"{advice_for(error)}, then {restart}"
         )
     return (
         f"{happened}; kept the checkpoint at step {step} ({point}); "
