@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -118,15 +119,36 @@ def append_line(handle: IO[str], line: str) -> None:
     handle.flush()
 
 
-def check_writable(folder: str | Path) -> Path:
+@dataclass(frozen=True)
+class WritableFolder:
+    """What `check_writable` learned about a folder: that it takes files, and whether its
+    filesystem takes hard links (a run's top-level files are links into its newest snapshot, or
+    copies where links fail: the disk plan counts those)."""
+
+    path: Path
+    hard_links: bool
+
+
+def check_writable(folder: str | Path) -> WritableFolder:
     """Create `folder` if needed and prove a file can be written in it (then remove that file).
 
-    Raises the OSError the system gives (path under a file, permission denied, read-only
-    filesystem), so a verb can refuse before it starts work rather than fail at its first save.
+    The probe file is also linked to a second name (removed with it) to learn whether the
+    filesystem takes hard links; one write through the seam, as before. Raises the OSError the
+    system gives (path under a file, permission denied, read-only filesystem), so a verb can
+    refuse before it starts work rather than fail at its first save.
     """
     target = make_dir(folder)
     before_write(target)
     fd, probe = tempfile.mkstemp(prefix=".minigpt-write-check.", dir=target)
     os.close(fd)
-    os.unlink(probe)
-    return target
+    link = f"{probe}.link"  # a name `remove_temporaries` clears if this process dies here
+    try:
+        os.link(probe, link)
+    except OSError:
+        hard_links = False
+    else:
+        hard_links = True
+        os.unlink(link)
+    finally:
+        os.unlink(probe)
+    return WritableFolder(target, hard_links)
