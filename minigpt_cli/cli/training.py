@@ -2,9 +2,10 @@
 
 pretrain, sft, dpo and rlhf differ in their inputs and their engine function; the rest is the same
 promise to the user: the config they asked for (or the run's own on --resume), a refusal to write
-over a run without --resume/--overwrite, one run per directory (a lock), the CPU caps applied before
-any work, one progress display, a Ctrl-C that saves and prints the resume command, and "already
-finished" when there is nothing left to do.
+over a run without --resume/--overwrite, one run per directory (a lock), a refusal before any work
+when the disk has no room for what the run will write, the CPU caps applied before any work, one
+progress display, a Ctrl-C that saves and prints the resume command, and "already finished" when
+there is nothing left to do.
 """
 
 from __future__ import annotations
@@ -123,10 +124,11 @@ def execute(
     from minigpt_cli.engine.core.io import check_writable
     from minigpt_cli.engine.resources.governor import apply_resources
     from minigpt_cli.engine.runs import checkpoint as ckpt
+    from minigpt_cli.engine.runs.space import free_bytes, plan_run_disk
     from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
     try:
-        check_writable(run.run_dir)
+        folder = check_writable(run.run_dir)
     except OSError as error:  # a path under a file, no permission, a read-only disk: fix first
         raise UserError(f"cannot write the run: {describe_os_error(error)}") from error
     with ckpt.RunLock(run.run_dir):
@@ -138,6 +140,19 @@ def execute(
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
         ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
+        # Room for every snapshot, shard and file the run will write, before it writes any (and
+        # before a tokenizer is trained): a full disk is met here, not at a save an hour in.
+        disk = plan_run_disk(
+            run.stage,
+            run.config,
+            run.run_dir,
+            spec.sources,
+            resume=run.resume,
+            hard_links=folder.hard_links,
+        )
+        free = free_bytes(run.run_dir)
+        if not disk.fits(free):
+            raise UserError(disk.refusal(run.run_dir, free))
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
         shared = _SHARED_DISPLAY.get()
         continue_command = (
@@ -152,6 +167,7 @@ def execute(
                 else stack.enter_context(EventRenderer(run.config.log.progress))
             )
             render.print(f"{run.stage}: {thread_note}")
+            render.print(f"{run.stage}: {disk.line(free)}")
             try:
                 summary = engine(run.config, spec, render)
             except TrainingInterrupted as stop:
