@@ -19,22 +19,24 @@ from pathlib import Path
 
 import pytest
 
+from minigpt_cli.cli import training
+from minigpt_cli.cli.training import TrainingRun
 from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.engine.data.shards import encode_to_shards
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.resources.disk import (
     BLOCK_BYTES,
     DiskFacts,
+    DiskPlan,
     on_disk,
     plan_disk,
     snapshot_counts,
 )
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.space import plan_run_disk
+from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 from tests.conftest import FINETUNE_SETS, REPO, TINY_SETS, run_cli, set_args
-
-MB = 10**6
 
 
 def folder_on_disk(folder: Path) -> int:
@@ -51,7 +53,7 @@ def folder_on_disk(folder: Path) -> int:
     return total
 
 
-def fresh_plan(run: Path, where: Path, **changes: object):  # type: ignore[no-untyped-def]
+def fresh_plan(run: Path, where: Path, **changes: object) -> DiskPlan:
     """The plan the run's own command would have made in an empty folder `where`."""
     state = ckpt.read_state(run)
     sources = {key: value for key, value in state["sources"].items() if key != "reward_model"}
@@ -145,12 +147,10 @@ def test_without_hard_links_the_top_level_copies_are_counted(tiny_pretrain_run: 
 def test_a_resumed_run_with_its_snapshots_needs_only_what_is_to_come(
     tiny_pretrain_run: Path, tmp_path: Path
 ) -> None:
-    from minigpt_cli.cli import training
-
     resumed = tmp_path / "resumed"
     shutil.copytree(tiny_pretrain_run, resumed)  # two snapshots (keep_last 2), step 30
 
-    def plan(run_dir: Path, steps: int, resume: bool):  # type: ignore[no-untyped-def]
+    def plan(run_dir: Path, steps: int, resume: bool) -> DiskPlan:
         run = training.prepare(
             "pretrain",
             run_dir=resumed,
@@ -256,9 +256,7 @@ def test_a_run_on_a_small_disk_is_refused_before_anything_is_trained(tmp_path: P
     assert listing.read_text().split() == []  # no tokenizer, no config: nothing was trained
 
 
-def _prepared(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from minigpt_cli.cli import training
-    from minigpt_cli.engine.training.trainer import RunSpec
+def _prepared(tmp_path: Path) -> tuple[TrainingRun, RunSpec]:
 
     run_dir = tmp_path / "run"
     run = training.prepare(
@@ -272,7 +270,7 @@ def _prepared(tmp_path: Path):  # type: ignore[no-untyped-def]
         overwrite=False,
     )
     spec = RunSpec(run_dir=run_dir, sources={"data": [], "val_data": [], "preset": "tiny"})
-    return training, run, spec
+    return run, spec
 
 
 def _fake_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
@@ -283,7 +281,7 @@ def _fake_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
 def test_the_refusal_names_the_numbers_and_the_engine_never_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    training, run, spec = _prepared(tmp_path)
+    run, spec = _prepared(tmp_path)
     _fake_disk(monkeypatch, 1_000_000)
     called = []
     with pytest.raises(UserError) as refused:
@@ -302,7 +300,7 @@ def test_a_run_that_fits_shows_its_need_beside_the_free_space(
 ) -> None:
     from minigpt_cli.engine.resources import governor
 
-    training, run, spec = _prepared(tmp_path)
+    run, spec = _prepared(tmp_path)
     _fake_disk(monkeypatch, 10 * 10**9)
     monkeypatch.setattr(governor, "apply_resources", lambda *args: "threads as they were")
     called = []
