@@ -20,6 +20,7 @@ from minigpt_cli.errors import UserError, describe_os_error
 
 if TYPE_CHECKING:
     from minigpt_cli.config.schema import Config
+    from minigpt_cli.engine.core.io import WritableFolder
 
 ConfigOpt = Annotated[
     Path | None,
@@ -263,13 +264,13 @@ def resolve_config(
     return load_config(preset or "tiny", config_file, overrides, sets or [])
 
 
-def check_output(folder: Path) -> None:
+def check_output(folder: Path) -> WritableFolder:
     """Refuse with one line (exit 2) before any work when nothing can be written in `folder`
     (a path under a file, no permission, a read-only filesystem); the folder is not created."""
     from minigpt_cli.engine.core.io import check_writable
 
     try:
-        check_writable(folder)
+        return check_writable(folder)
     except OSError as error:
         raise UserError(f"cannot write the output: {describe_os_error(error)}") from error
 

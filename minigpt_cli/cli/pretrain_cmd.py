@@ -70,6 +70,7 @@ def pretrain(
             "data": [str(p) for p in inputs.data],
             "val_data": [str(p) for p in inputs.val_data],
             "from_run": str(inputs.from_run) if inputs.from_run else None,
+            "tokenizer": str(inputs.tokenizer) if inputs.tokenizer else None,
             "preset": preset or sources.get("preset") or "tiny",
         },
     )

@@ -2,9 +2,10 @@
 
 pretrain, sft, dpo and rlhf differ in their inputs and their engine function; the rest is the same
 promise to the user: the config they asked for (or the run's own on --resume), a refusal to write
-over a run without --resume/--overwrite, one run per directory (a lock), the CPU caps applied before
-any work, one progress display, a Ctrl-C that saves and prints the resume command, and "already
-finished" when there is nothing left to do.
+over a run without --resume/--overwrite, one run per directory (a lock), a refusal before any work
+when the disk has no room for what the run will write, the CPU caps applied before any work, one
+progress display, a Ctrl-C that saves and prints the resume command, and "already finished" when
+there is nothing left to do.
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def execute(
     from minigpt_cli.cli.render import EventRenderer
     from minigpt_cli.engine.resources.governor import apply_resources
     from minigpt_cli.engine.runs import checkpoint as ckpt
+    from minigpt_cli.engine.runs.space import free_bytes, plan_run_disk
     from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
-    common.check_output(run.run_dir)  # a path under a file, no permission: fix first
+    folder = common.check_output(run.run_dir)  # a path under a file, no permission: fix first
     shared = _SHARED_DISPLAY.get()
     continue_command = (
         shared.continue_command
@@ -147,6 +149,19 @@ def execute(
         ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
         if run.resume:
             ckpt.republish(run.run_dir)  # a publication a crash cut short
+        # Room for every snapshot, shard and file the run will write, before it writes any (and
+        # before a tokenizer is trained): a full disk is met here, not at a save an hour in.
+        disk = plan_run_disk(
+            run.stage,
+            run.config,
+            run.run_dir,
+            spec.sources,
+            resume=run.resume,
+            hard_links=folder.hard_links,
+        )
+        free = free_bytes(run.run_dir)
+        if not disk.fits(free):
+            raise UserError(disk.refusal(run.run_dir, free))
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
         with contextlib.ExitStack() as stack:
             render = (
@@ -155,6 +170,7 @@ def execute(
                 else stack.enter_context(EventRenderer(run.config.log.progress))
             )
             render.print(f"{run.stage}: {thread_note}")
+            render.print(f"{run.stage}: {disk.line(free)}")
             try:
                 summary = engine(run.config, spec, render)
             except TrainingInterrupted as stop:

@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -118,13 +119,24 @@ def append_line(handle: IO[str], line: str) -> None:
     handle.flush()
 
 
-def check_writable(folder: str | Path) -> Path:
+@dataclass(frozen=True)
+class WritableFolder:
+    """What `check_writable` learned about a folder: that it takes files, and whether its
+    filesystem takes hard links (a run's top-level files are links into its newest snapshot, or
+    copies where links fail: the disk plan counts those)."""
+
+    path: Path
+    hard_links: bool
+
+
+def check_writable(folder: str | Path) -> WritableFolder:
     """Prove a file can be written where `folder` is or will be, without creating it.
 
     Writes and removes a probe file in `folder`, or in its nearest existing ancestor when it does
-    not exist yet. Raises the OSError the system gives (a path under a file, permission denied, a
-    read-only filesystem), so a verb can refuse before it starts work rather than fail at its
-    first save.
+    not exist yet; the probe is also linked to a second name (removed with it) to learn whether
+    the filesystem takes hard links. One write through the seam. Raises the OSError the system
+    gives (a path under a file, permission denied, a read-only filesystem), so a verb can refuse
+    before it starts work rather than fail at its first save.
     """
     target = Path(folder)
     existing = target
@@ -135,5 +147,14 @@ def check_writable(folder: str | Path) -> Path:
     before_write(target)
     fd, probe = tempfile.mkstemp(prefix=".minigpt-write-check.", suffix=".tmp", dir=existing)
     os.close(fd)
-    os.unlink(probe)
-    return target
+    link = f"{probe[: -len('.tmp')]}.link"  # names `remove_temporaries` clears after a kill
+    try:
+        os.link(probe, link)
+    except OSError:
+        hard_links = False
+    else:
+        hard_links = True
+        os.unlink(link)
+    finally:
+        os.unlink(probe)
+    return WritableFolder(target, hard_links)

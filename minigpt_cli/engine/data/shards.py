@@ -152,6 +152,41 @@ def reusable_shards(
     return meta
 
 
+def shards_on_disk(folder: str | Path) -> int:
+    """Bytes of the shard files in `folder`, complete or partial: what a new encode removes
+    (`_clear`) before it writes, so a disk plan counts them as space given back."""
+    total = 0
+    for path in Path(folder).glob("shard-*.bin*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def unchanged_shards(folder: str | Path, tokenizer_sha256: str, files: list[Path]) -> bool:
+    """Whether `encode_to_shards` will reuse the shards in `folder` for `files`, judged without
+    reading the inputs: `_reusable`'s checks with each input's modification time standing in for
+    its sha256 (which the encode then confirms). For a disk plan, before any encoding."""
+    folder_path = Path(folder)
+    meta = _read_meta(folder_path)
+    if meta is None or meta.get("version") != VERSION:
+        return False
+    if meta.get("tokenizer_sha256") != tokenizer_sha256:
+        return False
+    if meta.get("shard_tokens") != DEFAULT_SHARD_TOKENS:
+        return False
+    try:
+        recorded = [
+            (str(record["path"]), int(record["size"]), int(record["mtime_ns"]))
+            for record in meta.get("inputs", [])
+        ]
+        current = [
+            (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files
+        ]
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    return recorded == current and _shards_intact(folder_path, meta)
+
+
 class _ShardWriter:
     """Appends token arrays to numbered partial files, starting a new one every `shard_tokens`."""
 
