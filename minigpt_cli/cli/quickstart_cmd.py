@@ -47,7 +47,12 @@ def stage_dirs(out: Path) -> dict[str, Path]:
 
 
 def stage_status(run_dir: Path) -> str:
-    """`finished`, `resume` (a checkpoint to continue from), or `start` (nothing usable yet)."""
+    """`finished`, `resume` (a checkpoint to continue from), or `start` (nothing usable yet).
+
+    A run whose last publication a crash cut short is `resume`, never `finished`: its verb's
+    --resume finishes the publication, which a skipped stage would leave torn for the next
+    stage to load.
+    """
     from minigpt_cli.engine.runs import checkpoint as ckpt
 
     if not run_dir.is_dir():
@@ -55,6 +60,8 @@ def stage_status(run_dir: Path) -> str:
     point = ckpt.find_resume_point(run_dir)
     if point is None:
         return "start"
+    if point != run_dir:
+        return "resume"
     return "finished" if ckpt.read_state(point).get("finished") else "resume"
 
 

@@ -147,8 +147,8 @@ def execute(
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
         ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
-        if run.resume:
-            ckpt.republish(run.run_dir)  # a publication a crash cut short
+        if run.resume:  # a publication a crash cut short, and the pruning after it
+            ckpt.republish(run.run_dir, run.config.stage_train(run.stage).keep_last)
         # Room for every snapshot, shard and file the run will write, before it writes any (and
         # before a tokenizer is trained): a full disk is met here, not at a save an hour in.
         disk = plan_run_disk(

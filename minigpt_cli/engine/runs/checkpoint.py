@@ -185,9 +185,14 @@ def save_checkpoint(
         raise
     fsync_dir(folder)
     _publish(final, run_dir, sorted(tensor_files))
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    """Drop all but the newest `keep_last` snapshots."""
     for old in snapshots(run_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _publish(snapshot: Path, run_dir: Path, file_names: list[str]) -> None:
@@ -197,21 +202,28 @@ def _publish(snapshot: Path, run_dir: Path, file_names: list[str]) -> None:
     fsync_dir(run_dir)
 
 
-def republish(run_dir: Path) -> Path | None:
+def republish(run_dir: Path, keep_last: int | None = None) -> Path | None:
     """Finish a publication a crash cut short: when the run's top-level files disagree (some from
     the newest snapshot, some from the one before), point them all at the newest complete snapshot.
     Returns the resume point. Without this, a run that had saved its last step would resume to
-    "nothing to do" with mixed top-level files."""
+    "nothing to do" with mixed top-level files. With `keep_last`, also the pruning that save would
+    have done next (without it, a kill in the last save kept one snapshot too many for good)."""
     point = find_resume_point(run_dir)
     if point is not None and point != run_dir:
         _publish(point, run_dir, list(read_state(point).get("files", [])))
+    if point is not None and keep_last is not None:
+        _prune(run_dir, keep_last)
     return point
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
     """Delete what a killed writer left half-made in `run_dir` (temporary files, snapshot folders
-    being built, links being swapped); returns what was removed. Call it holding the run lock."""
+    being built, links being swapped), and in the runs inside it (RLHF's reward/, written under
+    the same lock); returns what was removed. Call it holding the run lock."""
     removed = []
+    sub_runs = [child for child in _subfolders(run_dir) if holds_run(child)]
+    for sub_run in sub_runs:
+        removed += remove_temporaries(sub_run)
     for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
         if not folder.is_dir():
             continue
@@ -226,6 +238,12 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
                     child.unlink()
             removed.append(child)
     return removed
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [c for c in folder.iterdir() if c.is_dir() and c.name != CHECKPOINTS_DIR]
 
 
 def read_state(directory: Path) -> dict[str, Any]:

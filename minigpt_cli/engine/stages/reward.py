@@ -46,7 +46,7 @@ from minigpt_cli.engine.model.heads import (
 )
 from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.resources.memory import fit_memory
-from minigpt_cli.engine.runs.checkpoint import find_resume_point, read_state
+from minigpt_cli.engine.runs.checkpoint import read_state, republish
 from minigpt_cli.engine.runs.files import REWARD_DIR
 from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.training.finetune import FinetuneSetup
@@ -201,14 +201,16 @@ def run_reward(
         loaded = load_reward_model(reuse, str(setup.device))
         return loaded.model, str(reuse)
     reward_dir = spec.run_dir / REWARD_DIR
-    point = find_resume_point(reward_dir) if reward_dir.is_dir() else None
+    train = config.stage_train("reward")
+    # A sub-run: its publication a crash cut short is finished here, as the CLI does for a run,
+    # so a reward model whose last save was cut is loaded whole.
+    point = republish(reward_dir, train.keep_last) if reward_dir.is_dir() else None
     if point is not None and read_state(point).get("finished"):
         emit(
             on_event, "note", "reward", message=f"reusing the finished reward model in {reward_dir}"
         )
         return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
     emit(on_event, "note", "reward", message="training the reward model on preference pairs")
-    train = config.stage_train("reward")
     seed_everything(train.seed)
     model = reward_model_from_policy(policy_of(setup.model)).to(setup.device)
     context = config.model.context_length
