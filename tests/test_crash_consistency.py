@@ -4,7 +4,10 @@ Real training processes are killed with SIGKILL (at a named write of a snapshot'
 at an instant while training), resumed with `--resume` as a user would, and the run directory is
 compared byte for byte with an unkilled run of the same command: every safetensors file, every
 trainer_state.json apart from its wall-clock fields, and no temporary left behind. The unkilled
-runs are the shared fixtures where one matches (pretrain).
+runs are the shared fixtures where one matches (pretrain, SFT). One kill a stage, each covering
+a case of its own (the benchmark draws 20 kills a stage, DPO and LoRA included): the last
+publication torn (pretrain), an instant while training (SFT), the reward model's publication
+torn before the RLHF run has a checkpoint of its own (RLHF, PPO).
 
 A kill "at the K-th write of PATH" goes through the benchmark's tracer, which arms
 MINIGPT_FAULT=kill@1 at that write so the seam itself kills there: the same instant as kill@N
@@ -16,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,11 +30,13 @@ import pytest
 import torch
 
 from benchmarks.crash_consistency import TRACER, compare_runs, leftover_temporaries
+from minigpt_cli.cli.finetune import resumed_parent
 from minigpt_cli.cli.quickstart_cmd import stage_status
 from minigpt_cli.engine.core.io import FAULT_ENV
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.files import MODEL_FILE, STATE_FILE, load_tensors
-from tests.conftest import TINY_SETS, run_cli, set_args
+from minigpt_cli.errors import UserError
+from tests.conftest import FINETUNE_SETS, TINY_SETS, run_cli, set_args
 
 FP32 = ["--precision", "fp32", "--device", "cpu"]
 
@@ -77,6 +83,72 @@ def test_pretrain_killed_in_its_last_publication_is_made_whole_and_the_same_byte
     output = _resume("pretrain", run_dir)
     assert "already finished at step 30" in output
     _assert_same_run(tiny_pretrain_run, run_dir)
+
+
+def test_sft_killed_at_an_instant_while_training_resumes_to_the_same_bytes(
+    tiny_sft_run: Path, tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = ["sft", "--from", tiny_pretrain_run, "--out", run_dir, "--max-steps", "30", *FP32]
+    command += [*set_args(FINETUNE_SETS), *_threads(tiny_sft_run)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", *map(str, command)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "step-00000010").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.005)
+        # Somewhere in the 20 steps after the first save (an eval with generation among them);
+        # should the run end first, resume has nothing to do and the bytes must still agree.
+        time.sleep(random.Random(13).uniform(0.0, 0.4))
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    _resume("sft", run_dir)
+    _assert_same_run(tiny_sft_run, run_dir)
+
+
+def test_rlhf_killed_while_its_reward_model_trains_resumes_to_the_same_bytes(
+    tiny_sft_run: Path, tmp_path: Path
+) -> None:
+    sets = [
+        *FINETUNE_SETS,
+        "rlhf.rollout_batch_size=8",
+        "rlhf.global_batch_size=8",
+        "rlhf.micro_batch_size=8",
+        "rlhf.max_new_tokens=8",
+        "rlhf.eval_prompts=8",
+        "rlhf.samples_every=0",
+        "reward.max_steps=20",
+        "reward.save_every=10",
+        "reward.eval_every=10",
+        "reward.warmup_steps=2",
+    ]
+
+    def command(out: Path) -> list[str | Path]:
+        args = ["rlhf", "--from", tiny_sft_run, "--out", out, "--reward", "model"]
+        return [*args, "--max-steps", "2", *FP32, *set_args(sets)]
+
+    reference = tmp_path / "reference"
+    result = run_cli(*command(reference))
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    # 1. The reward model's step-10 save torn: the RLHF run itself has no checkpoint yet, and
+    # --resume continues the reward model from its snapshot (the run's config and sources come
+    # from the reward run, which records them), then trains the policy.
+    _killed_at(
+        [*command(run_dir), *_threads(reference)],
+        tmp_path,
+        run_dir / "reward" / "optimizer.safetensors",
+    )
+    assert not (run_dir / STATE_FILE).exists()
+    _resume("rlhf", run_dir)
+    _assert_same_run(reference, run_dir)
+    resumed = [r for r in ckpt.read_metrics(run_dir / "reward") if r.get("event") == "resume"]
+    assert len(resumed) == 1  # the reward model continued from its snapshot, not from scratch
 
 
 # ----------------------------------------------------------------------------- the fixes, unit
@@ -127,3 +199,29 @@ def test_temporaries_a_kill_left_in_the_reward_sub_run_are_removed(tmp_path: Pat
     assert sorted(removed) == sorted(left)
     assert leftover_temporaries(tmp_path) == []
     assert ckpt.find_resume_point(reward) == reward
+
+
+def test_quickstart_resumes_an_rlhf_stage_whose_reward_model_alone_has_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    reward = tmp_path / "rlhf" / "reward"
+    reward.mkdir(parents=True)
+    sources = {"from_run": "runs/dpo", "data": [], "preset": "tiny"}
+    ckpt.save_checkpoint(reward, 10, _weights(10), {"sources": {"rlhf": sources}}, keep_last=2)
+    assert stage_status(tmp_path / "rlhf", "rlhf", "reward") == "resume"
+    assert stage_status(tmp_path / "rlhf") == "start"  # without the sub-run: nothing of its own
+    # A reward run that did not record its RLHF run's sources (older minigpt) cannot say how
+    # the policy was started: start over, as before.
+    ckpt.save_checkpoint(reward, 20, _weights(20), {"sources": {}}, keep_last=2)
+    assert stage_status(tmp_path / "rlhf", "rlhf", "reward") == "start"
+
+
+def test_finetune_resume_with_nothing_saved_says_so(tmp_path: Path) -> None:
+    # Not "rlhf needs --from RUN": on --resume the parent comes from a checkpoint, and there is
+    # none (nor one of a reward model). sft and dpo find their parent the same way.
+    run_dir = tmp_path / "run"
+    (run_dir / "reward").mkdir(parents=True)
+    with pytest.raises(UserError, match="nothing to resume .* --overwrite instead of --resume"):
+        resumed_parent(run_dir, "rlhf", resume=True, sub_run="reward")
+    with pytest.raises(UserError, match="nothing to resume"):
+        resumed_parent(run_dir, "sft", resume=True)

@@ -64,16 +64,21 @@ def parent_preset(from_run: Path) -> str | None:
         return None
 
 
-def resumed_parent(out: Path | None, stage: str, preset: str | None, resume: bool) -> Path | None:
-    """On --resume without --from: the parent the run recorded (it cannot change mid-run)."""
-    from minigpt_cli.engine.runs import checkpoint as ckpt
+def resumed_parent(
+    run_dir: Path, stage: str, resume: bool, sub_run: str | None = None
+) -> Path | None:
+    """On --resume without --from: the parent the run recorded (it cannot change mid-run).
 
-    run_dir = out or common.default_run_dir(stage, preset)
-    point = ckpt.find_resume_point(run_dir) if resume and run_dir.is_dir() else None
-    if point is None:
+    A run with nothing to resume gets that answer here, not a request for --from.
+    """
+    from minigpt_cli.cli import training
+
+    if not resume:
         return None
-    parent = ckpt.read_state(point).get("parent")
-    return Path(parent) if parent else None
+    point = training.find_resume(run_dir, stage, sub_run)
+    if point is None:
+        raise training.nothing_to_resume(run_dir)
+    return Path(point.parent) if point.parent else None
 
 
 def check_parent(from_run: Path | None, stage: str) -> Path:
@@ -104,6 +109,7 @@ def run_finetune(
     run_name: str | None = None,
     extra_inputs: dict[str, Any] | None = None,
     inputs_type: type[FinetuneInputs] | None = None,
+    sub_run: str | None = None,
 ) -> None:
     """The body of `sft`/`dpo`/`rlhf`: resolve parent and config, validate data, train.
 
@@ -111,7 +117,8 @@ def run_finetune(
     `engine(config, spec, inputs, on_event)` trains. `run_name` names the default run directory
     (`runs/<name>-<preset>`, default the stage); `extra_inputs` are further fields of
     `inputs_type` (a `FinetuneInputs` with the verb's own inputs, e.g. rlhf's `RlhfInputs`;
-    default `FinetuneInputs`).
+    default `FinetuneInputs`). `sub_run` names the folder of a first phase that checkpoints on
+    its own (rlhf: the reward model), which a --resume may continue (`training.find_resume`).
     """
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
@@ -122,7 +129,8 @@ def run_finetune(
     name, resume = run_name or stage, flags.resume
     if merge and not lora and not resume:
         raise UserError("--merge folds a LoRA adapter into the weights: use it with --lora")
-    parent = check_parent(from_run or resumed_parent(flags.out, name, flags.preset, resume), stage)
+    resumed_dir = flags.out or common.default_run_dir(name, flags.preset)
+    parent = check_parent(from_run or resumed_parent(resumed_dir, stage, resume, sub_run), stage)
     preset = flags.preset or parent_preset(parent)
     run_dir = flags.out or common.default_run_dir(name, preset)
     overrides = flags.overrides(stage, **own)
@@ -136,6 +144,7 @@ def run_finetune(
         sets=flags.sets,
         resume=resume,
         overwrite=flags.overwrite,
+        sub_run=sub_run,
     )
     config, sources = run.config, run.saved_sources
     extra = dict(extra_inputs or {})
@@ -160,7 +169,7 @@ def run_finetune(
             validate(expand_paths(paths), stage)
     spec = RunSpec(
         run_dir=run_dir,
-        resume=resume,
+        resume=run.resumes_own_checkpoint,
         parent=str(parent),
         chat=True,
         sources={

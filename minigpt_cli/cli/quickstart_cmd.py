@@ -46,20 +46,23 @@ def stage_dirs(out: Path) -> dict[str, Path]:
     return {stage: out / stage for stage in TRAINING_STAGES}
 
 
-def stage_status(run_dir: Path) -> str:
+def stage_status(run_dir: Path, stage: str | None = None, sub_run: str | None = None) -> str:
     """`finished`, `resume` (a checkpoint to continue from), or `start` (nothing usable yet).
 
     A run whose last publication a crash cut short is `resume`, never `finished`: its verb's
     --resume finishes the publication, which a skipped stage would leave torn for the next
-    stage to load.
+    stage to load. With `stage` and `sub_run` (rlhf and its reward model's folder), a checkpoint
+    of the sub-run alone is enough to resume (`training.find_resume`).
     """
+    from minigpt_cli.cli import training
     from minigpt_cli.engine.runs import checkpoint as ckpt
 
     if not run_dir.is_dir():
         return "start"
     point = ckpt.find_resume_point(run_dir)
     if point is None:
-        return "start"
+        found = training.find_resume(run_dir, stage, sub_run) if stage and sub_run else None
+        return "start" if found is None else "resume"
     if point != run_dir:
         return "resume"
     return "finished" if ckpt.read_state(point).get("finished") else "resume"
@@ -133,7 +136,7 @@ def quickstart(
         training.shared_display(dashboard, continue_command),
     ):
         for stage in TRAINING_STAGES:
-            status = stage_status(dirs[stage])
+            status = stage_status(dirs[stage], stage, REWARD_DIR if stage == "rlhf" else None)
             if stage == "rlhf" and stage_status(dirs[stage] / REWARD_DIR) == "finished":
                 dashboard.stage_skipped("reward", "finished earlier")
             if status == "finished":

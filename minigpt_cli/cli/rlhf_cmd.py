@@ -100,6 +100,7 @@ def rlhf(
     (Bradley-Terry) into the run's reward/ folder; rule scores exact answers of prompts that have
     one. Prompts: {"prompt", "answer"?} JSONL; with no --data, the built-in prompts.
     """
+    from minigpt_cli.engine.runs.files import REWARD_DIR
     from minigpt_cli.engine.stages.rlhf import RlhfInputs, run_rlhf
 
     own = {
@@ -135,6 +136,8 @@ def rlhf(
             "reward_model": reward_model,
         },
         inputs_type=RlhfInputs,
+        # Killed before the policy's first checkpoint, --resume continues the reward model's.
+        sub_run=REWARD_DIR,
     )
 
 

@@ -29,6 +29,25 @@ if TYPE_CHECKING:
     from minigpt_cli.engine.training.trainer import RunSpec
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a `--resume` continues: the run's own newest complete checkpoint, or, for a run that
+    stopped before its own first save, the checkpoint of the sub-run it trains first (RLHF's
+    reward model in `reward/`), which records the sources of the run it belongs to.
+
+    `config_dir` holds the config.toml the resumed run uses (the sub-run's is the whole config
+    of its run: both are dumped from the one Config); `own` is False when only the sub-run has
+    something to continue, so the run's own training starts at step 0.
+    """
+
+    path: Path
+    config_dir: Path
+    sources: dict[str, Any]
+    threads: int | None
+    parent: str | None
+    own: bool
+
+
 @dataclass
 class TrainingRun:
     """A training verb's resolved request: where, with which config, continuing what."""
@@ -41,6 +60,12 @@ class TrainingRun:
     saved_sources: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     thread_source: str = "set explicitly"
+    resume_point: ResumePoint | None = None
+
+    @property
+    def resumes_own_checkpoint(self) -> bool:
+        """Whether the stage's own Trainer restores a checkpoint (RunSpec.resume)."""
+        return self.resume_point is not None and self.resume_point.own
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,39 @@ def shared_display(renderer: EventRenderer, continue_command: str) -> Iterator[N
         _SHARED_DISPLAY.reset(token)
 
 
+def nothing_to_resume(run_dir: Path) -> UserError:
+    """The one answer to `--resume` of a run killed before it saved anything to continue."""
+    return UserError(
+        f"{run_dir}: nothing to resume (no complete checkpoint there: the run stopped "
+        "before its first save); start it again with the same command and --overwrite "
+        "instead of --resume"
+    )
+
+
+def find_resume(run_dir: Path, stage: str, sub_run: str | None = None) -> ResumePoint | None:
+    """What `--resume` of the `stage` run in `run_dir` continues (see `ResumePoint`), or None.
+
+    `sub_run` names the folder of a first phase that checkpoints on its own (rlhf: `reward`);
+    its trainer state keeps the sources of the run it belongs to under the run's stage name.
+    """
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+
+    point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
+    own = point is not None
+    folder = run_dir if own else run_dir / sub_run if sub_run else None
+    if not own and folder is not None and folder.is_dir():
+        point = ckpt.find_resume_point(folder)
+    if folder is None or point is None:
+        return None
+    state = ckpt.read_state(point)
+    sources = state.get("sources", {})
+    if not own:
+        sources = sources.get(stage)
+        if not isinstance(sources, dict):  # a sub-run from before it recorded them
+            return None
+    return ResumePoint(point, folder, sources, state.get("threads"), state.get("parent"), own)
+
+
 def prepare(
     stage: str,
     *,
@@ -78,35 +136,33 @@ def prepare(
     sets: list[str] | None,
     resume: bool,
     overwrite: bool,
+    sub_run: str | None = None,
 ) -> TrainingRun:
-    """Resolve the config and, on --resume, what the run recorded about its inputs and threads."""
-    from minigpt_cli.engine.runs import checkpoint as ckpt
+    """Resolve the config and, on --resume, what the run recorded about its inputs and threads.
 
+    `sub_run`: see `find_resume` (a resume may continue only that first phase).
+    """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
+    point = find_resume(run_dir, stage, sub_run) if resume else None
+    if resume and point is None:
+        raise nothing_to_resume(run_dir)
     config = common.resolve_config(
         stage,
         preset=preset,
         config_file=config_file,
         overrides=overrides,
         sets=sets,
-        run_dir=run_dir,
+        run_dir=point.config_dir if point is not None else run_dir,
         resume=resume,
     )
     run = TrainingRun(stage, run_dir, config, resume, overwrite, threads=config.resources.threads)
-    if resume:
-        point = ckpt.find_resume_point(run_dir) if run_dir.is_dir() else None
-        if point is None:
-            raise UserError(
-                f"{run_dir}: nothing to resume (no complete checkpoint there: the run stopped "
-                "before its first save); start it again with the same command and --overwrite "
-                "instead of --resume"
-            )
-        saved = ckpt.read_state(point)
-        run.saved_sources = saved.get("sources", {})
+    if point is not None:
+        run.resume_point = point
+        run.saved_sources = point.sources
         # The same thread count gives the same float reductions: resume stays bit-exact.
-        if run.threads is None and saved.get("threads"):
-            run.threads = saved["threads"]
+        if run.threads is None and point.threads:
+            run.threads = point.threads
             run.thread_source = "as when the run started, for exact resume"
     return run
 
@@ -146,6 +202,10 @@ def execute(
             )
         if run.overwrite:
             ckpt.clear_run(run.run_dir)
+        elif run.resume_point is not None and not run.resume_point.own:
+            # Only the sub-run continues: what the run's own training wrote before the kill
+            # (metrics rows, its config) is redone from step 0, so it goes.
+            ckpt.clear_run(run.run_dir, keep=(run.resume_point.config_dir.name,))
         ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
         if run.resume:  # a publication a crash cut short, and the pruning after it
             ckpt.republish(run.run_dir, run.config.stage_train(run.stage).keep_last)

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -290,10 +291,10 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / marker).exists() for marker in markers)
 
 
-def clear_run(run_dir: Path) -> None:
-    """Empty a run directory for --overwrite (everything but the lock we hold)."""
+def clear_run(run_dir: Path, keep: Collection[str] = ()) -> None:
+    """Empty a run directory for --overwrite (everything but the lock we hold and `keep`)."""
     for child in run_dir.iterdir():
-        if child.name == LOCK_FILE:
+        if child.name == LOCK_FILE or child.name in keep:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

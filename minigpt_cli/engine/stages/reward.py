@@ -46,7 +46,7 @@ from minigpt_cli.engine.model.heads import (
 )
 from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.resources.memory import fit_memory
-from minigpt_cli.engine.runs.checkpoint import read_state, republish
+from minigpt_cli.engine.runs.checkpoint import clear_run, read_state, republish
 from minigpt_cli.engine.runs.files import REWARD_DIR
 from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.training.finetune import FinetuneSetup
@@ -211,6 +211,8 @@ def run_reward(
         )
         return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
     emit(on_event, "note", "reward", message="training the reward model on preference pairs")
+    if point is None and reward_dir.is_dir():
+        clear_run(reward_dir)  # an attempt killed before its first save: nothing to continue
     seed_everything(train.seed)
     model = reward_model_from_policy(policy_of(setup.model)).to(setup.device)
     context = config.model.context_length
@@ -249,7 +251,9 @@ def run_reward(
         run_dir=reward_dir,
         resume=point is not None,
         parent=str(parent),
-        sources={"preference_data": [str(p) for p in preference_data]},
+        # The RLHF run's own sources too, under its stage name: `minigpt rlhf --resume` of a run
+        # killed before the policy's first checkpoint starts it again from these.
+        sources={"preference_data": [str(p) for p in preference_data], "rlhf": dict(spec.sources)},
         events=[{"event": "governor", "message": m} for m in messages],
     )
     Trainer(

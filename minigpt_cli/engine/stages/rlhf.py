@@ -37,6 +37,7 @@ from torch import nn
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference.decode import generate_batch
@@ -515,6 +516,10 @@ def run_rlhf(
         )
         reward_model.eval().requires_grad_(False)
         spec.sources["reward_model"] = source
+    # The policy's training starts from the seed whether the reward model was just trained,
+    # resumed, or reused (a run killed before the policy's first checkpoint resumes by reusing
+    # it): the RNG state its checkpoints record does not depend on which.
+    seed_everything(setup.train.seed)
     reward = RewardSource(config.rlhf.reward, reward_model, setup.tokenizer.pad_id)
     train_records, val_records = train_and_val_records("rlhf", inputs, config)
     policy = policy_of(setup.model)  # start_finetune's policy itself (PPO wraps it below)
