@@ -149,6 +149,17 @@ FINETUNE_SETS = [
     "log.plot=false",
 ]
 
+# RLHF on top of FINETUNE_SETS: 8 rollouts of 8 new tokens an iteration, one optimizer step each.
+RLHF_SETS = [
+    *FINETUNE_SETS,
+    "rlhf.rollout_batch_size=8",
+    "rlhf.global_batch_size=8",
+    "rlhf.micro_batch_size=8",
+    "rlhf.max_new_tokens=8",
+    "rlhf.eval_prompts=8",
+    "rlhf.samples_every=0",
+]
+
 
 def _finished_sft_run(
     tmp_path_factory: pytest.TempPathFactory, parent: Path, name: str, *flags: str, sets: list[str]

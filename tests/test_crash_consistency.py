@@ -36,7 +36,7 @@ from minigpt_cli.engine.core.io import FAULT_ENV
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.files import MODEL_FILE, STATE_FILE, load_tensors
 from minigpt_cli.errors import UserError
-from tests.conftest import FINETUNE_SETS, TINY_SETS, run_cli, set_args
+from tests.conftest import FINETUNE_SETS, RLHF_SETS, TINY_SETS, run_cli, set_args
 
 FP32 = ["--precision", "fp32", "--device", "cpu"]
 
@@ -115,13 +115,7 @@ def test_rlhf_killed_while_its_reward_model_trains_resumes_to_the_same_bytes(
     tiny_sft_run: Path, tmp_path: Path
 ) -> None:
     sets = [
-        *FINETUNE_SETS,
-        "rlhf.rollout_batch_size=8",
-        "rlhf.global_batch_size=8",
-        "rlhf.micro_batch_size=8",
-        "rlhf.max_new_tokens=8",
-        "rlhf.eval_prompts=8",
-        "rlhf.samples_every=0",
+        *RLHF_SETS,
         "reward.max_steps=20",
         "reward.save_every=10",
         "reward.eval_every=10",

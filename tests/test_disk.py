@@ -36,7 +36,7 @@ from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.space import plan_run_disk
 from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
-from tests.conftest import FINETUNE_SETS, REPO, TINY_SETS, run_cli, set_args
+from tests.conftest import REPO, RLHF_SETS, TINY_SETS, run_cli, set_args
 
 
 def folder_on_disk(folder: Path) -> int:
@@ -67,13 +67,7 @@ def tiny_ppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -
     value head, RL state) at the smallest cost (about 7 s)."""
     run_dir = tmp_path_factory.mktemp("tiny-ppo") / "run"
     sets = [
-        *FINETUNE_SETS,
-        "rlhf.rollout_batch_size=8",
-        "rlhf.global_batch_size=8",
-        "rlhf.micro_batch_size=8",
-        "rlhf.max_new_tokens=8",
-        "rlhf.eval_prompts=8",
-        "rlhf.samples_every=0",
+        *RLHF_SETS,
         "rlhf.ppo_epochs=1",
         "rlhf.save_every=1",
         "reward.max_steps=2",

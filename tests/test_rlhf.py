@@ -23,7 +23,7 @@ from minigpt_cli.engine.objectives.policy import Reference
 from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.rlhf import RlSettings, RlStage
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
-from tests.conftest import FINETUNE_SETS, run_cli, set_args
+from tests.conftest import RLHF_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows
 
 
@@ -106,13 +106,7 @@ def test_rule_reward_scores_normalised_exact_answers() -> None:
 
 def _rlhf(parent: Path, out: Path, *extra: str) -> None:
     sets = [
-        *FINETUNE_SETS,
-        "rlhf.rollout_batch_size=8",
-        "rlhf.global_batch_size=8",
-        "rlhf.micro_batch_size=8",
-        "rlhf.max_new_tokens=8",
-        "rlhf.eval_prompts=8",
-        "rlhf.samples_every=0",
+        *RLHF_SETS,
         "reward.max_steps=40",
         "reward.eval_every=20",
     ]
