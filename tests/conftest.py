@@ -161,13 +161,19 @@ RLHF_SETS = [
 ]
 
 
-def _finished_sft_run(
-    tmp_path_factory: pytest.TempPathFactory, parent: Path, name: str, *flags: str, sets: list[str]
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    verb: str,
+    parent: Path,
+    name: str,
+    *flags: str,
+    sets: list[str],
 ) -> Path:
-    """A tiny fp32 SFT run of `parent` on the built-in data, trained to the end in a CLI process."""
+    """A tiny fp32 `verb` run (sft, dpo, rlhf) of `parent` on the built-in data, trained to the
+    end in a CLI process."""
     run_dir = tmp_path_factory.mktemp(name) / "run"
     result = run_cli(
-        "sft",
+        verb,
         "--from",
         parent,
         "--out",
@@ -187,8 +193,14 @@ def _finished_sft_run(
 @pytest.fixture(scope="session")
 def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_run: Path) -> Path:
     """A finished 30-step full SFT run of `tiny_pretrain_run` on the built-in data, built once."""
-    return _finished_sft_run(
-        tmp_path_factory, tiny_pretrain_run, "tiny-sft", "--max-steps", "30", sets=FINETUNE_SETS
+    return finished_run(
+        tmp_path_factory,
+        "sft",
+        tiny_pretrain_run,
+        "tiny-sft",
+        "--max-steps",
+        "30",
+        sets=FINETUNE_SETS,
     )
 
 
@@ -197,8 +209,9 @@ def tiny_lora_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_ru
     """A finished 10-step LoRA SFT run of `tiny_pretrain_run`, snapshots kept at steps 5 and 10:
     a LoRA parent to continue from, and a straight run to compare a resumed copy against."""
     sets = [*FINETUNE_SETS, "sft.save_every=5", "train.keep_last=3"]
-    return _finished_sft_run(
+    return finished_run(
         tmp_path_factory,
+        "sft",
         tiny_pretrain_run,
         "tiny-lora-sft",
         "--lora",

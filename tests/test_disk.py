@@ -36,7 +36,7 @@ from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.space import plan_run_disk
 from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
-from tests.conftest import REPO, RLHF_SETS, TINY_SETS, run_cli, set_args
+from tests.conftest import REPO, RLHF_SETS, TINY_SETS, finished_run, set_args
 
 
 def folder_on_disk(folder: Path) -> int:
@@ -65,7 +65,6 @@ def fresh_plan(run: Path, where: Path, **changes: object) -> DiskPlan:
 def tiny_ppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
     """Two PPO iterations after a 2-step reward model, every step saved: RLHF's files (reward/,
     value head, RL state) at the smallest cost (about 7 s)."""
-    run_dir = tmp_path_factory.mktemp("tiny-ppo") / "run"
     sets = [
         *RLHF_SETS,
         "rlhf.ppo_epochs=1",
@@ -74,23 +73,9 @@ def tiny_ppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -
         "reward.save_every=1",
         "reward.eval_every=2",
     ]
-    result = run_cli(
-        "rlhf",
-        "--from",
-        tiny_sft_run,
-        "--out",
-        run_dir,
-        "--max-steps",
-        "2",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        *set_args(sets),
-        env={"MINIGPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "minigpt-cache")},
+    return finished_run(
+        tmp_path_factory, "rlhf", tiny_sft_run, "tiny-ppo", "--max-steps", "2", sets=sets
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run_dir
 
 
 @pytest.mark.parametrize(
