@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_cli.cli.quickstart_cmd import TRAINING_STAGES, stage_status
+from minigpt_cli.engine.evaluate.report import EvalReport, RunReport, best_chat_run
 from minigpt_cli.engine.runs.checkpoint import read_metrics, read_state
 from tests.conftest import TINY_SETS, run_cli, set_args
 
@@ -73,7 +74,9 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
     assert paths == [(out / stage).resolve() for stage in TRAINING_STAGES]
     for run in report["runs"]:
         assert run["metrics"]["bpb"] > 0
-    assert f"minigpt chat {out / 'rlhf'}" in stdout
+    # The run to chat with is the one the rule picks from the measured table, whichever stage.
+    best = best_chat_run(_report_from_json(report))
+    assert best is not None and f"minigpt chat {best.path}" in stdout
     times = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert set(times["seconds"]) == {*TRAINING_STAGES, "eval"}
     assert sum(times["seconds"].values()) <= times["total_seconds"]
@@ -200,3 +203,31 @@ def test_eval_scores_every_stage_with_the_reward_model(
     (other / "tokenizer.model").write_bytes(b"another tokenizer")
     with pytest.raises(UserError, match="another tokenizer"):
         load_reward_judge(out / "rlhf" / "reward", other, torch.device("cpu"))
+
+
+def _report_from_json(data: dict) -> EvalReport:
+    return EvalReport([RunReport(**run) for run in data["runs"]], data["data"], data["options"])
+
+
+def _run(
+    name: str, exact_match: float | None, reward: float | None, chat: bool = True
+) -> RunReport:
+    metrics = {} if exact_match is None else {"exact_match": exact_match}
+    if reward is not None:
+        metrics["reward"] = reward
+    return RunReport(name, f"runs/{name}", name, None, chat, metrics)
+
+
+def test_best_chat_run_follows_the_measurements_not_the_position() -> None:
+    runs = [
+        _run("pretrain", 0.0, -2.0, chat=False),
+        _run("sft", 0.75, -0.2),
+        _run("dpo", 0.76, -0.3),
+        _run("rlhf", 0.72, 0.5),  # the highest reward, but it answers worse: not chosen
+    ]
+    assert best_chat_run(EvalReport(runs, {}, {})).name == "dpo"
+    runs[3] = _run("rlhf", 0.76, -0.1)  # ties dpo on exact match: the reward model decides
+    assert best_chat_run(EvalReport(runs, {}, {})).name == "rlhf"
+    runs[3] = _run("rlhf", 0.76, -0.3)  # equal in both: the later stage
+    assert best_chat_run(EvalReport(runs, {}, {})).name == "rlhf"
+    assert best_chat_run(EvalReport([runs[0]], {}, {})) is None  # no chat run to name

@@ -200,16 +200,18 @@ def _print_summary(
 ) -> None:
     from minigpt_cli.cli.eval_cmd import print_report
     from minigpt_cli.engine.core.units import format_duration
+    from minigpt_cli.engine.evaluate.report import BEST_RUN_RULE, best_chat_run
 
     print_report(report, console)
     if timings:
         ran = ", ".join(f"{stage} {format_duration(sec)}" for stage, sec in timings.items())
         console.print(f"time: {format_duration(total_seconds)} in all ({ran})", markup=False)
-    console.print(
-        f"evaluation saved in {folder / EVAL_FILE}\nchat with the result:\n"
-        f"  minigpt chat {dirs['rlhf']}",
-        markup=False,
-    )
+    console.print(f"evaluation saved in {folder / EVAL_FILE}", markup=False)
+    best = best_chat_run(report)
+    if best is not None:
+        console.print(
+            f"chat with the best run ({BEST_RUN_RULE}):\n  minigpt chat {best.path}", markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

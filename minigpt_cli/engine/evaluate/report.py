@@ -79,3 +79,33 @@ class EvalReport:
             "data": dict(self.data),
             "runs": [asdict(run) for run in self.runs],
         }
+
+
+BEST_RUN_RULE = (
+    "the chat run with the highest held-out exact match; a tie goes to the higher reward-model "
+    "score, then to the later stage"
+)
+
+
+def best_chat_run(report: EvalReport) -> RunReport | None:
+    """The run quickstart tells the user to chat with, by `BEST_RUN_RULE` (None: no chat run).
+
+    Chosen from measurements, not by position: the last stage is not always the best model (an RL
+    stage that exploits its reward model answers worse), and a user who chats with the wrong run
+    judges the whole pipeline by it. Exact match comes first because it is what the held-out
+    questions check; the reward model's score only separates runs that answer equally well.
+    """
+    candidates = [
+        (index, run)
+        for index, run in enumerate(report.runs)
+        if run.chat and run.metrics.get("exact_match") is not None
+    ]
+    if not candidates:
+        return None
+
+    def key(entry: tuple[int, RunReport]) -> tuple[float, float, int]:
+        index, run = entry
+        reward = run.metrics.get("reward")
+        return (run.metrics["exact_match"], float("-inf") if reward is None else reward, index)
+
+    return max(candidates, key=key)[1]
