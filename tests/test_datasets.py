@@ -200,15 +200,37 @@ def test_addition_operand_pairs_are_held_out(kind: str) -> None:
     assert not any(addition._pair_held_out(*p) for p in train)
 
 
+def _checked_working(answer: str, a: int, b: int) -> int:
+    """The total a working states, after checking each of its steps; fails on a wrong step."""
+    match = re.fullmatch(
+        r"(\d)\+(\d)=(\d+)(?:, |，)(\d)\+(\d)\+([01])=(\d+)(?:, so |，所以是)(\d+)", answer
+    )
+    assert match, answer
+    ua, ub, units, ta, tb, carry, tens, total = (int(x) for x in match.groups())
+    assert {(ua, ta), (ub, tb)} == {(a % 10, a // 10), (b % 10, b // 10)}, answer
+    assert units == ua + ub and carry == units // 10 and tens == ta + tb + carry, answer
+    assert total == 10 * tens + units % 10, answer
+    return total
+
+
 def test_addition_answers_are_right() -> None:
     for record in builtin.sft_records("val", SMALL, 2) + builtin.sft_records("train", SMALL, 2):
         if record["task"] == "addition":
-            assert int(record["output"]) == sum(_pair(_user_text("sft", record)))
+            a, b = _pair(_user_text("sft", record))
+            assert _checked_working(record["output"], a, b) == a + b
+    rejected_workings = 0
     for record in builtin.dpo_records("train", SMALL, 2):
         if record["task"] == "addition":
-            right = str(sum(_pair(record["prompt"])))
+            a, b = _pair(record["prompt"])
+            right = str(a + b)
             assert re.search(rf"(^|\D){right}\D*$", record["chosen"])
             assert not re.search(rf"(^|\D){right}\D*$", record["rejected"])
+            if "+" in record["rejected"] and "=" in record["rejected"][:6]:
+                # A rejected working makes the classic mistake: the carry dropped or invented.
+                with pytest.raises(AssertionError):
+                    _checked_working(record["rejected"], a, b)
+                rejected_workings += 1
+    assert rejected_workings > 10
 
 
 def test_pretraining_never_shows_a_held_out_pair(
@@ -218,8 +240,14 @@ def test_pretraining_never_shows_a_held_out_pair(
     for doc in pretrain_default[0]:
         if doc["task"] == "addition":
             for line in doc["text"].splitlines():
-                a, b, total = (int(x) for x in re.findall(r"\d+", line))
-                assert a + b == total and not addition._pair_held_out(a, b), line
+                numbers = [int(x) for x in re.findall(r"\d+", line)]
+                a, b = numbers[:2]
+                if len(numbers) == 3:
+                    assert a + b == numbers[2], line
+                else:  # a worked sum: "47 + 58: 7+8=15, 4+5+1=10, so 105"
+                    worked = line.split("：" if "：" in line else ": ", 1)[1]
+                    assert _checked_working(worked, a, b) == a + b, line
+                assert not addition._pair_held_out(a, b), line
                 checked += 1
         elif doc["task"] == "quiz":
             for question in re.findall(r"(?:Q:|问：)\n(.*?)\n(?:A:|答：)\n", doc["text"], re.S):

@@ -291,7 +291,9 @@ class RlhfConfig(StageTrainConfig):
     rollout_batch_size: int = Field(16, ge=1, description="prompts sampled per iteration")
     num_generations: int = Field(4, ge=2, description="GRPO: responses per prompt (a group)")
     ppo_epochs: int = Field(2, ge=1, description="passes over each iteration's rollouts")
-    max_new_tokens: int = Field(24, ge=1, description="longest response sampled")
+    max_new_tokens: int = Field(
+        32, ge=1, description="longest response sampled (a worked sum takes about 25)"
+    )
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
     kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the reference")
     target_kl: float | None = Field(

@@ -1,4 +1,16 @@
-"""The addition family: sums of two numbers from 0 to 99, held out by operand pair."""
+"""The addition family: sums of two numbers from 0 to 99, held out by operand pair, answered by
+working them out digit by digit.
+
+The answer is the working, units first: "7+8=15, 4+5+1=10, so 105" for 47 + 58 (Chinese:
+"7+8=15，4+5+1=10，所以是105"). Why: digits are single tokens and a model writes the answer left
+to right, so the bare sum needs the carry before its first digit; a four-layer model then learns a
+lookup table of the pairs it saw (measured: 0-6 % on held-out pairs). Worked out, each step is a
+small table (a digit plus a digit, plus the carry it just wrote) that transfers to pairs never
+seen: the same model reaches 40-60 % on held-out pairs after SFT, and its errors are in single
+steps, which is where reinforcement learning with an exact-answer reward has room to help. The
+reference is the whole working, so exact match (and the rule reward) accept only a right
+working, not a lucky total.
+"""
 
 from __future__ import annotations
 
@@ -55,20 +67,35 @@ def _addition_sentence(lang: str, a: int, b: int, total: int) -> str:
     return f"{a} + {b} = {total}." if lang == "en" else f"{a}加{b}等于{total}。"
 
 
+def working(a: int, b: int, lang: str, flip_carry: bool = False) -> tuple[str, int]:
+    """The answer worked digit by digit, units first, and its total.
+
+    `flip_carry` makes the classic mistake (the carry dropped, or one added that is not there).
+    """
+    units = a % 10 + b % 10
+    carry = units // 10
+    if flip_carry:
+        carry = 1 - carry
+    tens = a // 10 + b // 10 + carry
+    total = tens * 10 + units % 10
+    head = f"{a % 10}+{b % 10}={units}"
+    if lang == "en":
+        return f"{head}, {a // 10}+{b // 10}+{carry}={tens}, so {total}", total
+    return f"{head}，{a // 10}+{b // 10}+{carry}={tens}，所以是{total}", total
+
+
 def _addition_item(rng: random.Random, split: str, lang: str) -> _Item:
     a, b = _draw_pair(rng, split)
     instruction, input_text = rng.choice(_ADD_TEMPLATES[lang])
-    total = a + b
-    wrong = total + rng.choice((-11, -10, -2, -1, 1, 2, 10, 11))
-    if wrong < 0:
-        wrong = total + rng.choice((1, 2, 10))
+    answer, total = working(a, b, lang)
+    wrong_answer, wrong = working(a, b, lang, flip_carry=True)
     return _Item(
         task="addition",
         lang=lang,
         instruction=instruction.format(a=a, b=b),
         input=input_text.format(a=a, b=b),
-        answer=str(total),
-        wrong=str(wrong),
+        answer=answer,
+        wrong=wrong_answer,
         sentence=_addition_sentence(lang, a, b, total),
         wrong_sentence=_addition_sentence(lang, a, b, wrong),
     )

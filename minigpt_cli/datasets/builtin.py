@@ -6,7 +6,8 @@ layers) learns them in minutes on a laptop CPU, and their answers are short and 
 
 Task families (`TASK_FAMILIES`), each asked in English and in Chinese:
 
-- ``addition``: the sum of two numbers from 0 to 99. Held out: every unordered operand pair whose
+- ``addition``: the sum of two numbers from 0 to 99, answered with its working, units first
+  ("7+8=15, 4+5+1=10, so 105"; see `addition`). Held out: every unordered operand pair whose
   CRC-32 falls in one tenth (520 of the 5050 pairs). Neither order of a held-out pair ever
   appears in training data, pretraining text included.
 - ``facts``: four fixed tables (capital of a country, sound an animal makes, colour of a thing,

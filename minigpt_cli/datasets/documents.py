@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from minigpt_cli.datasets import tables
 from minigpt_cli.datasets._common import LANGS, TASK_FAMILIES, _article, _names
-from minigpt_cli.datasets.addition import _draw_pair
+from minigpt_cli.datasets.addition import _draw_pair, working
 from minigpt_cli.datasets.facts import _RELATIONS, _fact_row, _fact_statement, _fill
 from minigpt_cli.datasets.items import _make_item
 from minigpt_cli.datasets.stories import _story_en, _story_zh
@@ -107,6 +107,7 @@ _SUM_LINES = {
         "If you add {a} and {b}, you get {total}.",
         "The sum of {a} and {b} is {total}.",
         "{name} has {a} {things}. {friend} gives {name} {b} more. Now {name} has {total} {things}.",
+        "{a} + {b}: {working}",
     ),
     "zh": (
         "{a} + {b} = {total}",
@@ -114,6 +115,7 @@ _SUM_LINES = {
         "{a}和{b}的和是{total}。",
         "把{a}和{b}加起来，得到{total}。",
         "{name}有{a}{things}，{friend}又给了{name}{b}{things}，现在{name}一共有{total}{things}。",
+        "{a}加{b}：{working}",
     ),
 }
 
@@ -124,7 +126,8 @@ def _arithmetic_doc(rng: random.Random) -> tuple[str, str]:
     for _ in range(rng.randint(10, 16)):
         a, b = _draw_pair(rng, "train")
         fields: dict[str, object] = {"a": a, "b": b, "total": a + b}
-        style = rng.randrange(5)
+        fields["working"] = working(a, b, lang)[0]
+        style = rng.randrange(6)
         if style == 4:  # the gift: two names and the things given
             name, friend = _names(rng, lang)
             things = rng.choice(_COUNTABLE)[LANGS.index(lang)]
