@@ -54,7 +54,7 @@ RolloutOpt = Annotated[
 ]
 NewTokensOpt = Annotated[
     int | None,
-    typer.Option("--max-new-tokens", min=1, help="Longest sampled response (default 24)."),
+    typer.Option("--max-new-tokens", min=1, help="Longest sampled response (default 32)."),
 ]
 TemperatureOpt = Annotated[
     float | None, typer.Option("--temperature", help="Rollout temperature (default 1).")
