@@ -69,6 +69,7 @@ def test_every_micro_batch_holds_its_share_of_text_at_its_weight() -> None:
     starts = [int(b["text_ids"][r, 0]) for b in batches for r in range(2)]
     assert sorted(starts) == [1000 + 16 * i for i in range(10)]
     # Off: no text key, and the stage is exactly the one without a mix.
+    assert mixed_stage(examples, 0.25).group_size == 3  # a micro-batch of 4 less its window
     plain = mixed_stage(examples, 0.0).next_batch(8)
     assert "text_ids" not in plain and plain["input_ids"].shape[0] == 8
 

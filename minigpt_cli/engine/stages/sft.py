@@ -62,7 +62,7 @@ class TextMix:
     windows, placed by exact integer arithmetic on the count of sequences drawn, so every
     micro-batch (and so every step) holds its share and a resume places them identically. Each
     text token's loss counts `weight` times an answer token's (both in the step's sum and in what
-    it is divided by): 64-token windows would otherwise drown ~8-token answers.
+    it is divided by): 32-token windows would otherwise drown ~8-token answers.
     """
 
     train: TokenRange | None
@@ -82,6 +82,10 @@ class SftStage(StageBase):
     order the groups come, still changes every epoch. When the example count is not a multiple of
     `group_size` the last group is completed with its nearest-length neighbours (a few examples
     appear twice in that epoch), so micro-batches stay aligned with groups across epochs.
+
+    With a `TextMix`, a share of every micro-batch's sequences are pretraining-text windows (their
+    own order, from the seed and the text's own epoch): groups are then the examples of one
+    micro-batch, its size less its windows.
     """
 
     name = "sft"
@@ -123,6 +127,8 @@ class SftStage(StageBase):
         if self.text.train is not None and self.text.share > 0:
             self.text_windows = (len(self.text.train) - 1) // self.text.chunk
         self.mix = round(self.text.share * MIX_SCALE) if self.text_windows else 0
+        # Length groups hold the examples of one micro-batch: its sequences less its text windows.
+        self.group_size -= min(self.group_size - 1, round(self.group_size * self.mix / MIX_SCALE))
         answer_tokens = float(np.mean([e.loss_tokens for e in self.train_examples]))
         share = self.mix / MIX_SCALE
         self.mean_loss_tokens = (1 - share) * answer_tokens + share * self.text.chunk
