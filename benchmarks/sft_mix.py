@@ -95,11 +95,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--only", default="", help="comma-separated option names")
     parser.add_argument("--chain", action="store_true", help="DPO and PPO after the preset's run")
+    parser.add_argument("--steps", default="", help="every run this many steps (a smoke test)")
     args = parser.parse_args()
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minigpt-sft-mix-"))
     folder.mkdir(parents=True, exist_ok=True)
     chosen = [n for n in OPTIONS if not args.only or n in args.only.split(",")]
     common = ["--threads", "1", "--set", "log.progress=plain", "--overwrite"]
+    steps = ["--max-steps", args.steps] if args.steps else []
     print(f"runs in {folder}", file=sys.stderr)
     print(f"pretrain bpb: {score(args.parent, folder)['bpb']:.3f}")
     print("| SFT option | wall | CPU | " + " | ".join(FAMILIES) + " | all | bpb |")
@@ -107,13 +109,22 @@ def main() -> None:
     for index, name in enumerate(chosen):
         run_dir = folder / f"sft-{index}"
         sft = ["sft", "--from", str(args.parent), "--out", str(run_dir), *common]
-        wall, cpu = minigpt([*sft, *OPTIONS[name]], folder / f"sft-{index}.log")
+        wall, cpu = minigpt([*sft, *OPTIONS[name], *steps], folder / f"sft-{index}.log")
         print(row(name, wall, cpu, score(run_dir, folder)), flush=True)
         if args.chain and name == "preset":
             parent = run_dir
             for verb, extra in (("dpo", []), ("rlhf", ["--algo", "ppo"])):
                 child = folder / f"{verb}-{index}"
-                command = [verb, "--from", str(parent), "--out", str(child), *common, *extra]
+                command = [
+                    verb,
+                    "--from",
+                    str(parent),
+                    "--out",
+                    str(child),
+                    *common,
+                    *extra,
+                    *steps,
+                ]
                 wall, cpu = minigpt(command, folder / f"{verb}-{index}.log")
                 print(row(f"  then {verb}", wall, cpu, score(child, folder)), flush=True)
                 parent = child
