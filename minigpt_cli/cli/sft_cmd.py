@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,15 @@ TrainOnPromptOpt = Annotated[
     typer.Option(
         "--train-on-prompt/--no-train-on-prompt",
         help="Also learn the system and user turns (default: assistant tokens only).",
+    ),
+]
+
+TextOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--text",
+        help='Pretraining text to mix into the batches (.txt or {"text"} JSONL, repeatable; '
+        "share: sft.text_mix). Default: the chain's own pretraining text.",
     ),
 ]
 
@@ -28,13 +38,18 @@ def sft(
     lora_dropout: finetune.LoraDropoutOpt = None,
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
+    text: TextOpt = None,
 ) -> None:
     """Fine-tune a run on conversations: loss on the assistant's replies, exact match per task.
 
     Data: {"instruction","input","output"} (+ "history"), {"prompt","completion"} or
     {"messages":[...]} JSONL; with no --data, the built-in bilingual instructions.
     """
-    from minigpt_cli.engine.stages.sft import run_sft
+    from minigpt_cli.engine.data.files import expand_paths, validate
+    from minigpt_cli.engine.stages.sft import SftInputs, run_sft
+
+    if text:
+        validate(expand_paths(text), "pretrain")
 
     finetune.run_finetune(
         "sft",
@@ -45,6 +60,8 @@ def sft(
         lora=lora,
         lora_options=finetune.lora_options(lora_r, lora_alpha, lora_dropout, lora_targets),
         merge=merge,
+        extra_inputs={"text": list(text or [])},
+        inputs_type=SftInputs,
     )
 
 

@@ -232,6 +232,21 @@ class SftConfig(StageTrainConfig):
     exact_match_per_family: int = Field(
         16, ge=0, description="held-out answers checked per task family at each evaluation; 0 = off"
     )
+    text_mix: float = Field(
+        0.112,
+        ge=0,
+        lt=1,
+        description="share of each step's sequences that are the chain's pretraining text, "
+        "loss on every token (keeps the language model); 0 = off",
+    )
+    text_chunk: int = Field(
+        32, ge=2, description="tokens per pretraining-text sequence (at most the context length)"
+    )
+    text_weight: float = Field(
+        0.1,
+        ge=0,
+        description="loss weight of a pretraining-text token against an answer token",
+    )
 
 
 class DpoConfig(StageTrainConfig):

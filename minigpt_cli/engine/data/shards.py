@@ -535,3 +535,19 @@ class TokenShards:
                 raise IndexError(f"token index {key} out of range ({self._length} tokens)")
             return int(self._range(index, index + 1)[0])
         raise TypeError(f"TokenShards indices must be integers or slices, not {type(key).__name__}")
+
+
+class TokenRange:
+    """A window onto a token stream (array or memory-mapped shards) without copying it."""
+
+    def __init__(self, source: Any, start: int = 0, stop: int | None = None) -> None:
+        self.source = source
+        self.start = start
+        self.stop = len(source) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        begin, end, _ = key.indices(len(self))
+        return np.asarray(self.source[self.start + begin : self.start + end])

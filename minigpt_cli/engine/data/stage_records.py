@@ -39,6 +39,34 @@ def builtin_documents(size: int | None = None, seed: int = 0) -> list[str]:
     return [record["text"] for record in builtin_records("pretrain", "train", size, seed)]
 
 
+def validation_split(tokens: int, val_fraction: float) -> int:
+    """Where a pretraining stream without --val-data splits: the first `split` of `tokens`
+    train, the last `val_fraction` validates. Pretraining, evaluation's held-out text and SFT's
+    text mix all cut here, so none of them can disagree about which text was trained."""
+    return int(tokens * (1 - val_fraction))
+
+
+def document_split(lengths: Sequence[int], val_fraction: float) -> tuple[list[int], list[int]]:
+    """(trained, held_out) indices of documents laid end to end as pretraining lays them (each
+    document's ids, then one end-of-text id; `lengths` counts the ids without it).
+
+    Trained: documents lying wholly before the validation tail, end-of-text included; held out:
+    documents starting in it. The one document straddling the split is in neither, so a document
+    evaluation scores can never be one a later stage rehearses.
+    """
+    total = sum(length + 1 for length in lengths)
+    split = validation_split(total, val_fraction)
+    trained, held_out, start = [], [], 0
+    for index, length in enumerate(lengths):
+        end = start + length + 1
+        if end <= split:
+            trained.append(index)
+        elif start >= split:
+            held_out.append(index)
+        start = end
+    return trained, held_out
+
+
 _KIND_NOUN = {"sft": "SFT record", "dpo": "preference pair", "rlhf": "prompt"}
 VAL_SPLIT_SEED = 0  # the held-out share of --data files: the same whatever the training seed
 

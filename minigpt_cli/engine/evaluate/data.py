@@ -7,41 +7,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.engine.data.files import read_records
-from minigpt_cli.engine.data.stage_records import builtin_documents, builtin_records
-from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.data.stage_records import builtin_records
 from minigpt_cli.engine.evaluate.report import EvalOptions
 from minigpt_cli.engine.metrics.exact_match import select_per_family
-from minigpt_cli.engine.runs.checkpoint import read_state
-from minigpt_cli.engine.runs.load import ancestors
+from minigpt_cli.engine.training.text_mix import builtin_split, chain_root, pretrained_on_builtin
 
 
 def builtin_heldout_documents(run_dir: Path) -> tuple[list[str], str]:
     """The built-in documents pretraining held out, and a line saying so.
 
     The built-in corpus has no separate validation split: pretraining validates on the last
-    `data.val_fraction` of its tokens. So this rebuilds the corpus of the chain's pretraining run
-    (its `data.builtin_size`, its tokenizer) and keeps the documents that lie wholly in that tail:
-    text none of the runs was trained on.
+    `data.val_fraction` of its tokens. `text_mix.builtin_split` rebuilds the corpus of the chain's
+    pretraining run (its `data.builtin_size`, its tokenizer) and keeps the documents that lie
+    wholly in that tail: text none of the runs was trained on (SFT's text mix rehearses only
+    documents wholly before it, by the same split).
     """
-    root = ([run_dir, *ancestors(run_dir)])[-1]  # normally the pretraining run
-    config = read_run_config(root)
-    documents = builtin_documents(config.data.builtin_size, seed=0)
-    tokenizer = Tokenizer.load(root)
-    starts, offset = [], 0
-    for ids in tokenizer.encode_batch(documents):
-        starts.append(offset)
-        offset += len(ids) + 1  # each document is followed by an end-of-text id
-    split = int(offset * (1 - config.data.val_fraction))
-    held_out = [doc for doc, start in zip(documents, starts, strict=True) if start >= split]
+    root = chain_root(run_dir)  # normally the pretraining run
+    split = builtin_split(root)
+    config = split.config
+    held_out = [split.documents[i] for i in split.held_out]
     fraction = 100 * config.data.val_fraction
     line = (
         f"{len(held_out)} built-in documents pretraining held out (the last {fraction:g} % of "
         f"the {config.data.builtin_size}-document corpus of {root})"
     )
-    sources = read_state(root).get("sources") or {}
-    if sources.get("data") or sources.get("from_run"):
+    if not pretrained_on_builtin(root):
         line = (
             f"{len(held_out)} built-in documents (the last {fraction:g} % of the built-in "
             f"corpus; {root} was pretrained on other text: pass --text for its own held-out text)"

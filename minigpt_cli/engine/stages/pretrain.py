@@ -20,7 +20,13 @@ from minigpt_cli.datasets import BUILTIN_DATA_SEED
 from minigpt_cli.datasets.builtin import pretrain_records
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything
-from minigpt_cli.engine.data.shards import TokenShards, encode_to_shards, is_shard_folder
+from minigpt_cli.engine.data.shards import (
+    TokenRange,
+    TokenShards,
+    encode_to_shards,
+    is_shard_folder,
+)
+from minigpt_cli.engine.data.stage_records import validation_split
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.data.tokenizer_training import VocabularyTooLarge, train_tokenizer
 from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
@@ -143,22 +149,6 @@ class PretrainStage(StageBase):
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self._order = self._permutation(self.epoch)
-
-
-class TokenRange:
-    """A window onto a token stream (array or memory-mapped shards) without copying it."""
-
-    def __init__(self, source: Any, start: int = 0, stop: int | None = None) -> None:
-        self.source = source
-        self.start = start
-        self.stop = len(source) if stop is None else stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        begin, end, _ = key.indices(len(self))
-        return np.asarray(self.source[self.start + begin : self.start + end])
 
 
 @dataclass
@@ -295,7 +285,7 @@ def load_tokens(
 def training_split(config: Config, tokens: int) -> int:
     """How many of `tokens` train when validation is the stream's tail (no --val-data): all but
     the last `data.val_fraction`."""
-    return int(tokens * (1 - config.data.val_fraction))
+    return validation_split(tokens, config.data.val_fraction)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -28,8 +30,9 @@ import torch
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.data.examples import SftExample, build_examples, pad_batch
+from minigpt_cli.engine.data.shards import TokenRange
 from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
-from minigpt_cli.engine.metrics.text import token_byte_lengths
+from minigpt_cli.engine.metrics.text import score_windows, token_byte_lengths
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.resources.memory import fit_memory
@@ -41,10 +44,32 @@ from minigpt_cli.engine.training.finetune import (
     trainable_parameters,
 )
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
+from minigpt_cli.engine.training.text_mix import chain_text
 from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 
 GROUPS_PER_WINDOW = 16  # length sorting happens within windows of this many micro-batches
+TEXT_STREAM = 1  # the text windows' order draws from its own generator: [seed, TEXT_STREAM, epoch]
+MIX_SCALE = 1_000_000  # text_mix in millionths, so which sequences are text is exact integer math
+
+
+@dataclass
+class TextMix:
+    """Plain pretraining text in SFT batches (`[sft] text_mix`), and held-out text to score.
+
+    `train` is a token stream cut into non-overlapping windows of `chunk` tokens (plus the next
+    token as the last target), as pretraining cuts its stream; `share` of the sequences are
+    windows, placed by exact integer arithmetic on the count of sequences drawn, so every
+    micro-batch (and so every step) holds its share and a resume places them identically. Each
+    text token's loss counts `weight` times an answer token's (both in the step's sum and in what
+    it is divided by): 32-token windows would otherwise drown ~8-token answers.
+    """
+
+    train: TokenRange | None
+    share: float = 0.0
+    chunk: int = 64
+    weight: float = 1.0
+    held_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
 
 class SftStage(StageBase):
@@ -57,6 +82,10 @@ class SftStage(StageBase):
     order the groups come, still changes every epoch. When the example count is not a multiple of
     `group_size` the last group is completed with its nearest-length neighbours (a few examples
     appear twice in that epoch), so micro-batches stay aligned with groups across epochs.
+
+    With a `TextMix`, a share of every micro-batch's sequences are pretraining-text windows (their
+    own order, from the seed and the text's own epoch): groups are then the examples of one
+    micro-batch, its size less its windows.
     """
 
     name = "sft"
@@ -76,6 +105,7 @@ class SftStage(StageBase):
         exact_match_per_family: int = 16,
         token_bytes: np.ndarray | None = None,
         eval_batch: int = EVAL_BATCH,
+        text: TextMix | None = None,
     ) -> None:
         if not train_examples:
             raise UserError("no SFT training examples (all were empty or too long)")
@@ -92,7 +122,16 @@ class SftStage(StageBase):
         self.exact_match_per_family = exact_match_per_family
         self.token_bytes = None if token_bytes is None else torch.from_numpy(token_bytes)
         self.lengths = np.array([len(e) for e in self.train_examples], dtype=np.int64)
-        self.mean_loss_tokens = float(np.mean([e.loss_tokens for e in self.train_examples]))
+        self.text = text or TextMix(train=None)
+        self.text_windows = 0
+        if self.text.train is not None and self.text.share > 0:
+            self.text_windows = (len(self.text.train) - 1) // self.text.chunk
+        self.mix = round(self.text.share * MIX_SCALE) if self.text_windows else 0
+        # Length groups hold the examples of one micro-batch: its sequences less its text windows.
+        self.group_size -= min(self.group_size - 1, round(self.group_size * self.mix / MIX_SCALE))
+        answer_tokens = float(np.mean([e.loss_tokens for e in self.train_examples]))
+        share = self.mix / MIX_SCALE
+        self.mean_loss_tokens = (1 - share) * answer_tokens + share * self.text.chunk
         count = min(len(self.val_examples), max(1, eval_sequences))
         picks = np.linspace(0, len(self.val_examples) - 1, count).round().astype(np.int64)
         val_subset = [self.val_examples[i] for i in sorted(set(picks.tolist()))]
@@ -101,6 +140,10 @@ class SftStage(StageBase):
         self.epoch = 0
         self.cursor = 0
         self._order = self._epoch_order(0)
+        self.sequences = 0  # sequences drawn so far, text included: where the text slots fall
+        self.text_epoch = 0
+        self.text_cursor = 0
+        self._text_order = self._text_epoch_order(0)
 
     # ------------------------------------------------------------------------------ order
 
@@ -126,23 +169,72 @@ class SftStage(StageBase):
         order = rng.permutation(len(groups))
         return np.concatenate([groups[i] for i in order])
 
+    def _text_epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.text_windows:
+            return np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, TEXT_STREAM, epoch])
+        return rng.permutation(self.text_windows)
+
+    def text_count(self, drawn: int, num_sequences: int) -> int:
+        """How many of the `num_sequences` after the first `drawn` are text windows: sequence i is
+        text when floor((i + 1) * share) passes an integer, so any run of sequences holds its
+        share to within one, whatever the micro-batch size."""
+        before = drawn * self.mix // MIX_SCALE
+        return (drawn + num_sequences) * self.mix // MIX_SCALE - before
+
+    def _next_text(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text.train is not None
+        chunk, rows = self.text.chunk, []
+        for _ in range(count):
+            if self.text_cursor >= len(self._text_order):
+                self.text_epoch += 1
+                self.text_cursor = 0
+                self._text_order = self._text_epoch_order(self.text_epoch)
+            start = int(self._text_order[self.text_cursor]) * chunk
+            rows.append(np.asarray(self.text.train[start : start + chunk + 1], dtype=np.int64))
+            self.text_cursor += 1
+        data = torch.from_numpy(np.stack(rows))
+        return data[:, :-1], data[:, 1:]
+
     def next_batch(self, num_sequences: int) -> Batch:
+        texts = self.text_count(self.sequences, num_sequences)
+        self.sequences += num_sequences
         picked = []
-        for _ in range(num_sequences):
+        for _ in range(num_sequences - texts):
             if self.cursor >= len(self._order):
                 self.epoch += 1
                 self.cursor = 0
                 self._order = self._epoch_order(self.epoch)
             picked.append(self.train_examples[int(self._order[self.cursor])])
             self.cursor += 1
-        return pad_batch(picked, self.pad_id)
+        batch = pad_batch(picked, self.pad_id) if picked else {}
+        if texts:
+            batch["text_ids"], batch["text_targets"] = self._next_text(texts)
+        return batch
 
     def count_tokens(self, batch: Batch) -> int:
-        return int((batch["targets"] != IGNORE_INDEX).sum())
+        answers = int((batch["targets"] != IGNORE_INDEX).sum()) if "targets" in batch else 0
+        return answers + (batch["text_targets"].numel() if "text_targets" in batch else 0)
+
+    def loss_normaliser(self, batch: Batch) -> float:
+        """Answer tokens plus text tokens at their weight: a token-weighted mean of the two."""
+        answers = int((batch["targets"] != IGNORE_INDEX).sum()) if "targets" in batch else 0
+        text = batch["text_targets"].numel() if "text_targets" in batch else 0
+        return answers + self.text.weight * text
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        _, loss = model(batch["input_ids"], targets=batch["targets"], reduction="sum")
-        return loss, {}
+        total: torch.Tensor | None = None
+        metrics: dict[str, float] = {}
+        if "targets" in batch:
+            _, total = model(batch["input_ids"], targets=batch["targets"], reduction="sum")
+        if "text_targets" in batch:
+            targets = batch["text_targets"]
+            _, text_loss = model(batch["text_ids"], targets=targets, reduction="sum")
+            metrics["text_loss"] = float(text_loss.detach()) / targets.numel()
+            weighted = self.text.weight * text_loss
+            total = weighted if total is None else total + weighted
+        assert total is not None, "a batch holds examples, text or both"
+        return total, metrics
 
     # ------------------------------------------------------------------------------ evaluation
 
@@ -166,6 +258,16 @@ class SftStage(StageBase):
         metrics = {"val_loss": round(mean, 5), "val_ppl": round(math.exp(min(mean, 50.0)), 3)}
         if self.token_bytes is not None and total_bytes:
             metrics["val_bpb"] = round(total_nats / math.log(2) / total_bytes, 5)
+        if self.token_bytes is not None and self.text.held_out:
+            score = score_windows(
+                cast(GPT, model),
+                self.text.held_out,
+                self.token_bytes.numpy(),
+                self.pad_id,
+                batch_size=size,
+            )
+            if score.bytes:  # held-out pretraining text: forgetting, visible as it happens
+                metrics["text_bpb"] = round(score.nats / math.log(2) / score.bytes, 5)
         return metrics
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -180,15 +282,25 @@ class SftStage(StageBase):
         return self.epoch + self.cursor / len(self._order)
 
     def sequences_per_epoch(self) -> int:
-        return len(self.train_examples)
+        """Sequences drawn while every example is seen once: text windows make a step's share."""
+        return math.ceil(len(self.train_examples) * MIX_SCALE / (MIX_SCALE - self.mix))
 
     def data_state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "epoch": self.epoch,
             "cursor": self.cursor,
             "examples": len(self.train_examples),
             "group_size": self.group_size,
         }
+        if self.mix:
+            state["text"] = {
+                "sequences": self.sequences,
+                "epoch": self.text_epoch,
+                "cursor": self.text_cursor,
+                "windows": self.text_windows,
+                "mix": self.mix,
+            }
+        return state
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         saved = state.get("examples")
@@ -198,10 +310,82 @@ class SftStage(StageBase):
                 f"{len(self.train_examples)} now): resume with the same data, or start over "
                 "with --overwrite"
             )
+        text = state.get("text") or {}
+        if (int(text.get("windows", 0)), int(text.get("mix", 0))) != (self.text_windows, self.mix):
+            then = f"{text.get('windows', 0)} windows at {text.get('mix', 0) / MIX_SCALE:g}"
+            raise UserError(
+                f"the SFT text mix changed since the checkpoint ({then} then, "
+                f"{self.text_windows} at {self.mix / MIX_SCALE:g} now): resume with the same "
+                "pretraining text and sft.text_mix, or start over with --overwrite"
+            )
         self.group_size = int(state.get("group_size", self.group_size))
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self._order = self._epoch_order(self.epoch)
+        self.sequences = int(text.get("sequences", 0))
+        self.text_epoch = int(text.get("epoch", 0))
+        self.text_cursor = int(text.get("cursor", 0))
+        self._text_order = self._text_epoch_order(self.text_epoch)
+
+
+@dataclass
+class SftInputs(FinetuneInputs):
+    """A fine-tuning run's inputs plus pretraining text to mix in (`--text`; none: the chain's)."""
+
+    text: list[Path] = field(default_factory=list)
+
+
+def sft_text(
+    config: Config,
+    inputs: FinetuneInputs,
+    tokenizer: Any,
+    run_dir: Path,
+    on_event: EventCallback | None,
+    held_out_windows: int,
+) -> TextMix:
+    """The text mix `[sft]` asks for (the chain's pretraining text, or `--text`), and held-out
+    text for `text_bpb` even when mixing is off. One note line says what is mixed, or why not."""
+    settings, context = config.sft, config.model.context_length
+    chunk = min(settings.text_chunk, context)
+    mixing = settings.text_mix > 0
+    files = list(getattr(inputs, "text", []) or [])
+    chain = chain_text(
+        inputs.from_run,
+        tokenizer,
+        context,
+        text_files=files,
+        cache_dir=run_dir / "shards",
+        on_event=on_event,
+        held_out_windows=held_out_windows,
+        encode=mixing,
+    )
+    train = chain.train if mixing else None
+    if mixing and train is not None and (len(train) - 1) // chunk < 1:
+        chain.note, train = f"{chain.source} is shorter than one {chunk}-token window", None
+    if mixing and train is None:
+        emit(
+            on_event,
+            "note",
+            "sft",
+            message=f"text mix off: {chain.note}; pass --text FILE to mix pretraining text "
+            "(or --set sft.text_mix=0 to silence this)",
+        )
+    elif mixing:
+        emit(
+            on_event,
+            "note",
+            "sft",
+            message=f"text mix: {settings.text_mix:.0%} of each step's sequences are "
+            f"{chunk}-token windows of {chain.source}, each token weighing "
+            f"{settings.text_weight:g} of an answer token",
+        )
+    return TextMix(
+        train=train,
+        share=settings.text_mix,
+        chunk=chunk,
+        weight=settings.text_weight,
+        held_out=chain.held_out,
+    )
 
 
 def run_sft(
@@ -220,17 +404,20 @@ def run_sft(
     )
     emit(on_event, "note", "sft", message=f"training: {train_stats.describe()}")
     emit(on_event, "note", "sft", message=f"validation: {val_stats.describe()}")
+    eval_sequences = train.eval_batches * train.micro_batch_size
+    text = sft_text(config, inputs, tokenizer, spec.run_dir, on_event, eval_sequences)
+    text_bytes = 0 if text.train is None else 4 * len(text.train)
     micro_batch, governor_messages = fit_memory(
         config,
         tokenizer.vocab_size,
         setup.precision.dtype_name,
-        16 * (train_stats.tokens + val_stats.tokens),  # ids and targets, int64
+        16 * (train_stats.tokens + val_stats.tokens) + text_bytes,  # ids and targets, int64
         on_event,
         measure_baseline=True,
         stage="sft",
         trainable_params=trainable_parameters(setup.model),
         # Batches are padded to their longest example, never to the context length.
-        seq_len=max(len(e) for e in [*train_examples, *val_examples]),
+        seq_len=max(text.chunk, *(len(e) for e in [*train_examples, *val_examples])),
     )
     spec.events.extend({"event": "governor", "message": m} for m in governor_messages)
     stage = SftStage(
@@ -240,11 +427,12 @@ def run_sft(
         seed=train.seed,
         pad_id=tokenizer.pad_id,
         group_size=train.micro_batch_size,
-        eval_sequences=train.eval_batches * train.micro_batch_size,
+        eval_sequences=eval_sequences,
         tokenizer=tokenizer,
         exact_match_records=[r for r in val_records if r.get("task")],
         exact_match_per_family=sft_settings.exact_match_per_family,
         token_bytes=token_byte_lengths(tokenizer),
         eval_batch=min(EVAL_BATCH, micro_batch),
+        text=text,
     )
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)

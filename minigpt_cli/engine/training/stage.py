@@ -53,7 +53,7 @@ class Stage(Protocol):
         """Tokens that carry loss in `batch` (padding and masked prompt tokens excluded): tokens
         seen, throughput, MFU and --max-tokens."""
 
-    def loss_normaliser(self, batch: Batch) -> int:
+    def loss_normaliser(self, batch: Batch) -> float:
         """What a step's summed loss is divided by, summed over its micro-batches: the loss tokens
         (`count_tokens`), or pairs for preference stages, which average per pair."""
 
@@ -105,7 +105,7 @@ class StageBase(ABC):
     def count_tokens(self, batch: Batch) -> int:
         """Each stage counts its own loss tokens (the default normaliser divides by them)."""
 
-    def loss_normaliser(self, batch: Batch) -> int:
+    def loss_normaliser(self, batch: Batch) -> float:
         return self.count_tokens(batch)
 
     def before_step(self, model: torch.nn.Module, step: int) -> None:
