@@ -293,11 +293,13 @@ class RlhfConfig(StageTrainConfig):
     ppo_epochs: int = Field(2, ge=1, description="passes over each iteration's rollouts")
     max_new_tokens: int = Field(24, ge=1, description="longest response sampled")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
-    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the reference")
-    target_kl: float | None = Field(
-        None, gt=0, description="adapt kl_coef towards this KL per response (None = fixed)"
+    kl_coef: float = Field(
+        0.05, ge=0, description="KL penalty weight (PPO: the adaptive one's start); 0 = no penalty"
     )
-    kl_horizon: int = Field(10000, ge=1, description="adaptive KL: responses to adapt over")
+    target_kl: float | None = Field(
+        0.1, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
+    )
+    kl_horizon: int = Field(160, ge=1, description="adaptive KL: responses to adapt over")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO/GRPO ratio clip")

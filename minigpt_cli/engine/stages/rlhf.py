@@ -164,9 +164,11 @@ class RlStage(StageBase):
             chat_template.prompt_ids(r["prompt_messages"], tokenizer)[-room:]
             for r in self.train_records
         ]
+        # kl_coef 0 switches the penalty off whatever the target (a multiplicative controller
+        # could never raise it from 0); target_kl 0 or None keeps kl_coef fixed.
         self.kl = (
             rl.AdaptiveKLController(settings.kl_coef, settings.target_kl, settings.kl_horizon)
-            if settings.target_kl
+            if settings.target_kl and settings.kl_coef > 0
             else rl.FixedKLController(settings.kl_coef)
         )
         self.score_moments = rl.RunningMoments()
@@ -264,7 +266,9 @@ class RlStage(StageBase):
             model.train(was_training)
         mask = batch["mask"]
         kl_tokens = rl.per_token_kl(old_logps, ref_logps)
-        kl_per_sequence = rl.masked_mean(kl_tokens, mask, dim=1)
+        # KL per response: summed over its tokens (TRL's measure, what the penalty adds up to
+        # over an episode and what `target_kl` is in), so a longer answer counts for more.
+        kl_per_response = (kl_tokens * mask.to(kl_tokens.dtype)).sum(dim=1)
         batch.update(old_logps=old_logps, ref_logps=ref_logps)
         if self.settings.algo == "grpo":
             batch["advantages"] = rl.grpo_advantages(raw.float(), self.samples_per_prompt)
@@ -282,11 +286,11 @@ class RlStage(StageBase):
                 returns=returns,
                 old_values=values,
             )
-            self.kl.update(float(kl_per_sequence.mean()), self.rollout_size)
+            self.kl.update(float(kl_per_response.mean()), self.rollout_size)
         lengths = mask.sum(dim=1).float()
         self.rollout_stats = {
             "reward_mean": float(raw.float().mean()),
-            "kl": float(kl_per_sequence.mean()),
+            "kl": float(kl_per_response.mean()),
             "entropy": float(entropy) if entropy is not None else 0.0,
             "response_len": float(lengths.mean()),
             "kl_coef": float(self.kl.value),
