@@ -30,19 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.rlhf import rows, run  # noqa: E402
 
-# name -> extra `minigpt rlhf` flags. "default" is whatever the config's defaults are.
-CONFIGS: dict[str, list[str]] = {
-    "default": [],
-    "kl-off": ["--kl-coef", "0"],
-    "fixed-0.05": ["--kl-coef", "0.05", "--target-kl", "0"],
-    "fixed-0.2": ["--kl-coef", "0.2", "--target-kl", "0"],
-    "fixed-0.5": ["--kl-coef", "0.5", "--target-kl", "0"],
-    "fixed-1": ["--kl-coef", "1.0", "--target-kl", "0"],
-    "target-0.02": ["--target-kl", "0.02"],
-    "target-0.05": ["--target-kl", "0.05"],
-    "target-0.1": ["--target-kl", "0.1"],
-    "target-0.2": ["--target-kl", "0.2"],
-}
+# The sweep's default configurations. Any name of the forms `fixed-C` (kl_coef C, no target) and
+# `target-T[-cC][-hH]` (adaptive towards T nats per response, starting at C, horizon H responses;
+# the config's defaults where left out) is understood too (`config_flags`).
+CONFIGS = ["default", "kl-off", "fixed-0.05", "fixed-0.2", "fixed-1", "target-0.05", "target-0.1"]
+
+
+def config_flags(name: str) -> list[str]:
+    """The `minigpt rlhf` flags of a sweep configuration's name (see CONFIGS)."""
+    if name == "default":
+        return []
+    if name == "kl-off":
+        return ["--kl-coef", "0"]
+    kind, _, rest = name.partition("-")
+    parts = rest.split("-")
+    try:
+        if kind == "fixed" and len(parts) == 1:
+            return ["--kl-coef", str(float(parts[0])), "--target-kl", "0"]
+        if kind == "target":
+            flags = ["--target-kl", str(float(parts[0]))]
+            for part in parts[1:]:
+                if part.startswith("c"):
+                    flags += ["--kl-coef", str(float(part[1:]))]
+                elif part.startswith("h"):
+                    flags += ["--set", f"rlhf.kl_horizon={int(part[1:])}"]
+                else:
+                    raise ValueError(part)
+            return flags
+    except ValueError:
+        pass
+    raise SystemExit(f"unknown config {name!r}: default, kl-off, fixed-C or target-T[-cC][-hH]")
+
 
 GOAL_POINTS = 3.0  # every family's exact match within this many points of the parent
 GOAL_DISTINCT = 0.05  # distinct-2 may fall by at most this
@@ -57,9 +75,16 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
+def steps_per_iteration(out: Path) -> int:
+    """Optimizer steps of one PPO iteration: rows count steps, the run's budget iterations."""
+    train = rows(out, "train")
+    return max(1, int(train[-1]["step"]) // len(train))
+
+
 def curve(out: Path) -> list[tuple[int, float, float, float]]:
     """(iteration, held-out reward, mean train KL per response since the last eval, mean EM)."""
     evals, train = rows(out, "eval"), rows(out, "train")
+    per = steps_per_iteration(out)
     points, previous = [], 0
     for row in evals:
         step = int(row["step"])
@@ -67,7 +92,7 @@ def curve(out: Path) -> list[tuple[int, float, float, float]]:
         families = [v for k, v in row.items() if k.startswith("exact_match/")]
         points.append(
             (
-                step,
+                step // per,
                 float(row["reward_mean"]),
                 statistics.fmean(window) if window else 0.0,
                 statistics.fmean(families) if families else 0.0,
@@ -85,7 +110,8 @@ def summarise(name: str, outs: list[Path]) -> None:
     train = [rows(o, "train") for o in outs]
     tail = [statistics.fmean(r["kl"] for r in t[-max(1, len(t) // 10) :]) for t in train]
     coef = [t[-1].get("kl_coef", float("nan")) for t in train]
-    print(f"\n### {name}: {len(outs)} seed(s), {lasts[0]['step']} iterations")
+    iterations = lasts[0]["step"] // steps_per_iteration(outs[0])
+    print(f"\n### {name}: {len(outs)} seed(s), {iterations} iterations")
     print(
         "| when | reward | distinct_2 | response_len | "
         + " | ".join(f.split("/")[1] for f in families)
@@ -131,9 +157,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set")
     args = parser.parse_args()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    flags_of = {name: config_flags(name) for name in names}
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minigpt-rlhf-kl-"))
     folder.mkdir(parents=True, exist_ok=True)
     common = ["--threads", "1", "--set", "log.progress=plain", "--set", "log.plot=false"]
@@ -151,11 +175,11 @@ def main() -> None:
                 + ["--overwrite", *common],
                 base.with_suffix(".reward.log"),
             )
-        jobs = [
-            (name, seed, base / f"{name}-seed{seed}") for name in names for seed in args.seeds
-        ]
+        jobs = [(name, seed, base / f"{name}-seed{seed}") for name in names for seed in args.seeds]
 
-        def one(job: tuple[str, int, Path], parent: Path = parent) -> None:
+        def one(
+            job: tuple[str, int, Path], parent: Path = parent, reward_run: Path = reward_run
+        ) -> None:
             name, seed, out = job
             if (out / "trainer_state.json").exists() and '"finished": true' in (
                 out / "trainer_state.json"
@@ -163,7 +187,7 @@ def main() -> None:
                 return  # already measured (rerunning the script only adds what is missing)
             flags = ["rlhf", "--from", str(parent), "--reward-model", str(reward_run / "reward")]
             flags += ["--max-steps", str(args.max_steps), "--seed", str(seed), "--out", str(out)]
-            run([*flags, "--overwrite", *common, *CONFIGS[name]], out.with_suffix(".log"))
+            run([*flags, "--overwrite", *common, *flags_of[name]], out.with_suffix(".log"))
 
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(one, jobs))

@@ -38,17 +38,22 @@ class DigitShare(RewardSource):
 
 
 def _train(
-    run: Path, tmp_path: Path, algo: str, iterations: int, **settings_changes: Any
+    run: Path,
+    tmp_path: Path,
+    algo: str,
+    iterations: int,
+    learning_rate: float = 2e-3,
+    **settings_changes: Any,
 ) -> list[dict]:
     """`iterations` of PPO or GRPO on the DigitShare reward, in process; the [rlhf] defaults
-    except for small shapes, a high learning rate (the reward moves in a few iterations) and
-    `settings_changes`."""
+    except for small shapes, the learning rate (high by default: the reward moves in a few
+    iterations) and `settings_changes`."""
     torch.set_num_threads(1)
     loaded = load_run(run)
     config = load_config("tiny", sets=["log.plot=false", "train.log_every=1"])
     config.model = loaded.config.model
     config.rlhf.max_steps = iterations
-    config.rlhf.learning_rate = config.rlhf.min_lr = 2e-3
+    config.rlhf.learning_rate = config.rlhf.min_lr = learning_rate
     config.rlhf.eval_every = config.rlhf.save_every = 1000
     config.rlhf.global_batch_size = config.rlhf.micro_batch_size = 8
     settings = replace(
