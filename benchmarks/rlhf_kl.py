@@ -75,6 +75,19 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
+AT: int | None = None  # --at: read the runs as they stood at this iteration
+
+
+def upto(out: Path, kind: str) -> list[dict]:
+    """The run's rows of `kind` up to iteration --at (all without it). The learning rate is
+    constant, so a run read at iteration N is the run of N iterations."""
+    found = rows(out, kind)
+    if AT is None:
+        return found
+    last = AT * steps_per_iteration(out)
+    return [r for r in found if r["step"] <= last]
+
+
 def steps_per_iteration(out: Path) -> int:
     """Optimizer steps of one PPO iteration: rows count steps, the run's budget iterations."""
     train = rows(out, "train")
@@ -83,7 +96,7 @@ def steps_per_iteration(out: Path) -> int:
 
 def curve(out: Path) -> list[tuple[int, float, float, float]]:
     """(iteration, held-out reward, mean train KL per response since the last eval, mean EM)."""
-    evals, train = rows(out, "eval"), rows(out, "train")
+    evals, train = upto(out, "eval"), upto(out, "train")
     per = steps_per_iteration(out)
     points, previous = [], 0
     for row in evals:
@@ -104,10 +117,10 @@ def curve(out: Path) -> list[tuple[int, float, float, float]]:
 
 def summarise(name: str, outs: list[Path]) -> None:
     """One configuration's before/after table, goal verdict and curves over its seeds."""
-    firsts = [rows(o, "eval")[0] for o in outs]
-    lasts = [rows(o, "eval")[-1] for o in outs]
+    firsts = [upto(o, "eval")[0] for o in outs]
+    lasts = [upto(o, "eval")[-1] for o in outs]
     families = sorted(k for k in lasts[0] if k.startswith("exact_match/"))
-    train = [rows(o, "train") for o in outs]
+    train = [upto(o, "train") for o in outs]
     tail = [statistics.fmean(r["kl"] for r in t[-max(1, len(t) // 10) :]) for t in train]
     coef = [t[-1].get("kl_coef", float("nan")) for t in train]
     iterations = lasts[0]["step"] // steps_per_iteration(outs[0])
@@ -154,8 +167,14 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=None, help="default: the config's")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--report", action="store_true", help="only print what --workdir already holds"
+    )
+    parser.add_argument("--at", type=int, default=None, help="report at this iteration")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set")
     args = parser.parse_args()
+    global AT
+    AT = args.at
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     flags_of = {name: config_flags(name) for name in names}
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minigpt-rlhf-kl-"))
@@ -169,11 +188,11 @@ def main() -> None:
     for parent in args.parents:
         base = folder / parent.name
         reward_run = base / "reward-model"
-        if not (reward_run / "reward" / "trainer_state.json").exists():
+        if not args.report and not (reward_run / "reward" / "trainer_state.json").exists():
             run(
                 ["rlhf", "--from", str(parent), "--max-steps", "1", "--out", str(reward_run)]
                 + ["--overwrite", *common],
-                base.with_suffix(".reward.log"),
+                folder / f"{parent.name}.reward.log",
             )
         jobs = [(name, seed, base / f"{name}-seed{seed}") for name in names for seed in args.seeds]
 
@@ -187,10 +206,11 @@ def main() -> None:
                 return  # already measured (rerunning the script only adds what is missing)
             flags = ["rlhf", "--from", str(parent), "--reward-model", str(reward_run / "reward")]
             flags += ["--max-steps", str(args.max_steps), "--seed", str(seed), "--out", str(out)]
-            run([*flags, "--overwrite", *common, *flags_of[name]], out.with_suffix(".log"))
+            run([*flags, "--overwrite", *common, *flags_of[name]], out.parent / f"{out.name}.log")
 
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one, jobs))
+        if not args.report:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(one, jobs))
         accuracy = rows(reward_run / "reward", "eval")[-1]["pref_accuracy"]
         print(f"\n## from {parent} (reward model held-out pair accuracy {100 * accuracy:.1f} %)")
         for name in names:

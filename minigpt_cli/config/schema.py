@@ -293,11 +293,14 @@ class RlhfConfig(StageTrainConfig):
     ppo_epochs: int = Field(2, ge=1, description="passes over each iteration's rollouts")
     max_new_tokens: int = Field(24, ge=1, description="longest response sampled")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
-    kl_coef: float = Field(
-        0.05, ge=0, description="KL penalty weight (PPO: the adaptive one's start); 0 = no penalty"
+    kl_coef: float | None = Field(
+        None,
+        ge=0,
+        description="KL penalty weight (PPO: the adaptive one's start); None = the algorithm's "
+        "(PPO 1.0, GRPO 0.05); 0 = no penalty",
     )
     target_kl: float | None = Field(
-        0.1, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
+        0.05, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
     )
     kl_horizon: int = Field(160, ge=1, description="adaptive KL: responses to adapt over")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
@@ -309,7 +312,9 @@ class RlhfConfig(StageTrainConfig):
         5.0, gt=0, description="PPO: normalised rewards clipped to +-this (None = no clip)"
     )
     samples_every: int = Field(5, ge=0, description="show a sample every N iterations; 0 = never")
-    eval_prompts: int = Field(32, ge=1, description="held-out prompts answered at evaluation")
+    eval_prompts: int = Field(
+        200, ge=1, description="held-out prompts answered at evaluation (50 per built-in family)"
+    )
 
 
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
