@@ -111,7 +111,7 @@ def test_reinforcement_raises_the_reward_and_the_kl_leash_holds(
     assert ("value_loss" in steps[-1]) == (algo == "ppo")
 
 
-def test_the_default_kl_control_holds_kl_near_its_target(
+def test_the_default_kl_control_holds_the_policy_near_the_reference(
     tiny_sft_run: Path, tmp_path: Path
 ) -> None:
     """Issue 14: PPO's default KL control (adaptive, the [rlhf] defaults, the default learning
@@ -120,24 +120,25 @@ def test_the_default_kl_control_holds_kl_near_its_target(
     the same run's KL is over ten times larger.
 
     Compared: the mean KL per response over the last 10 of 40 iterations (one iteration's KL is
-    an estimate from 16 responses and scatters). Held to 4x the target, not 1x: PPO's steps have
+    an estimate from 16 responses and scatters). Not held to the target itself: PPO's steps have
     a fixed size (whitened advantages), which leaves a floor of about 0.1 nats per response
     however large the coefficient grows (benchmarks/rlhf_kl.py measures the same floor on the
-    built-in data); the controller answers by raising the coefficient, which the test checks."""
+    built-in data, 0.07-0.11); the default target sits under it on purpose, so the controller
+    keeps raising the coefficient (checked) and the run stays at that floor (0.15 here)."""
     defaults = load_config("tiny").rlhf
-    target = defaults.target_kl
-    assert target  # the adaptive controller is PPO's default
-    lr = defaults.learning_rate
-    batch = defaults.rollout_batch_size
+    assert defaults.target_kl  # the adaptive controller is PPO's default
+    common: dict[str, Any] = {
+        "learning_rate": defaults.learning_rate,
+        "rollout_batch_size": defaults.rollout_batch_size,
+    }
 
     def tail_kl(steps: list[dict]) -> float:
         return sum(s["kl"] for s in steps[-10:]) / 10
 
-    common: dict[str, Any] = {"learning_rate": lr, "rollout_batch_size": batch}
     controlled = _train(tiny_sft_run, tmp_path / "default", "ppo", 40, **common)
     free = _train(tiny_sft_run, tmp_path / "off", "ppo", 40, kl_coef=0.0, **common)
-    assert controlled[-1]["kl_coef"] > controlled[0]["kl_coef"]  # KL over target: it pushed back
-    assert tail_kl(controlled) < 4 * target, [round(s["kl"], 3) for s in controlled]
+    assert controlled[-1]["kl_coef"] > 1.5 * controlled[0]["kl_coef"]  # KL over target: pushed
+    assert tail_kl(controlled) < 0.15, [round(s["kl"], 3) for s in controlled]
     assert tail_kl(free) > 10 * tail_kl(controlled), [round(s["kl"], 3) for s in free]
 
 

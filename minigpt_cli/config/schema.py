@@ -300,7 +300,7 @@ class RlhfConfig(StageTrainConfig):
         "(PPO 1.0, GRPO 0.05); 0 = no penalty",
     )
     target_kl: float | None = Field(
-        0.05, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
+        0.02, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
     )
     kl_horizon: int = Field(160, ge=1, description="adaptive KL: responses to adapt over")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")

@@ -83,7 +83,7 @@ class RlSettings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     kl_coef: float | None = None  # None: DEFAULT_KL_COEF[algo]
-    target_kl: float | None = 0.05
+    target_kl: float | None = 0.02
     kl_horizon: int = 160
     gamma: float = 1.0
     lam: float = 0.95
