@@ -37,10 +37,19 @@ PreferenceDataOpt = Annotated[
     ),
 ]
 KlCoefOpt = Annotated[
-    float | None, typer.Option("--kl-coef", help="KL penalty weight (default 0.05).")
+    float | None,
+    typer.Option(
+        "--kl-coef",
+        help="KL penalty weight; PPO: where the adaptive one starts (default 1.0; "
+        "GRPO 0.05). 0: no penalty.",
+    ),
 ]
 TargetKlOpt = Annotated[
-    float | None, typer.Option("--target-kl", help="Adapt --kl-coef towards this KL.")
+    float | None,
+    typer.Option(
+        "--target-kl",
+        help="PPO: adapt --kl-coef towards this KL per response, nats (default 0.02); 0: fixed.",
+    ),
 ]
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="GAE discount (default 1).")]
 LamOpt = Annotated[float | None, typer.Option("--lam", help="GAE lambda (default 0.95).")]

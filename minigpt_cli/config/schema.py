@@ -310,11 +310,16 @@ class RlhfConfig(StageTrainConfig):
         32, ge=1, description="longest response sampled (a worked sum takes about 25)"
     )
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
-    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the reference")
-    target_kl: float | None = Field(
-        None, gt=0, description="adapt kl_coef towards this KL per response (None = fixed)"
+    kl_coef: float | None = Field(
+        None,
+        ge=0,
+        description="KL penalty weight (PPO: the adaptive one's start); None = the algorithm's "
+        "(PPO 1.0, GRPO 0.05); 0 = no penalty",
     )
-    kl_horizon: int = Field(10000, ge=1, description="adaptive KL: responses to adapt over")
+    target_kl: float | None = Field(
+        0.02, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
+    )
+    kl_horizon: int = Field(160, ge=1, description="adaptive KL: responses to adapt over")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO/GRPO ratio clip")
@@ -324,7 +329,9 @@ class RlhfConfig(StageTrainConfig):
         5.0, gt=0, description="PPO: normalised rewards clipped to +-this (None = no clip)"
     )
     samples_every: int = Field(5, ge=0, description="show a sample every N iterations; 0 = never")
-    eval_prompts: int = Field(32, ge=1, description="held-out prompts answered at evaluation")
+    eval_prompts: int = Field(
+        200, ge=1, description="held-out prompts answered at evaluation (50 per built-in family)"
+    )
 
 
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -13,7 +13,8 @@ steps over batches:
   per optimizer step, so one iteration is `steps_per_iteration` Trainer steps; the Trainer counts
   `max_steps`, `eval_every`, `save_every` and `log_every` in iterations for such a stage, and
   each train row is one iteration's means (`reward_mean`, raw, before normalisation; `kl`,
-  `entropy`, `value_loss`, `clip_frac`, `response_len`).
+  per response, summed over its tokens; `kl_coef`; `entropy`, `value_loss`, `clip_frac`,
+  `response_len`).
 - Everything an iteration decides is a pure function of (seed, iteration) and the weights, and
   the stage checkpoints its buffer, running reward statistics and KL controller, so a killed run
   resumes exactly where it stopped.
@@ -81,9 +82,9 @@ class RlSettings:
     ppo_epochs: int = 2
     max_new_tokens: int = 32
     temperature: float = 1.0
-    kl_coef: float = 0.05
-    target_kl: float | None = None
-    kl_horizon: int = 10000
+    kl_coef: float | None = None  # None: DEFAULT_KL_COEF[algo]
+    target_kl: float | None = 0.02
+    kl_horizon: int = 160
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -91,7 +92,14 @@ class RlSettings:
     vf_coef: float = 0.1
     reward_clip: float | None = 5.0
     samples_every: int = 5
-    eval_prompts: int = 32
+    eval_prompts: int = 200
+
+
+# The KL coefficient when `kl_coef` is not given. PPO: where the adaptive controller starts
+# (benchmarks/rlhf_kl.py: against the learned reward, 0.05 or 0.2 let the policy find what the
+# reward model over-rewards within 40-60 iterations, exact match falling; from 1.0 the default
+# target holds it over 300). GRPO: its loss's beta, TRL's scale, unchanged.
+DEFAULT_KL_COEF = {"ppo": 1.0, "grpo": 0.05}
 
 
 def _encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
@@ -164,10 +172,16 @@ class RlStage(StageBase):
             chat_template.prompt_ids(r["prompt_messages"], tokenizer)[-room:]
             for r in self.train_records
         ]
-        self.kl = (
-            rl.AdaptiveKLController(settings.kl_coef, settings.target_kl, settings.kl_horizon)
-            if settings.target_kl
-            else rl.FixedKLController(settings.kl_coef)
+        # kl_coef 0 switches the penalty off whatever the target (a multiplicative controller
+        # could never raise it from 0); target_kl 0 or None keeps kl_coef fixed; GRPO's
+        # coefficient is its loss's fixed beta (its KL is not a reward to steer).
+        kl_coef = settings.kl_coef
+        if kl_coef is None:
+            kl_coef = DEFAULT_KL_COEF[settings.algo]
+        self.kl: rl.FixedKLController | rl.AdaptiveKLController = (
+            rl.AdaptiveKLController(kl_coef, settings.target_kl, settings.kl_horizon)
+            if settings.algo == "ppo" and settings.target_kl and kl_coef > 0
+            else rl.FixedKLController(kl_coef)
         )
         self.score_moments = rl.RunningMoments()
         self.iteration = 0
@@ -264,7 +278,9 @@ class RlStage(StageBase):
             model.train(was_training)
         mask = batch["mask"]
         kl_tokens = rl.per_token_kl(old_logps, ref_logps)
-        kl_per_sequence = rl.masked_mean(kl_tokens, mask, dim=1)
+        # KL per response: summed over its tokens (TRL's measure, what the penalty adds up to
+        # over an episode and what `target_kl` is in), so a longer answer counts for more.
+        kl_per_response = (kl_tokens * mask.to(kl_tokens.dtype)).sum(dim=1)
         batch.update(old_logps=old_logps, ref_logps=ref_logps)
         if self.settings.algo == "grpo":
             batch["advantages"] = rl.grpo_advantages(raw.float(), self.samples_per_prompt)
@@ -282,11 +298,11 @@ class RlStage(StageBase):
                 returns=returns,
                 old_values=values,
             )
-            self.kl.update(float(kl_per_sequence.mean()), self.rollout_size)
+            self.kl.update(float(kl_per_response.mean()), self.rollout_size)
         lengths = mask.sum(dim=1).float()
         self.rollout_stats = {
             "reward_mean": float(raw.float().mean()),
-            "kl": float(kl_per_sequence.mean()),
+            "kl": float(kl_per_response.mean()),
             "entropy": float(entropy) if entropy is not None else 0.0,
             "response_len": float(lengths.mean()),
             "kl_coef": float(self.kl.value),
