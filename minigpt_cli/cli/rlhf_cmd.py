@@ -55,7 +55,8 @@ GammaOpt = Annotated[float | None, typer.Option("--gamma", help="GAE discount (d
 LamOpt = Annotated[float | None, typer.Option("--lam", help="GAE lambda (default 0.95).")]
 ClipOpt = Annotated[float | None, typer.Option("--clip-eps", help="Ratio clip (default 0.2).")]
 PpoEpochsOpt = Annotated[
-    int | None, typer.Option("--ppo-epochs", min=1, help="Passes over each rollout (default 2).")
+    int | None,
+    typer.Option("--ppo-epochs", min=1, help="Passes over each rollout (default: PPO 2, GRPO 1)."),
 ]
 RolloutOpt = Annotated[
     int | None,
@@ -70,7 +71,7 @@ TemperatureOpt = Annotated[
 ]
 GenerationsOpt = Annotated[
     int | None,
-    typer.Option("--num-generations", help="GRPO: responses per prompt, at least 2 (default 4)."),
+    typer.Option("--num-generations", help="GRPO: responses per prompt, at least 2 (default 8)."),
 ]
 
 

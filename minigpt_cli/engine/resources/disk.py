@@ -239,7 +239,7 @@ def rl_buffer_bytes(config: Config) -> int:
     """The rollout buffer in RLHF's trainer state (a mid-iteration save): every sequence's ids, and
     per response token what PPO/GRPO keeps, base64 (4/3) in JSON."""
     rl = config.rlhf
-    sequences = rl.rollout_batch_size * (rl.num_generations if rl.algo == "grpo" else 1)
+    sequences = rl.rollout_responses()
     context = config.model.context_length
     per_sequence = 8 * context * 4 // 3 + RL_BUFFER_BYTES_PER_TOKEN * rl.max_new_tokens + 64
     return sequences * per_sequence + 1024
@@ -248,9 +248,7 @@ def rl_buffer_bytes(config: Config) -> int:
 def rl_steps_per_iteration(config: Config) -> int:
     """Optimizer steps in one RLHF iteration (as `RlStage` computes them): a run's saved `step`
     counts these, its lengths and cadences count iterations."""
-    rl = config.rlhf
-    samples = rl.num_generations if rl.algo == "grpo" else 1
-    passes = rl.rollout_batch_size * samples * rl.ppo_epochs
+    passes = config.rlhf.rollout_responses() * config.rlhf.passes()
     return max(1, passes // config.stage_train("rlhf").global_batch_size)
 
 

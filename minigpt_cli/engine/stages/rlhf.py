@@ -78,8 +78,8 @@ class RlSettings:
 
     algo: str = "ppo"
     rollout_batch_size: int = 16
-    num_generations: int = 4
-    ppo_epochs: int = 2
+    num_generations: int = 8
+    ppo_epochs: int = 2  # `RlhfConfig.passes()`: the algorithm's default when unset
     max_new_tokens: int = 32
     temperature: float = 1.0
     kl_coef: float | None = None  # None: DEFAULT_KL_COEF[algo]
@@ -502,7 +502,8 @@ class RlStage(StageBase):
 def rl_settings(config: Config) -> RlSettings:
     """The stage's knobs from the `[rlhf]` section."""
     section = config.rlhf
-    return RlSettings(**{name: getattr(section, name) for name in RlSettings.__dataclass_fields__})
+    knobs = {name: getattr(section, name) for name in RlSettings.__dataclass_fields__}
+    return RlSettings(**{**knobs, "ppo_epochs": section.passes()})
 
 
 @dataclass
