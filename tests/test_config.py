@@ -614,3 +614,33 @@ def test_config_help_imports_no_heavy_modules() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
+
+
+@pytest.mark.parametrize(
+    ("sets", "algorithm", "per_step", "micro", "passes"),
+    [
+        # A learned reward: PPO, one response per prompt, the rollout of 16 in one step, 2 passes.
+        ([], "ppo", 16, 16, 2),
+        # The rule reward: GRPO, 16 groups of 8 in one step (8 micro-batches of 16), 1 pass.
+        (["rlhf.reward=rule"], "grpo", 128, 16, 1),
+        # What the user names wins: the algorithm, the step size and the passes.
+        (["rlhf.reward=rule", "rlhf.algo=ppo"], "ppo", 16, 16, 2),
+        (["rlhf.algo=grpo", "rlhf.global_batch_size=32", "rlhf.ppo_epochs=3"], "grpo", 32, 16, 3),
+        # A rollout the micro-batch does not divide is cut into the largest micro-batch that does.
+        (
+            ["rlhf.algo=grpo", "rlhf.rollout_batch_size=6", "rlhf.num_generations=3"],
+            "grpo",
+            18,
+            9,
+            1,
+        ),
+    ],
+)
+def test_rl_defaults_follow_the_reward_and_take_one_step_per_rollout(
+    sets: list[str], algorithm: str, per_step: int, micro: int, passes: int
+) -> None:
+    config = load_config("tiny", sets=sets)
+    train = config.stage_train("rlhf")
+    assert config.rlhf.algorithm == algorithm
+    assert (train.global_batch_size, train.micro_batch_size) == (per_step, micro)
+    assert config.rlhf.passes() == passes

@@ -14,7 +14,10 @@ ALGOS = ("ppo", "grpo")
 REWARDS = ("model", "rule", "both")
 
 
-AlgoOpt = Annotated[str | None, typer.Option("--algo", help="ppo (default) or grpo.")]
+AlgoOpt = Annotated[
+    str | None,
+    typer.Option("--algo", help="ppo or grpo (default: grpo with --reward rule, else ppo)."),
+]
 RewardOpt = Annotated[
     str | None,
     typer.Option(
@@ -140,7 +143,7 @@ def rlhf(
         lora=lora,
         lora_options={},
         merge=merge,
-        run_name=f"rlhf-{algo or _saved_algo(flags.out, flags.resume) or 'ppo'}",
+        run_name=f"rlhf-{algo or _saved_algo(flags.out, flags.resume) or _default_algo(reward)}",
         extra_inputs={
             "preference_data": list(preference_data or []),
             "reward_model": reward_model,
@@ -151,13 +154,18 @@ def rlhf(
     )
 
 
+def _default_algo(reward: str | None) -> str:
+    """The algorithm a new run without --algo uses (`RlhfConfig.algorithm`)."""
+    return "grpo" if reward == "rule" else "ppo"
+
+
 def _saved_algo(out: Path | None, resume: bool) -> str | None:
     """On --resume --out DIR without --algo: the algorithm the run's config names."""
     from minigpt_cli.config.loader import RUN_CONFIG_FILE, read_run_config
 
     if not (resume and out is not None and (out / RUN_CONFIG_FILE).is_file()):
         return None
-    return read_run_config(out).rlhf.algo
+    return read_run_config(out).rlhf.algorithm
 
 
 def register(app: typer.Typer) -> None:

@@ -383,7 +383,7 @@ def plan_disk(config: Config, stage: str, facts: DiskFacts) -> DiskPlan:
         stage=stage,
         lora_params=facts.lora_params if stage != "reward" else 0,
         lora_tensors=facts.lora_tensors,
-        value_head=stage == "rlhf" and config.rlhf.algo == "ppo",
+        value_head=stage == "rlhf" and config.rlhf.algorithm == "ppo",
         extra_state_bytes=extra_state,
     )
     steps = step_bound(train, stage, seq_len, facts.token_bound)

@@ -503,7 +503,7 @@ def rl_settings(config: Config) -> RlSettings:
     """The stage's knobs from the `[rlhf]` section."""
     section = config.rlhf
     knobs = {name: getattr(section, name) for name in RlSettings.__dataclass_fields__}
-    return RlSettings(**{**knobs, "ppo_epochs": section.passes()})
+    return RlSettings(**{**knobs, "algo": section.algorithm, "ppo_epochs": section.passes()})
 
 
 @dataclass
