@@ -218,19 +218,19 @@ def test_addition_answers_are_right() -> None:
         if record["task"] == "addition":
             a, b = _pair(_user_text("sft", record))
             assert _checked_working(record["output"], a, b) == a + b
-    rejected_workings = 0
+    bare_wrong = 0
     for record in builtin.dpo_records("train", SMALL, 2):
         if record["task"] == "addition":
             a, b = _pair(record["prompt"])
             right = str(a + b)
             assert re.search(rf"(^|\D){right}\D*$", record["chosen"])
             assert not re.search(rf"(^|\D){right}\D*$", record["rejected"])
-            if "+" in record["rejected"] and "=" in record["rejected"][:6]:
-                # A rejected working makes the classic mistake: the carry dropped or invented.
-                with pytest.raises(AssertionError):
-                    _checked_working(record["rejected"], a, b)
-                rejected_workings += 1
-    assert rejected_workings > 10
+            if record["rejected"].isdigit():
+                # Against a right working, the total of the classic mistake (the carry flipped).
+                _checked_working(record["chosen"], a, b)
+                assert abs(int(record["rejected"]) - (a + b)) == 10
+                bare_wrong += 1
+    assert bare_wrong > 10
 
 
 def test_pretraining_never_shows_a_held_out_pair(
@@ -437,6 +437,10 @@ def test_pretraining_lists_are_training_lists(
 @pytest.mark.parametrize("split", builtin.SPLITS)
 def test_dpo_lengths_are_balanced(split: str) -> None:
     pairs = builtin.dpo_records(split, 2000 if split == "train" else 400, 0)
+    # The one exception, by design: addition's right working against a bare wrong total.
+    worked = [p for p in pairs if p["task"] == "addition" and p["rejected"].isdigit()]
+    assert worked and all(len(p["chosen"]) > len(p["rejected"]) for p in worked)
+    pairs = [p for p in pairs if p not in worked]
     chosen = statistics.mean(len(p["chosen"]) for p in pairs)
     rejected = statistics.mean(len(p["rejected"]) for p in pairs)
     assert abs(chosen - rejected) / chosen < 0.10

@@ -88,14 +88,19 @@ def _addition_item(rng: random.Random, split: str, lang: str) -> _Item:
     a, b = _draw_pair(rng, split)
     instruction, input_text = rng.choice(_ADD_TEMPLATES[lang])
     answer, total = working(a, b, lang)
-    wrong_answer, wrong = working(a, b, lang, flip_carry=True)
+    # DPO's short wrong answer is the total a flipped carry gives, bare, not a wrong working:
+    # DPO on the right working against one wrong in a single digit lowered the right working
+    # too (held-out addition 87 % -> 29 % after the quickstart's DPO; with RPO's NLL on the
+    # chosen reply added, 33 %; against the sum worked from the wrong end, wrong from its first
+    # digit, 48 %), while against the bare wrong total it stays (88 %).
+    wrong = working(a, b, lang, flip_carry=True)[1]
     return _Item(
         task="addition",
         lang=lang,
         instruction=instruction.format(a=a, b=b),
         input=input_text.format(a=a, b=b),
         answer=answer,
-        wrong=wrong_answer,
+        wrong=str(wrong),
         sentence=_addition_sentence(lang, a, b, total),
         wrong_sentence=_addition_sentence(lang, a, b, wrong),
     )

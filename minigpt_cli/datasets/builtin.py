@@ -194,7 +194,9 @@ def dpo_records(split: str, n: int, seed: int = 0) -> list[dict]:
     Half the pairs set the short right answer against a short wrong one, a quarter a right answer
     written as a sentence against the same sentence with a wrong value, and a quarter a right
     sentence against an unhelpful reply picked to be about as long. So a wrong value and an
-    unhelpful tone are what separates chosen from rejected, never length.
+    unhelpful tone are what separates chosen from rejected, not length, with one exception:
+    addition's short pairs set the right working against the bare wrong total, because a wrong
+    working there made DPO unlearn the right one (see `addition._addition_item`).
     """
     _check_kind_split("dpo", split)
     _check_count(n)
