@@ -159,7 +159,7 @@ def _rlhf(parent: Path, out: Path, *extra: str) -> None:
 
 def test_ppo_run_contract_and_exact_resume_after_a_kill(tiny_sft_run: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    extra = ["--reward", "rule", "--max-steps", "4", "--set", "rlhf.save_every=2"]
+    extra = ["--algo", "ppo", "--reward", "rule", "--max-steps", "4", "--set", "rlhf.save_every=2"]
     extra += ["--set", "train.keep_last=3"]
     _rlhf(tiny_sft_run, straight, *extra)
     train = rows(straight, "train")
@@ -192,7 +192,13 @@ def test_the_reward_model_beats_chance_on_held_out_pairs(
     tiny_sft_run: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "grpo"
-    _rlhf(tiny_sft_run, run_dir, "--algo", "grpo", "--max-steps", "1", "--rollout-batch-size", "2")
+    # 32 held-out pairs (8 would make one pair 12 points of accuracy).
+    _rlhf(
+        tiny_sft_run,
+        run_dir,
+        *("--algo", "grpo", "--max-steps", "1", "--rollout-batch-size", "2"),
+        *("--set", "reward.eval_batches=8"),
+    )
     reward_evals = rows(run_dir / "reward", "eval")
     assert reward_evals[-1]["pref_accuracy"] > 0.6  # chance is 0.5; ties count as wrong
     state = json.loads((run_dir / "trainer_state.json").read_text())

@@ -252,7 +252,7 @@ def resolve_config(
     resume: bool,
 ) -> Config:
     """The run's config: on --resume the saved config.toml is the base, else the preset."""
-    from minigpt_cli.config.loader import RUN_CONFIG_FILE, load_config
+    from minigpt_cli.config.loader import RUN_CONFIG_FILE, load_config, saved_run_defaults
 
     if resume and run_dir is not None and (run_dir / RUN_CONFIG_FILE).is_file():
         if config_file is not None:
@@ -260,7 +260,9 @@ def resolve_config(
                 "--resume continues the run with its saved config.toml; drop --config "
                 "(use flags or --set to change a value, e.g. a larger --max-steps)"
             )
-        return load_config(None, run_dir / RUN_CONFIG_FILE, overrides, sets or [])
+        saved = run_dir / RUN_CONFIG_FILE
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return load_config(None, saved, {**saved_run_defaults(saved), **given}, sets or [])
     return load_config(preset or "tiny", config_file, overrides, sets or [])
 
 

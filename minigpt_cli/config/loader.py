@@ -286,13 +286,33 @@ def dump_config(cfg: Config) -> str:
 RUN_CONFIG_FILE = "config.toml"  # a run's resolved config (engine/runs/files.py names it too)
 
 
+# Keys whose default changed the training itself, with the value a saved run that does not list
+# them was trained with: it resumes as it was configured, not with today's default.
+SAVED_RUN_DEFAULTS: dict[str, object] = {
+    "sft.text_mix": 0.0,  # before SFT rehearsed pretraining text
+    "rlhf.target_kl": 0.0,  # before PPO's KL control was adaptive by default (0 = fixed)
+}
+
+
 def read_run_config(run_dir: Path | str) -> Config:
-    """The configuration a run was trained with (`RUN/config.toml`), validated like any file."""
+    """The configuration a run was trained with (`RUN/config.toml`), validated like any file;
+    keys an older version did not write take what that version used (`SAVED_RUN_DEFAULTS`)."""
     run = Path(run_dir)
     path = run / RUN_CONFIG_FILE
     if not run.is_dir() or not path.is_file():
         raise UserError(f"{run} is not a run directory (no {RUN_CONFIG_FILE})")
-    return load_config(preset=None, config_file=path)
+    return load_config(preset=None, config_file=path, overrides=saved_run_defaults(path))
+
+
+def saved_run_defaults(path: Path) -> dict[str, object]:
+    """The `SAVED_RUN_DEFAULTS` a saved run config does not list, as `load_config` overrides
+    (flags given on top of them still win: put them after)."""
+    data, _ = read_toml_file(path)
+    return {
+        dotted: value
+        for dotted, value in SAVED_RUN_DEFAULTS.items()
+        if dotted.partition(".")[2] not in (data.get(dotted.partition(".")[0]) or {})
+    }
 
 
 def preset_summary(name: str) -> dict[str, Any]:
