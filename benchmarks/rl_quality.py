@@ -29,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigpt_cli.engine.evaluate.report import EvalReport, RunReport, best_chat_run  # noqa: E402
+
 STAGES = ("pretrain", "sft", "dpo", "rlhf")
 RL_RUNS = {
     "grpo-rule": ["--algo", "grpo", "--reward", "rule"],
@@ -67,19 +71,10 @@ def one_seed(seed: int, folder: Path, keep: bool) -> dict:
         seconds["quickstart"] = minigpt(
             [*args, "--set", "log.progress=plain"], quick.with_suffix(".log")
         )
-    chat_line = ""
     times = json.loads((quick / "quickstart.json").read_text())
-    log = quick.with_suffix(".log")
-    if log.exists():
-        lines = log.read_text().splitlines()
-        chat_line = next(
-            (
-                lines[i + 1].strip()
-                for i, line in enumerate(lines)
-                if line.startswith("chat with the best run")
-            ),
-            "",
-        )
+    quick_report = json.loads((quick / "eval.json").read_text())
+    best = best_chat_run(EvalReport([RunReport(**run) for run in quick_report["runs"]], {}, {}))
+    chat_line = "" if best is None else f"minigpt chat {best.path}"
     runs = {stage: quick / stage for stage in STAGES}
     for name, extra in RL_RUNS.items():
         out = folder / f"{name}-{seed}"
