@@ -6,8 +6,11 @@ tokenizer, so a BPE model and a character model compare directly.
 
     python benchmarks/shakespeare.py                        # tiny preset defaults
     python benchmarks/shakespeare.py --extra --set tokenizer.vocab_size=2000
+    python benchmarks/shakespeare.py --extra --max-time 100s   # a deadline-planned run
 
-Needs ../shared/data/tinyshakespeare.txt (or --data PATH). Prints the curve as a markdown table.
+Needs ../shared/data/tinyshakespeare.txt (or --data PATH). Prints the curve as a markdown table,
+then the last evaluation against the best one seen and the last logged learning rate: a run that
+ends annealed ends at (or within noise of) its best, at min_lr.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for row in evals:
         print(f"| {row['step']} | {row['time']:.0f} | {row['tokens']:,} | {row['val_bpb']:.3f} |")
+    train = [r for r in rows if r["kind"] == "train"]
+    best = min(evals, key=lambda r: r["val_bpb"])
+    print(
+        f"\nend: val bits/byte {evals[-1]['val_bpb']:.3f} at step {evals[-1]['step']}; "
+        f"best {best['val_bpb']:.3f} at step {best['step']}; last logged lr {train[-1]['lr']:.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
 from minigpt_cli.engine.training import optim, step_timing
 from minigpt_cli.engine.training.optim import learning_rate
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.trainer import RunSpec, Trainer, TrainingInterrupted
 
 VOCAB = 320
 SETS = [
@@ -203,3 +203,151 @@ def test_the_trainer_and_doctors_timed_step_make_the_same_update(
         for caller in ("trainer", "step_timing")
     }
     assert {clip for name, _, clip in calls if name == "apply_update"} == {0.5}
+
+
+class FakeClock:
+    """Wall time that passes only when the stage works: each micro-batch drawn costs
+    `batch_seconds`, each evaluation `eval_seconds`. Binary fractions, so every sum is exact."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clocked_train(
+    run_dir: Path,
+    sets: list[str],
+    clock: FakeClock,
+    *,
+    resume: bool = False,
+    interrupt_at_step: int | None = None,
+    batch_seconds: float = 0.25,
+    eval_seconds: float = 1.0,
+) -> tuple[GPT, list[Event]]:
+    """`_train` on a fake clock; optionally Ctrl-C while drawing step `interrupt_at_step`'s batch
+    (1-based), or resume the run in `run_dir`."""
+    config = load_config("tiny", sets=[*SETS, *sets])
+    stream = np.random.default_rng(0).integers(0, VOCAB, 4000).astype(np.int32)
+    stage = PretrainStage(
+        TokenRange(stream[:3800]),
+        TokenRange(stream[3800:]),
+        config.model.context_length,
+        seed=0,
+        token_bytes=np.ones(VOCAB, dtype=np.int64),
+        eval_sequences=4,
+    )
+    draw, evaluate = stage.next_batch, stage.evaluate
+    events: list[Event] = []
+
+    def next_batch(num_sequences: int) -> dict[str, torch.Tensor]:
+        started = [e.data["step"] for e in events if e.kind == "step"]
+        if interrupt_at_step is not None and (started[-1] if started else 0) == interrupt_at_step - 1:
+            raise KeyboardInterrupt
+        clock.now += batch_seconds
+        return draw(num_sequences)
+
+    def timed_evaluate(model: torch.nn.Module) -> dict[str, float]:
+        clock.now += eval_seconds
+        return evaluate(model)
+
+    stage.next_batch = next_batch  # type: ignore[method-assign]
+    stage.evaluate = timed_evaluate  # type: ignore[method-assign]
+    seed_everything(0)
+    model = GPT(config.model, VOCAB)
+    trainer = Trainer(
+        config,
+        stage,
+        model,
+        RunSpec(run_dir=run_dir, resume=resume),
+        device=torch.device("cpu"),
+        precision=resolve_precision("fp32", torch.device("cpu"), measurements={}),
+        on_event=events.append,
+        vocab_size=VOCAB,
+        clock=clock,
+    )
+    try:
+        trainer.fit()
+    except TrainingInterrupted:
+        pass
+    return model, events
+
+
+# 0.25 s a step (one micro-batch), 1 s an evaluation every 10 steps, 10 s of training: steps end
+# at 0.25 s each, evaluations after steps 10, 20 and 30 push step 30's end to 9.5 s and the
+# deadline falls in step 31 (10.75 s). Log every step, so every learning rate is seen.
+DEADLINE = [
+    "train.micro_batch_size=4",
+    "train.global_batch_size=4",
+    "train.max_steps=100000",
+    "train.eval_every=10",
+    "pretrain.max_time=10s",
+]
+
+
+def test_a_time_limited_run_plans_its_schedule_to_end_at_min_lr(tmp_path: Path) -> None:
+    _, events = _clocked_train(tmp_path, DEADLINE, FakeClock())
+    config = load_config("tiny", sets=[*SETS, *DEADLINE])
+    peak, floor = config.train.learning_rate, config.train.min_lr
+    end = [e for e in events if e.kind == "stage_end"][-1]
+    assert (end.data["stop_reason"], end.data["step"]) == ("max_time", 31)
+    steps = [e.data for e in events if e.kind == "step"]
+    # A row shows the plan its step ran on. Planned after step 11, once the evaluation after step
+    # 10 has been measured, the horizon is exact: the step the deadline stops the run at.
+    assert {row["horizon"] for row in steps if row["step"] > 11} == {31}
+    assert steps[-1]["lr"] - floor < 0.01 * (peak - floor)  # the last step ran at ~min_lr
+    rates = [row["lr"] for row in steps]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False)), "no jump back up"
+    # Without the plan the cosine to max_steps would still be at its peak.
+    assert learning_rate(30, 100000, 0, peak, floor) > 0.99 * peak
+
+
+def test_a_step_limit_below_the_deadline_is_the_horizon(tmp_path: Path) -> None:
+    sets = [*DEADLINE, "train.max_steps=20"]
+    _, events = _clocked_train(tmp_path, sets, FakeClock())
+    config = load_config("tiny", sets=[*SETS, *sets])
+    steps = [e.data for e in events if e.kind == "step"]
+    assert [row["horizon"] for row in steps] == [20] * 20
+    plain = [learning_rate(s, 20, 0, config.train.learning_rate, config.train.min_lr) for s in range(20)]
+    assert [row["lr"] for row in steps] == pytest.approx(plain, rel=1e-12)
+
+
+def test_a_resumed_time_limited_run_repeats_the_uninterrupted_one_bitwise(tmp_path: Path) -> None:
+    whole, events = _clocked_train(tmp_path / "whole", DEADLINE, FakeClock())
+    _, first = _clocked_train(tmp_path / "cut", DEADLINE, FakeClock(), interrupt_at_step=14)
+    # The second session's clock reads something else entirely: only elapsed time counts.
+    resumed, second = _clocked_train(tmp_path / "cut", DEADLINE, FakeClock(512.0), resume=True)
+
+    def rates(evs: list[Event]) -> list[tuple[int, float, int]]:
+        return [(e.data["step"], e.data["lr"], e.data["horizon"]) for e in evs if e.kind == "step"]
+
+    assert rates(first)[-1][0] == 13
+    assert rates(first) + rates(second) == rates(events)
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_logged_tokens_per_second_and_eta_are_the_wall_clocks(tmp_path: Path) -> None:
+    sets = [
+        "train.micro_batch_size=4",
+        "train.global_batch_size=4",
+        "train.max_steps=30",
+        "train.eval_every=10",
+        "train.log_every=5",
+    ]
+    _, events = _clocked_train(tmp_path, sets, FakeClock())
+    rows = [e.data for e in events if e.kind == "step"]
+    tokens_per_step = 4 * 16
+    previous = 0.0
+    for row in rows:
+        # Every row's window is 5 steps; the one after an evaluation holds its second too.
+        assert row["tokens_per_sec"] == round(5 * tokens_per_step / (row["time"] - previous), 1)
+        previous = row["time"]
+    # Once a step and an evaluation have been measured, the ETA is the time the rest really took.
+    end = rows[-1]["time"]
+    for row in rows:
+        if row["step"] > 10:
+            assert row["eta_sec"] == round(end - row["time"], 1), row["step"]
+    summary = [e for e in events if e.kind == "stage_end"][-1].data
+    assert summary["tokens_per_sec"] == round(30 * tokens_per_step / end, 1)

@@ -163,8 +163,12 @@ class EventRenderer:
         line = step_line(data)
         if self.live and f"{event.stage}:train" in self.tasks:
             assert self.progress is not None
+            # A --max-time run's planned last step moves as its pace is measured.
             self.progress.update(
-                self.tasks[f"{event.stage}:train"], completed=data["step"], info=line
+                self.tasks[f"{event.stage}:train"],
+                total=data["total_steps"],
+                completed=data["step"],
+                info=line,
             )
         else:
             self.print(f"{event.stage} step {data['step']}/{data['total_steps']} | {line}")

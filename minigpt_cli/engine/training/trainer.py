@@ -13,6 +13,7 @@ import base64
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -45,6 +46,7 @@ from minigpt_cli.engine.runs.files import (
     read_metadata,
 )
 from minigpt_cli.engine.training import optim
+from minigpt_cli.engine.training.pace import Pace, SchedulePlan, planned_learning_rate
 from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.errors import UserError, describe_os_error
@@ -121,6 +123,7 @@ class Trainer:
     """Runs a Stage to completion, checkpointing and logging as the config says."""
 
     _resumed_from: Path | None  # the checkpoint a resumed run started from (set by `_fit`)
+    _saved_schedule: dict[str, Any] | None  # a resumed run's saved plan and pace (set by `_fit`)
 
     def __init__(
         self,
@@ -134,8 +137,12 @@ class Trainer:
         on_event: EventCallback | None = None,
         vocab_size: int,
         micro_batch_size: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.config = config
+        # Every wall-clock reading of the run (time limit, schedule plan, tokens/s, ETA, elapsed)
+        # comes from this one seam, so a test can run a time-limited run on a fake clock.
+        self._clock = clock
         self.train = config.stage_train(stage.name)
         self.stage = stage
         self.model = model
@@ -172,13 +179,14 @@ class Trainer:
         return {
             "stage": self.stage.name,
             "tokens": self.tokens,
-            "elapsed": self.elapsed_before + (time.perf_counter() - self._start),
+            "elapsed": self._elapsed(),
             "data_state": data_state,
             "rng": rng,
             "micro_batch_size": self.micro_batch_size,
             "activation_checkpointing": self._checkpointing(),
             "threads": torch.get_num_threads(),
             "total_steps": self.total_steps,
+            "schedule": {"plan": self.plan.to_dict(), "pace": self.pace.to_dict()},
             "parent": self.spec.parent,
             "chat": self.spec.chat,
             "finished": self.finished,
@@ -207,7 +215,7 @@ class Trainer:
             "kind": kind,
             "step": self.step,
             "tokens": self.tokens,
-            "time": round(self.elapsed_before + time.perf_counter() - self._start, 3),
+            "time": round(self._elapsed(), 3),
             **values,
         }
 
@@ -236,6 +244,7 @@ class Trainer:
         self.stage.load_extra_state(state.get("extra", {}))
         _restore_rng(state["rng"])
         self._resumed_from = point
+        self._saved_schedule = state.get("schedule")
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
@@ -264,7 +273,7 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         run_dir = self.spec.run_dir
         make_dir(run_dir)
-        self._start = time.perf_counter()
+        self._start = self._clock()
         sequences_per_step = self.train.global_batch_size
         # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
         # tokens of an example in fine-tuning (so --max-tokens counts what it says).
@@ -281,6 +290,7 @@ class Trainer:
         )
         self._note_binding_limit(sequences_per_step)
         self._resumed_from = None
+        self._saved_schedule = None
         self._last_eval: dict[str, float] = {}  # the newest eval row, for the summary
         if self.spec.resume:
             self._restore()
@@ -294,6 +304,7 @@ class Trainer:
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
         warmup = self._warmup_steps()
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
+        self._plan_schedule(warmup, max_seconds is not None)
         cap_bytes = parse_memory(self.config.resources.max_memory, physical_memory_bytes())
         cap_mb = cap_bytes / 2**20
         self.governor = Governor(cap_bytes, on_pause=self._governor_notice)
@@ -327,70 +338,80 @@ class Trainer:
             resumed=self._resumed_from is not None,
         )
         if self.stage.evaluate_at_start and self.step == 0:
-            self._evaluate()  # the baseline a stage's gains are read against (RL's "before")
-        window_tokens, window_time = 0, 0.0
+            self._timed_evaluate()  # the baseline a stage's gains are read against (RL's "before")
+        window_tokens = 0
         window_metrics: dict[str, list[float]] = {}
-        last_rate = 0.0
         data_state, rng = self.stage.data_state(), _rng_state()
         self.governor.start()
         self.throttle.restart()
+        # Tokens/s and the ETA are read off the wall clock between train rows, so everything the
+        # loop does (data, logging, the governor, evaluations, saves) is in them.
+        loop_start = window_start = self._clock()
+        session_tokens = self.tokens
+        steps_end = loop_start  # the wall clock at the end of the newest step
         try:
             while True:
+                step_start = self._clock()
                 data_state, rng = self.stage.data_state(), _rng_state()
-                step_start = time.perf_counter()
                 self.model.train()
                 self.stage.before_step(self.model, self.step)
-                lr = optim.learning_rate(
-                    self.step, self.total_steps, warmup, self.train.learning_rate, self.train.min_lr
-                )
+                lr = self._learning_rate(warmup)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_value, step_metrics, step_tokens = self._optimizer_step()
                 grad_norm = step_metrics.pop("grad_norm")
                 self.step += 1
                 self.tokens += step_tokens
-                step_seconds = time.perf_counter() - step_start
                 window_tokens += step_tokens
-                window_time += step_seconds
                 for key, value in {"loss": loss_value, **step_metrics}.items():
                     window_metrics.setdefault(key, []).append(value)
-                elapsed = self.elapsed_before + time.perf_counter() - self._start
+                now = steps_end = self._clock()
+                elapsed = self._elapsed(now)
                 stop = self._stop_reason(elapsed, max_seconds)
                 if self.step % (self.train.log_every * unit) == 0 or stop:
-                    last_rate = window_tokens / max(window_time, 1e-9)
+                    rate = window_tokens / max(now - window_start, 1e-9)
                     averaged = {k: float(np.mean(v)) for k, v in window_metrics.items()}
                     rss_mb = tree_rss_bytes() / 2**20
                     row = self._row(
                         "train",
                         **averaged,
                         lr=lr,
+                        horizon=self.plan.horizon,
                         grad_norm=grad_norm,
-                        tokens_per_sec=round(last_rate, 1),
-                        mfu=round(flops_token * last_rate / peak, 4) if peak else None,
+                        tokens_per_sec=round(rate, 1),
+                        mfu=round(flops_token * rate / peak, 4) if peak else None,
                         rss_mb=round(rss_mb, 1),
                         rss_cap_mb=round(cap_mb, 1),
                         cpu_pct=round(cpu.read(), 1),
                         cpu_cap_pct=self.config.resources.max_cpu,
                         micro_batch_size=self.micro_batch_size,
                         eta_sec=round(
-                            (self.total_steps - self.step)
-                            * window_time
-                            / max(len(window_metrics["loss"]), 1),
+                            self._eta(
+                                elapsed,
+                                max_seconds,
+                                (now - window_start) / len(window_metrics["loss"]),
+                            ),
                             1,
                         ),
                     )
                     self.metrics.write(row)
-                    self._event("step", **row, total_steps=self.total_steps)
-                    window_tokens, window_time, window_metrics = 0, 0.0, {}
+                    self._event("step", **row, total_steps=self.plan.horizon)
+                    window_tokens, window_metrics, window_start = 0, {}, now
                 # After the step's row (which shows the settings it ran with), before any save.
                 self._govern_memory()
+                self.pace.add_step(self.step, self._clock() - step_start)
+                if max_seconds is not None and not stop:
+                    # Before the save, so a checkpoint holds the plan the next step runs on.
+                    self._replan(max_seconds - self._elapsed())
                 if self.step % (self.train.eval_every * unit) == 0 or stop:
-                    self._evaluate()
+                    self._timed_evaluate()
                 if stop:
                     self.finished = True
                     self.stop_reason = stop
                 if self.step % (self.train.save_every * unit) == 0 or stop:
+                    save_start = self._clock()
                     self.save(self.stage.data_state(), _rng_state())
+                    self.pace.save_seconds = self._clock() - save_start
                 if stop:
                     break
         except MemoryCapExceeded as over:
@@ -414,10 +435,77 @@ class Trainer:
             self.metrics.close()
             raise TrainingInterrupted(run_dir, self.step) from None
         self.metrics.close()
-        summary = self._summary(last_rate)
+        # This session's tokens over its wall clock, to the end of the last step.
+        summary = self._summary((self.tokens - session_tokens) / max(steps_end - loop_start, 1e-9))
         self._plot()
         self._event("stage_end", **summary)
         return summary
+
+    def _elapsed(self, now: float | None = None) -> float:
+        """Training seconds of the whole run: earlier sessions' and this one's."""
+        return self.elapsed_before + (self._clock() if now is None else now) - self._start
+
+    def _plan_schedule(self, warmup: int, deadline: bool) -> None:
+        """The schedule and the pace it is planned from: a resumed run's own, else a new plan.
+
+        Without a time limit the plan is the plain cosine to `total_steps`; with one it starts
+        the same (the step limit is the horizon until a step has been measured) and `_replan`
+        moves the horizon to where the deadline falls.
+        """
+        self.pace = Pace(self._unit)
+        self.plan = SchedulePlan(warmup, 0.0, self.total_steps)
+        saved = self._saved_schedule
+        if saved and deadline:
+            self.pace.load(saved.get("pace", {}))
+            if "plan" in saved:
+                self.plan = SchedulePlan.from_dict(saved["plan"])
+        self._deadline = deadline
+
+    def _learning_rate(self, warmup: int) -> float:
+        peak, floor = self.train.learning_rate, self.train.min_lr
+        if not self._deadline:
+            return optim.learning_rate(self.step, self.total_steps, warmup, peak, floor)
+        return planned_learning_rate(self.step, self.plan, warmup, peak, floor)
+
+    def _replan(self, remaining: float) -> None:
+        """Move the schedule's horizon to the step where `remaining` seconds run out, measured.
+
+        The step limit (max_steps, max_tokens, epochs) still caps it; a time limit stops a run
+        only between iterations, so the horizon is a whole number of them.
+        """
+        if remaining <= 0:
+            return
+        unit = self._unit
+        steps = self.pace.steps_within(
+            self.step,
+            remaining,
+            self.train.eval_every * unit,
+            self.train.save_every * unit,
+            self.total_steps - self.step,
+        )
+        if steps is None:
+            return
+        horizon = min(self.total_steps, unit * math.ceil((self.step + steps) / unit))
+        self.plan = self.plan.replanned(self.step, horizon)
+
+    def _eta(self, elapsed: float, max_seconds: float | None, window_step: float) -> float:
+        """Seconds to the end of the last step: the measured pace over the steps left (the
+        evaluations and saves among them included), capped by a time limit. Before a step has
+        been measured, the newest train row's seconds per step stand in."""
+        left = self.total_steps - self.step
+        seconds = self.pace.seconds_for(
+            self.step, left, self.train.eval_every * self._unit, self.train.save_every * self._unit
+        )
+        if seconds is None:
+            seconds = left * window_step
+        if max_seconds is not None:
+            seconds = min(seconds, max(max_seconds - elapsed, 0.0))
+        return seconds
+
+    def _timed_evaluate(self) -> None:
+        began = self._clock()
+        self._evaluate()
+        self.pace.eval_seconds = self._clock() - began
 
     def _note_binding_limit(self, sequences_per_step: int) -> None:
         """Say so when max_steps cuts a run short of the epochs it was asked for."""
@@ -535,7 +623,7 @@ class Trainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "tokens": self.tokens,
-            "seconds": round(self.elapsed_before + time.perf_counter() - self._start, 2),
+            "seconds": round(self._elapsed(), 2),
             "tokens_per_sec": round(tokens_per_sec, 1),
             "stop_reason": self.stop_reason,
             **self._last_eval,
