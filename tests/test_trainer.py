@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -242,8 +243,8 @@ def _clocked_train(
     events: list[Event] = []
 
     def next_batch(num_sequences: int) -> dict[str, torch.Tensor]:
-        started = [e.data["step"] for e in events if e.kind == "step"]
-        if interrupt_at_step is not None and (started[-1] if started else 0) == interrupt_at_step - 1:
+        done = [e.data["step"] for e in events if e.kind == "step"]
+        if interrupt_at_step is not None and (done[-1] if done else 0) == interrupt_at_step - 1:
             raise KeyboardInterrupt
         clock.now += batch_seconds
         return draw(num_sequences)
@@ -267,10 +268,8 @@ def _clocked_train(
         vocab_size=VOCAB,
         clock=clock,
     )
-    try:
+    with contextlib.suppress(TrainingInterrupted):
         trainer.fit()
-    except TrainingInterrupted:
-        pass
     return model, events
 
 
@@ -309,7 +308,8 @@ def test_a_step_limit_below_the_deadline_is_the_horizon(tmp_path: Path) -> None:
     config = load_config("tiny", sets=[*SETS, *sets])
     steps = [e.data for e in events if e.kind == "step"]
     assert [row["horizon"] for row in steps] == [20] * 20
-    plain = [learning_rate(s, 20, 0, config.train.learning_rate, config.train.min_lr) for s in range(20)]
+    peak, floor = config.train.learning_rate, config.train.min_lr
+    plain = [learning_rate(step, 20, 0, peak, floor) for step in range(20)]
     assert [row["lr"] for row in steps] == pytest.approx(plain, rel=1e-12)
 
 
