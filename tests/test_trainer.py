@@ -21,6 +21,7 @@ from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
 from minigpt_cli.engine.training import optim, step_timing
 from minigpt_cli.engine.training.optim import learning_rate
+from minigpt_cli.engine.training.pace import Pace, SchedulePlan, planned_learning_rate
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer, TrainingInterrupted
 
 VOCAB = 320
@@ -351,3 +352,33 @@ def test_logged_tokens_per_second_and_eta_are_the_wall_clocks(tmp_path: Path) ->
             assert row["eta_sec"] == round(end - row["time"], 1), row["step"]
     summary = [e for e in events if e.kind == "stage_end"][-1].data
     assert summary["tokens_per_sec"] == round(30 * tokens_per_step / end, 1)
+
+
+def test_a_plan_from_the_start_is_the_plain_cosine_and_a_replan_continues_it() -> None:
+    plan = SchedulePlan(10, 0.0, 100)
+    plain = [learning_rate(s, 100, 10, 1.0, 0.1) for s in range(101)]
+    assert [planned_learning_rate(s, plan, 10, 1.0, 0.1) for s in range(101)] == plain
+    shorter = plan.replanned(40, 70)
+    assert shorter.progress_at(40) == plan.progress_at(40)  # the rate does not jump
+    assert shorter.progress_at(70) == shorter.progress_at(90) == 1.0
+    assert plan.replanned(5, 50).start == 10  # planned during warmup: the line starts after it
+
+
+def test_pace_counts_the_evaluations_and_saves_before_the_deadline() -> None:
+    pace = Pace(1)
+    pace.add_step(1, 5.0)  # the first step (initialisation) is left out
+    for step in range(2, 6):
+        pace.add_step(step, 0.5)
+    pace.eval_seconds, pace.save_seconds = 2.0, 1.0
+    assert pace.step_seconds() == 0.5
+    # After step 5: steps 6..15 take 5 s, with the evaluation after step 10 (every 10) in
+    # between; the one after step 15, the last, is not counted. No save (every 20) falls inside.
+    assert pace.seconds_for(5, 10, 10, 20) == 7.0
+    assert pace.steps_within(5, 7.0, 10, 20, limit=1000) == 10
+    assert pace.steps_within(5, 6.9, 10, 20, limit=1000) == 10  # step 15 is the one past it
+    assert pace.steps_within(5, 6.5, 10, 20, limit=1000) == 9
+    assert pace.steps_within(5, 7.0, 10, 20, limit=4) == 4
+    rl = Pace(2)  # an RL iteration of two optimizer steps: timed whole
+    for step, seconds in [(1, 9.0), (2, 9.0), (3, 0.25), (4, 0.75)]:
+        rl.add_step(step, seconds)
+    assert rl.step_seconds() == 0.5
