@@ -176,6 +176,10 @@ class Trainer:
         emit(self.on_event, kind, self.stage.name, **payload)
 
     def _state(self, data_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+        # A --max-time run's schedule is planned from wall-clock measurements: saved so a resume
+        # goes on with the same plan. Other runs' plan follows from total_steps alone, and their
+        # state holds no wall-clock field but `elapsed`.
+        schedule = {"plan": self.plan.to_dict(), "pace": self.pace.to_dict()}
         return {
             "stage": self.stage.name,
             "tokens": self.tokens,
@@ -186,7 +190,7 @@ class Trainer:
             "activation_checkpointing": self._checkpointing(),
             "threads": torch.get_num_threads(),
             "total_steps": self.total_steps,
-            "schedule": {"plan": self.plan.to_dict(), "pace": self.pace.to_dict()},
+            **({"schedule": schedule} if self._deadline else {}),
             "parent": self.spec.parent,
             "chat": self.spec.chat,
             "finished": self.finished,
@@ -455,7 +459,7 @@ class Trainer:
         self.pace = Pace(self._unit)
         self.plan = SchedulePlan(warmup, 0.0, self.total_steps)
         saved = self._saved_schedule
-        if saved and deadline:
+        if saved and deadline:  # saved by a run with max_time (resumed with one: a new plan)
             self.pace.load(saved.get("pace", {}))
             if "plan" in saved:
                 self.plan = SchedulePlan.from_dict(saved["plan"])
