@@ -315,10 +315,11 @@ def test_a_step_limit_below_the_deadline_is_the_horizon(tmp_path: Path) -> None:
 
 
 def test_a_resumed_time_limited_run_repeats_the_uninterrupted_one_bitwise(tmp_path: Path) -> None:
-    whole, events = _clocked_train(tmp_path / "whole", DEADLINE, FakeClock())
-    _, first = _clocked_train(tmp_path / "cut", DEADLINE, FakeClock(), interrupt_at_step=14)
+    sets = [*DEADLINE, "train.warmup_steps=20"]  # the shortened warmup is state too
+    whole, events = _clocked_train(tmp_path / "whole", sets, FakeClock())
+    _, first = _clocked_train(tmp_path / "cut", sets, FakeClock(), interrupt_at_step=14)
     # The second session's clock reads something else entirely: only elapsed time counts.
-    resumed, second = _clocked_train(tmp_path / "cut", DEADLINE, FakeClock(512.0), resume=True)
+    resumed, second = _clocked_train(tmp_path / "cut", sets, FakeClock(512.0), resume=True)
 
     def rates(evs: list[Event]) -> list[tuple[int, float, int]]:
         return [(e.data["step"], e.data["lr"], e.data["horizon"]) for e in evs if e.kind == "step"]
@@ -382,3 +383,17 @@ def test_pace_counts_the_evaluations_and_saves_before_the_deadline() -> None:
     for step, seconds in [(1, 9.0), (2, 9.0), (3, 0.25), (4, 0.75)]:
         rl.add_step(step, seconds)
     assert rl.step_seconds() == 0.5
+
+
+def test_a_long_warmup_is_shortened_against_the_deadlines_first_plan(tmp_path: Path) -> None:
+    sets = [*DEADLINE, "train.warmup_steps=20"]
+    _, events = _clocked_train(tmp_path, sets, FakeClock())
+    peak = load_config("tiny", sets=[*SETS, *sets]).train.learning_rate
+    notes = [e.data["message"] for e in events if e.kind == "note"]
+    # First planned after step 2 (step 1 is not timed): 38 more steps of 0.25 s fit the 9.5 s
+    # left, no evaluation measured yet, so the horizon is 40 and the warmup a tenth of it.
+    assert "warmup shortened from 20 to 4 steps (a tenth of the 40 steps planned" in " ".join(notes)
+    rates = [e.data["lr"] for e in events if e.kind == "step"]
+    assert rates[:4] == pytest.approx([peak / 20, 2 * peak / 20, 3 * peak / 4, peak])
+    end = [e for e in events if e.kind == "stage_end"][-1].data
+    assert (end["stop_reason"], end["step"]) == ("max_time", 31)

@@ -179,7 +179,12 @@ class Trainer:
         # A --max-time run's schedule is planned from wall-clock measurements: saved so a resume
         # goes on with the same plan. Other runs' plan follows from total_steps alone, and their
         # state holds no wall-clock field but `elapsed`.
-        schedule = {"plan": self.plan.to_dict(), "pace": self.pace.to_dict()}
+        schedule = {
+            "plan": self.plan.to_dict(),
+            "pace": self.pace.to_dict(),
+            "warmup": self._warmup,
+            "warmup_planned": self._warmup_planned,
+        }
         return {
             "stage": self.stage.name,
             "tokens": self.tokens,
@@ -359,7 +364,7 @@ class Trainer:
                 data_state, rng = self.stage.data_state(), _rng_state()
                 self.model.train()
                 self.stage.before_step(self.model, self.step)
-                lr = self._learning_rate(warmup)
+                lr = self._learning_rate()
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_value, step_metrics, step_tokens = self._optimizer_step()
@@ -458,18 +463,22 @@ class Trainer:
         """
         self.pace = Pace(self._unit)
         self.plan = SchedulePlan(warmup, 0.0, self.total_steps)
+        self._warmup = warmup
+        self._warmup_planned = False  # the warmup is shortened against the deadline's horizon once
         saved = self._saved_schedule
         if saved and deadline:  # saved by a run with max_time (resumed with one: a new plan)
             self.pace.load(saved.get("pace", {}))
             if "plan" in saved:
                 self.plan = SchedulePlan.from_dict(saved["plan"])
+            self._warmup = int(saved.get("warmup", warmup))
+            self._warmup_planned = bool(saved.get("warmup_planned", False))
         self._deadline = deadline
 
-    def _learning_rate(self, warmup: int) -> float:
+    def _learning_rate(self) -> float:
         peak, floor = self.train.learning_rate, self.train.min_lr
         if not self._deadline:
-            return optim.learning_rate(self.step, self.total_steps, warmup, peak, floor)
-        return planned_learning_rate(self.step, self.plan, warmup, peak, floor)
+            return optim.learning_rate(self.step, self.total_steps, self._warmup, peak, floor)
+        return planned_learning_rate(self.step, self.plan, self._warmup, peak, floor)
 
     def _replan(self, remaining: float) -> None:
         """Move the schedule's horizon to the step where `remaining` seconds run out, measured.
@@ -490,7 +499,25 @@ class Trainer:
         if steps is None:
             return
         horizon = min(self.total_steps, unit * math.ceil((self.step + steps) / unit))
+        if not self._warmup_planned:
+            self._warmup_planned = True
+            self._shorten_warmup(horizon)
         self.plan = self.plan.replanned(self.step, horizon)
+
+    def _shorten_warmup(self, horizon: int) -> None:
+        """A warmup longer than a tenth of the deadline's first planned horizon is shortened to
+        that tenth, as `_warmup_steps` does against the step limit: once, at the first plan (the
+        horizon moves later, and a warmup that moved with it would move the rate up and down)."""
+        limit = horizon // 10
+        if self._warmup <= limit or self.step >= self._warmup:
+            return
+        self._event(
+            "note",
+            message=f"warmup shortened from {self._warmup} to {limit} steps "
+            f"(a tenth of the {horizon} steps planned to fit --max-time)",
+        )
+        self._warmup = limit
+        self.plan = SchedulePlan(max(limit, self.step), 0.0, horizon)
 
     def _eta(self, elapsed: float, max_seconds: float | None, window_step: float) -> float:
         """Seconds to the end of the last step: the measured pace over the steps left (the
