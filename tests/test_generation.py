@@ -460,3 +460,53 @@ def test_text_stream_with_the_real_tokenizer_rebuilds_unicode(run_dir: Path) -> 
     shown = "".join(stream.push(token) for token in ids)
     assert shown == "Zoë said 你好, " and stream.stopped
     assert tokenizer.decode(stream.ids_before_stop()) == "Zoë said 你好, "
+
+
+def test_decoding_verbs_take_the_training_verbs_cpu_flags(run_dir: Path) -> None:
+    from minigpt_cli.cli.app import app
+
+    for verb in ("generate", "chat", "eval"):
+        text = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "200"}).stdout
+        assert "--threads" in text and "--max-cpu" in text, verb
+    before = torch.get_num_threads()
+    try:
+        result = invoke(run_dir, "-p", "A", "-n", "3", "--greedy", "--threads", "2", "--verbose")
+        assert result.exit_code == 0, result.output
+        assert "2 threads" in result.stderr  # --threads beats the one-thread decoding default
+        result = invoke(run_dir, "-p", "A", "-n", "3", "--greedy", "--max-cpu", "100", "-v")
+        assert result.exit_code == 0 and "1 threads" in result.stderr  # a 2-layer model: one
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_flags_lie_over_the_runs_resources_and_bad_values_exit_2(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from minigpt_cli.cli.decoding import resources_with_flags
+    from minigpt_cli.config.schema import ResourcesConfig
+
+    saved = ResourcesConfig(max_cpu=50, threads=None)
+    assert resources_with_flags(saved, None, None) == saved
+    assert resources_with_flags(saved, 25, 3) == ResourcesConfig(max_cpu=25, threads=3)
+    with pytest.raises(UserError, match="--max-cpu 150"):
+        resources_with_flags(saved, 150, None)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minigpt_cli",
+            "generate",
+            str(run_dir),
+            "-p",
+            "x",
+            "--max-cpu",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --max-cpu 0: must be above 0 and at most 100 (percent of all logical cores)"
+    ]

@@ -83,6 +83,8 @@ def generate(
         bool, typer.Option("--verbose", "-v", help="Report speed (tokens/s) on stderr.")
     ] = False,
     device: decoding.DeviceOpt = "auto",
+    max_cpu: decoding.MaxCpuOpt = None,
+    threads: decoding.ThreadsOpt = None,
 ) -> None:
     """Generate text with a trained run, streamed to stdout as it is produced.
 
@@ -96,7 +98,7 @@ def generate(
     from minigpt_cli.engine.inference.generation import TextStream
 
     text = _read_prompt(prompt)
-    loaded, target = decoding.load_for_decoding(run, device)
+    loaded, target = decoding.load_for_decoding(run, device, max_cpu=max_cpu, threads=threads)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None and i >= 0)
     settings = decoding.sampling_settings(
