@@ -510,3 +510,23 @@ def test_cpu_flags_lie_over_the_runs_resources_and_bad_values_exit_2(
     assert bad.stderr.strip().splitlines() == [
         "error: --max-cpu 0: must be above 0 and at most 100 (percent of all logical cores)"
     ]
+
+
+def test_without_stop_ids_exactly_max_new_tokens_come() -> None:
+    model = make_model(seed=3)
+    prompt = [4, 9, 2, 7]
+    first = generate(model, prompt, settings(greedy=True, max_new_tokens=1))[0]
+    stopping = settings(greedy=True, max_new_tokens=30, stop_ids=(first,))
+    assert generate(model, prompt, stopping) == []  # the first token is the stop id
+    ignoring = settings(greedy=True, max_new_tokens=30, stop_ids=())
+    assert len(generate(model, prompt, ignoring)) == 30  # past the 32-token context too
+
+
+def test_cli_ignore_eos_generates_exactly_n_tokens(run_dir: Path) -> None:
+    # The engine side (no stop id ends a row) is the test above; here the flag reaches it.
+    for count in (40, 7):
+        result = invoke(run_dir, "-p", "A", "-n", str(count), "--greedy", "--ignore-eos", "-v")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.startswith(f"{count} tokens in "), result.stderr
+    beams = invoke(run_dir, "-p", "A", "-n", "9", "--num-beams", "2", "--ignore-eos", "-v")
+    assert beams.exit_code == 0 and beams.stderr.startswith("9 tokens in "), beams.stderr
