@@ -172,6 +172,55 @@ def test_cached_greedy_equals_full_forward_greedy() -> None:
     )
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_the_decode_step_equals_the_module_forward(kv_heads: int) -> None:
+    from minigpt_cli.engine.model.stepper import DecodeStep
+
+    model = make_model(seed=kv_heads, n_kv_head=kv_heads)
+    step = DecodeStep.for_model(model)
+    assert isinstance(step, DecodeStep)  # plain fp32 modules in eval mode: the fast path
+    ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    with torch.inference_mode():
+        fast, slow = model.new_kv_cache(2), model.new_kv_cache(2)
+        model(ids[:, :2], kv_cache=fast), model(ids[:, :2], kv_cache=slow)
+        for position in range(2, ids.shape[1]):
+            got = step(ids[:, position], fast)
+            want = model(ids[:, position : position + 1], kv_cache=slow)[:, -1]
+            # Only the matrix products' summation order differs: float rounding, not more.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert fast.length == slow.length == position + 1
+        for mine, theirs in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_greedy_tokens_equal_the_no_cache_forward(seed: int) -> None:
+    model = make_model(seed=10 + seed, n_kv_head=2 if seed % 2 else 4)
+    prompt = torch.randint(0, VOCAB, (3 + seed,), generator=torch.Generator().manual_seed(seed))
+    tokens = generate(model, prompt.tolist(), settings(greedy=True, max_new_tokens=40))
+    assert tokens == reference_greedy(model, prompt.tolist(), 40)  # past the context, too
+
+
+def test_the_decode_step_falls_back_where_it_cannot_run_exactly() -> None:
+    from minigpt_cli.config.schema import LoraConfig
+    from minigpt_cli.engine.model.lora import apply_lora
+    from minigpt_cli.engine.model.stepper import DecodeStep
+
+    model = make_model()
+    assert not isinstance(DecodeStep.for_model(model.train()), DecodeStep)  # dropout, grads
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(DecodeStep.for_model(model), DecodeStep)
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj"]))
+    step = DecodeStep.for_model(model)
+    assert not isinstance(step, DecodeStep)
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1)
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+        logits = step(torch.tensor([3]), cache)
+    assert logits.shape == (1, VOCAB) and cache.length == 3
+
+
 def test_generation_slides_past_the_context_and_cuts_long_prompts() -> None:
     model = make_model(seed=6)
     long_prompt = [(7 * i) % VOCAB for i in range(50)]
