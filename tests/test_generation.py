@@ -579,3 +579,11 @@ def test_cli_ignore_eos_generates_exactly_n_tokens(run_dir: Path) -> None:
         assert result.stderr.startswith(f"{count} tokens in "), result.stderr
     beams = invoke(run_dir, "-p", "A", "-n", "9", "--num-beams", "2", "--ignore-eos", "-v")
     assert beams.exit_code == 0 and beams.stderr.startswith("9 tokens in "), beams.stderr
+
+
+def test_cli_generates_with_int8_weights(run_dir: Path) -> None:
+    result = invoke(
+        run_dir, "-p", "A", "-n", "6", "--greedy", "--ignore-eos", "--quantize", "int8", "-v"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("6 tokens in ") and "int8 weights" in result.stderr

@@ -45,6 +45,14 @@ GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the most 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, MPS, then CPU).")
 ]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        metavar="int8",
+        help="Decode with int8 weights (per output channel): a quarter of the bytes a token reads.",
+    ),
+]
 # The training verbs' own options, so every verb spells and documents the CPU caps identically.
 MaxCpuOpt = common.MaxCpuOpt
 ThreadsOpt = common.ThreadsOpt
@@ -87,18 +95,28 @@ def apply_decoding_caps(resources: ResourcesConfig, num_parameters: int) -> str:
 
 
 def load_for_decoding(
-    run: Path, device: str, *, max_cpu: float | None = None, threads: int | None = None
+    run: Path,
+    device: str,
+    *,
+    max_cpu: float | None = None,
+    threads: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[LoadedRun, torch.device]:
     """The run on the chosen device; on a CPU under the run's `[resources]` caps with the flags
-    over them, decoding on the thread count it runs fastest at (`apply_decoding_caps`)."""
+    over them, decoding on the thread count it runs fastest at (`apply_decoding_caps`); with
+    `quantize`, its projections in int8 (`engine.model.quantize`)."""
     from minigpt_cli.engine.hardware.device import resolve_device
+    from minigpt_cli.engine.model.quantize import check_quantization, quantize_model
     from minigpt_cli.engine.runs.load import load_run
 
+    check_quantization(quantize)
     target = resolve_device(device)
     loaded = load_run(run, str(target))
     resources = resources_with_flags(loaded.config.resources, max_cpu, threads)
     if target.type == "cpu":
         apply_decoding_caps(resources, loaded.model.num_parameters())
+    if quantize is not None:
+        quantize_model(loaded.model, quantize)
     return loaded, target
 
 

@@ -120,6 +120,7 @@ def eval_runs(
         typer.Option("--no-generation", help="Skip answers (exact match, BLEU, ROUGE)."),
     ] = False,
     no_pref: Annotated[bool, typer.Option("--no-pref", help="Skip preference accuracy.")] = False,
+    quantize: decoding.QuantizeOpt = None,
     max_cpu: decoding.MaxCpuOpt = None,
     threads: decoding.ThreadsOpt = None,
 ) -> None:
@@ -135,7 +136,9 @@ def eval_runs(
     from minigpt_cli.engine.core.io import atomic_write_text
     from minigpt_cli.engine.evaluate.report import PARTS, EvalOptions
     from minigpt_cli.engine.evaluate.run import check_run_dirs, run_eval
+    from minigpt_cli.engine.model.quantize import check_quantization
 
+    check_quantization(quantize)
     check_run_dirs(runs)
     if output is not None:
         common.check_output(output.parent)  # before minutes of evaluation, not after
@@ -154,6 +157,7 @@ def eval_runs(
         max_new_tokens=max_new_tokens,
         reward_model=reward_model,
         parts=parts,
+        quantize=quantize,
     )
     _apply_caps(runs, device, max_cpu, threads)
     # Progress goes to stderr, so stdout holds only the report (pipe --json into a file).

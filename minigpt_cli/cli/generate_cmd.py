@@ -94,6 +94,7 @@ def generate(
     device: decoding.DeviceOpt = "auto",
     max_cpu: decoding.MaxCpuOpt = None,
     threads: decoding.ThreadsOpt = None,
+    quantize: decoding.QuantizeOpt = None,
 ) -> None:
     """Generate text with a trained run, streamed to stdout as it is produced.
 
@@ -107,7 +108,9 @@ def generate(
     from minigpt_cli.engine.inference.generation import TextStream
 
     text = _read_prompt(prompt)
-    loaded, target = decoding.load_for_decoding(run, device, max_cpu=max_cpu, threads=threads)
+    loaded, target = decoding.load_for_decoding(
+        run, device, max_cpu=max_cpu, threads=threads, quantize=quantize
+    )
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     ends = () if ignore_eos else (tokenizer.eos_id, tokenizer.eot_id)
     stop_ids = tuple(i for i in ends if i is not None and i >= 0)
@@ -188,7 +191,9 @@ def generate(
             if first_token_at
             else ""
         )
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        if quantize is not None:
+            dtype += f", {quantize} weights"
         sys.stderr.write(
             f"{produced} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s{first}); prompt "
             f"{min(len(prompt_ids), context)} tokens; {num_samples} sample(s); "

@@ -312,7 +312,7 @@ def decode_threads(num_parameters: int, max_threads: int) -> int:
 
 
 def model_device(model: GPT) -> torch.device:
-    return model.lm_head.weight.device
+    return model.model.embed_tokens.weight.device  # the head may be int8 (`quantize`)
 
 
 def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:

@@ -53,8 +53,11 @@ def projection_of(modules: Sequence[nn.Module]) -> Projection | None:
     own. None when the modules cannot be run here (a LoRA wrapper, a bias, mixed kinds).
     """
     kinds = {type(module) for module in modules}
-    if len(kinds) != 1:
-        return None
+    if len(kinds) != 1:  # e.g. int8 q beside fp32 k/v: each its own product, then joined
+        parts = [projection_of((module,)) for module in modules]
+        if any(part is None for part in parts):
+            return None
+        return lambda x: torch.cat([part(x) for part in parts if part is not None], dim=-1)
     kind = kinds.pop()
     if kind is nn.Linear:
         linears = [module for module in modules if isinstance(module, nn.Linear)]
@@ -107,7 +110,7 @@ class DecodeStep:
 
     @classmethod
     def _build(cls, model: GPT) -> DecodeStep | None:
-        device = model.lm_head.weight.device
+        device = model.model.embed_tokens.weight.device
         if model.training or torch.is_autocast_enabled(device.type):
             return None
         if type(model.model.embed_tokens) is not nn.Embedding:
