@@ -93,6 +93,13 @@ class DecodeStep:
         self._layers = layers
         self._head = head
         self._heads = (config.n_head, config.kv_heads, config.head_dim)
+        # Every position's rotary rows in the compute dtype, the sine's first half negated (the
+        # layout `layers._apply_rotary` takes, as GPT.hidden_states prepares it each forward).
+        dtype = model.model.embed_tokens.weight.dtype
+        half = config.head_dim // 2
+        sin = model.rope_sin.to(dtype)
+        self._cos = model.rope_cos.to(dtype).unsqueeze(1)
+        self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
 
     @classmethod
     def for_model(cls, model: GPT) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
@@ -145,14 +152,8 @@ class DecodeStep:
         if position >= cache.max_len:
             raise ValueError(f"position {position} exceeds the cache length {cache.max_len}")
         end = position + 1
-        # The rotary rows of this position, laid out as GPT.hidden_states prepares them.
-        cos = model.rope_cos[position:end].unsqueeze(1)
-        sin = model.rope_sin[position:end]
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+        cos, sin = self._cos[position:end], self._sin[position:end]  # (1, 1, head_dim)
         x = F.embedding(token_ids.unsqueeze(1), model.model.embed_tokens.weight)
-        if x.dtype != cos.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for index, layer in enumerate(self._layers):
             qkv = layer.qkv(layer.input_norm.forward(x)).view(batch, 1, -1, head_dim)
             qk = _apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)
