@@ -127,3 +127,18 @@ def test_the_flag_on_generate_chat_and_eval(tmp_path: Path) -> None:
         assert bad.stderr.strip().splitlines() == ["error: --quantize int4: expected one of int8"]
         text = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "200"}).stdout
         assert "--quantize" in text
+
+
+def test_stacked_int8_projections_are_built_once_per_model() -> None:
+    # Packing costs more than a token: a second decoding call must reuse the first call's stacks.
+    model = make_model()
+    quantize_model(model, "int8", "dequantize")
+    attention = model.model.layers[0].self_attn
+    group = (attention.q_proj, attention.k_proj, attention.v_proj)
+    first = Int8Linear.stacked_projection(group)
+    assert first is not None and Int8Linear.stacked_projection(group) is first
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        separate = torch.cat([layer(x) for layer in group], dim=-1)
+    torch.testing.assert_close(first(x), separate)
+    assert not any("_stacks" in name for name, _ in model.named_modules())

@@ -98,6 +98,11 @@ class Int8Linear(nn.Module):
         if kernel == "dynamic" and self._packed is None:
             raise RuntimeError("this PyTorch build has no fbgemm int8 GEMM (x86 CPUs only)")
         self.kernel = "dynamic" if self._packed is not None else "dequantize"
+        # Stacks of this layer with its siblings (`stacked_projection`), built once: int8 weights
+        # never change after quantization, and packing costs ~30 ms a matrix (more than decoding
+        # a token of `small`), so it must not happen per decoding call. A plain dict, so the
+        # stacked copies are not submodules (not in `modules()`, `state_dict()`).
+        self._stacks: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:
@@ -127,13 +132,16 @@ class Int8Linear(nn.Module):
             return None
         if len(parts) == 1:
             return parts[0].forward
-        kernel = parts[0].kernel
-        joined = cls(
-            torch.cat([part.qweight for part in parts]),
-            torch.cat([part.scale for part in parts]),
-            kernel,
-        )
-        return joined.forward
+        key = tuple(id(part) for part in parts)
+        stacked = parts[0]._stacks.get(key)
+        if stacked is None:
+            joined = cls(
+                torch.cat([part.qweight for part in parts]),
+                torch.cat([part.scale for part in parts]),
+                parts[0].kernel,
+            )
+            stacked = parts[0]._stacks[key] = joined.forward
+        return stacked
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per row, {self.kernel}"
