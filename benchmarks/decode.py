@@ -1,122 +1,199 @@
-"""Decoding speed: tokens per second of `minigpt_cli.engine.inference.generation` with its KV cache.
+"""Decoding speed against Hugging Face `generate`, batch 1, greedy, exactly 128 new tokens.
 
-Measures batch 1 and batch 8 (one prompt, several samples through one batched cache), 128 new
-tokens, for the `tiny` and `small` preset shapes, with fp32 and with bf16 weights. Weights are
-random: decoding speed does not depend on what the weights say, and no stop id ends a sample
-early, so every row really generates every token. A no-cache reference (the whole sequence
-re-run for every token, what a model without a cache must do) is measured at batch 1 too, to show
-what the cache buys.
+For each preset shape (`tiny`, `small`; random weights: speed does not depend on what the weights
+say) it times, interleaved and repeated:
 
-    python benchmarks/decode.py            # the full table (a few minutes on 2 cores)
-    python benchmarks/decode.py --quick    # 32 new tokens, no no-cache reference
+- minigpt fp32: `generate_batch` (what `minigpt generate --greedy --ignore-eos` runs: prefill, then
+  the KV-cached decode step), on the thread count `generate` picks by default
+  (`generation.decode_threads` under a 100 % cap), or `--threads`;
+- minigpt int8: the same after `quantize_model(model, "int8")` (`generate --quantize int8`);
+- HF: `LlamaForCausalLM` built at exactly the preset's shape (heads, KV heads, SwiGLU width,
+  vocabulary, tied embeddings, rope theta), `generate(do_sample=False, min_new_tokens=128,
+  max_new_tokens=128)`, on torch's default thread count (every core), or `--threads`.
 
-Prints a markdown table. Numbers depend on the machine and on whatever else is running on it.
+Every figure is wall-clock tokens/s over the whole call (prefill included), median and range of
+`--repeats` rounds; within a round the contenders run back to back, so a slow minute of a shared
+machine hits all of them. The machine's copy bandwidth (a 256 MiB tensor copy, bytes read plus
+written per second, best of 5) divided by the bytes of weights one token reads gives the
+memory-bandwidth limit each figure is shown against.
+
+    python benchmarks/decode.py                        # tiny and small, 3 rounds
+    python benchmarks/decode.py --shapes small --repeats 5 --threads 1
+
+Needs `transformers` for the HF rows (`pip install transformers`); without it they are skipped.
+Prints a markdown table. Numbers depend on the machine and on whatever else runs on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from minigpt_cli.config.loader import load_config  # noqa: E402
 from minigpt_cli.config.params import count_parameters, format_count  # noqa: E402
+from minigpt_cli.engine.hardware.monitor import allowed_threads  # noqa: E402
 from minigpt_cli.engine.inference.decode import generate_batch  # noqa: E402
-from minigpt_cli.engine.inference.generation import SamplingSettings  # noqa: E402
+from minigpt_cli.engine.inference.generation import SamplingSettings, decode_threads  # noqa: E402
 from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
+from minigpt_cli.engine.model.quantize import quantize_model  # noqa: E402
 
-SHAPES = {
-    # name: (model config, vocabulary size), read from the presets themselves
-    name: (load_config(name).model, load_config(name).tokenizer.vocab_size)
-    for name in ("tiny", "small")
-}
 PROMPT_TOKENS = 16
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own default, before anything changes it
 
 
-def _settings(new_tokens: int) -> SamplingSettings:
-    # The [generate] defaults (temperature 0.8, top-k 50, top-p 0.95): sampling cost included.
-    return SamplingSettings(max_new_tokens=new_tokens, seed=0)
-
-
-def _time_cached(model: GPT, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> float:
-    """Best-of-`repeats` tokens/s over the whole generate call (prefill included)."""
-    settings = _settings(new_tokens)
-    generate_batch(model, prompt, _settings(4), batch)  # warm-up: allocator, kernels
-    rates = []
+def copy_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a large tensor copy moves (read + write), best of `repeats`."""
+    torch.set_num_threads(threads)
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        outputs = generate_batch(model, prompt, settings, batch)
-        elapsed = time.perf_counter() - start
-        produced = sum(len(row) for row in outputs)
-        rates.append(produced / elapsed)
-    return max(rates)
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best
 
 
-@torch.inference_mode()
-def _time_uncached(model: GPT, prompt: list[int], new_tokens: int) -> float:
-    """Tokens/s re-running the full sequence for every new token (greedy, batch 1)."""
-    ids = torch.tensor([prompt], dtype=torch.long)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits = model(ids[:, -model.config.context_length :], last_only=True)[:, -1]
-        ids = torch.cat((ids, logits.argmax(-1, keepdim=True)), dim=1)
-    return new_tokens / (time.perf_counter() - start)
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter and int8 buffer once, less the
+    embedding table when the head does not share it (a lookup reads one row)."""
+    gpt = model
+    assert isinstance(gpt, GPT)
+    tensors = {id(t): t for t in (*gpt.parameters(), *gpt.buffers())}
+    for skipped in (gpt.rope_cos, gpt.rope_sin):
+        tensors.pop(id(skipped), None)
+    embedding = gpt.model.embed_tokens.weight
+    head = getattr(gpt.lm_head, "weight", None)
+    if head is not embedding:
+        tensors.pop(id(embedding), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def hf_peer(name: str) -> tuple[nn.Module, Callable[[torch.Tensor, int], int]] | None:
+    """HF `LlamaForCausalLM` at exactly the preset's shape, and a greedy exact-length generate."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    config = load_config(name)
+    shape = config.model
+    hf = LlamaConfig(
+        vocab_size=config.tokenizer.vocab_size,
+        hidden_size=shape.n_embd,
+        intermediate_size=shape.ffn_dim,
+        num_hidden_layers=shape.n_layer,
+        num_attention_heads=shape.n_head,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.context_length,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=shape.norm_eps,
+        tie_word_embeddings=shape.tie_embeddings,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf).eval()
+
+    def run(ids: torch.Tensor, new_tokens: int) -> int:
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # end-of-text suppressed: exactly new_tokens
+            pad_token_id=0,
+        )
+        return int(out.shape[1] - ids.shape[1])
+
+    return model, run
+
+
+def minigpt_runner(model: GPT) -> Callable[[torch.Tensor, int], int]:
+    def run(ids: torch.Tensor, new_tokens: int) -> int:
+        settings = SamplingSettings(max_new_tokens=new_tokens, greedy=True, stop_ids=())
+        return len(generate_batch(model, ids[0].tolist(), settings)[0])
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32 new tokens, no no-cache row")
     parser.add_argument("--shapes", default="tiny,small", help="comma list of tiny,small")
-    parser.add_argument("--batches", default="1,8", help="comma list of batch sizes")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes: fp32,bf16")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
-    parser.add_argument("--repeats", type=int, default=None, help="best of N (default 3, quick 1)")
-    args = parser.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    new_tokens = args.new_tokens or (32 if args.quick else 128)
-    repeats = args.repeats or (1 if args.quick else 3)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-    print(
-        f"Decode speed, {new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="one thread count for all (default: each its own)"
     )
-    print("| shape | params | weights | batch | tokens/s | ms per step |")
-    print("|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        model_cfg, vocab = SHAPES[shape]
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    bandwidth = {n: copy_bandwidth(n) for n in sorted({1, DEFAULT_THREADS})}
+    print(
+        f"Batch-1 greedy decode, {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token "
+        f"prompt, median (range) of {args.repeats} interleaved rounds; torch {torch.__version__}, "
+        f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average {os.getloadavg()[0]:.1f} at the start. Copy bandwidth (256 MiB, read + "
+        "write): "
+        + ", ".join(f"{n} thread(s) {rate / 1e9:.1f} GB/s" for n, rate in bandwidth.items())
+        + "\n"
+    )
+    print(
+        "| shape | params | decoder | threads | tokens/s | vs HF | MB read a token "
+        "| bandwidth limit tokens/s | share of limit |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        config = load_config(name)
         torch.manual_seed(0)
-        base = GPT(model_cfg, vocab).eval()
-        prompt = torch.randint(0, vocab, (PROMPT_TOKENS,)).tolist()
-        params = format_count(count_parameters(model_cfg, vocab))
-        for dtype_name in args.dtypes.split(","):
-            model = base.to(dtypes[dtype_name])
-            for batch in (int(b) for b in args.batches.split(",")):
-                rate = _time_cached(model, prompt, batch, new_tokens, repeats)
-                step_ms = 1000 * batch / rate
-                print(
-                    f"| {shape} | {params} | {dtype_name} | {batch} | {rate:,.0f} | "
-                    f"{step_ms:.2f} |",
-                    flush=True,
-                )
-            if not args.quick and dtype_name == "fp32":
-                rates = [_time_uncached(model, prompt, new_tokens) for _ in range(repeats)]
-                rate = statistics.median(rates)
-                print(
-                    f"| {shape} (no cache) | {params} | {dtype_name} | 1 | {rate:,.0f} | "
-                    f"{1000 / rate:.2f} |",
-                    flush=True,
-                )
+        base = GPT(config.model, config.tokenizer.vocab_size).eval()
+        quantized = copy.deepcopy(base)
+        quantize_model(quantized, "int8")
+        ids = torch.randint(0, config.tokenizer.vocab_size, (1, PROMPT_TOKENS))
+        ours = args.threads or decode_threads(base.num_parameters(), allowed_threads(100))
+        contenders: dict[str, tuple[nn.Module, Callable[[torch.Tensor, int], int], int]] = {
+            "minigpt fp32": (base, minigpt_runner(base), ours),
+            "minigpt int8": (quantized, minigpt_runner(quantized), ours),
+        }
+        peer = hf_peer(name)
+        if peer is not None:
+            contenders["HF generate fp32"] = (peer[0], peer[1], args.threads or DEFAULT_THREADS)
+        rates: dict[str, list[float]] = {label: [] for label in contenders}
+        for _, run, threads in contenders.values():  # warm-up: allocator, kernels, packing
+            torch.set_num_threads(threads)
+            run(ids, 8)
+        for _ in range(args.repeats):
+            for label, (_, run, threads) in contenders.items():
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                produced = run(ids, args.new_tokens)
+                elapsed = time.perf_counter() - start
+                assert produced == args.new_tokens, (label, produced)
+                rates[label].append(produced / elapsed)
+        params = format_count(count_parameters(config.model, config.tokenizer.vocab_size))
+        hf_median = statistics.median(rates["HF generate fp32"]) if peer is not None else None
+        for label, (model, _, threads) in contenders.items():
+            values = rates[label]
+            median = statistics.median(values)
+            read = bytes_per_token(model) if label.startswith("minigpt") else bytes_per_token(base)
+            limit = bandwidth.get(threads, copy_bandwidth(threads)) / read
+            ratio = f"{median / hf_median:.2f}x" if hf_median else "-"
+            print(
+                f"| {name} | {params} | {label} | {threads} | {median:,.0f} "
+                f"({min(values):,.0f}-{max(values):,.0f}) | {ratio} | {read / 1e6:.1f} "
+                f"| {limit:,.0f} | {median / limit:.0%} |",
+                flush=True,
+            )
     return 0
 
 

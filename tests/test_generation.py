@@ -172,6 +172,55 @@ def test_cached_greedy_equals_full_forward_greedy() -> None:
     )
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_the_decode_step_equals_the_module_forward(kv_heads: int) -> None:
+    from minigpt_cli.engine.model.stepper import DecodeStep
+
+    model = make_model(seed=kv_heads, n_kv_head=kv_heads)
+    step = DecodeStep.for_model(model)
+    assert isinstance(step, DecodeStep)  # plain fp32 modules in eval mode: the fast path
+    ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    with torch.inference_mode():
+        fast, slow = model.new_kv_cache(2), model.new_kv_cache(2)
+        model(ids[:, :2], kv_cache=fast), model(ids[:, :2], kv_cache=slow)
+        for position in range(2, ids.shape[1]):
+            got = step(ids[:, position], fast)
+            want = model(ids[:, position : position + 1], kv_cache=slow)[:, -1]
+            # Only the matrix products' summation order differs: float rounding, not more.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert fast.length == slow.length == position + 1
+        for mine, theirs in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_greedy_tokens_equal_the_no_cache_forward(seed: int) -> None:
+    model = make_model(seed=10 + seed, n_kv_head=2 if seed % 2 else 4)
+    prompt = torch.randint(0, VOCAB, (3 + seed,), generator=torch.Generator().manual_seed(seed))
+    tokens = generate(model, prompt.tolist(), settings(greedy=True, max_new_tokens=40))
+    assert tokens == reference_greedy(model, prompt.tolist(), 40)  # past the context, too
+
+
+def test_the_decode_step_falls_back_where_it_cannot_run_exactly() -> None:
+    from minigpt_cli.config.schema import LoraConfig
+    from minigpt_cli.engine.model.lora import apply_lora
+    from minigpt_cli.engine.model.stepper import DecodeStep
+
+    model = make_model()
+    assert not isinstance(DecodeStep.for_model(model.train()), DecodeStep)  # dropout, grads
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(DecodeStep.for_model(model), DecodeStep)
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj"]))
+    step = DecodeStep.for_model(model)
+    assert not isinstance(step, DecodeStep)
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1)
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+        logits = step(torch.tensor([3]), cache)
+    assert logits.shape == (1, VOCAB) and cache.length == 3
+
+
 def test_generation_slides_past_the_context_and_cuts_long_prompts() -> None:
     model = make_model(seed=6)
     long_prompt = [(7 * i) % VOCAB for i in range(50)]
@@ -460,3 +509,81 @@ def test_text_stream_with_the_real_tokenizer_rebuilds_unicode(run_dir: Path) -> 
     shown = "".join(stream.push(token) for token in ids)
     assert shown == "Zoë said 你好, " and stream.stopped
     assert tokenizer.decode(stream.ids_before_stop()) == "Zoë said 你好, "
+
+
+def test_decoding_verbs_take_the_training_verbs_cpu_flags(run_dir: Path) -> None:
+    from minigpt_cli.cli.app import app
+
+    for verb in ("generate", "chat", "eval"):
+        text = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "200"}).stdout
+        assert "--threads" in text and "--max-cpu" in text, verb
+    before = torch.get_num_threads()
+    try:
+        result = invoke(run_dir, "-p", "A", "-n", "3", "--greedy", "--threads", "2", "--verbose")
+        assert result.exit_code == 0, result.output
+        assert "2 threads" in result.stderr  # --threads beats the one-thread decoding default
+        result = invoke(run_dir, "-p", "A", "-n", "3", "--greedy", "--max-cpu", "100", "-v")
+        assert result.exit_code == 0 and "1 threads" in result.stderr  # a 2-layer model: one
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_flags_lie_over_the_runs_resources_and_bad_values_exit_2(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from minigpt_cli.cli.decoding import resources_with_flags
+    from minigpt_cli.config.schema import ResourcesConfig
+
+    saved = ResourcesConfig(max_cpu=50, threads=None)
+    assert resources_with_flags(saved, None, None) == saved
+    assert resources_with_flags(saved, 25, 3) == ResourcesConfig(max_cpu=25, threads=3)
+    with pytest.raises(UserError, match="--max-cpu 150"):
+        resources_with_flags(saved, 150, None)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minigpt_cli",
+            "generate",
+            str(run_dir),
+            "-p",
+            "x",
+            "--max-cpu",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --max-cpu 0: must be above 0 and at most 100 (percent of all logical cores)"
+    ]
+
+
+def test_without_stop_ids_exactly_max_new_tokens_come() -> None:
+    model = make_model(seed=3)
+    prompt = [4, 9, 2, 7]
+    first = generate(model, prompt, settings(greedy=True, max_new_tokens=1))[0]
+    stopping = settings(greedy=True, max_new_tokens=30, stop_ids=(first,))
+    assert generate(model, prompt, stopping) == []  # the first token is the stop id
+    ignoring = settings(greedy=True, max_new_tokens=30, stop_ids=())
+    assert len(generate(model, prompt, ignoring)) == 30  # past the 32-token context too
+
+
+def test_cli_ignore_eos_generates_exactly_n_tokens(run_dir: Path) -> None:
+    # The engine side (no stop id ends a row) is the test above; here the flag reaches it.
+    for count in (40, 7):
+        result = invoke(run_dir, "-p", "A", "-n", str(count), "--greedy", "--ignore-eos", "-v")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.startswith(f"{count} tokens in "), result.stderr
+    beams = invoke(run_dir, "-p", "A", "-n", "9", "--num-beams", "2", "--ignore-eos", "-v")
+    assert beams.exit_code == 0 and beams.stderr.startswith("9 tokens in "), beams.stderr
+
+
+def test_cli_generates_with_int8_weights(run_dir: Path) -> None:
+    result = invoke(
+        run_dir, "-p", "A", "-n", "6", "--greedy", "--ignore-eos", "--quantize", "int8", "-v"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("6 tokens in ") and "int8 weights" in result.stderr

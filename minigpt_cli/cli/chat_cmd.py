@@ -342,6 +342,9 @@ def chat(
         typer.Option("--seed", help="Random seed: the same seed and messages give the same chat."),
     ] = None,
     device: decoding.DeviceOpt = "auto",
+    max_cpu: decoding.MaxCpuOpt = None,
+    threads: decoding.ThreadsOpt = None,
+    quantize: decoding.QuantizeOpt = None,
 ) -> None:
     """Chat with a trained run: streaming answers, multi-turn history, /help for commands.
 
@@ -355,7 +358,9 @@ def chat(
     from minigpt_cli.engine.data.chat_template import stop_token_ids
     from minigpt_cli.engine.inference.chat import Conversation
 
-    loaded, target = decoding.load_for_decoding(run, device)
+    loaded, target = decoding.load_for_decoding(
+        run, device, max_cpu=max_cpu, threads=threads, quantize=quantize
+    )
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     settings = decoding.sampling_settings(
         config.generate,

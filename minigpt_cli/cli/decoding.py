@@ -8,16 +8,18 @@ identically for the same seed (a test holds them to that).
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from minigpt_cli.cli import common
+from minigpt_cli.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
-    from minigpt_cli.config.schema import GenerateConfig
+    from minigpt_cli.config.schema import GenerateConfig, ResourcesConfig
     from minigpt_cli.engine.inference.generation import SamplingSettings
     from minigpt_cli.engine.runs.load import LoadedRun
 
@@ -43,25 +45,78 @@ GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Always take the most 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA, MPS, then CPU).")
 ]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        metavar="int8",
+        help="Decode with int8 weights (per output channel): a quarter of the bytes a token reads.",
+    ),
+]
+# The training verbs' own options, so every verb spells and documents the CPU caps identically.
+MaxCpuOpt = common.MaxCpuOpt
+ThreadsOpt = common.ThreadsOpt
 
 
-def load_for_decoding(run: Path, device: str) -> tuple[LoadedRun, torch.device]:
-    """The run on the chosen device; on a CPU with the thread count decoding runs fastest at
-    (small models decode faster on fewer threads), within the run's `[resources]` cap."""
-    import torch
+def resources_with_flags(
+    resources: ResourcesConfig, max_cpu: float | None, threads: int | None
+) -> ResourcesConfig:
+    """A run's `[resources]` with `--max-cpu` / `--threads` laid over it (None: not given).
 
-    from minigpt_cli.engine.hardware.device import resolve_device
+    Checked here, before any work, with the schema's own rule for the cap (0 < percent <= 100);
+    Typer already holds `--threads` to at least 1.
+    """
+    if max_cpu is not None and not 0 < max_cpu <= 100:
+        raise UserError(
+            f"--max-cpu {max_cpu:g}: must be above 0 and at most 100 (percent of all logical cores)"
+        )
+    given = {
+        key: value
+        for key, value in (("max_cpu", max_cpu), ("threads", threads))
+        if value is not None
+    }
+    return resources.model_copy(update=given) if given else resources
+
+
+def apply_decoding_caps(resources: ResourcesConfig, num_parameters: int) -> str:
+    """Apply the CPU caps to a decoding process as the training verbs apply them (niceness,
+    threads, the duty cycle of a fractional cap: `governor.apply_resources`), with one difference:
+    without `--threads` the count is the one token-by-token decoding runs fastest at
+    (`generation.decode_threads`: one thread for a small model, else the idle cores), within the
+    cap. Returns the thread note."""
+    from minigpt_cli.engine.hardware.monitor import allowed_threads
     from minigpt_cli.engine.inference.generation import decode_threads
+    from minigpt_cli.engine.resources.governor import apply_resources
+
+    if resources.threads is not None:
+        return apply_resources(resources, resources.threads, "--threads")
+    count = decode_threads(num_parameters, allowed_threads(resources.max_cpu))
+    return apply_resources(resources, count, "the fastest for decoding a model this size")
+
+
+def load_for_decoding(
+    run: Path,
+    device: str,
+    *,
+    max_cpu: float | None = None,
+    threads: int | None = None,
+    quantize: str | None = None,
+) -> tuple[LoadedRun, torch.device]:
+    """The run on the chosen device; on a CPU under the run's `[resources]` caps with the flags
+    over them, decoding on the thread count it runs fastest at (`apply_decoding_caps`); with
+    `quantize`, its projections in int8 (`engine.model.quantize`)."""
+    from minigpt_cli.engine.hardware.device import resolve_device
+    from minigpt_cli.engine.model.quantize import check_quantization, quantize_model
     from minigpt_cli.engine.runs.load import load_run
 
+    check_quantization(quantize)
     target = resolve_device(device)
     loaded = load_run(run, str(target))
-    resources = loaded.config.resources
+    resources = resources_with_flags(loaded.config.resources, max_cpu, threads)
     if target.type == "cpu":
-        cap = max(1, round((os.cpu_count() or 1) * resources.max_cpu / 100))
-        torch.set_num_threads(
-            resources.threads or decode_threads(loaded.model.num_parameters(), cap)
-        )
+        apply_decoding_caps(resources, loaded.model.num_parameters())
+    if quantize is not None:
+        quantize_model(loaded.model, quantize)
     return loaded, target
 
 

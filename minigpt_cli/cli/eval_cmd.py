@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from minigpt_cli.cli import common
+from minigpt_cli.cli import common, decoding
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -120,6 +120,9 @@ def eval_runs(
         typer.Option("--no-generation", help="Skip answers (exact match, BLEU, ROUGE)."),
     ] = False,
     no_pref: Annotated[bool, typer.Option("--no-pref", help="Skip preference accuracy.")] = False,
+    quantize: decoding.QuantizeOpt = None,
+    max_cpu: decoding.MaxCpuOpt = None,
+    threads: decoding.ThreadsOpt = None,
 ) -> None:
     """Compare runs on held-out data: perplexity, bits per byte, exact match, BLEU, ROUGE and
     preference accuracy, per task family and overall, in one table.
@@ -133,7 +136,9 @@ def eval_runs(
     from minigpt_cli.engine.core.io import atomic_write_text
     from minigpt_cli.engine.evaluate.report import PARTS, EvalOptions
     from minigpt_cli.engine.evaluate.run import check_run_dirs, run_eval
+    from minigpt_cli.engine.model.quantize import check_quantization
 
+    check_quantization(quantize)
     check_run_dirs(runs)
     if output is not None:
         common.check_output(output.parent)  # before minutes of evaluation, not after
@@ -152,8 +157,9 @@ def eval_runs(
         max_new_tokens=max_new_tokens,
         reward_model=reward_model,
         parts=parts,
+        quantize=quantize,
     )
-    _apply_caps(runs, device)
+    _apply_caps(runs, device, max_cpu, threads)
     # Progress goes to stderr, so stdout holds only the report (pipe --json into a file).
     with EventRenderer(console=Console(stderr=True, highlight=False)) as renderer:
         report = run_eval(runs, options, renderer)
@@ -166,17 +172,18 @@ def eval_runs(
         print_report(report, Console(highlight=False))
 
 
-def _apply_caps(runs: list[Path], device: str) -> None:
-    """The first run's [resources] caps for this process, as the training verbs apply them:
-    niceness, torch threads (the cores left idle, within `max_cpu`, or `threads`) and the duty
-    cycle for a fractional cap. Not `generate`'s single decoding thread: most of eval is batched
-    forward passes (text windows, preference pairs, 32 prompts at a time), which use more cores.
+def _apply_caps(runs: list[Path], device: str, max_cpu: float | None, threads: int | None) -> None:
+    """The first run's [resources] caps, with `--max-cpu` / `--threads` over them, for this
+    process, as the training verbs apply them: niceness, torch threads (the cores left idle,
+    within `max_cpu`, or `threads`) and the duty cycle for a fractional cap. Not `generate`'s
+    single decoding thread: most of eval is batched forward passes (text windows, preference
+    pairs, 32 prompts at a time), which use more cores.
     """
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.hardware.device import resolve_device
     from minigpt_cli.engine.resources.governor import apply_resources
 
-    resources = read_run_config(runs[0]).resources
+    resources = decoding.resources_with_flags(read_run_config(runs[0]).resources, max_cpu, threads)
     if resolve_device(device).type == "cpu":
         apply_resources(resources)
 

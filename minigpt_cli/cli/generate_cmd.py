@@ -3,7 +3,8 @@
 Defaults come from the run's own `[generate]` section (so a run can ship its preferred sampling
 settings); every flag overrides one of them. The prompt is conditioned as the start of a document
 (the end-of-text id that separates training documents comes first), generation ends at an
-end-of-text or end-of-turn token, and the text is printed as it is produced.
+end-of-text or end-of-turn token (never, with `--ignore-eos`: exactly `--max-new-tokens` tokens, so
+decoding can be timed from outside), and the text is printed as it is produced.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def generate(
             help="Beam search: score = log-prob / length^this; above 0 favours longer text.",
         ),
     ] = None,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-eos",
+            help="Never stop at the end-of-text or end-of-turn token: generate exactly "
+            "--max-new-tokens tokens (for timing; --stop strings still apply).",
+        ),
+    ] = False,
     stop: Annotated[
         list[str] | None,
         typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed."),
@@ -83,6 +92,9 @@ def generate(
         bool, typer.Option("--verbose", "-v", help="Report speed (tokens/s) on stderr.")
     ] = False,
     device: decoding.DeviceOpt = "auto",
+    max_cpu: decoding.MaxCpuOpt = None,
+    threads: decoding.ThreadsOpt = None,
+    quantize: decoding.QuantizeOpt = None,
 ) -> None:
     """Generate text with a trained run, streamed to stdout as it is produced.
 
@@ -96,9 +108,12 @@ def generate(
     from minigpt_cli.engine.inference.generation import TextStream
 
     text = _read_prompt(prompt)
-    loaded, target = decoding.load_for_decoding(run, device)
+    loaded, target = decoding.load_for_decoding(
+        run, device, max_cpu=max_cpu, threads=threads, quantize=quantize
+    )
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None and i >= 0)
+    ends = () if ignore_eos else (tokenizer.eos_id, tokenizer.eot_id)
+    stop_ids = tuple(i for i in ends if i is not None and i >= 0)
     settings = decoding.sampling_settings(
         config.generate,
         top_k=top_k,
@@ -176,7 +191,9 @@ def generate(
             if first_token_at
             else ""
         )
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        if quantize is not None:
+            dtype += f", {quantize} weights"
         sys.stderr.write(
             f"{produced} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s{first}); prompt "
             f"{min(len(prompt_ids), context)} tokens; {num_samples} sample(s); "

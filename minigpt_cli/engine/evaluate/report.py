@@ -36,6 +36,7 @@ class EvalOptions:
     parts: Sequence[str] = PARTS
     text_documents: int | None = None  # None: every document
     reward_model: Path | None = None  # a reward run: its score of every run's answers, `reward`
+    quantize: str | None = None  # "int8": every run (and a parent scored beside it) in int8 weights
 
     @classmethod
     def from_config(cls, section: EvalConfig, **fields: Any) -> EvalOptions:

@@ -46,6 +46,7 @@ from minigpt_cli.engine.metrics.text import (
     text_windows,
     token_byte_lengths,
 )
+from minigpt_cli.engine.model.quantize import quantize_model
 from minigpt_cli.engine.resources.governor import release_memory
 from minigpt_cli.engine.runs.checkpoint import read_state
 from minigpt_cli.engine.runs.files import ADAPTER_FILE, MODEL_FILE
@@ -163,7 +164,9 @@ def run_eval(
             if parent is not None:
                 parent_pairs = pair_cache.get(parent.resolve())
                 if parent_pairs is None:
-                    parent_pairs = _score_parent(parent, pair_records, device, on_event)
+                    parent_pairs = _score_parent(
+                        parent, pair_records, device, on_event, options.quantize
+                    )
                     pair_cache[parent.resolve()] = parent_pairs
             elif state.get("parent"):
                 emit(
@@ -206,6 +209,8 @@ def _measure_run(
     """Load one run and measure what `data` holds; its own pair scores come back separately (the
     preference metrics need the parent's too). The model is freed when this returns."""
     loaded = load_run(run_dir, str(device))
+    if options.quantize is not None:
+        quantize_model(loaded.model, options.quantize)
     model, tokenizer = loaded.model, loaded.tokenizer
     windows = text_windows(tokenizer, data.get("text", []), int(model.config.context_length))
     prompts, pairs = data.get("generation", []), data.get("preference", [])
@@ -254,10 +259,17 @@ def _measure_run(
 
 
 def _score_parent(
-    parent: Path, records: Sequence[dict], device: torch.device, on_event: EventCallback | None
+    parent: Path,
+    records: Sequence[dict],
+    device: torch.device,
+    on_event: EventCallback | None,
+    quantize: str | None = None,
 ) -> PairScores:
-    """Load a parent run only to score the preference pairs as the reference, then free it."""
+    """Load a parent run only to score the preference pairs as the reference, then free it (in
+    the same int8 weights as the run, with `--quantize`, so both sides of the margin match)."""
     loaded = load_run(parent, str(device))
+    if quantize is not None:
+        quantize_model(loaded.model, quantize)
     progress = _Progress(on_event, f"{parent.name} (reference)", pair_batches(len(records)))
     progress.start("preference pairs")
     scores = score_pairs(

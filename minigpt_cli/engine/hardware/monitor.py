@@ -67,6 +67,13 @@ def thread_budget() -> int | None:
     return _thread_budget
 
 
+def allowed_threads(max_cpu_pct: float) -> int:
+    """Threads a `--max-cpu` cap allows: whole cores, rounded up (the fraction is held by
+    duty-cycling, governor.CpuThrottle), at least one. Every verb reads the cap through this."""
+    cores = psutil.cpu_count(logical=True) or 1
+    return max(1, math.ceil(cores * max_cpu_pct / 100 - 1e-9))
+
+
 def configure_threads(
     max_cpu_pct: float, threads: int | None = None, source: str = "set explicitly"
 ) -> tuple[int, str]:
@@ -82,8 +89,7 @@ def configure_threads(
     if threads is not None:
         count, reason = threads, f"{threads} threads ({source})"
     else:
-        # Whole cores round up; the fraction is held by duty-cycling (governor.CpuThrottle).
-        allowed = max(1, math.ceil(cores * max_cpu_pct / 100 - 1e-9))
+        allowed = allowed_threads(max_cpu_pct)
         free = max(1, round(idle_cores()))
         count = min(allowed, free)
         reason = f"{count} threads ({max_cpu_pct:g}% of {cores} cores)"

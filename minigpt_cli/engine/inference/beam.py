@@ -22,6 +22,7 @@ from minigpt_cli.engine.inference.generation import (
     slide_window,
 )
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
+from minigpt_cli.engine.model.stepper import DecodeStep
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def _beam_loop(
     length = len(prompt)
     cache = model.new_kv_cache(beams)
     logits = model(history[:, :length], kv_cache=cache, last_only=True)[:, -1]
+    decode_step = DecodeStep.for_model(model)
     # Only beam 0 is real at the start (the others are copies of it with score -inf).
     scores = torch.full((beams,), float("-inf"), device=device)
     scores[0] = 0.0
@@ -148,7 +150,7 @@ def _beam_loop(
         if cache.length == cache.max_len:
             logits = slide_window(model, cache, history[:, :length])
         else:
-            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
+            logits = decode_step(next_ids, cache)
     if not finished:
         return []
     best = max(finished, key=lambda item: (item[0], item[1]))

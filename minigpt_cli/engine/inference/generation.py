@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
+from minigpt_cli.engine.model.stepper import DecodeStep
 from minigpt_cli.engine.resources.governor import throttle_point
 from minigpt_cli.errors import UserError
 
@@ -311,7 +312,7 @@ def decode_threads(num_parameters: int, max_threads: int) -> int:
 
 
 def model_device(model: GPT) -> torch.device:
-    return model.lm_head.weight.device
+    return model.model.embed_tokens.weight.device  # the head may be int8 (`quantize`)
 
 
 def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -396,6 +397,7 @@ def _sample_loop(
 
     cache = model.new_kv_cache(rows)
     logits = model(history[:, :length], kv_cache=cache, last_only=True)[:, -1]
+    step = DecodeStep.for_model(model)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     active = [True] * rows
     for _ in range(settings.max_new_tokens):
@@ -423,7 +425,7 @@ def _sample_loop(
         if cache.length == cache.max_len:
             logits = slide_window(model, cache, history[:, :length])
         else:
-            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
+            logits = step(next_ids, cache)
     if streams is not None:
         outputs = [stream.ids_before_stop() for stream in streams]
     return outputs

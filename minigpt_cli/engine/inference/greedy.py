@@ -13,6 +13,7 @@ import torch
 
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.layers import reuse_stacked_weights
+from minigpt_cli.engine.model.stepper import DecodeStep
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -55,6 +56,7 @@ def greedy_complete(
         cache = model.new_kv_cache(len(rows), max_len=total)
         position = min(lengths)
         logits = model(history[:, :position], kv_cache=cache, last_only=True)[:, -1]
+        step = DecodeStep.for_model(model)
         outputs: list[list[int]] = [[] for _ in rows]
         active = [True] * len(rows)
         while True:
@@ -73,7 +75,7 @@ def greedy_complete(
             if not any(active) or position + 1 >= total:
                 break
             history[:, position] = next_ids
-            logits = model(next_ids.unsqueeze(1), kv_cache=cache)[:, -1]
+            logits = step(next_ids, cache)
             position += 1
     finally:
         model.train(was_training)

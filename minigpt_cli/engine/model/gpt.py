@@ -125,7 +125,7 @@ class GPT(nn.Module):
         device: torch.device | str | None = None,
     ) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `max_len` (default: the context)."""
-        reference = self.lm_head.weight
+        reference = self.model.embed_tokens.weight
         length = self.config.context_length if max_len is None else max_len
         if not 1 <= length <= self.config.context_length:
             raise ValueError(
@@ -148,7 +148,8 @@ class GPT(nn.Module):
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
-        return self.lm_head.weight.dtype
+        # The embedding, not the head: an int8 head (`quantize.Int8Linear`) computes in this dtype.
+        return self.model.embed_tokens.weight.dtype
 
     def hidden_states(
         self,

@@ -157,6 +157,30 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_head: int,
+    n_kv_head: int,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention of (B, heads, T, head_dim) queries over (B, kv_heads, S,
+    head_dim) keys and values; grouped-query heads share keys without copies where torch can."""
+    grouped = {}
+    if n_kv_head != n_head:
+        if _SDPA_GQA:
+            grouped = {"enable_gqa": True}  # no copies of the shared keys/values
+        else:
+            repeats = n_head // n_kv_head
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, **grouped
+    )
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary positions, grouped-query heads and an optional KV cache."""
 
@@ -219,22 +243,8 @@ class Attention(nn.Module):
                 causal = False
                 rows = torch.arange(start_pos, end, device=x.device).unsqueeze(1)
                 mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
-        grouped = {}
-        if self.n_kv_head != self.n_head:
-            if _SDPA_GQA:
-                grouped = {"enable_gqa": True}  # no copies of the shared keys/values
-            else:
-                repeats = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            **grouped,
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, self.n_head, self.n_kv_head, mask, causal, dropout)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)
         return self.o_proj(y)
 
