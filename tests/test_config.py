@@ -623,6 +623,8 @@ def test_config_help_imports_no_heavy_modules() -> None:
         ([], "ppo", 16, 16, 2),
         # The rule reward: GRPO, 16 groups of 8 in one step (8 micro-batches of 16), 1 pass.
         (["rlhf.reward=rule"], "grpo", 128, 16, 1),
+        # The reward model and the rule together (the quickstart's RLHF): GRPO as well.
+        (["rlhf.reward=both"], "grpo", 128, 16, 1),
         # What the user names wins: the algorithm, the step size and the passes.
         (["rlhf.reward=rule", "rlhf.algo=ppo"], "ppo", 16, 16, 2),
         (["rlhf.algo=grpo", "rlhf.global_batch_size=32", "rlhf.ppo_epochs=3"], "grpo", 32, 16, 3),

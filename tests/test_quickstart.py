@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_cli.cli.quickstart_cmd import TRAINING_STAGES, stage_status
+from minigpt_cli.config.loader import read_run_config
 from minigpt_cli.engine.evaluate.report import EvalReport, RunReport, best_chat_run
 from minigpt_cli.engine.runs.checkpoint import read_metrics, read_state
 from tests.conftest import TINY_SETS, run_cli, set_args
@@ -33,6 +34,7 @@ QUICK_SETS = [
     "reward.eval_every=5",
     "rlhf.max_steps=2",
     "rlhf.rollout_batch_size=4",
+    "rlhf.num_generations=2",
     "rlhf.global_batch_size=4",
     "rlhf.micro_batch_size=4",
     "rlhf.max_new_tokens=6",
@@ -65,6 +67,10 @@ def test_every_stage_runs_from_its_predecessor(finished_quickstart: tuple[Path, 
     # The reward model is a run of its own inside the RLHF run, evaluated on held-out pairs.
     reward_evals = [row for row in read_metrics(out / "rlhf" / "reward") if row["kind"] == "eval"]
     assert reward_evals and "pref_accuracy" in reward_evals[-1]
+    # The built-in prompts have exact answers: RLHF optimises the reward model and the rule
+    # together, with GRPO (what kept every family near DPO over three seeds; README).
+    rlhf_config = read_run_config(out / "rlhf").rlhf
+    assert (rlhf_config.reward, rlhf_config.algorithm) == ("both", "grpo")
 
 
 def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str]) -> None:

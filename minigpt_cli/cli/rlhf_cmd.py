@@ -16,7 +16,7 @@ REWARDS = ("model", "rule", "both")
 
 AlgoOpt = Annotated[
     str | None,
-    typer.Option("--algo", help="ppo or grpo (default: grpo with --reward rule, else ppo)."),
+    typer.Option("--algo", help="ppo or grpo (default: grpo with --reward rule|both, else ppo)."),
 ]
 RewardOpt = Annotated[
     str | None,
@@ -156,7 +156,9 @@ def rlhf(
 
 def _default_algo(reward: str | None) -> str:
     """The algorithm a new run without --algo uses (`RlhfConfig.algorithm`)."""
-    return "grpo" if reward == "rule" else "ppo"
+    from minigpt_cli.config.schema import default_algorithm
+
+    return default_algorithm(reward)
 
 
 def _saved_algo(out: Path | None, resume: bool) -> str | None:
