@@ -104,6 +104,19 @@ def _isolated_cache(
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(cache))
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-tensor tests: they gain nothing from a second
+    thread, on a busy 2-core machine OpenMP's spin-waiting makes them many times slower, and
+    results stay bit-reproducible. Used as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 30-step pretraining run on the built-in corpus (fp32, CPU), built once."""

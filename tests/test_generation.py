@@ -29,14 +29,8 @@ VOCAB = 40
 CONTEXT = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's
-    spin-waiting makes them many times slower; one thread keeps this file fast anywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for tiny tensors (`conftest.one_thread` says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0, vocab: int = VOCAB, **changes) -> GPT:

@@ -45,13 +45,8 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: tiny tensors gain nothing from two, and results stay bit-reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for tiny tensors (`conftest.one_thread` says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**changes) -> ModelConfig:

@@ -21,14 +21,8 @@ from minigpt_cli.engine.model.loss import IGNORE_INDEX
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's
-    spin-waiting makes them up to ~70x slower; one thread keeps this file fast anywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for tiny tensors (`conftest.one_thread` says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**changes) -> ModelConfig:

@@ -35,13 +35,8 @@ TOK = CharTokenizer()
 CONTEXT = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from more threads; one keeps a busy machine responsive."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for tiny tensors (`conftest.one_thread` says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_reward_model(seed: int = 0, tie: bool = True, vocab: int = TOK.vocab_size):
