@@ -20,7 +20,7 @@ memory-bandwidth limit each figure is shown against.
     python benchmarks/decode.py                        # tiny and small, 3 rounds
     python benchmarks/decode.py --shapes small --repeats 5 --threads 1
 
-Needs `transformers` for the HF rows (`pip install transformers`); without it they are skipped.
+Needs `transformers` for the HF rows (`pip install -e ".[bench]"`); without it they are skipped.
 Prints a markdown table. Numbers depend on the machine and on whatever else runs on it.
 """
 
