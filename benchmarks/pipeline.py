@@ -11,12 +11,13 @@ process, and reports from what it wrote:
   (implicit reward against the parent; ties count wrong), from the quickstart's eval.json;
 - DPO's and the reward model's own held-out preference accuracy (their last eval rows).
 
-With `--real DIR` (the project's ../shared/data) it also fine-tunes on real text from the
-quickstart's pretrained model: SFT on sft_alpaca_en.jsonl and sft_oasst_zh.jsonl, DPO on
-dpo_hh_helpful_en.jsonl, and reports their held-out losses and preference accuracy.
+With `--real DIR` (a folder of public sets as JSONL, named in the README) it also fine-tunes on
+real text from the quickstart's pretrained model: SFT on sft_alpaca_en.jsonl and
+sft_oasst_zh.jsonl, DPO on dpo_hh_helpful_en.jsonl, and reports their held-out losses and
+preference accuracy.
 
     python benchmarks/pipeline.py                        # about 10 minutes on 2 cores
-    python benchmarks/pipeline.py --real ../shared/data  # plus the real-data runs
+    python benchmarks/pipeline.py --real DATA  # plus the real-data runs
     python benchmarks/pipeline.py --workdir /tmp/p --keep  # reuse finished stages
 """
 

@@ -9,11 +9,12 @@ and runs the real verb three times, each limited by `--max-time` (default 2 minu
   preference accuracy reported): held-out reward before/after, response length and distinct-2,
   so that reward hacking by repetition or length would show.
 
-With `--real DIR` (the project's ../shared/data) it also trains a reward model on
-dpo_hh_helpful_en.jsonl (real human preferences) and reports its held-out preference accuracy.
+With `--real DIR` (a folder of public sets as JSONL, named in the README) it also trains a
+reward model on dpo_hh_helpful_en.jsonl (real human preferences) and reports its held-out
+preference accuracy.
 
     python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/quickstart/sft
-    python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/quickstart/sft --real ../shared/data
+    python benchmarks/rlhf.py --from /tmp/minigpt-pipeline/quickstart/sft --real DATA
 """
 
 from __future__ import annotations

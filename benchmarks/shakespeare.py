@@ -8,7 +8,7 @@ tokenizer, so a BPE model and a character model compare directly.
     python benchmarks/shakespeare.py --extra --set tokenizer.vocab_size=2000
     python benchmarks/shakespeare.py --extra --max-time 100s   # a deadline-planned run
 
-Needs ../shared/data/tinyshakespeare.txt (or --data PATH). Prints the curve as a markdown table,
+Needs Karpathy's tinyshakespeare.txt (--data PATH). Prints the curve as a markdown table,
 then the last evaluation against the best one seen and the last logged learning rate: a run that
 ends annealed ends at (or within noise of) its best, at min_lr.
 """
