@@ -113,6 +113,7 @@ def rlhf(
     (Bradley-Terry) into the run's reward/ folder; rule scores exact answers of prompts that have
     one. Prompts: {"prompt", "answer"?} JSONL; with no --data, the built-in prompts.
     """
+    from minigpt_cli.config.schema import default_algorithm
     from minigpt_cli.engine.runs.files import REWARD_DIR
     from minigpt_cli.engine.stages.rlhf import RlhfInputs, run_rlhf
 
@@ -134,6 +135,7 @@ def rlhf(
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
         raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    chosen_algo = algo or _saved_algo(flags.out, flags.resume) or default_algorithm(reward)
     finetune.run_finetune(
         "rlhf",
         run_rlhf,
@@ -143,7 +145,7 @@ def rlhf(
         lora=lora,
         lora_options={},
         merge=merge,
-        run_name=f"rlhf-{algo or _saved_algo(flags.out, flags.resume) or _default_algo(reward)}",
+        run_name=f"rlhf-{chosen_algo}",
         extra_inputs={
             "preference_data": list(preference_data or []),
             "reward_model": reward_model,
@@ -152,13 +154,6 @@ def rlhf(
         # Killed before the policy's first checkpoint, --resume continues the reward model's.
         sub_run=REWARD_DIR,
     )
-
-
-def _default_algo(reward: str | None) -> str:
-    """The algorithm a new run without --algo uses (`RlhfConfig.algorithm`)."""
-    from minigpt_cli.config.schema import default_algorithm
-
-    return default_algorithm(reward)
 
 
 def _saved_algo(out: Path | None, resume: bool) -> str | None:

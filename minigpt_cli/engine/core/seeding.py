@@ -1,12 +1,15 @@
 """One seed names one run: the random generators a run may draw from, seeded in one place.
 
-Python's `random`, numpy's global generator and torch's (every device) are seeded together: the
-Trainer saves and restores all three for an exact resume, so a run starts all three from its seed.
+Python's `random`, numpy's global generator and torch's (every device) are seeded together, and
+saved and restored together (`rng_state`, `restore_rng`: the Trainer's checkpoints), so a run
+starts all three from its seed and a resumed run continues all three exactly.
 """
 
 from __future__ import annotations
 
+import base64
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,3 +20,43 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as JSON-able data, for a checkpoint's trainer_state."""
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": _numpy_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def _numpy_state() -> list[Any]:
+    # The global generator is MT19937, whose legacy state is this tuple (the stubs also allow the
+    # dict other bit generators give).
+    state = np.random.get_state()
+    assert isinstance(state, tuple)
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what `rng_state` saved, so a resumed run draws what the uninterrupted one did."""
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [
+                torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+                for s in state["cuda"]
+            ]
+        )

@@ -73,7 +73,9 @@ def _pack(q: torch.Tensor, scale: torch.Tensor) -> object | None:
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
             return torch.ops.quantized.linear_prepack(qweight, None)
-    except (RuntimeError, NotImplementedError, AttributeError):  # no engine, no op
+    except (RuntimeError, NotImplementedError, AttributeError):
+        # This build cannot pack (no quantized engine, or the op or quantized tensors are gone):
+        # the caller decodes through the dequantize path instead.
         return None
 
 

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from minigpt_cli.engine.training import optim
+
 WINDOW = 16
 """Iterations whose median time is the step time: recent enough to follow a machine whose speed
 changes (another program starts), median so one slow iteration (a pause, garbage collection,
@@ -149,6 +151,119 @@ class Pace:
         self.eval_seconds = float(data.get("eval_seconds", 0.0))
         self.save_seconds = float(data.get("save_seconds", 0.0))
         self._partial = float(data.get("partial", 0.0))
+
+
+class Schedule:
+    """One training session's learning rate: the plain warmup and cosine to the step limit, or,
+    with a deadline (`--max-time`), the cosine planned for the step the deadline falls on.
+
+    It holds what the plan is made from (the `Pace`), the plan, and the warmup (shortened once
+    against the deadline's first plan); `state()` is what a checkpoint keeps of it, and a resumed
+    run built from that state continues the same plan from the same measurements.
+    """
+
+    def __init__(
+        self,
+        *,
+        peak: float,
+        floor: float,
+        warmup: int,
+        total_steps: int,
+        unit: int,
+        eval_every: int,
+        save_every: int,
+        deadline: bool,
+        saved: dict[str, Any] | None = None,
+    ) -> None:
+        """`eval_every`/`save_every` in optimizer steps; `saved`: a resumed run's `state()`.
+
+        Without a deadline the plan is the plain cosine to `total_steps`; with one it starts the
+        same (the step limit is the horizon until a step has been measured) and `replan` moves
+        the horizon to where the deadline falls. A saved state counts only with a deadline (a
+        run resumed without --max-time goes back to the plain cosine).
+        """
+        self.peak, self.floor = peak, floor
+        self.total_steps, self.unit = total_steps, unit
+        self.eval_every, self.save_every = eval_every, save_every
+        self.deadline = deadline
+        self.pace = Pace(unit)
+        self.plan = SchedulePlan(warmup, 0.0, total_steps)
+        self.warmup = warmup
+        self.warmup_planned = False  # the warmup is shortened against the deadline's horizon once
+        if saved and deadline:
+            self.pace.load(saved.get("pace", {}))
+            if "plan" in saved:
+                self.plan = SchedulePlan.from_dict(saved["plan"])
+            self.warmup = int(saved.get("warmup", warmup))
+            self.warmup_planned = bool(saved.get("warmup_planned", False))
+
+    def learning_rate(self, step: int) -> float:
+        if not self.deadline:
+            return optim.learning_rate(step, self.total_steps, self.warmup, self.peak, self.floor)
+        return planned_learning_rate(step, self.plan, self.warmup, self.peak, self.floor)
+
+    def replan(self, step: int, remaining: float) -> str | None:
+        """Move the horizon to the step where `remaining` seconds run out, measured; returns a
+        note when the warmup had to be shortened.
+
+        The step limit (max_steps, max_tokens, epochs) still caps it; a time limit stops a run
+        only between iterations, so the horizon is a whole number of them.
+        """
+        if remaining <= 0:
+            return None
+        steps = self.pace.steps_within(
+            step, remaining, self.eval_every, self.save_every, self.total_steps - step
+        )
+        if steps is None:
+            return None
+        horizon = min(self.total_steps, self.unit * math.ceil((step + steps) / self.unit))
+        note = None
+        if not self.warmup_planned:
+            self.warmup_planned = True
+            note = self._shorten_warmup(step, horizon)
+        self.plan = self.plan.replanned(step, horizon)
+        return note
+
+    def _shorten_warmup(self, step: int, horizon: int) -> str | None:
+        """A warmup longer than a tenth of the deadline's first planned horizon is shortened to
+        that tenth, as the Trainer does against the step limit: once, at the first plan (the
+        horizon moves later, and a warmup that moved with it would move the rate up and down)."""
+        limit = horizon // 10
+        if self.warmup <= limit or step >= self.warmup:
+            return None
+        note = (
+            f"warmup shortened from {self.warmup} to {limit} steps "
+            f"(a tenth of the {horizon} steps planned to fit --max-time)"
+        )
+        self.warmup = limit
+        self.plan = SchedulePlan(max(limit, step), 0.0, horizon)
+        return note
+
+    def eta(
+        self, step: int, elapsed: float, max_seconds: float | None, window_step: float
+    ) -> float:
+        """Seconds to the end of the last step: the measured pace over the steps left (the
+        evaluations and saves among them included), capped by a time limit. Before a step has
+        been measured, `window_step` (the newest train row's seconds per step) stands in."""
+        left = self.total_steps - step
+        seconds = self.pace.seconds_for(step, left, self.eval_every, self.save_every)
+        if seconds is None:
+            seconds = left * window_step
+        if max_seconds is not None:
+            seconds = min(seconds, max(max_seconds - elapsed, 0.0))
+        return seconds
+
+    def state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps: the plan and its measurements, for a deadline run only (any
+        other run's plan follows from total_steps alone)."""
+        if not self.deadline:
+            return None
+        return {
+            "plan": self.plan.to_dict(),
+            "pace": self.pace.to_dict(),
+            "warmup": self.warmup,
+            "warmup_planned": self.warmup_planned,
+        }
 
 
 def _multiples(first: int, last: int, every: int) -> int:

@@ -9,9 +9,7 @@ stage never copies the loop.
 
 from __future__ import annotations
 
-import base64
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from minigpt_cli.config.params import flops_per_token
 from minigpt_cli.config.schema import Config, parse_duration, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text, make_dir
+from minigpt_cli.engine.core.seeding import restore_rng, rng_state
 from minigpt_cli.engine.hardware.device import PrecisionDecision, autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.hardware.speed_cache import peak_flops
@@ -46,7 +45,7 @@ from minigpt_cli.engine.runs.files import (
     read_metadata,
 )
 from minigpt_cli.engine.training import optim
-from minigpt_cli.engine.training.pace import Pace, SchedulePlan, planned_learning_rate
+from minigpt_cli.engine.training.pace import Schedule
 from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.errors import UserError, describe_os_error
@@ -71,44 +70,6 @@ class RunSpec:
     chat: bool = False
     sources: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)  # logged as event rows at start
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": _numpy_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [
-            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
-        ]
-    return state
-
-
-def _numpy_state() -> list[Any]:
-    # The global generator is MT19937, whose legacy state is this tuple (the stubs also allow the
-    # dict other bit generators give).
-    state = np.random.get_state()
-    assert isinstance(state, tuple)
-    name, keys, pos, has_gauss, cached = state
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-    torch.set_rng_state(torch.from_numpy(raw))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [
-                torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-                for s in state["cuda"]
-            ]
-        )
 
 
 def _is_percent(max_memory: float | str) -> bool:
@@ -177,14 +138,8 @@ class Trainer:
 
     def _state(self, data_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
         # A --max-time run's schedule is planned from wall-clock measurements: saved so a resume
-        # goes on with the same plan. Other runs' plan follows from total_steps alone, and their
-        # state holds no wall-clock field but `elapsed`.
-        schedule = {
-            "plan": self.plan.to_dict(),
-            "pace": self.pace.to_dict(),
-            "warmup": self._warmup,
-            "warmup_planned": self._warmup_planned,
-        }
+        # goes on with the same plan. Other runs' state holds no wall-clock field but `elapsed`.
+        schedule = self.schedule.state()
         return {
             "stage": self.stage.name,
             "tokens": self.tokens,
@@ -195,7 +150,7 @@ class Trainer:
             "activation_checkpointing": self._checkpointing(),
             "threads": torch.get_num_threads(),
             "total_steps": self.total_steps,
-            **({"schedule": schedule} if self._deadline else {}),
+            **({"schedule": schedule} if schedule else {}),
             "parent": self.spec.parent,
             "chat": self.spec.chat,
             "finished": self.finished,
@@ -251,7 +206,7 @@ class Trainer:
             self.model.config.activation_checkpointing = True
         self.stage.load_data_state(state["data_state"])
         self.stage.load_extra_state(state.get("extra", {}))
-        _restore_rng(state["rng"])
+        restore_rng(state["rng"])
         self._resumed_from = point
         self._saved_schedule = state.get("schedule")
 
@@ -313,7 +268,17 @@ class Trainer:
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
         warmup = self._warmup_steps()
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
-        self._plan_schedule(warmup, max_seconds is not None)
+        self.schedule = Schedule(
+            peak=self.train.learning_rate,
+            floor=self.train.min_lr,
+            warmup=warmup,
+            total_steps=self.total_steps,
+            unit=unit,
+            eval_every=self.train.eval_every * unit,
+            save_every=self.train.save_every * unit,
+            deadline=max_seconds is not None,
+            saved=self._saved_schedule,
+        )
         cap_bytes = parse_memory(self.config.resources.max_memory, physical_memory_bytes())
         cap_mb = cap_bytes / 2**20
         self.governor = Governor(cap_bytes, on_pause=self._governor_notice)
@@ -350,7 +315,7 @@ class Trainer:
             self._timed_evaluate()  # the baseline a stage's gains are read against (RL's "before")
         window_tokens = 0
         window_metrics: dict[str, list[float]] = {}
-        data_state, rng = self.stage.data_state(), _rng_state()
+        data_state, rng = self.stage.data_state(), rng_state()
         self.governor.start()
         self.throttle.restart()
         # Tokens/s and the ETA are read off the wall clock between train rows, so everything the
@@ -361,10 +326,10 @@ class Trainer:
         try:
             while True:
                 step_start = self._clock()
-                data_state, rng = self.stage.data_state(), _rng_state()
+                data_state, rng = self.stage.data_state(), rng_state()
                 self.model.train()
                 self.stage.before_step(self.model, self.step)
-                lr = self._learning_rate()
+                lr = self.schedule.learning_rate(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_value, step_metrics, step_tokens = self._optimizer_step()
@@ -385,7 +350,7 @@ class Trainer:
                         "train",
                         **averaged,
                         lr=lr,
-                        horizon=self.plan.horizon,
+                        horizon=self.schedule.plan.horizon,
                         grad_norm=grad_norm,
                         tokens_per_sec=round(rate, 1),
                         mfu=round(flops_token * rate / peak, 4) if peak else None,
@@ -395,7 +360,8 @@ class Trainer:
                         cpu_cap_pct=self.config.resources.max_cpu,
                         micro_batch_size=self.micro_batch_size,
                         eta_sec=round(
-                            self._eta(
+                            self.schedule.eta(
+                                self.step,
                                 elapsed,
                                 max_seconds,
                                 (now - window_start) / len(window_metrics["loss"]),
@@ -404,14 +370,16 @@ class Trainer:
                         ),
                     )
                     self.metrics.write(row)
-                    self._event("step", **row, total_steps=self.plan.horizon)
+                    self._event("step", **row, total_steps=self.schedule.plan.horizon)
                     window_tokens, window_metrics, window_start = 0, {}, now
                 # After the step's row (which shows the settings it ran with), before any save.
                 self._govern_memory()
-                self.pace.add_step(self.step, self._clock() - step_start)
+                self.schedule.pace.add_step(self.step, self._clock() - step_start)
                 if max_seconds is not None and not stop:
                     # Before the save, so a checkpoint holds the plan the next step runs on.
-                    self._replan(max_seconds - self._elapsed())
+                    warmup_note = self.schedule.replan(self.step, max_seconds - self._elapsed())
+                    if warmup_note:
+                        self._event("note", message=warmup_note)
                 if self.step % (self.train.eval_every * unit) == 0 or stop:
                     self._timed_evaluate()
                 if stop:
@@ -419,13 +387,13 @@ class Trainer:
                     self.stop_reason = stop
                 if self.step % (self.train.save_every * unit) == 0 or stop:
                     save_start = self._clock()
-                    self.save(self.stage.data_state(), _rng_state())
-                    self.pace.save_seconds = self._clock() - save_start
+                    self.save(self.stage.data_state(), rng_state())
+                    self.schedule.pace.save_seconds = self._clock() - save_start
                 if stop:
                     break
         except MemoryCapExceeded as over:
             # The step completed; its state is consistent, so keep it and say how to go on.
-            self.save(self.stage.data_state(), _rng_state())
+            self.save(self.stage.data_state(), rng_state())
             self.metrics.close()
             raise UserError(
                 f"{over}; checkpoint saved at step {self.step}: resume with --resume and a "
@@ -454,89 +422,10 @@ class Trainer:
         """Training seconds of the whole run: earlier sessions' and this one's."""
         return self.elapsed_before + (self._clock() if now is None else now) - self._start
 
-    def _plan_schedule(self, warmup: int, deadline: bool) -> None:
-        """The schedule and the pace it is planned from: a resumed run's own, else a new plan.
-
-        Without a time limit the plan is the plain cosine to `total_steps`; with one it starts
-        the same (the step limit is the horizon until a step has been measured) and `_replan`
-        moves the horizon to where the deadline falls.
-        """
-        self.pace = Pace(self._unit)
-        self.plan = SchedulePlan(warmup, 0.0, self.total_steps)
-        self._warmup = warmup
-        self._warmup_planned = False  # the warmup is shortened against the deadline's horizon once
-        saved = self._saved_schedule
-        if saved and deadline:  # saved by a run with max_time (resumed with one: a new plan)
-            self.pace.load(saved.get("pace", {}))
-            if "plan" in saved:
-                self.plan = SchedulePlan.from_dict(saved["plan"])
-            self._warmup = int(saved.get("warmup", warmup))
-            self._warmup_planned = bool(saved.get("warmup_planned", False))
-        self._deadline = deadline
-
-    def _learning_rate(self) -> float:
-        peak, floor = self.train.learning_rate, self.train.min_lr
-        if not self._deadline:
-            return optim.learning_rate(self.step, self.total_steps, self._warmup, peak, floor)
-        return planned_learning_rate(self.step, self.plan, self._warmup, peak, floor)
-
-    def _replan(self, remaining: float) -> None:
-        """Move the schedule's horizon to the step where `remaining` seconds run out, measured.
-
-        The step limit (max_steps, max_tokens, epochs) still caps it; a time limit stops a run
-        only between iterations, so the horizon is a whole number of them.
-        """
-        if remaining <= 0:
-            return
-        unit = self._unit
-        steps = self.pace.steps_within(
-            self.step,
-            remaining,
-            self.train.eval_every * unit,
-            self.train.save_every * unit,
-            self.total_steps - self.step,
-        )
-        if steps is None:
-            return
-        horizon = min(self.total_steps, unit * math.ceil((self.step + steps) / unit))
-        if not self._warmup_planned:
-            self._warmup_planned = True
-            self._shorten_warmup(horizon)
-        self.plan = self.plan.replanned(self.step, horizon)
-
-    def _shorten_warmup(self, horizon: int) -> None:
-        """A warmup longer than a tenth of the deadline's first planned horizon is shortened to
-        that tenth, as `_warmup_steps` does against the step limit: once, at the first plan (the
-        horizon moves later, and a warmup that moved with it would move the rate up and down)."""
-        limit = horizon // 10
-        if self._warmup <= limit or self.step >= self._warmup:
-            return
-        self._event(
-            "note",
-            message=f"warmup shortened from {self._warmup} to {limit} steps "
-            f"(a tenth of the {horizon} steps planned to fit --max-time)",
-        )
-        self._warmup = limit
-        self.plan = SchedulePlan(max(limit, self.step), 0.0, horizon)
-
-    def _eta(self, elapsed: float, max_seconds: float | None, window_step: float) -> float:
-        """Seconds to the end of the last step: the measured pace over the steps left (the
-        evaluations and saves among them included), capped by a time limit. Before a step has
-        been measured, the newest train row's seconds per step stand in."""
-        left = self.total_steps - self.step
-        seconds = self.pace.seconds_for(
-            self.step, left, self.train.eval_every * self._unit, self.train.save_every * self._unit
-        )
-        if seconds is None:
-            seconds = left * window_step
-        if max_seconds is not None:
-            seconds = min(seconds, max(max_seconds - elapsed, 0.0))
-        return seconds
-
     def _timed_evaluate(self) -> None:
         began = self._clock()
         self._evaluate()
-        self.pace.eval_seconds = self._clock() - began
+        self.schedule.pace.eval_seconds = self._clock() - began
 
     def _note_binding_limit(self, sequences_per_step: int) -> None:
         """Say so when max_steps cuts a run short of the epochs it was asked for."""
