@@ -8,7 +8,7 @@ the validation pass and checkpoint that end every run) and reads that process's 
 kernel (`ru_maxrss`), beside the estimate. Then `minigpt pretrain` itself, end to end (tokenizer
 training and encoding of the built-in corpus included), measured as the only child of a parent.
 
-    python benchmarks/memory.py            # the full grid (about five minutes on one core)
+    python benchmarks/memory.py            # the full grid (about 20 minutes on one core)
     python benchmarks/memory.py --quick    # five rows, about a minute
     python benchmarks/memory.py --only gqa --verbose   # one shape, with each run's phases
 
@@ -56,6 +56,7 @@ def _preset_shape(name: str) -> dict[str, int]:
 
 TINY = _preset_shape("tiny")
 SMALL = _preset_shape("small")
+MEDIUM = _preset_shape("medium")
 # Shapes that are not presets: grouped-query attention, and a deeper, narrower network.
 GQA = {"n_layer": 4, "n_embd": 256, "n_head": 8, "n_kv_head": 2, "context_length": 256}
 DEEP = {"n_layer": 12, "n_embd": 96, "n_head": 2, "context_length": 512}
@@ -80,6 +81,7 @@ def _grid() -> list[Case]:
     cases += [Case("small", SMALL, 10000, mb) for mb in (1, 4, 8, 16)]
     cases += [Case("gqa", GQA, 8000, mb, ckpt) for mb in (4, 16) for ckpt in (False, True)]
     cases += [Case("deep", DEEP, 4000, mb, ckpt) for mb in (8,) for ckpt in (False, True)]
+    cases += [Case("medium", MEDIUM, 16000, mb) for mb in (1, 8)]
     return cases
 
 

@@ -1,12 +1,27 @@
-"""Training throughput: tokens/s, MFU and peak RSS per preset shape x precision.
+"""Training throughput beside Hugging Face, interleaved and repeated (issue 15 item 1).
 
-Each configuration runs in its own process (so peak RSS is that configuration's alone): a full
-training step (forward, backward, fused AdamW) at micro-batch 8 and the preset's context length,
-timed over several steps after warm-up. When `transformers` is installed, Hugging Face's
-`LlamaForCausalLM` of the same shape is measured in the same run as a reference.
+Per preset shape it measures, each in a fresh process (so peak RSS is that measurement's alone):
 
-    python benchmarks/train_throughput.py                      # tiny and small, fp32 and bf16
-    python benchmarks/train_throughput.py --presets tiny --precisions fp32 --steps 5
+- **peer**: `transformers.LlamaForCausalLM` built at exactly the preset's shape (width, layers,
+  heads, KV heads, SwiGLU width, context, vocabulary, rotary base, tied embeddings), trained by the
+  plain loop a user would write (forward with labels, backward, gradient clipping, fused AdamW).
+  It first gets each precision this machine offers (fp32, fp32 "medium" matmuls, bf16 autocast;
+  bf16 is skipped where `minigpt doctor`'s measurement says its matmuls are slower than fp32) and
+  keeps its best for the rounds.
+- **minigpt step**: the same loop through minigpt's own training pieces (`GPT`'s fused loss,
+  `optim.build_optimizer` / `backward` / `apply_update`) at the precision `--precision auto`
+  picks.
+- **minigpt run** (unless `--no-wall`): what a user waits for: `minigpt pretrain --preset P` for two
+  lengths on the built-in data, timed from outside (process start to exit); the extra tokens over
+  the extra seconds is a step's real cost, data, logging, the governor, evaluations and saves
+  included. Beside it the rate the longer run logged.
+
+Rounds interleave peer and minigpt (`--repeats`, 3 by default) so a machine whose load changes
+moves both; the ratio is taken within each round and reported as the median with its range. MFU is
+against the matmul peak `minigpt doctor` measured on this machine, not a datasheet.
+
+    python benchmarks/train_throughput.py                          # tiny and small, 3 rounds
+    python benchmarks/train_throughput.py --presets tiny --repeats 5 --no-wall
 """
 
 from __future__ import annotations
@@ -14,143 +29,241 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PEER_PRECISIONS = ("fp32", "fp32_medium", "bf16")
 
 
-def measure(
-    preset: str, precision: str, impl: str, steps: int, micro_batch: int, threads: int
-) -> dict:
+def measure(preset: str, impl: str, precision: str, steps: int, micro_batch: int) -> dict:
+    """One process's measurement: the median step of `steps` after two warm-up steps."""
     import torch
 
     from minigpt_cli.config.loader import load_config
     from minigpt_cli.config.params import flops_per_token
+    from minigpt_cli.engine.hardware.device import (
+        apply_matmul_precision,
+        autocast_context,
+        resolve_precision,
+    )
     from minigpt_cli.engine.hardware.speed_cache import peak_flops
 
-    torch.set_num_threads(threads)
     config = load_config(preset)
     vocab = config.tokenizer.vocab_size
     seq = config.model.context_length
     torch.manual_seed(0)
+    x = torch.randint(0, vocab, (micro_batch, seq))
+    y = torch.randint(0, vocab, (micro_batch, seq))
     if impl == "minigpt":
         from minigpt_cli.engine.model.gpt import GPT
+        from minigpt_cli.engine.training.optim import apply_update, backward, build_optimizer
 
+        decision = resolve_precision("auto", "cpu")
+        apply_matmul_precision(decision)
+        precision = decision.peak_key
         model = GPT(config.model, vocab)
+        optimizer, _ = build_optimizer(model, config.train, torch.device("cpu"))
 
-        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model(x, targets=y)[1]
+        def step() -> None:
+            with autocast_context(decision, "cpu"):
+                loss = model(x, targets=y, reduction="sum")[1] / y.numel()
+            backward(loss, None)
+            apply_update(optimizer, config.train.grad_clip, None)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        hf = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=config.model.n_embd,
-            intermediate_size=config.model.ffn_dim,
-            num_hidden_layers=config.model.n_layer,
-            num_attention_heads=config.model.n_head,
-            num_key_value_heads=config.model.kv_heads,
-            max_position_embeddings=seq,
-            tie_word_embeddings=True,
+        if precision == "fp32_medium":
+            torch.set_float32_matmul_precision("medium")
+        shape = config.model
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=shape.n_embd,
+                intermediate_size=shape.ffn_dim,
+                num_hidden_layers=shape.n_layer,
+                num_attention_heads=shape.n_head,
+                num_key_value_heads=shape.kv_heads,
+                max_position_embeddings=seq,
+                rope_theta=shape.rope_theta,
+                rms_norm_eps=shape.norm_eps,
+                tie_word_embeddings=shape.tie_embeddings,
+            )
         )
-        model = LlamaForCausalLM(hf)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if precision == "bf16"
+            else torch.autocast("cpu", enabled=False)
+        )
 
-        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=x, labels=x).loss
+        def step() -> None:
+            with autocast:
+                loss = model(input_ids=x, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else torch.autocast("cpu", enabled=False)
-    )
-    x = torch.randint(0, vocab, (micro_batch, seq))
-    y = torch.randint(0, vocab, (micro_batch, seq))
     timings = []
     for index in range(steps + 2):
         start = time.perf_counter()
-        with autocast:
-            loss = loss_of(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         if index >= 2:
             timings.append(time.perf_counter() - start)
-    timings.sort()
-    step_time = timings[len(timings) // 2]
-    rate = micro_batch * seq / step_time
+    rate = micro_batch * seq / statistics.median(timings)
     peak = peak_flops("cpu", precision)
-    mfu = flops_per_token(config.model, vocab, seq) * rate / peak if peak else float("nan")
     return {
-        "preset": preset,
-        "precision": precision,
-        "impl": impl,
         "tokens_per_sec": rate,
-        "mfu": mfu,
+        "precision": precision,
+        "mfu": flops_per_token(config.model, vocab, seq) * rate / peak,
+        "peak_gflops": peak / 1e9,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _one(preset: str, impl: str, precision: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--one", preset, impl, precision]
+    command += ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
+    command += ["--threads", str(args.threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _cli(*args: str) -> float:
+    """Run `minigpt` from this checkout; the wall seconds from process start to exit."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "minigpt_cli", *args],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+def wall_rate(preset: str, lengths: tuple[int, int], folder: Path, threads: int) -> dict:
+    """Tokens/s of `minigpt pretrain` by the wall clock between two run lengths, and as logged."""
+    walls, tokens, rows = [], [], []
+    for count in lengths:
+        run_dir = folder / f"{preset}-{count}"
+        args = ["pretrain", "--preset", preset, "--max-steps", str(count), "--out", str(run_dir)]
+        args += ["--threads", str(threads), "--overwrite", "--set", "log.progress=plain"]
+        if preset != "tiny":  # a few long steps: a row per step, so the logged rate has rows
+            args += ["--set", "train.log_every=1"]
+        if (folder / f"{preset}-tokenizer").exists():
+            args += ["--tokenizer", str(folder / f"{preset}-tokenizer")]
+        walls.append(_cli(*args))
+        if not (folder / f"{preset}-tokenizer").exists():
+            (folder / f"{preset}-tokenizer").mkdir()
+            for name in ("tokenizer.model", "tokenizer.json"):
+                shutil.copy(run_dir / name, folder / f"{preset}-tokenizer" / name)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows = [row for row in map(json.loads, lines) if row["kind"] == "train"]
+        tokens.append(rows[-1]["tokens"])
+    logged_rows = rows[1:]  # the first row's window holds the warm-up step
+    logged = statistics.median(row["tokens_per_sec"] for row in logged_rows)
+    return {"wall": (tokens[1] - tokens[0]) / (walls[1] - walls[0]), "logged": logged}
+
+
+def spread(values: list[float], digits: int = 2, suffix: str = "x") -> str:
+    return (
+        f"{statistics.median(values):.{digits}f}{suffix} "
+        f"({min(values):.{digits}f}..{max(values):.{digits}f})"
+    )
+
+
+def bf16_pays() -> bool:
+    """Whether bf16 matmuls beat fp32 here (doctor's cached measurement): else the peer skips
+    bf16, whose steps would take minutes on a CPU without bf16 hardware."""
+    from minigpt_cli.engine.hardware.speed_cache import peak_flops
+
+    try:
+        return peak_flops("cpu", "bf16") > peak_flops("cpu", "fp32")
+    except RuntimeError:
+        return False
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-wall", action="store_true", help="skip the `minigpt pretrain` runs")
     parser.add_argument(
-        "--one", nargs=3, metavar=("PRESET", "PRECISION", "IMPL"), help=argparse.SUPPRESS
+        "--wall-steps",
+        nargs=2,
+        type=int,
+        metavar=("SHORT", "LONG"),
+        help="run lengths for the wall clock (default: 20 120 for tiny, 2 6 otherwise)",
     )
+    parser.add_argument("--one", nargs=3, metavar=("PRESET", "IMPL", "PRECISION"))
     args = parser.parse_args()
-    if args.one:
-        result = measure(*args.one, args.steps, args.micro_batch, args.threads)
-        print(json.dumps(result))
-        return
-    impls = ["minigpt"]
-    try:
-        import transformers  # noqa: F401
+    import torch
 
-        impls.append("hf-llama")
-    except ImportError:
-        print("(transformers not installed: no Hugging Face reference)\n")
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure(*args.one, args.steps, args.micro_batch)))
+        return
     print(
-        f"micro-batch {args.micro_batch}, sequence = each preset's context, "
-        f"{args.threads} threads, "
-        f"median of {args.steps} steps\n"
+        f"micro-batch {args.micro_batch} x each preset's context, {args.threads} threads, median "
+        f"of {args.steps} steps per measurement, {args.repeats} interleaved rounds\n"
     )
-    print("| preset | precision | implementation | tokens/s | MFU | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    for preset in args.presets:
-        for precision in args.precisions:
-            for impl in impls:
-                output = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--one",
-                        preset,
-                        precision,
-                        impl,
-                        "--steps",
-                        str(args.steps),
-                        "--micro-batch",
-                        str(args.micro_batch),
-                        "--threads",
-                        str(args.threads),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                row = json.loads(output.strip().splitlines()[-1])
-                print(
-                    f"| {preset} | {precision} | {impl} | {row['tokens_per_sec']:,.0f} | "
-                    f"{100 * row['mfu']:.1f}% | {row['peak_rss_mb']:,.0f} MB |",
-                    flush=True,
+    precisions = [p for p in PEER_PRECISIONS if p != "bf16" or bf16_pays()]
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            trials = {p: _one(preset, "hf", p, args) for p in precisions}
+            best = max(trials, key=lambda p: trials[p]["tokens_per_sec"])
+            tried = ", ".join(f"{p} {t['tokens_per_sec']:,.0f}" for p, t in trials.items())
+            print(f"## {preset}: peer precision {best} (tried: {tried} tokens/s)\n")
+            print(
+                "| round | HF tokens/s | minigpt step | ratio | minigpt run, wall clock | "
+                "logged | ratio (wall) | MFU HF / minigpt | peak RSS HF / minigpt |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|")
+            lengths = tuple(args.wall_steps or ((20, 120) if preset == "tiny" else (2, 6)))
+            step_ratios, wall_ratios = [], []
+            for index in range(args.repeats):
+                peer = _one(preset, "hf", best, args)
+                mine = _one(preset, "minigpt", "auto", args)
+                run = None if args.no_wall else wall_rate(preset, lengths, Path(tmp), args.threads)
+                step_ratios.append(mine["tokens_per_sec"] / peer["tokens_per_sec"])
+                cells = [
+                    str(index + 1),
+                    f"{peer['tokens_per_sec']:,.0f}",
+                    f"{mine['tokens_per_sec']:,.0f} ({mine['precision']})",
+                    f"{step_ratios[-1]:.2f}x",
+                ]
+                if run is None:
+                    cells += ["-", "-", "-"]
+                else:
+                    wall_ratios.append(run["wall"] / peer["tokens_per_sec"])
+                    cells += [f"{run['wall']:,.0f}", f"{run['logged']:,.0f}"]
+                    cells += [f"{wall_ratios[-1]:.2f}x"]
+                cells += [
+                    f"{100 * peer['mfu']:.0f} % / {100 * mine['mfu']:.0f} %",
+                    f"{peer['peak_rss_mb']:,.0f} / {mine['peak_rss_mb']:,.0f} MB",
+                ]
+                print("| " + " | ".join(cells) + " |", flush=True)
+            print(
+                f"\n{preset}: minigpt / HF, median (range) over {args.repeats} rounds: "
+                f"training step {spread(step_ratios)}"
+                + (
+                    f"; `minigpt pretrain` by the wall clock {spread(wall_ratios)}"
+                    if wall_ratios
+                    else ""
                 )
+                + f"; matmul peak {mine['peak_gflops']:.0f} GFLOP/s ({mine['precision']})\n"
+            )
 
 
 if __name__ == "__main__":
