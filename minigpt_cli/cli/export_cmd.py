@@ -23,7 +23,10 @@ NEXT_STEP = {
 
 def export(
     run: Annotated[
-        Path, typer.Argument(help="Finished run directory to export (e.g. runs/sft-tiny).")
+        Path,
+        typer.Argument(
+            metavar="RUN", help="Finished run directory to export (e.g. runs/sft-tiny)."
+        ),
     ],
     out: Annotated[
         Path,
