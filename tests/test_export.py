@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,6 +23,8 @@ from minigpt_cli.cli.app import main  # noqa: E402
 from minigpt_cli.datasets import builtin  # noqa: E402
 from minigpt_cli.engine.data.chat_template import prompt_ids, render, user_prompt  # noqa: E402
 from minigpt_cli.engine.data.tokenizer import Tokenizer  # noqa: E402
+from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
+from minigpt_cli.engine.export.hf_tokenizer import tokenizer_config, tokenizer_json  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
 from minigpt_cli.engine.inference.decode import generate_batch  # noqa: E402
 from minigpt_cli.engine.inference.generation import SamplingSettings  # noqa: E402
@@ -152,6 +156,54 @@ def test_the_tokenizer_gives_minigpt_ids(
         ours.eos_id,
         ours.pad_id,
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wide_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Any]:
+    """A 2,000-piece tokenizer (the runs' has 600: more merges, more chances to disagree) trained
+    on this repository's documents and built-in text, and its exported twin loaded by
+    transformers."""
+    out = tmp_path_factory.mktemp("wide-tokenizer")
+    texts = [path.read_text() for path in [REPO / "README.md", *sorted(REPO.glob("docs/*.md"))]]
+    texts += [record["text"] for record in builtin.pretrain_records(300)]
+    train_tokenizer(texts, 2000, out, num_threads=1)
+    ours = Tokenizer.load(out)
+    assert ours.vocab_size == 2000
+    folder = out / "hf"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(ours), ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ours, 64)))
+    return ours, _hf_tokenizer(folder)
+
+
+def test_a_wider_tokenizer_gives_minigpt_ids_on_source_code(
+    wide_tokenizer: tuple[Tokenizer, Any],
+) -> None:
+    ours, theirs = wide_tokenizer
+    paragraphs = [
+        paragraph
+        for path in sorted((REPO / "minigpt_cli" / "engine" / "export").glob("*.py"))
+        for paragraph in path.read_text().split("\n\n")
+        if not any(piece in paragraph for piece in ours.special_tokens)
+    ]
+    assert len(paragraphs) > 50
+    for paragraph in paragraphs:
+        assert theirs(paragraph)["input_ids"] == ours.encode(paragraph), paragraph
+
+
+@given(text=st.text(max_size=120))
+@settings(max_examples=300, deadline=None)
+def test_any_text_gets_minigpt_ids(wide_tokenizer: tuple[Tokenizer, Any], text: str) -> None:
+    """Every Unicode string without a special token in it: the same ids, decoded back whole."""
+    ours, theirs = wide_tokenizer
+    if any(piece in text for piece in ours.special_tokens):
+        return
+    ids = ours.encode(text)
+    assert theirs(text)["input_ids"] == ids
+    assert theirs.decode(ids) == text
 
 
 def test_the_chat_template_gives_minigpt_ids(
