@@ -380,14 +380,14 @@ def test_overwrite_replaces_an_export_but_never_a_run(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    run, _ = pretrain_export
+    run, previous = pretrain_export
     out = tmp_path / "hf"
-    out.mkdir()
+    shutil.copytree(previous, out)  # an earlier export (it holds a model.safetensors too)
     (out / "stale.txt").write_text("old export")
     code, stdout, _ = _run_main(monkeypatch, capsys, "export", run, "--out", out, "--overwrite")
     assert code == 0 and "model.safetensors" in stdout
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging or old folder left
     other = _copy_run(run, tmp_path / "other-run")
     code, _, stderr = _run_main(monkeypatch, capsys, "export", run, "--out", other, "--overwrite")
     assert code == 2 and "holds a minigpt run" in stderr

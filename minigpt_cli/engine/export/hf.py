@@ -15,8 +15,9 @@ The files, in transformers' names:
 - `tokenizer.json`, `tokenizer_config.json` (with the chat template), `special_tokens_map.json`
   (`hf_tokenizer`), and `tokenizer.model`, the sentencepiece model itself, for tools that read it.
 
-Memory: the loaded model plus what safetensors streams to disk; the weights are never serialised
-into one more in-memory copy (`runs.files.save_tensors` would make its canonical bytes).
+Memory: the loaded model plus one serialised copy of it (safetensors' `save_file` turns each tensor
+into bytes before writing), no more than opening the run took; `runs.files.save_tensors` would
+add two more copies for its canonical bytes, which an export has no use for.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The weights as safetensors, streamed from the tensors (no serialised copy in memory)."""
+    """The weights as safetensors with transformers' metadata, fsynced (see the module docstring
+    for the memory this takes)."""
     before_write(path)
     plain = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
     save_file(plain, str(path), metadata={"format": "pt"})

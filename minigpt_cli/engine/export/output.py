@@ -15,8 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minigpt_cli.engine.core.io import fsync_dir, make_dir
-from minigpt_cli.engine.runs.checkpoint import holds_run
+from minigpt_cli.engine.runs.files import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, STATE_FILE
 from minigpt_cli.errors import UserError
+
+# What only a minigpt run holds (`model.safetensors` is in every Hugging Face export too).
+_RUN_MARKERS = (STATE_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+
+
+def _holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / marker).exists() for marker in _RUN_MARKERS)
 
 
 def check_output(out: Path, run_dir: Path, *, overwrite: bool) -> None:
@@ -32,7 +39,7 @@ def check_output(out: Path, run_dir: Path, *, overwrite: bool) -> None:
         return
     if not overwrite:
         raise UserError(f"{out}: already exists; choose another --out, or pass --overwrite")
-    if out.is_dir() and holds_run(out):
+    if _holds_run(out):
         raise UserError(f"{out}: holds a minigpt run, which --overwrite never replaces")
 
 
