@@ -5,15 +5,18 @@ preset's config, a tokenizer of the preset's vocabulary trained on the built-in 
 randomly initialised weights (what an export does does not depend on what the weights say), and a
 trainer state marked finished. Then, in rounds, back to back, each in a fresh process:
 
-- `load`: the same imports as the export, then `load_run` of the run, nothing written: the memory
-  any use of the run needs (its weights are read from the file into the model: two copies for a
-  moment);
+- `imports`: the export's imports and nothing else: the interpreter, torch and safetensors;
+- `load`: the same imports, then `load_run` of the run, nothing written: the memory any use of the
+  run needs (generate and chat open it the same way);
 - `export`: `minigpt export RUN --format hf --out DIR --overwrite`, as a user types it.
 
 Wall clock is the whole process (Python and torch start-up included: what a user waits for);
-peak memory is the process's `ru_maxrss` from the kernel. The export's extra over `load`, divided
-by the weights' bytes, is the copies of the weights it holds beyond what opening the run takes
-(the issue's bound: at most one). Median and range of `--repeats` rounds.
+peak memory is the process's `ru_maxrss` from the kernel. Linux keeps a process's high-water mark
+across fork and exec, so the runs are built in a child too (`--build`) and this parent never
+imports torch: its own small peak cannot hide a child's. Shown in copies of the weights' bytes:
+what opening the run takes over the imports, and what the export takes over the imports (the
+issue's bound for the export's own work: one copy beyond the model). Median and range of
+`--repeats` rounds.
 
     python benchmarks/export.py                     # tiny and small, 3 rounds
     python benchmarks/export.py --shapes small --repeats 5
@@ -34,21 +37,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from minigpt_cli.config.loader import dump_config, load_config  # noqa: E402
-from minigpt_cli.datasets import builtin  # noqa: E402
-
-LOAD_ONLY = (
+IMPORTS = (
     "import sys\n"
     "from minigpt_cli.engine.export.run import export_run\n"
     "from minigpt_cli.engine.runs.load import load_run\n"
-    "load_run(sys.argv[1])\n"
 )
+LOAD_ONLY = IMPORTS + "load_run(sys.argv[1])\n"
 
 
 def build_run(preset: str, folder: Path) -> tuple[int, int]:
     """A finished run at `preset`'s shape with random weights; returns (parameters, bytes)."""
     import torch
 
+    from minigpt_cli.config.loader import dump_config, load_config
+    from minigpt_cli.datasets import builtin
     from minigpt_cli.engine.data.tokenizer import Tokenizer
     from minigpt_cli.engine.data.tokenizer_training import train_tokenizer
     from minigpt_cli.engine.model.gpt import GPT
@@ -94,34 +96,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        print(json.dumps(build_run(args.build[0], Path(args.build[1]))))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for shape in args.shapes:
             run = Path(scratch) / shape / "run"
             out = Path(scratch) / shape / "hf"
-            parameters, size = build_run(shape, run)
+            built = subprocess.run(
+                [sys.executable, __file__, "--build", shape, str(run)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            parameters, size = json.loads(built.stdout.strip().splitlines()[-1])
             load_only = [sys.executable, "-c", LOAD_ONLY, str(run)]
             export = [sys.executable, "-m", "minigpt_cli", "export", str(run), "--out", str(out)]
             export.append("--overwrite")
+            imports = [sys.executable, "-c", IMPORTS]
+            bases: list[tuple[float, int]] = []
             loads: list[tuple[float, int]] = []
             exports: list[tuple[float, int]] = []
             for _ in range(args.repeats):
+                bases.append(measure(imports))
                 loads.append(measure(load_only))
                 exports.append(measure(export))
-            extra = [(e[1] - o[1]) / size for e, o in zip(exports, loads, strict=True)]
+            opened = [(o[1] - b[1]) / size for o, b in zip(loads, bases, strict=True)]
+            exported = [(e[1] - b[1]) / size for e, b in zip(exports, bases, strict=True)]
             rows.append(
                 f"| {shape} ({parameters / 1e6:.2f}M) | {size / 2**20:.1f} "
                 f"| {summary([e[0] for e in exports])} "
                 f"| {summary([float(e[1]) for e in exports], 2**20, 0)} "
-                f"| {summary([float(o[1]) for o in loads], 2**20, 0)} "
-                f"| {summary(extra)} |"
+                f"| {summary([float(b[1]) for b in bases], 2**20, 0)} "
+                f"| {summary(opened, digits=1)} | {summary(exported, digits=1)} |"
             )
     print(
-        "| shape | weights MiB | export wall s | export peak RSS MiB | load-only peak RSS MiB "
-        "| extra copies of the weights |"
+        "| shape | weights MiB | export wall s | export peak RSS MiB | imports alone MiB "
+        "| opening the run, copies | export, copies |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
