@@ -43,6 +43,7 @@ def test_version_and_help_list_the_verbs() -> None:
         "config",
         "data",
         "tokenize",
+        "export",
     ):
         assert f"\n  {verb} " in help_text
 

@@ -68,6 +68,7 @@ def _register_verbs() -> None:
         doctor_cmd,
         dpo_cmd,
         eval_cmd,
+        export_cmd,
         generate_cmd,
         pretrain_cmd,
         quickstart_cmd,
@@ -89,6 +90,7 @@ def _register_verbs() -> None:
         generate_cmd,
         eval_cmd,
         chat_cmd,
+        export_cmd,
     )
     for module in verbs:
         module.register(app)

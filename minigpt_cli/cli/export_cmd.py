@@ -1,0 +1,79 @@
+"""`minigpt export RUN --format hf --out DIR`: a finished run as files another program loads.
+
+The work is `engine.export.run.export_run`; this module parses flags and prints what was written
+and the line a user runs next. The format is a plain string checked by the engine, so an unknown
+one gets the same one-line refusal (exit 2) as every other bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# What a user runs next with each format's output.
+NEXT_STEP = {
+    "hf": 'python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; '
+    "model = AutoModelForCausalLM.from_pretrained('{out}'); "
+    "tokenizer = AutoTokenizer.from_pretrained('{out}')\"",
+}
+
+
+def export(
+    run: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN", help="Finished run directory to export (e.g. runs/sft-tiny)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder to write (refused if it exists, unless --overwrite)."
+        ),
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="hf: a Hugging Face transformers folder (LlamaForCausalLM, tokenizer, chat "
+            "template) that AutoModelForCausalLM and AutoTokenizer load offline.",
+        ),
+    ] = "hf",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing --out (never a folder that holds a run)."
+        ),
+    ] = False,
+) -> None:
+    """Export a finished run for other programs: weights, tokenizer and chat template.
+
+    LoRA runs are exported merged. Written under a temporary name and renamed when complete, so
+    --out is whole or absent. Example: minigpt export runs/sft-tiny --format hf --out hf-tiny
+    """
+    from minigpt_cli.engine.core.units import format_bytes
+    from minigpt_cli.engine.export.run import export_run
+
+    report = export_run(run, fmt, out, overwrite=overwrite)
+    total = sum(size for _, size in report.files)
+    notes = [f"{report.parameters:,} parameters"]
+    if report.merged_lora:
+        notes.append("LoRA adapter merged")
+    if report.chat:
+        notes.append("chat template")
+    sys.stdout.write(
+        f"exported {run} as {report.format} to {out} ({', '.join(notes)}; "
+        f"{len(report.files)} files, {format_bytes(total)}) in {report.seconds:.1f} s\n"
+    )
+    for name, size in report.files:
+        sys.stdout.write(f"  {name:<24} {format_bytes(size):>10}\n")
+    sys.stdout.write(f"next: {NEXT_STEP[report.format].format(out=out)}\n")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `minigpt export`."""
+    app.command("export")(export)

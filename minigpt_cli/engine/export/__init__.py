@@ -1,0 +1,9 @@
+"""`minigpt export`: a finished run as files another program loads, every input checked first.
+
+Where each piece lives: `run.export_run` is the verb's entry (format, output path and run checked
+first, then one writer); `source` opens what is exported (a finished run, a LoRA run merged into
+plain weights); `output` writes into a temporary folder beside the destination and renames it into
+place, so an export is whole or absent; `hf` writes a Hugging Face transformers folder, with
+`hf_tokenizer` for the tokenizer files and the chat template. A new format (GGUF) is one writer
+module and one entry in `run.FORMATS`. Nothing is imported here.
+"""
