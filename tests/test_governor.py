@@ -352,3 +352,33 @@ def test_tokenizer_training_under_a_fractional_cap_gives_the_same_tokenizer(tmp_
         gov.install_throttle(previous)
     free = (tmp_path / "free" / "tokenizer.model").read_bytes()
     assert (tmp_path / "capped" / "tokenizer.model").read_bytes() == free
+
+
+def test_the_process_tree_counts_a_new_child_from_its_next_rescan() -> None:
+    """The governor reads the tree after every step: the expensive part (listing the children
+    from /proc) runs at most once per rescan interval, yet a new child's memory is counted."""
+    from minigpt_cli.engine.hardware.monitor import ProcessTree
+
+    now = [0.0]
+    tree = ProcessTree(rescan_seconds=1.0, clock=lambda: now[0])
+    alone = tree.rss_bytes()
+    # The child holds ~200 MB, far above the parent's RSS noise between two readings.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(60)"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(child.pid).memory_info().rss < 150 * 2**20:
+            assert time.monotonic() < deadline, "the child never allocated"
+            time.sleep(0.05)
+        before_rescan = tree.rss_bytes()  # same instant on the tree's clock: the old list
+        now[0] += 1.0
+        after_rescan = tree.rss_bytes()
+    finally:
+        child.kill()
+        child.wait()
+    assert before_rescan < alone + 100 * 2**20
+    assert after_rescan > alone + 150 * 2**20
+    now[0] += 1.0
+    assert tree.rss_bytes() < alone + 100 * 2**20  # a child that ended is dropped

@@ -1,7 +1,7 @@
 """Cheap measurements of what a run costs the machine: RSS of the process tree and CPU use.
 
-Called once per logged step, so each reading must take well under a millisecond or two; the
-resource governor builds its decisions on the same readings.
+The resource governor reads the tree's memory after every optimizer step (`ProcessTree`) and the
+trainer's log rows once per logged step, so each reading must take well under a millisecond.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -24,6 +25,44 @@ def tree_rss_bytes(process: psutil.Process | None = None) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
+
+
+class ProcessTree:
+    """RSS of this process and its children, cheap enough to read after every training step.
+
+    Listing the children means reading every process's /proc entry (measured: about 9 ms with 84
+    processes on the 2-core development machine, 8 % of a `tiny` training step, and more on a
+    desktop running hundreds), while reading a known process's RSS takes about 60 us. So the list
+    is refreshed at most every `rescan_seconds` and the known members are read in between: a
+    child started since is counted from the next refresh, well within a second.
+    """
+
+    def __init__(
+        self,
+        process: psutil.Process | None = None,
+        rescan_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._root = process or psutil.Process(os.getpid())
+        self._rescan_seconds = rescan_seconds
+        self._clock = clock
+        self._children: list[psutil.Process] = []
+        self._scanned_at = -math.inf
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the tree: this process and its (known) children."""
+        now = self._clock()
+        if now - self._scanned_at >= self._rescan_seconds:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                self._children = self._root.children(recursive=True)
+            self._scanned_at = now
+        total = 0
+        for proc in [self._root, *self._children]:
+            try:
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
 
 
 def physical_memory_bytes() -> int:

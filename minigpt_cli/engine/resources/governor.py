@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 import psutil
 
 from minigpt_cli.engine.hardware import monitor
-from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
+from minigpt_cli.engine.hardware.monitor import ProcessTree
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -134,6 +134,7 @@ class Governor:
         self.cap_bytes = cap_bytes
         total = total_memory or int(psutil.virtual_memory().total)
         self.reserve_bytes = system_reserve_bytes(total)
+        self._tree = ProcessTree()
         self._read_peak = read_peak or self._process_peak
         self._read_available = read_available or (lambda: int(psutil.virtual_memory().available))
         self._sleep = sleep
@@ -141,10 +142,9 @@ class Governor:
         self.peak_bytes = 0  # the highest step peak seen in this run
         self.paused_seconds = 0.0
 
-    @staticmethod
-    def _process_peak() -> int:
+    def _process_peak(self) -> int:
         own_peak = _peak_rss_bytes()
-        tree = tree_rss_bytes()
+        tree = self._tree.rss_bytes()
         _reset_peak_rss()
         return max(own_peak or 0, tree)
 
