@@ -39,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from logged_rate import _cli  # noqa: E402  (runs the CLI of a checkout, timed from outside)
 
 PEER_PRECISIONS = ("fp32", "fp32_medium", "bf16")
 
@@ -137,18 +140,6 @@ def _one(preset: str, impl: str, precision: str, args: argparse.Namespace) -> di
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _cli(*args: str) -> float:
-    """Run `minigpt` from this checkout; the wall seconds from process start to exit."""
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "minigpt_cli", *args],
-        cwd=REPO,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - start
-
-
 def wall_rate(preset: str, lengths: tuple[int, int], folder: Path, threads: int) -> dict:
     """Tokens/s of `minigpt pretrain` by the wall clock between two run lengths, and as logged."""
     walls, tokens, rows = [], [], []
@@ -156,11 +147,11 @@ def wall_rate(preset: str, lengths: tuple[int, int], folder: Path, threads: int)
         run_dir = folder / f"{preset}-{count}"
         args = ["pretrain", "--preset", preset, "--max-steps", str(count), "--out", str(run_dir)]
         args += ["--threads", str(threads), "--overwrite", "--set", "log.progress=plain"]
-        if preset != "tiny":  # a few long steps: a row per step, so the logged rate has rows
-            args += ["--set", "train.log_every=1"]
+        # About ten logged rows in the longer run, whatever its length, for the logged rate.
+        args += ["--set", f"train.log_every={max(1, lengths[1] // 10)}"]
         if (folder / f"{preset}-tokenizer").exists():
             args += ["--tokenizer", str(folder / f"{preset}-tokenizer")]
-        walls.append(_cli(*args))
+        walls.append(_cli(REPO, *args))
         if not (folder / f"{preset}-tokenizer").exists():
             (folder / f"{preset}-tokenizer").mkdir()
             for name in ("tokenizer.model", "tokenizer.json"):
