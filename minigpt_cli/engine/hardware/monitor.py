@@ -15,18 +15,6 @@ from collections.abc import Callable
 import psutil
 
 
-def tree_rss_bytes(process: psutil.Process | None = None) -> int:
-    """Resident memory of a process and all its children (what a memory cap must bound)."""
-    root = process or psutil.Process(os.getpid())
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
-
-
 class ProcessTree:
     """RSS of this process and its children, cheap enough to read after every training step.
 
@@ -63,6 +51,11 @@ class ProcessTree:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return total
+
+
+def tree_rss_bytes(process: psutil.Process | None = None) -> int:
+    """Resident memory of a process and all its children, listed now (a one-off reading)."""
+    return ProcessTree(process, rescan_seconds=0.0).rss_bytes()
 
 
 def physical_memory_bytes() -> int:
