@@ -217,7 +217,10 @@ def test_addition_answers_are_right() -> None:
     for record in builtin.sft_records("val", SMALL, 2) + builtin.sft_records("train", SMALL, 2):
         if record["task"] == "addition":
             a, b = _pair(_user_text("sft", record))
-            assert _checked_working(record["output"], a, b) == a + b
+            if record["output"].isdigit():  # SFT's bare totals (addition.WORKED_SHARE)
+                assert int(record["output"]) == a + b
+            else:
+                assert _checked_working(record["output"], a, b) == a + b
     bare_wrong = 0
     for record in builtin.dpo_records("train", SMALL, 2):
         if record["task"] == "addition":
@@ -466,6 +469,25 @@ def test_rlhf_answers_match_sft_outputs_for_the_same_question() -> None:
     for record in builtin.sft_records("train", 1500, 0):
         question = _user_text("sft", record)
         if question in answers:
-            assert answers[question] == record["output"]
+            # SFT answers some sums with the bare total; the rule still asks for the working.
+            output = record["output"]
+            want = answers[question]
+            assert want == output or output == addition.bare_total(want)
             matched += 1
     assert matched > 50
+
+
+def test_sft_answers_a_share_of_sums_bare_and_everything_else_works_them_out() -> None:
+    """Training SFT gives the bare total for about 1 - WORKED_SHARE of its sums; the held-out
+    references, the RLHF answers, DPO's chosen replies and the pretraining text never do."""
+    train = [r for r in builtin.sft_records("train", 4000, 1) if r["task"] == "addition"]
+    bare = sum(r["output"].isdigit() for r in train) / len(train)
+    assert bare == pytest.approx(1 - addition.WORKED_SHARE, abs=0.05)
+    val = [r for r in builtin.sft_records("val", SMALL, 1) if r["task"] == "addition"]
+    rlhf = [r for r in builtin.rlhf_records("train", SMALL, 1) if r["task"] == "addition"]
+    assert not any(r["output"].isdigit() for r in val)
+    assert not any(r["answer"].isdigit() for r in rlhf)
+    dpo = [r for r in builtin.dpo_records("train", SMALL, 1) if r["task"] == "addition"]
+    assert not any(r["chosen"].isdigit() for r in dpo)
+    assert addition.bare_total("7+8=15，4+5+1=10，所以是105") == "105"
+    assert addition.bare_total("7+8=15, 4+5+1=10, so 105") == "105"

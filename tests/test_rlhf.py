@@ -147,6 +147,23 @@ def test_rule_reward_scores_normalised_exact_answers() -> None:
     assert rule_scores(records, ["  paris ", "154", "红色"]).tolist() == [1.0, 0.0, 1.0]
 
 
+def test_rule_reward_marks_each_step_of_a_worked_answer() -> None:
+    worked = {"answer": "7+8=15, 4+5+1=10, so 105"}
+    zh = {"answer": "7+8=15，4+5+1=10，所以是105"}
+    responses = [
+        "7+8=15, 4+5+1=10, so 105",  # right
+        "7+8=15, 4+5+1=11, so 115",  # one step wrong, and the total with it: 1 of 3 steps
+        "7+8=15, 4+5+1=10, so 104",  # the total copied wrong: 2 of 3
+        "105",  # the bare total: no step in place
+        "7+8=15, 4+5+1=10, so 105, so 105",  # a step too many: 3 of 4
+    ]
+    scores = rule_scores([worked] * len(responses), responses).tolist()
+    assert scores == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0, 3 / 4])
+    assert rule_scores([zh], ["7+8=15，4+5+1=11，所以是115"]).tolist() == pytest.approx([1 / 3])
+    # A one-step answer stays all or nothing, however close.
+    assert rule_scores([{"answer": "quack"}], ["quack, quack"]).tolist() == [0.0]
+
+
 def _rlhf(parent: Path, out: Path, *extra: str) -> None:
     sets = [
         *RLHF_SETS,

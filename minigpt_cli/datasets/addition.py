@@ -1,25 +1,46 @@
 """The addition family: sums of two numbers from 0 to 99, held out by operand pair, answered by
-working them out digit by digit.
+working them out digit by digit, the family where reinforcement learning has room to help.
 
 The answer is the working, units first: "7+8=15, 4+5+1=10, so 105" for 47 + 58 (Chinese:
 "7+8=15，4+5+1=10，所以是105"). Why: digits are single tokens and a model writes the answer left
 to right, so the bare sum needs the carry before its first digit; a four-layer model then learns a
 lookup table of the pairs it saw (measured: 0-6 % on held-out pairs). Worked out, each step is a
 small table (a digit plus a digit, plus the carry it just wrote) that transfers to pairs never
-seen: the same model reaches 40-60 % on held-out pairs after SFT, and its errors are in single
-steps, which is where reinforcement learning with an exact-answer reward has room to help. The
-reference is the whole working, so exact match (and the rule reward) accept only a right
+seen. The reference is the whole working, so exact match (and the rule reward) accept only a right
 working, not a lucky total.
+
+SFT answers a share of its sums bare (`WORKED_SHARE`): about three in ten of the training
+questions on addition get the bare total ("105"), as instruction data written by people mixes
+answers that show their working with answers that do not. Held-out references, RLHF prompts, DPO's
+chosen replies and the pretraining text always work the sum out. Why: with every SFT answer worked
+out, SFT alone reached 84-96 % of the held-out sums (seeds 0-2), leaving reinforcement learning
+with the exact-answer rule nothing to show (GRPO +4 points at most). With the bare share, SFT
+leaves the model undecided between the two ways of answering, and a bare total of an unseen pair
+is almost always wrong: held-out exact match after SFT falls into the range where a verifiable
+reward can work (see the README, "RLHF with a verifiable reward"), and GRPO with the rule reward
+learns to work every sum out, as reasoning-RL (DeepSeek-R1's rule rewards) teaches a model to
+show its working because working is what gets rewarded. Measured on the way (seed 0, the tiny
+quickstart's pretraining): keeping only a tenth of SFT's addition questions left 0 % (the steps
+themselves unlearned), three tenths 26 % with GRPO-rule adding 6 points (errors of one in single
+steps, which 80 GRPO iterations barely move; a learning rate of 5e-4 was no faster); half the
+answers bare left 7 %. With three in ten bare (seed 0): SFT 33 % (33 answers bare, 33 of the 67
+worked ones right), GRPO-rule 50 % (2 bare, 50 of 98 worked right): the gain is the switch to
+working every sum out.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 
 from minigpt_cli.datasets._common import _held_out, _Item
 
 MAX_OPERAND = 99
+WORKED_SHARE = 0.7
+"""Share of SFT's training questions on addition answered with the working; the rest with the bare
+total (see the module docstring). Held-out references, DPO, RLHF and pretraining text always work
+the sum out."""
 
 
 def _pair_held_out(a: int, b: int) -> bool:
@@ -82,6 +103,11 @@ def working(a: int, b: int, lang: str, flip_carry: bool = False) -> tuple[str, i
     if lang == "en":
         return f"{head}, {a // 10}+{b // 10}+{carry}={tens}, so {total}", total
     return f"{head}，{a // 10}+{b // 10}+{carry}={tens}，所以是{total}", total
+
+
+def bare_total(answer: str) -> str:
+    """The total at the end of a worked answer ("7+8=15, 4+5+1=10, so 105" -> "105")."""
+    return re.split(r"[ 是]", answer)[-1]
 
 
 def _addition_item(rng: random.Random, split: str, lang: str) -> _Item:

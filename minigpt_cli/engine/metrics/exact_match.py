@@ -8,6 +8,7 @@ after `normalise_answer`.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,32 @@ from minigpt_cli.errors import UserError
 
 EXACT_MATCH_MARGIN = 8  # new tokens allowed beyond the longest reference answer (+ end of turn)
 EXACT_MATCH_BATCH = 32  # held-out prompts decoded together
+
+
+_STEP_SEPARATOR = re.compile("[,\uff0c]")  # a step of a worked answer ends at a comma (or ，)
+
+
+def step_credit(response: str, answer: str) -> float:
+    """1.0 for the answer (after `normalise_answer`); for a worked answer, the share of its steps
+    the response got right in place; otherwise 0.0.
+
+    A worked answer is one whose reference has two steps or more, separated by commas ("7+8=15,
+    4+5+1=10, so 105"). Its credit is the number of steps equal at the same position over the
+    longer step count: one wrong sum and the total it carries into earn 1/3, a total copied wrong
+    2/3, a bare total 0. Why: all or nothing gives GRPO, which learns only from the differences
+    inside a group of samples, nothing when a group fails together; marking each step, as a
+    teacher marks working, also says which step went wrong. One-step answers (a word, a count)
+    stay all or nothing, so this rule differs from exact match only on worked sums.
+    """
+    got, want = normalise_answer(response), normalise_answer(answer)
+    if got == want:
+        return 1.0
+    want_steps = [step.strip() for step in _STEP_SEPARATOR.split(want)]
+    if len(want_steps) < 2:
+        return 0.0
+    got_steps = [step.strip() for step in _STEP_SEPARATOR.split(got)]
+    right = sum(g == w for g, w in zip(got_steps, want_steps, strict=False))
+    return right / max(len(want_steps), len(got_steps))
 
 
 def normalise_answer(text: str) -> str:
@@ -177,7 +204,7 @@ def held_out_exact_match(
 
 
 def rule_scores(records: Sequence[dict], responses: Sequence[str]) -> torch.Tensor:
-    """1.0 where the response equals the record's answer after `normalise_answer`, else 0.0."""
+    """The rule reward of each response: `step_credit` against the record's answer."""
     scores = []
     for record, response in zip(records, responses, strict=True):
         answer = record.get("answer")
@@ -185,5 +212,5 @@ def rule_scores(records: Sequence[dict], responses: Sequence[str]) -> torch.Tens
             raise UserError(
                 "the rule reward needs prompts with an 'answer' (use --reward model otherwise)"
             )
-        scores.append(float(normalise_answer(response) == normalise_answer(str(answer))))
+        scores.append(step_credit(response, str(answer)))
     return torch.tensor(scores)

@@ -1,8 +1,9 @@
 """RLHF's reward: each sampled response judged by the reward model, the exact-answer rule, or both.
 
 The reward model's score comes from `inference.scoring.score_texts`, the rule's from
-`exact_match.rule_scores` (1 for an answer that matches after `normalise_answer`); with both, each
-term is standardised by its own running moments before they are added, so neither scale dominates.
+`exact_match.rule_scores` (1 for an answer that matches after `normalise_answer`, the share of its
+steps right for a worked answer: `exact_match.step_credit`); with both, each term is standardised
+by its own running moments before they are added, so neither scale dominates.
 Those moments are part of an RLHF run's checkpoint (`RlStage.extra_state`).
 """
 
