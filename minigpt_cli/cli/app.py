@@ -70,6 +70,7 @@ def _register_verbs() -> None:
         eval_cmd,
         export_cmd,
         generate_cmd,
+        import_cmd,
         pretrain_cmd,
         quickstart_cmd,
         rlhf_cmd,
@@ -91,6 +92,7 @@ def _register_verbs() -> None:
         eval_cmd,
         chat_cmd,
         export_cmd,
+        import_cmd,
     )
     for module in verbs:
         module.register(app)

@@ -80,6 +80,9 @@ class ModelConfig(Section):
     n_head: int = Field(2, ge=1)
     n_kv_head: int | None = Field(None, ge=1, description="grouped-query heads; None = n_head")
     n_embd: int = Field(128, ge=8)
+    head_size: int | None = Field(
+        None, ge=2, description="width of one attention head; None = n_embd / n_head"
+    )
     intermediate_size: int | None = Field(None, ge=8, description="SwiGLU width; None = computed")
     context_length: int = Field(256, ge=8, le=131_072)
     rope_theta: float = Field(10_000.0, gt=0)
@@ -91,9 +94,16 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
-        if self.n_embd % self.n_head:
+        if self.head_size is not None:
+            # An imported checkpoint may set its head width apart from n_embd / n_head (as
+            # transformers' `head_dim`): the projections are then n_head x head_size wide.
+            if self.head_size % 2:
+                raise ValueError(
+                    f"head_size ({self.head_size}) must be even (rotary embeddings rotate pairs)"
+                )
+        elif self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if (self.n_embd // self.n_head) % 2:
+        elif (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even "
                 "(rotary embeddings rotate pairs)"
@@ -110,7 +120,8 @@ class ModelConfig(Section):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Width of one attention head: `head_size`, else n_embd / n_head."""
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def ffn_dim(self) -> int:

@@ -11,6 +11,8 @@ evaluation holds out, so rehearsing never touches a document `minigpt eval` scor
 - `--data` files: the root run's encoded `shards/train` (or the shard folder it trained on, or
   its files encoded again when they still exist), its training part only.
 - `--text` files given to the fine-tuning verb: those, whole.
+- A chain rooted in an imported checkpoint (`minigpt import`) has no pretraining text here: only
+  `--text` gives it some.
 
 When none is available `chain_text` says why in one line and the caller trains without text.
 """
@@ -51,9 +53,10 @@ def chain_root(run_dir: Path) -> Path:
 
 
 def pretrained_on_builtin(root: Path) -> bool:
-    """Whether `root` pretrained on the built-in corpus (no --data, not continued from a run)."""
+    """Whether `root` pretrained on the built-in corpus (no --data, not continued from a run, not
+    imported by `minigpt import`)."""
     sources = read_state(root).get("sources") or {}
-    return not (sources.get("data") or sources.get("from_run"))
+    return not (sources.get("data") or sources.get("from_run") or sources.get("imported_from"))
 
 
 @dataclass
@@ -192,6 +195,11 @@ def chain_text(
         chain.source = (
             f"the {len(trained):,} built-in documents {root} pretrained on "
             f"({len(chain.train):,} tokens, the held-out tail excluded)"
+        )
+    elif sources.get("imported_from"):
+        chain.note = (
+            f"{root} was imported from {sources['imported_from']}, whose pretraining text is "
+            "not here"
         )
     else:
         paths = [Path(p) for p in sources.get("data") or []]
