@@ -138,9 +138,16 @@ def _get(fields: list[Field], number: int, default: int | bytes | None = None) -
 
 
 def _set(fields: list[Field], number: int, wire: int, value: int | bytes) -> list[Field]:
-    """`fields` with field `number` set to `value` (in place of any earlier value)."""
-    kept = [item for item in fields if item[0] != number]
-    return [*kept, (number, wire, value)]
+    """`fields` with field `number` set to `value`, where it was (appended when absent)."""
+    updated: list[Field] = []
+    for item in fields:
+        if item[0] != number:
+            updated.append(item)
+        elif all(other[0] != number for other in updated):
+            updated.append((number, wire, value))
+    if all(item[0] != number for item in updated):
+        updated.append((number, wire, value))
+    return updated
 
 
 @dataclass
@@ -236,7 +243,11 @@ class SentencePieceModel:
     # ------------------------------------------------------------------ edits
 
     def set_trainer(self, number: int, value: int | str) -> None:
-        """Set a trainer-spec field (an int32 id or a piece name)."""
+        """Set a trainer-spec field (an int32 id or a piece name); unchanged bytes when it
+        already holds the value."""
+        current = _get(self.trainer, number)
+        if current == (value.encode("utf-8") if isinstance(value, str) else value):
+            return
         if isinstance(value, str):
             self.trainer = _set(self.trainer, number, _LEN, value.encode("utf-8"))
         else:

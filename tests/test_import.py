@@ -1,0 +1,436 @@
+"""`minigpt import HF_DIR --out RUN`, proved with the real library: random `LlamaForCausalLM`s built
+by transformers (nothing downloaded) are imported and compute the same logits; an imported run
+fine-tunes with `sft` and exports back to a folder transformers loads with the fine-tuned logits;
+what minigpt cannot represent is refused in one line naming the key, leaving nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from minigpt_cli.cli.app import main  # noqa: E402
+from minigpt_cli.config.loader import read_run_config  # noqa: E402
+from minigpt_cli.datasets import builtin  # noqa: E402
+from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
+from minigpt_cli.engine.export import hf_tokenizer  # noqa: E402
+from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
+from minigpt_cli.engine.export.run import export_run  # noqa: E402
+from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
+from minigpt_cli.engine.runs.load import load_run  # noqa: E402
+from tests.conftest import FINETUNE_SETS, run_cli, set_args  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+transformers.utils.logging.disable_progress_bar()  # its bars would land in captured stderr
+
+PROMPTS = [
+    "Once upon a time",
+    "The cat sat on the mat, and 12 + 34 = 46.",
+    "从前有一只小狐狸。",
+    "狐狸 means fox; 猫 means cat.",
+]
+TEXTS = [
+    "Hello world, 你好世界! 12345 and 007.",
+    "  two  spaces,\ta tab\nand a newline\n\n",
+    "emoji 😀👍🏽 and é, ß, ﬁ",
+    "a literal \u2581 (sentencepiece's space sign)",
+    "<|user|> is plain text here",
+]
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 96,  # not the 8/3 rule's 192: taken from the config
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rope_theta": 500_000.0,
+    "rms_norm_eps": 1e-5,
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600-piece minigpt tokenizer as `minigpt export` writes it: tokenizer.model (the
+    sentencepiece model) beside the tokenizer.json derived from it."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [record["text"] for record in builtin.pretrain_records(300)]
+    train_tokenizer(texts, 600, out / "trained", num_threads=1)
+    tokenizer = Tokenizer.load(out / "trained")
+    folder = out / "files"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+    hf_json = hf_tokenizer.tokenizer_json(tokenizer)
+    (folder / "tokenizer.json").write_text(json.dumps(hf_json, ensure_ascii=False))
+    return folder
+
+
+def _randomise(model: Any, seed: int) -> None:
+    """Weights far from transformers' N(0, 0.02) start, so that any mix-up moves the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(noise * 0.3 if parameter.dim() == 2 else 1.0 + 0.1 * noise)
+
+
+def make_checkpoint(
+    folder: Path,
+    tokenizer: Path | None,
+    *,
+    vocab_size: int = 600,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **config: Any,
+) -> Path:
+    """A random `LlamaForCausalLM` saved by transformers, with the tokenizer files of `tokenizer`
+    (a folder) beside it."""
+    settings = {**SHAPE, "bos_token_id": 1, "eos_token_id": 2, **config}
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=vocab_size, **settings)
+    )
+    _randomise(model, seed)
+    if config.get("tie_word_embeddings"):
+        model.tie_weights()
+    model = model.to(dtype)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **extra)
+    for file in sorted(tokenizer.iterdir()) if tokenizer else []:
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+def _hf_model(folder: Path) -> Any:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def assert_same_logits(hf_dir: Path, run: Path, vocab: int | None = None) -> None:
+    """minigpt's logits of `run` equal transformers' of `hf_dir` within 1e-4 on English and
+    Chinese prompts (the first `vocab` columns: the checkpoint's own ids)."""
+    ours = load_run(run)
+    theirs = _hf_model(hf_dir)
+    tokenizer = ours.tokenizer
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]])
+            expected = theirs(ids).logits
+            got = ours.model(ids)[..., : vocab or expected.shape[-1]]
+            assert got.shape == expected.shape
+            assert expected.abs().max() > 1.0  # real logits, not a near-uniform start
+            assert torch.allclose(got, expected, atol=1e-4, rtol=0), prompt
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_an_imported_checkpoint_computes_transformers_logits(
+    tied: bool, tokenizer_files: Path, tmp_path: Path
+) -> None:
+    hf_dir = make_checkpoint(tmp_path / "hf", tokenizer_files, tie_word_embeddings=tied)
+    report = import_hf(hf_dir, tmp_path / "run")
+    assert report.renamed == {} and report.added == {} and report.vocab_size == 600
+    assert_same_logits(hf_dir, tmp_path / "run")
+    model = read_run_config(tmp_path / "run").model
+    assert (model.n_head, model.kv_heads, model.head_dim, model.ffn_dim) == (4, 2, 16, 96)
+    assert (model.rope_theta, model.norm_eps, model.tie_embeddings) == (500_000.0, 1e-5, tied)
+    state = read_state(tmp_path / "run")
+    assert state["finished"] is True and state["stage"] == "import"
+    sources = state["sources"]
+    assert sources["imported_from"] == str(hf_dir.resolve())
+    digest = hashlib.sha256((hf_dir / "config.json").read_bytes()).hexdigest()
+    assert sources["config_sha256"] == digest and sources["tokenizer"] == "tokenizer.model"
+    # The tokenizer is kept piece for piece: the same bytes as the checkpoint's.
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == (
+        tokenizer_files / "tokenizer.model"
+    ).read_bytes()
+
+
+def test_a_sharded_bf16_checkpoint_with_its_own_head_width(
+    tokenizer_files: Path, tmp_path: Path
+) -> None:
+    """head_dim 32 with 4 heads on a width of 64 (not 64 / 4), bf16 weights in several shards
+    (model.safetensors.index.json): imported in fp32, the same logits as transformers' fp32."""
+    hf_dir = make_checkpoint(
+        tmp_path / "hf",
+        tokenizer_files,
+        head_dim=32,
+        dtype=torch.bfloat16,
+        max_shard_size="100KB",
+    )
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+    report = import_hf(hf_dir, tmp_path / "run")
+    assert report.weight_files > 1 and report.dtypes == ["BF16"]
+    assert_same_logits(hf_dir, tmp_path / "run")
+    model = read_run_config(tmp_path / "run").model
+    assert (model.head_size, model.head_dim, model.n_embd) == (32, 32, 64)
+
+
+def test_a_tokenizer_json_alone_becomes_the_same_tokenizer(
+    tokenizer_files: Path, tmp_path: Path
+) -> None:
+    """No tokenizer.model: the tokenizer.json (a sentencepiece BPE written out, as minigpt
+    exports one) is rebuilt as a sentencepiece model encoding every text as the original."""
+    only_json = tmp_path / "tokenizer"
+    only_json.mkdir()
+    shutil.copy(tokenizer_files / "tokenizer.json", only_json / "tokenizer.json")
+    hf_dir = make_checkpoint(tmp_path / "hf", only_json)
+    report = import_hf(hf_dir, tmp_path / "run")
+    assert report.tokenizer_source == "tokenizer.json" and report.added == {}
+    original = Tokenizer.load(tokenizer_files)
+    imported = Tokenizer.load(tmp_path / "run")
+    assert imported.vocab_size == original.vocab_size
+    assert [imported.piece(i) for i in range(600)] == [original.piece(i) for i in range(600)]
+    documents = [record["text"] for record in builtin.pretrain_records(40, seed=3)]
+    for text in [*TEXTS, *documents]:
+        assert imported.encode(text) == original.encode(text), text
+        assert imported.decode(imported.encode(text)) == text
+    assert imported.special_tokens == original.special_tokens
+    assert_same_logits(hf_dir, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def plain_sentencepiece(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentencepiece tokenizer as most are trained (`<unk>`, `<s>`, `</s>` at ids 0-2, none of
+    minigpt's chat pieces) with minigpt's normalisation: 600 pieces."""
+    folder = tmp_path_factory.mktemp("plain-sp")
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([r["text"] for r in builtin.pretrain_records(300)]),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=600,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.98,
+        num_threads=1,
+        minloglevel=3,
+    )
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    return folder
+
+
+def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
+    plain_sentencepiece: Path, tmp_path: Path
+) -> None:
+    """`<s>`/`</s>` become minigpt's begin/end of text (same ids, same rows); the five pieces
+    missing get new rows; `sft --from` trains the imported run; `export --format hf` of the
+    fine-tuned run loads in transformers with exactly the fine-tuned logits."""
+    hf_dir = make_checkpoint(tmp_path / "hf", plain_sentencepiece)
+    run = tmp_path / "imported"
+    result = run_cli("import", hf_dir, "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert "<s> -> <|begin_of_text|>" in result.stdout and f"minigpt sft --from {run}" in (
+        result.stdout
+    )
+    tokenizer = Tokenizer.load(run)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (1, 2, 605)
+    added = read_state(run)["sources"]["added_tokens"]
+    assert sorted(added) == sorted(SPECIAL_TOKENS[n] for n in ("pad", "system", "user",
+                                                                 "assistant", "eot"))
+    assert sorted(added.values()) == list(range(600, 605))
+    assert_same_logits(hf_dir, run, vocab=600)  # the checkpoint's ids compute as before
+    weights = load_file(str(run / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    assert torch.allclose(embed[600], embed[:600].mean(dim=0))
+    sft = tmp_path / "sft"
+    result = run_cli(
+        "sft", "--from", run, "--out", sft, "--max-steps", "3", "--precision", "fp32",
+        "--device", "cpu", "--threads", "1", *set_args(FINETUNE_SETS),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "was imported from" in result.stdout + result.stderr  # no built-in text claimed
+    tuned = load_run(sft)
+    assert tuned.state["chat"] is True and tuned.tokenizer.vocab_size == 605
+    export_run(sft, "hf", tmp_path / "back")
+    theirs = _hf_model(tmp_path / "back")
+    ids = torch.tensor([[tokenizer.bos_id, tokenizer.user_id, *tokenizer.encode("2 + 3?"),
+                         tokenizer.eot_id, tokenizer.assistant_id]])
+    with torch.no_grad():
+        expected = tuned.model(ids)
+        assert not torch.allclose(expected, load_run(run).model(ids), atol=1e-4)  # sft moved it
+        assert torch.allclose(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+def _run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object
+) -> tuple[int, str, str]:
+    """`minigpt ARGS` in this process, through the console script's own error path."""
+    monkeypatch.setattr(sys, "argv", ["minigpt", *map(str, args)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+def _edit_config(folder: Path, **changes: Any) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as copies (not views of the mapped file, which is rewritten)."""
+    return {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def _drop_tensor(folder: Path, name: str) -> None:
+    tensors = _weights(folder)
+    del tensors[name]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _pickled_only(folder: Path) -> None:
+    torch.save(_weights(folder), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _pickle_named_safetensors(folder: Path) -> None:
+    torch.save(_weights(folder), folder / "model.safetensors")
+
+
+def _dummy_prefix_tokenizer(folder: Path) -> None:
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([r["text"] for r in builtin.pretrain_records(200)]),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=600,
+        byte_fallback=True,
+        character_coverage=0.98,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=3,
+    )  # sentencepiece's default dummy prefix, as Llama 2's tokenizer has
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+
+
+def _byte_level_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.model").unlink()
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+REFUSALS: dict[str, tuple[Any, str]] = {
+    "no_config": (lambda f: (f / "config.json").unlink(), "no config.json"),
+    "mistral": (
+        lambda f: _edit_config(f, architectures=["MistralForCausalLM"], model_type="mistral"),
+        "architectures",
+    ),
+    "attention_bias": (lambda f: _edit_config(f, attention_bias=True), "attention_bias"),
+    "mlp_bias": (lambda f: _edit_config(f, mlp_bias=True), "mlp_bias"),
+    "rope_scaling": (
+        lambda f: _edit_config(f, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "rope_scaling",
+    ),
+    "rope_parameters": (
+        lambda f: _edit_config(
+            f, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+        ),
+        "rope_parameters.rope_type",
+    ),
+    "gelu": (lambda f: _edit_config(f, hidden_act="gelu"), "hidden_act"),
+    "shape": (
+        lambda f: _edit_config(f, intermediate_size=128),
+        "model.layers.0.mlp.down_proj.weight has shape (64, 96)",
+    ),
+    "missing_tensor": (
+        lambda f: _drop_tensor(f, "model.layers.1.self_attn.k_proj.weight"),
+        "missing tensor model.layers.1.self_attn.k_proj.weight",
+    ),
+    "pickled_bin": (_pickled_only, "pytorch_model.bin: pickled PyTorch weights"),
+    "pickle_as_safetensors": (_pickle_named_safetensors, "not safetensors"),
+    "dummy_prefix": (_dummy_prefix_tokenizer, "normalizer_spec.add_dummy_prefix"),
+    "byte_level": (_byte_level_tokenizer, "pre_tokenizer = ByteLevel"),
+    "no_tokenizer": (
+        lambda f: [(f / n).unlink() for n in ("tokenizer.model", "tokenizer.json")],
+        "no tokenizer.model or tokenizer.json",
+    ),
+    "vocab": (lambda f: _edit_config(f, vocab_size=500), "config.json's vocab_size is 500"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_what_minigpt_cannot_represent_is_refused_in_one_line_leaving_nothing(
+    case: str,
+    tokenizer_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hf_dir = make_checkpoint(tmp_path / "hf", tokenizer_files)
+    edit, expected = REFUSALS[case]
+    edit(hf_dir)
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", never)
+    monkeypatch.setattr("pickle.load", never)
+    monkeypatch.setattr("pickle.loads", never)
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, stdout, stderr = _run_main(
+        monkeypatch, capsys, "import", hf_dir, "--out", tmp_path / "runs" / "imported"
+    )
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_existing_run_is_replaced_only_with_overwrite_and_never_other_files(
+    tokenizer_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hf_dir = make_checkpoint(tmp_path / "hf", tokenizer_files, tie_word_embeddings=True)
+    run = tmp_path / "run"
+    import_hf(hf_dir, run)
+    (run / "stale.txt").write_text("from the earlier run")
+    code, _, stderr = _run_main(monkeypatch, capsys, "import", hf_dir, "--out", run)
+    assert code == 2 and "already exists" in stderr
+    code, stdout, _ = _run_main(monkeypatch, capsys, "import", hf_dir, "--out", run, "--overwrite")
+    assert code == 0 and "imported" in stdout
+    assert not (run / "stale.txt").exists() and read_state(run)["finished"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing staged left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    code, _, stderr = _run_main(
+        monkeypatch, capsys, "import", hf_dir, "--out", other, "--overwrite"
+    )
+    assert code == 2 and "not a minigpt run" in stderr and (other / "mine.txt").is_file()
+    code, _, stderr = _run_main(monkeypatch, capsys, "import", hf_dir, "--out", hf_dir / "run")
+    assert code == 2 and "overlaps" in stderr
