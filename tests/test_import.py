@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from minigpt_cli.cli.app import main  # noqa: E402
 from minigpt_cli.config.loader import read_run_config  # noqa: E402
 from minigpt_cli.datasets import builtin  # noqa: E402
+from minigpt_cli.engine.data.chat_template import user_prompt  # noqa: E402
 from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
 from minigpt_cli.engine.export import hf_tokenizer  # noqa: E402
@@ -249,26 +250,24 @@ def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
     tokenizer = Tokenizer.load(run)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (1, 2, 605)
     added = read_state(run)["sources"]["added_tokens"]
-    assert sorted(added) == sorted(SPECIAL_TOKENS[n] for n in ("pad", "system", "user",
-                                                                 "assistant", "eot"))
+    assert sorted(added) == sorted(
+        SPECIAL_TOKENS[n] for n in ("pad", "system", "user", "assistant", "eot")
+    )
     assert sorted(added.values()) == list(range(600, 605))
     assert_same_logits(hf_dir, run, vocab=600)  # the checkpoint's ids compute as before
     weights = load_file(str(run / "model.safetensors"))
     embed = weights["model.embed_tokens.weight"]
     assert torch.allclose(embed[600], embed[:600].mean(dim=0))
     sft = tmp_path / "sft"
-    result = run_cli(
-        "sft", "--from", run, "--out", sft, "--max-steps", "3", "--precision", "fp32",
-        "--device", "cpu", "--threads", "1", *set_args(FINETUNE_SETS),
-    )
+    flags = ["--max-steps", "3", "--precision", "fp32", "--device", "cpu", "--threads", "1"]
+    result = run_cli("sft", "--from", run, "--out", sft, *flags, *set_args(FINETUNE_SETS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "was imported from" in result.stdout + result.stderr  # no built-in text claimed
     tuned = load_run(sft)
     assert tuned.state["chat"] is True and tuned.tokenizer.vocab_size == 605
     export_run(sft, "hf", tmp_path / "back")
     theirs = _hf_model(tmp_path / "back")
-    ids = torch.tensor([[tokenizer.bos_id, tokenizer.user_id, *tokenizer.encode("2 + 3?"),
-                         tokenizer.eot_id, tokenizer.assistant_id]])
+    ids = torch.tensor([user_prompt("What is 2 + 3?", tokenizer)])  # the chat template's ids
     with torch.no_grad():
         expected = tuned.model(ids)
         assert not torch.allclose(expected, load_run(run).model(ids), atol=1e-4)  # sft moved it

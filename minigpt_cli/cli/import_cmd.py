@@ -28,9 +28,7 @@ def import_checkpoint(
     ],
     overwrite: Annotated[
         bool,
-        typer.Option(
-            "--overwrite", help="Replace an existing run at --out (never other files)."
-        ),
+        typer.Option("--overwrite", help="Replace an existing run at --out (never other files)."),
     ] = False,
 ) -> None:
     """Import a local Hugging Face Llama checkpoint as a finished run.
@@ -47,16 +45,16 @@ def import_checkpoint(
     if report.renamed:
         notes.append("renamed " + ", ".join(f"{a} -> {b}" for a, b in report.renamed.items()))
     if report.added:
-        notes.append(
-            f"added {', '.join(report.added)} (new embedding rows, trained by sft)"
-        )
+        notes.append(f"added {', '.join(report.added)} (new embedding rows, trained by sft)")
     if report.reserved:
         notes.append(f"{report.reserved} reserved pieces for unused embedding rows")
     sys.stdout.write(
         f"imported {hf_dir} to {out} ({'; '.join(notes)}; weights {'/'.join(report.dtypes)} "
         f"-> fp32, tokenizer from {report.tokenizer_source}) in {report.seconds:.1f} s\n"
     )
-    sys.stdout.write(f"next: minigpt sft --from {out}    (or: minigpt generate {out} --prompt ...)\n")
+    sys.stdout.write(
+        f"next: minigpt sft --from {out}\n      minigpt generate {out} --prompt TEXT\n"
+    )
 
 
 def register(app: typer.Typer) -> None:

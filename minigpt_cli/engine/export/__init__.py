@@ -6,4 +6,9 @@ plain weights); `output` writes into a temporary folder beside the destination a
 place, so an export is whole or absent; `hf` writes a Hugging Face transformers folder, with
 `hf_tokenizer` for the tokenizer files and the chat template. A new format (GGUF) is one writer
 module and one entry in `run.FORMATS`. Nothing is imported here.
+
+`minigpt import` is the way back, here because it shares the folder handling (`output`) and the
+tokenizer's Hugging Face form (`hf_tokenizer`): `hf_import.import_hf` is its entry,
+`hf_checkpoint` reads and checks a Hugging Face folder, `hf_tokenizer_import` makes its tokenizer
+a minigpt one (through `sp_model`, sentencepiece's file format without the protobuf package).
 """

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
+from safetensors import safe_open
 
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.export import hf_tokenizer_import
+from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.runs.files import read_metadata
 from minigpt_cli.errors import UserError
 
@@ -127,9 +130,8 @@ def _rope_theta(config: dict[str, Any], path: Path) -> float:
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
         if kind != "default":
-            raise _refuse(
-                path, f"rope_scaling = {json.dumps(scaling)}: minigpt has plain rotary embeddings only"
-            )
+            shown = json.dumps(scaling)
+            raise _refuse(path, f"rope_scaling = {shown}: minigpt has plain rotary embeddings only")
     parameters = config.get("rope_parameters")
     theta = config.get("rope_theta", 10_000.0)
     if parameters is not None:
@@ -143,7 +145,8 @@ def _rope_theta(config: dict[str, Any], path: Path) -> float:
             )
         partial = parameters.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
-            raise _refuse(path, f"rope_parameters.partial_rotary_factor = {partial!r}: not supported")
+            key = "rope_parameters.partial_rotary_factor"
+            raise _refuse(path, f"{key} = {partial!r}: minigpt rotates whole heads")
         theta = parameters.get("rope_theta", theta)
     return _number({"rope_theta": theta}, "rope_theta", path, 10_000.0)
 
@@ -166,8 +169,7 @@ def model_config(config: dict[str, Any], path: Path) -> ModelConfig:
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise _refuse(
             path,
-            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-            f"({kv_heads})",
+            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})",
         )
     head_dim = config.get("head_dim")
     if head_dim is not None:
@@ -238,8 +240,6 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 def _headers(folder: Path, files: dict[str, Path]) -> dict[str, tuple[Path, list[int], str]]:
     """Every tensor's file, shape and dtype, from the safetensors headers alone."""
-    from safetensors import safe_open  # lazy: imports torch's bindings on first use
-
     paths = sorted(set(files.values())) if files else [folder / WEIGHTS_FILE]
     found: dict[str, tuple[Path, list[int], str]] = {}
     for path in paths:
@@ -260,10 +260,6 @@ def _headers(folder: Path, files: dict[str, Path]) -> dict[str, tuple[Path, list
 def expected_shapes(model: ModelConfig, rows: int) -> dict[str, list[int]]:
     """Every weight the network of `model` holds, by transformers' name, with its shape (built on
     the meta device: nothing allocated). Tied models have no `lm_head.weight`."""
-    import torch
-
-    from minigpt_cli.engine.model.gpt import GPT
-
     with torch.device("meta"):
         network = GPT(model, rows)
     return {name: list(tensor.shape) for name, tensor in network.export_state_dict().items()}
@@ -279,7 +275,7 @@ def check_weights(
     ignored = sorted(name for name in found if name.endswith(_RECOMPUTED))
     for name in sorted(expected):
         if name not in found:
-            where = files.get(name) or (folder / WEIGHTS_FILE if not files else folder / WEIGHTS_INDEX)
+            where = files.get(name) or folder / (WEIGHTS_INDEX if files else WEIGHTS_FILE)
             raise _refuse(where, f"missing tensor {name} (config.json makes the network need it)")
     dtypes: set[str] = set()
     for name, (path, shape, dtype) in sorted(found.items()):
@@ -294,8 +290,7 @@ def check_weights(
         if shape != shape_wanted:
             raise _refuse(
                 path,
-                f"tensor {name} has shape {tuple(shape)}, config.json makes "
-                f"{tuple(shape_wanted)}",
+                f"tensor {name} has shape {tuple(shape)}, config.json makes {tuple(shape_wanted)}",
             )
         if dtype not in FLOAT_DTYPES:
             raise _refuse(path, f"tensor {name} is {dtype}; minigpt imports float weights only")

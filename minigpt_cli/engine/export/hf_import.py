@@ -1,4 +1,4 @@
-"""`minigpt import HF_DIR --out RUN`: a local Hugging Face Llama checkpoint as a finished minigpt run.
+"""`minigpt import HF_DIR --out RUN`: a local Hugging Face Llama checkpoint as a finished run.
 
 The order keeps a refusal cheap and clean, as the export's does: the destination is checked, then
 the whole folder (`hf_checkpoint.read_checkpoint`: config, tokenizer, every tensor's name, shape
@@ -19,8 +19,8 @@ The run is what a finished pretraining run holds, so every verb takes it (`sft -
   the folder, config.json's SHA-256, the weight files, the tokenizer file and what was renamed or
   added; `metrics.jsonl`: one event row saying the same.
 
-Memory: the weights in fp32 once, plus the serialised file (`runs.files.save_tensors`, which also
-makes the bytes canonical); no model is built.
+Memory: no model is built; the weights in fp32 once, then serialised (`_save_weights`): at most
+two copies of the fp32 weights at a time.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Config, TokenizerConfig
-from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text
 from minigpt_cli.engine.export.hf_checkpoint import Checkpoint, read_checkpoint
 from minigpt_cli.engine.export.output import staged_folder
 from minigpt_cli.engine.runs.checkpoint import RunLock, holds_run
@@ -45,7 +48,7 @@ from minigpt_cli.engine.runs.files import (
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
-    save_tensors,
+    canonical_safetensors,
 )
 from minigpt_cli.errors import UserError
 
@@ -76,7 +79,9 @@ def check_destination(out: Path, hf_dir: Path, *, overwrite: bool) -> None:
     replaces a minigpt run (or an empty folder), never a folder holding anything else."""
     target, source = out.resolve(), hf_dir.resolve()
     if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-        raise UserError(f"{out}: overlaps the folder imported from ({hf_dir}); choose another --out")
+        raise UserError(
+            f"{out}: overlaps the folder imported from ({hf_dir}); choose another --out"
+        )
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
@@ -101,13 +106,10 @@ def _config(checkpoint: Checkpoint) -> Config:
     return Config(model=checkpoint.model, tokenizer=tokenizer)
 
 
-def load_weights(checkpoint: Checkpoint) -> dict[str, Any]:
+def load_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The checkpoint's weights in fp32 under minigpt's names, the embedding (and an untied head)
     grown by the rows of the pieces the import added. Refuses a tied checkpoint whose
     `lm_head.weight` is not its embedding."""
-    import torch
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name, path in checkpoint.weight_files.items():
         by_file.setdefault(path, []).append(name)
@@ -190,14 +192,24 @@ def _tokenizer_meta(checkpoint: Checkpoint) -> dict[str, Any]:
     }
 
 
+def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """`runs.files.save_tensors`' canonical file (a run's weights always are), holding at most two
+    copies of the weights: the tensors are released once serialised, before the bytes are made
+    canonical (`save_tensors` keeps all three alive)."""
+    data = save(tensors, metadata={"format": "minigpt", "step": "0"})
+    tensors.clear()
+    canonical = canonical_safetensors(data)
+    del data
+    atomic_write_bytes(path, canonical)
+
+
 def write_run(checkpoint: Checkpoint, folder: Path, report: ImportReport) -> int:
     """Write the run's files into `folder` (an empty staging folder); returns the parameter
     count."""
     config = _config(checkpoint)
     tensors = load_weights(checkpoint)
     parameters = sum(int(tensor.numel()) for tensor in tensors.values())
-    save_tensors(folder / MODEL_FILE, tensors, {"format": "minigpt", "step": "0"})
-    del tensors
+    _save_weights(folder / MODEL_FILE, tensors)
     tokenizer = checkpoint.tokenizer.tokenizer
     tokenizer.meta = _tokenizer_meta(checkpoint)
     tokenizer.save(folder)

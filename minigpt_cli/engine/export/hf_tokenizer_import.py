@@ -103,8 +103,9 @@ def check_representable(model: SentencePieceModel, path: Path) -> None:
         raise _refuse(path, "trainer_spec.treat_whitespace_as_suffix = true: not supported")
     name = model.normalizer_name()
     if model.has_charsmap() or name not in ("identity", ""):
+        shown = name or "custom"
         raise _refuse(
-            path, f"normalizer_spec.name = {name or 'custom'}: minigpt normalises nothing (identity)"
+            path, f"normalizer_spec.name = {shown}: minigpt normalises nothing (identity)"
         )
     for number, key, wanted in (
         (sp_model.NORMALIZER_ADD_DUMMY_PREFIX, "add_dummy_prefix", False),

@@ -131,7 +131,10 @@ def serialise(fields: list[Field]) -> bytes:
     return bytes(out)
 
 
-def _get(fields: list[Field], number: int, default: int | bytes | None = None) -> int | bytes | None:
+Value = int | bytes | None
+
+
+def _get(fields: list[Field], number: int, default: Value = None) -> Value:
     """The last value of field `number` (protobuf's rule for a repeated scalar), else `default`."""
     found = [value for field_number, _, value in fields if field_number == number]
     return found[-1] if found else default
@@ -179,8 +182,8 @@ class Piece:
         kind = _get(fields, _PIECE_TYPE, NORMAL)
         if not isinstance(text, bytes) or not isinstance(score, bytes) or len(score) != 4:
             raise ProtoError("malformed piece")
-        piece = struct.unpack("<f", score)[0]
-        return cls(text.decode("utf-8"), piece, int(kind or NORMAL), raw=bytes(data))
+        value = struct.unpack("<f", score)[0]
+        return cls(text.decode("utf-8"), value, int(kind or NORMAL), raw=bytes(data))
 
 
 @dataclass
