@@ -23,13 +23,16 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from minigpt_cli.cli.app import main  # noqa: E402
 from minigpt_cli.config.loader import read_run_config  # noqa: E402
+from minigpt_cli.config.schema import ModelConfig  # noqa: E402
 from minigpt_cli.datasets import builtin  # noqa: E402
 from minigpt_cli.engine.data.chat_template import user_prompt  # noqa: E402
 from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
 from minigpt_cli.engine.export import hf_tokenizer  # noqa: E402
+from minigpt_cli.engine.export.hf_checkpoint import expected_shapes  # noqa: E402
 from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
+from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
 from tests.conftest import FINETUNE_SETS, run_cli, set_args  # noqa: E402
@@ -272,6 +275,22 @@ def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
         expected = tuned.model(ids)
         assert not torch.allclose(expected, load_run(run).model(ids), atol=1e-4)  # sft moved it
         assert torch.allclose(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"n_layer": 2, "n_head": 2, "n_embd": 32},
+        {"n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "tie_embeddings": False},
+        {"n_layer": 1, "n_head": 4, "n_embd": 64, "head_size": 32, "intermediate_size": 40},
+    ],
+)
+def test_the_expected_shapes_are_the_networks(shape: dict[str, Any]) -> None:
+    """The import checks headers against shapes written out by hand: they must be exactly what
+    the network holds, name for name."""
+    model = ModelConfig(**shape)
+    network = GPT(model, 333).export_state_dict()
+    assert expected_shapes(model, 333) == {k: list(v.shape) for k, v in network.items()}
 
 
 # ------------------------------------------------------------------------------------ refusals

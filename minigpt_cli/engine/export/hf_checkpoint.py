@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.export import hf_tokenizer_import
-from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.runs.files import read_metadata
 from minigpt_cli.errors import UserError
 
@@ -258,11 +256,31 @@ def _headers(folder: Path, files: dict[str, Path]) -> dict[str, tuple[Path, list
 
 
 def expected_shapes(model: ModelConfig, rows: int) -> dict[str, list[int]]:
-    """Every weight the network of `model` holds, by transformers' name, with its shape (built on
-    the meta device: nothing allocated). Tied models have no `lm_head.weight`."""
-    with torch.device("meta"):
-        network = GPT(model, rows)
-    return {name: list(tensor.shape) for name, tensor in network.export_state_dict().items()}
+    """Every weight `GPT(model, rows).export_state_dict()` holds, by transformers' name, with its
+    shape (a test holds the two equal). Written out rather than built on torch's meta device,
+    which costs 75 MB of the process's memory to start; tied models have no `lm_head.weight`."""
+    d, ffn = model.n_embd, model.ffn_dim
+    q_width, kv_width = model.n_head * model.head_dim, model.kv_heads * model.head_dim
+    shapes: dict[str, list[int]] = {"model.embed_tokens.weight": [rows, d]}
+    for index in range(model.n_layer):
+        layer = f"model.layers.{index}"
+        shapes.update(
+            {
+                f"{layer}.input_layernorm.weight": [d],
+                f"{layer}.self_attn.q_proj.weight": [q_width, d],
+                f"{layer}.self_attn.k_proj.weight": [kv_width, d],
+                f"{layer}.self_attn.v_proj.weight": [kv_width, d],
+                f"{layer}.self_attn.o_proj.weight": [d, q_width],
+                f"{layer}.post_attention_layernorm.weight": [d],
+                f"{layer}.mlp.gate_proj.weight": [ffn, d],
+                f"{layer}.mlp.up_proj.weight": [ffn, d],
+                f"{layer}.mlp.down_proj.weight": [d, ffn],
+            }
+        )
+    shapes["model.norm.weight"] = [d]
+    if not model.tie_embeddings:
+        shapes["lm_head.weight"] = [rows, d]
+    return shapes
 
 
 def check_weights(
