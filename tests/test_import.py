@@ -34,6 +34,7 @@ from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
 from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
+from minigpt_cli.engine.runs.files import canonical_safetensors  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
 from tests.conftest import FINETUNE_SETS, run_cli, set_args  # noqa: E402
 
@@ -163,6 +164,8 @@ def test_an_imported_checkpoint_computes_transformers_logits(
     assert sources["imported_from"] == str(hf_dir.resolve())
     digest = hashlib.sha256((hf_dir / "config.json").read_bytes()).hexdigest()
     assert sources["config_sha256"] == digest and sources["tokenizer"] == "tokenizer.model"
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert canonical_safetensors(weights) == weights  # as every run's weights are written
     # The tokenizer is kept piece for piece: the same bytes as the checkpoint's.
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == (
         tokenizer_files / "tokenizer.model"

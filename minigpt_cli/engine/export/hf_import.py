@@ -20,13 +20,15 @@ The run is what a finished pretraining run holds, so every verb takes it (`sft -
   added; `metrics.jsonl`: one event row saying the same.
 
 Memory: no model is built; the weights in fp32 once, then serialised (`_save_weights`): at most
-two copies of the fp32 weights at a time.
+two copies of the fp32 weights at a time (`benchmarks/import_hf.py` measures the peak).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from safetensors.torch import save
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Config, TokenizerConfig
-from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text
+from minigpt_cli.engine.core.io import atomic_write_text, before_write
 from minigpt_cli.engine.export.hf_checkpoint import Checkpoint, read_checkpoint
 from minigpt_cli.engine.export.output import staged_folder
 from minigpt_cli.engine.runs.checkpoint import RunLock, holds_run
@@ -193,14 +195,22 @@ def _tokenizer_meta(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """`runs.files.save_tensors`' canonical file (a run's weights always are), holding at most two
-    copies of the weights: the tensors are released once serialised, before the bytes are made
-    canonical (`save_tensors` keeps all three alive)."""
+    """The file `runs.files.save_tensors` writes (canonical bytes, as a run's weights always are)
+    holding at most two copies of the weights: the tensors are released once serialised, and only
+    the header is made canonical, the tensor bytes written from the serialised copy as they are
+    (`save_tensors` holds the tensors, the serialised file and its canonical copy at once). Written
+    in place: the staging folder is what is renamed into place whole."""
     data = save(tensors, metadata={"format": "minigpt", "step": "0"})
     tensors.clear()
-    canonical = canonical_safetensors(data)
-    del data
-    atomic_write_bytes(path, canonical)
+    (header_length,) = struct.unpack("<Q", data[:8])
+    body = 8 + header_length
+    header = canonical_safetensors(data[:body])  # the header alone: no tensor bytes after it
+    before_write(path)
+    with path.open("wb") as handle:
+        handle.write(header)
+        handle.write(memoryview(data)[body:])
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_run(checkpoint: Checkpoint, folder: Path, report: ImportReport) -> int:
