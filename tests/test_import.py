@@ -28,13 +28,13 @@ from minigpt_cli.datasets import builtin  # noqa: E402
 from minigpt_cli.engine.data.chat_template import user_prompt  # noqa: E402
 from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
-from minigpt_cli.engine.export import hf_tokenizer  # noqa: E402
+from minigpt_cli.engine.export import hf_import, hf_tokenizer  # noqa: E402
 from minigpt_cli.engine.export.hf_checkpoint import expected_shapes  # noqa: E402
 from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
 from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
-from minigpt_cli.engine.runs.files import canonical_safetensors  # noqa: E402
+from minigpt_cli.engine.runs.files import canonical_safetensors, save_tensors  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
 from tests.conftest import FINETUNE_SETS, run_cli, set_args  # noqa: E402
 
@@ -294,6 +294,21 @@ def test_the_expected_shapes_are_the_networks(shape: dict[str, Any]) -> None:
     model = ModelConfig(**shape)
     network = GPT(model, 333).export_state_dict()
     assert expected_shapes(model, 333) == {k: list(v.shape) for k, v in network.items()}
+
+
+def test_the_streamed_weights_file_is_the_one_save_tensors_writes(tmp_path: Path) -> None:
+    """The import writes a run's weights one tensor at a time (one copy of the weights in
+    memory, not three): byte for byte the file every run's weights are."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.1.mlp.up_proj.weight": torch.randn(7, 3, generator=generator).t(),
+        "model.embed_tokens.weight": torch.randn(5, 4, generator=generator),
+        "model.norm.weight": torch.randn(4, generator=generator),
+        "empty": torch.zeros(0, 3),
+    }
+    save_tensors(tmp_path / "expected", dict(tensors), {"format": "minigpt", "step": "0"})
+    hf_import._save_weights(tmp_path / "streamed", dict(tensors))
+    assert (tmp_path / "streamed").read_bytes() == (tmp_path / "expected").read_bytes()
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -19,8 +19,10 @@ The run is what a finished pretraining run holds, so every verb takes it (`sft -
   the folder, config.json's SHA-256, the weight files, the tokenizer file and what was renamed or
   added; `metrics.jsonl`: one event row saying the same.
 
-Memory: no model is built; the weights in fp32 once, then serialised (`_save_weights`): at most
-two copies of the fp32 weights at a time (`benchmarks/import_hf.py` measures the peak).
+Memory: no model is built; the weights are read from the checkpoint's mapped file (fp32 tensors
+are views of it; bf16 and fp16 ones are widened into new memory) and streamed into the run's file
+one tensor at a time (`_save_weights`), so the peak is about one copy of the fp32 weights
+(`benchmarks/import_hf.py` measures it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Config, TokenizerConfig
@@ -50,7 +51,6 @@ from minigpt_cli.engine.runs.files import (
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
-    canonical_safetensors,
 )
 from minigpt_cli.errors import UserError
 
@@ -195,20 +195,34 @@ def _tokenizer_meta(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The file `runs.files.save_tensors` writes (canonical bytes, as a run's weights always are)
-    holding at most two copies of the weights: the tensors are released once serialised, and only
-    the header is made canonical, the tensor bytes written from the serialised copy as they are
-    (`save_tensors` holds the tensors, the serialised file and its canonical copy at once). Written
-    in place: the staging folder is what is renamed into place whole."""
-    data = save(tensors, metadata={"format": "minigpt", "step": "0"})
-    tensors.clear()
-    (header_length,) = struct.unpack("<Q", data[:8])
-    body = 8 + header_length
-    header = canonical_safetensors(data[:body])  # the header alone: no tensor bytes after it
+    """The bytes `runs.files.save_tensors` writes for these fp32 tensors (a run's weights are
+    always that canonical file: tensors in name order, the header's keys sorted), streamed one
+    tensor at a time, so no serialised copy of the weights is ever held; `save_tensors` holds
+    three (safetensors' per-tensor bytes, the file, its canonical copy). Written in place: the
+    staging folder is what is renamed into place whole."""
+    names = sorted(tensors)  # safetensors' data order for tensors of one dtype
+    header: dict[str, Any] = {"__metadata__": {"format": "minigpt", "step": "0"}}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name}: expected float32, got {tensor.dtype}")
+        size = tensor.numel() * 4
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
     before_write(path)
     with path.open("wb") as handle:
-        handle.write(header)
-        handle.write(memoryview(data)[body:])
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            tensor = tensors.pop(name).contiguous()
+            if tensor.numel():
+                handle.write(tensor.numpy().data.cast("B"))
         handle.flush()
         os.fsync(handle.fileno())
 
