@@ -278,12 +278,14 @@ def check_layer(
             if key in fields:
                 kept[key] = _coerce(section, key, value)
                 continue
-            close = _suggest(key, list(fields))
-            if close:
-                hint = f" (did you mean '{close}'?)"
+            # A key another section has exactly says more than a near miss in this one
+            # ([model] vocab_size is [tokenizer]'s, not a misspelt head_size).
+            elsewhere = [owner for owner in _owners(key) if owner != section]
+            close = None if elsewhere else _suggest(key, list(fields))
+            if elsewhere:
+                hint = f" (it belongs in [{elsewhere[0]}])"
             else:
-                elsewhere = [owner for owner in _owners(key) if owner != section]
-                hint = f" (it belongs in [{elsewhere[0]}])" if elsewhere else ""
+                hint = f" (did you mean '{close}'?)" if close else ""
             problems.append(
                 source.structural(section, key, f"unknown key '{key}' in [{section}]{hint}")
             )
