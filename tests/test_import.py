@@ -36,7 +36,7 @@ from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
 from minigpt_cli.engine.runs.files import canonical_safetensors, save_tensors  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
-from tests.conftest import FINETUNE_SETS, run_cli, set_args  # noqa: E402
+from tests.conftest import FINETUNE_SETS, RLHF_SETS, run_cli, set_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers.utils.logging.disable_progress_bar()  # its bars would land in captured stderr
@@ -278,6 +278,33 @@ def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
         expected = tuned.model(ids)
         assert not torch.allclose(expected, load_run(run).model(ids), atol=1e-4)  # sft moved it
         assert torch.allclose(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("verb", "flags"),
+    [
+        ("dpo", ["--max-steps", "2"]),
+        ("rlhf", ["--max-steps", "1", "--reward", "rule"]),
+        ("generate", ["--prompt", "Once upon a time", "--greedy", "-n", "8"]),
+    ],
+)
+def test_the_other_verbs_take_an_imported_run(
+    verb: str, flags: list[str], tokenizer_files: Path, tmp_path: Path
+) -> None:
+    """dpo and rlhf start from it as from a pretraining run; generate decodes it."""
+    hf_dir = make_checkpoint(tmp_path / "hf", tokenizer_files, tie_word_embeddings=True)
+    import_hf(hf_dir, tmp_path / "imported")
+    common = ["--threads", "1"]
+    if verb == "generate":
+        result = run_cli(verb, tmp_path / "imported", *flags, *common)
+    else:
+        out = ["--out", tmp_path / verb, "--precision", "fp32", "--device", "cpu"]
+        result = run_cli(
+            verb, "--from", tmp_path / "imported", *out, *flags, *common, *set_args(RLHF_SETS)
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if verb != "generate":
+        assert read_state(tmp_path / verb)["finished"] is True
 
 
 @pytest.mark.parametrize(
