@@ -140,8 +140,8 @@ def assert_same_logits(hf_dir: Path, run: Path, vocab: int | None = None) -> Non
     with torch.no_grad():
         for prompt in PROMPTS:
             ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]])
-            expected = theirs(ids).logits
-            got = ours.model(ids)[..., : vocab or expected.shape[-1]]
+            expected = theirs(ids).logits[..., :vocab]
+            got = ours.model(ids)[..., : expected.shape[-1]]
             assert got.shape == expected.shape
             assert expected.abs().max() > 1.0  # real logits, not a near-uniform start
             assert torch.allclose(got, expected, atol=1e-4, rtol=0), prompt
@@ -278,6 +278,25 @@ def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
         expected = tuned.model(ids)
         assert not torch.allclose(expected, load_run(run).model(ids), atol=1e-4)  # sft moved it
         assert torch.allclose(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_spare_embedding_rows_take_the_missing_pieces(
+    plain_sentencepiece: Path, tmp_path: Path
+) -> None:
+    """A checkpoint whose embedding has more rows (612) than its tokenizer pieces (600): the
+    pieces minigpt adds take spare rows (no growth), the rows left get reserved control pieces,
+    and the checkpoint's own file is left as it was."""
+    hf_dir = make_checkpoint(
+        tmp_path / "hf", plain_sentencepiece, vocab_size=612, tie_word_embeddings=True
+    )
+    before = (hf_dir / "model.safetensors").read_bytes()
+    report = import_hf(hf_dir, tmp_path / "run")
+    assert sorted(report.added.values()) == list(range(600, 605)) and report.reserved == 7
+    tokenizer = Tokenizer.load(tmp_path / "run")
+    assert tokenizer.vocab_size == 612 and tokenizer.piece(611) == "<|reserved_6|>"
+    assert tokenizer.is_control(611) and tokenizer.encode("<|reserved_6|>") != [611]
+    assert_same_logits(hf_dir, tmp_path / "run", vocab=600)
+    assert (hf_dir / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize(

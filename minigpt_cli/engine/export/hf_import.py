@@ -139,6 +139,8 @@ def load_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         if vocab > rows.shape[0]:
             extra = rows.new_zeros(vocab - rows.shape[0], rows.shape[1])
             rows = tensors[name] = torch.cat((rows, extra))
+        elif new_ids:  # never written through to what may be the checkpoint's mapped file
+            rows = tensors[name] = rows.clone()
         if new_ids:
             # A new piece starts where the trained ones are on average: its logit is then about
             # the average logit, not an outlier SFT would first have to undo.
