@@ -13,8 +13,10 @@ examples, tests, server), `pip wheel` it with GGML_NATIVE=OFF (a portable build:
 may be shared by machines with other CPUs), and `pip install --target` the wheel and diskcache
 (its one dependency a test environment lacks) into `<cache>/site`. The tests append that folder
 to `sys.path` (appended: the environment's numpy and jinja2 win). A lock file makes concurrent
-callers (two pytest-xdist workers, CI's background build) wait for one build. A failed build
-leaves a log beside the folder and nothing half-built in it.
+callers wait for one build, and `load` waits for a build under way: CI starts one in the
+background before installing the project and the test that needs it waits, so the compile
+overlaps the installs and the rest of the suite. A failed build leaves a log beside the folder
+and nothing half-built in it.
 
 The cache: `$MINIGPT_TEST_CACHE`, else `$XDG_CACHE_HOME/minigpt-tests`, else
 `~/.cache/minigpt-tests`; one folder per llama-cpp-python version, machine and platform.
@@ -161,11 +163,15 @@ def load(*, build_if_missing: bool = False) -> tuple[ModuleType | None, str]:
     with contextlib.suppress(ImportError):
         return importlib.import_module("llama_cpp"), "installed"
     site = site_dir()
+    if not site.is_dir() and cache_root().is_dir():
+        with _locked():  # a build under way (CI starts one in the background): wait for it
+            pass
     if not site.is_dir():
         if not build_if_missing:
+            failed = f" (the last build failed: see {log_path()})" if log_path().is_file() else ""
             return None, (
-                f"llama-cpp-python is not built here: `python tests/llama_cpp_build.py` builds "
-                f"it once into {build_dir()} (minutes)"
+                f"llama-cpp-python is not built here{failed}: `python tests/llama_cpp_build.py` "
+                f"builds it once into {build_dir()} (minutes)"
             )
         try:
             build()

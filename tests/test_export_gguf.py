@@ -457,6 +457,9 @@ def llama_cpp() -> Any:
 
 
 def _llama(llama_cpp: Any, path: Path, context: int) -> Any:
+    """The file loaded by llama.cpp, its key/value cache in f32 (llama.cpp's default, f16, rounds
+    keys and values on its own account; the tests measure the file)."""
+    f32 = 0  # GGML_TYPE_F32
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=context,
@@ -464,6 +467,8 @@ def _llama(llama_cpp: Any, path: Path, context: int) -> Any:
         n_threads=1,
         n_threads_batch=1,
         logits_all=True,
+        type_k=f32,
+        type_v=f32,
         verbose=False,
     )
 
@@ -487,7 +492,9 @@ def _llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def random_run(tiny_pretrain_run: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedRun:
     """The tiny run with weights drawn at random (a 30-step model repeats one token, which proves
-    little), exported at f32 and f16 beside it."""
+    little), exported at f32 and f16 beside it. The scale, N(0, 0.2), varies the continuation
+    token by token while activations stay in a trained model's range; at N(0, 1) attention
+    saturates and f16's rounding alone flips near-tied tokens."""
     run = tmp_path_factory.mktemp("gguf-random") / "run"
     shutil.copytree(tiny_pretrain_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     loaded = load_run(run)
@@ -495,7 +502,7 @@ def random_run(tiny_pretrain_run: Path, tmp_path_factory: pytest.TempPathFactory
     with torch.no_grad():
         for parameter in loaded.model.parameters():
             if parameter.dim() == 2:
-                parameter.normal_(0.0, 1.0)
+                parameter.normal_(0.0, 0.2)
     save_tensors(run / MODEL_FILE, loaded.model.export_state_dict(), {"format": "minigpt"})
     for dtype in ("f32", "f16"):
         export_run(run, "gguf", run.parent / f"random-{dtype}.gguf", dtype=dtype)
@@ -544,10 +551,10 @@ def test_llama_cpp_greedy_equals_minigpt(dtype: str, llama_cpp: Any, random_run:
     assert len(seen) > 8  # real continuations, not one repeated token
 
 
-# q8_0's largest logit difference from minigpt's fp32 logits on the tiny run, relative to the
-# spread (standard deviation) of those logits at the same position; measured 0.00 (f32), 0.00 (f16)
-# and 0.00 (q8_0), bounded here with headroom.
-LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "q8_0": 5e-2}
+# The largest |logit difference| from minigpt's fp32 logits, over every position of PROMPTS on the
+# 30-step tiny run (logits' standard deviation about 1): measured 1.2e-6 (f32), 7.2e-4 (f16) and
+# 0.031 (q8_0, which also rounds activations to 8 bits), bounded here with headroom.
+LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "q8_0": 0.1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -563,8 +570,7 @@ def test_llama_cpp_logits_stay_within_the_stated_tolerance(
         with torch.no_grad():
             expected = loaded.model(torch.tensor([ids]))[0].numpy()
         got = _llama_logits(llm, ids)
-        spread = expected.std(axis=-1, keepdims=True)
-        worst = max(worst, float((np.abs(got - expected) / spread).max()))
+        worst = max(worst, float(np.abs(got - expected).max()))
     assert worst <= LOGIT_TOLERANCE[dtype], worst
 
 

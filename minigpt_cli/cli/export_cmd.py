@@ -30,7 +30,11 @@ def next_step(report: ExportReport) -> str:
     out = report.out
     if report.format != "gguf":
         return NEXT_STEP[report.format].format(out=out)
-    llama = f"llama-cli -m {out}" if report.chat else f'llama-completion -m {out} -p "Once upon"'
+    llama = (
+        f'llama-cli -m {out} -p "What is 3 + 4?"'
+        if report.chat
+        else f'llama-completion -m {out} -p "Once upon a time"'
+    )
     modelfile = out.parent / report.files[-1][0]
     return f"{llama}  |  ollama create {out.stem} -f {modelfile} && ollama run {out.stem}"
 

@@ -270,7 +270,7 @@ def _converted(
     elif entry.name.endswith(".attn_k.weight"):
         weight = permute_rotary(weight, model.kv_heads)
     qtype = gguf.GGMLQuantizationType[entry.qtype]
-    return gguf.quants.quantize(weight.numpy(), qtype)  # type: ignore[no-any-return]
+    return gguf.quants.quantize(weight.numpy(), qtype)
 
 
 def _stored_bytes(gguf: ModuleType, entry: TensorPlan) -> int:
