@@ -78,6 +78,12 @@ def log_path() -> Path:
     return build_dir().with_name(build_dir().name + ".log")
 
 
+def failed_marker() -> Path:
+    """Present after a build failed: the tests then skip at once instead of retrying (offline, a
+    retry costs pip's network timeouts every session); running this script retries."""
+    return build_dir().with_name(build_dir().name + ".failed")
+
+
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     root = cache_root()
@@ -113,48 +119,58 @@ def build(jobs: int | None = None) -> Path:
         site = site_dir()
         if site.is_dir():
             return site
-        if shutil.which("cmake") is None:
-            raise RuntimeError("cannot build llama-cpp-python: no cmake on PATH")
-        log = log_path()
-        log.write_text(f"building llama-cpp-python {VERSION} ({time.ctime()})\n")
-        start = time.perf_counter()
-        pip = [sys.executable, "-m", "pip"]
-        with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".build-") as scratch:
-            work = Path(scratch)
-            _run(
-                [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", str(work)]
-                + [f"llama-cpp-python=={VERSION}"],
-                log,
-            )
-            (sdist,) = work.glob("llama_cpp_python-*.tar.gz")
-            with tarfile.open(sdist) as archive:
-                archive.extractall(work, filter="data")
-            (source,) = (p for p in work.iterdir() if p.is_dir())
-            cmakelists = source / "CMakeLists.txt"
-            text = cmakelists.read_text()
-            if _FORCED_COMMON in text:
-                cmakelists.write_text(text.replace(_FORCED_COMMON, _COMMON_OFF))
-            env = {
-                "CMAKE_ARGS": " ".join(CMAKE_ARGS),
-                "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs or os.cpu_count() or 1),
-            }
-            wheels = work / "wheels"
-            _run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], log, env)
-            (wheel,) = wheels.glob("llama_cpp_python-*.whl")
-            staged = work / "site"
-            _run(
-                [*pip, "install", "--no-deps", "--target", str(staged), str(wheel)]
-                + ["diskcache>=5.6"],
-                log,
-            )
-            seconds = time.perf_counter() - start
-            info = {"version": VERSION, "cmake_args": CMAKE_ARGS, "build_seconds": seconds}
-            (staged / "minigpt-build.json").write_text(json.dumps(info, indent=2) + "\n")
-            site.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, site)
-        with log.open("a") as handle:
-            handle.write(f"built in {seconds:.0f} s\n")
-        return site
+        failed_marker().unlink(missing_ok=True)
+        try:
+            return _build(site, jobs)
+        except BaseException as error:
+            failed_marker().write_text(f"{error}\n")
+            raise
+
+
+def _build(site: Path, jobs: int | None) -> Path:
+    """The build itself, under the lock (see the module docstring)."""
+    if shutil.which("cmake") is None:
+        raise RuntimeError("cannot build llama-cpp-python: no cmake on PATH")
+    log = log_path()
+    log.write_text(f"building llama-cpp-python {VERSION} ({time.ctime()})\n")
+    start = time.perf_counter()
+    pip = [sys.executable, "-m", "pip"]
+    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".build-") as scratch:
+        work = Path(scratch)
+        _run(
+            [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", str(work)]
+            + [f"llama-cpp-python=={VERSION}"],
+            log,
+        )
+        (sdist,) = work.glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            archive.extractall(work, filter="data")
+        (source,) = (p for p in work.iterdir() if p.is_dir())
+        cmakelists = source / "CMakeLists.txt"
+        text = cmakelists.read_text()
+        if _FORCED_COMMON in text:
+            cmakelists.write_text(text.replace(_FORCED_COMMON, _COMMON_OFF))
+        env = {
+            "CMAKE_ARGS": " ".join(CMAKE_ARGS),
+            "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs or os.cpu_count() or 1),
+        }
+        wheels = work / "wheels"
+        _run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], log, env)
+        (wheel,) = wheels.glob("llama_cpp_python-*.whl")
+        staged = work / "site"
+        _run(
+            [*pip, "install", "--no-deps", "--target", str(staged), str(wheel)]
+            + ["diskcache>=5.6"],
+            log,
+        )
+        seconds = time.perf_counter() - start
+        info = {"version": VERSION, "cmake_args": CMAKE_ARGS, "build_seconds": seconds}
+        (staged / "minigpt-build.json").write_text(json.dumps(info, indent=2) + "\n")
+        site.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, site)
+    with log.open("a") as handle:
+        handle.write(f"built in {seconds:.0f} s\n")
+    return site
 
 
 def load(*, build_if_missing: bool = False) -> tuple[ModuleType | None, str]:
@@ -168,10 +184,15 @@ def load(*, build_if_missing: bool = False) -> tuple[ModuleType | None, str]:
             pass
     if not site.is_dir():
         if not build_if_missing:
-            failed = f" (the last build failed: see {log_path()})" if log_path().is_file() else ""
+            failed = " (the last build failed)" if failed_marker().is_file() else ""
             return None, (
                 f"llama-cpp-python is not built here{failed}: `python tests/llama_cpp_build.py` "
                 f"builds it once into {build_dir()} (minutes)"
+            )
+        if failed_marker().is_file():
+            return None, (
+                f"llama-cpp-python did not build here ({failed_marker().read_text().strip()}); "
+                "`python tests/llama_cpp_build.py` tries again"
             )
         try:
             build()

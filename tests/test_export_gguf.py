@@ -445,10 +445,12 @@ def test_overwrite_replaces_both_files_and_a_failed_write_leaves_the_old_ones(
 
 @pytest.fixture(scope="session")
 def llama_cpp() -> Any:
-    """llama-cpp-python from the environment or `tests/llama_cpp_build.py`'s cache; skipped
-    with the reason when neither has it (MINIGPT_REQUIRE_LLAMA_CPP=1 fails instead: CI sets it
-    after building it)."""
-    module, reason = llama_cpp_build.load()
+    """llama-cpp-python from the environment or `tests/llama_cpp_build.py`'s cache, built into
+    the cache the first time (minutes; MINIGPT_LLAMA_CPP_BUILD=0 only uses what is there).
+    Skipped with the reason when it cannot be had (no compiler, no network); with
+    MINIGPT_REQUIRE_LLAMA_CPP=1, as CI sets, that fails instead."""
+    build = os.environ.get("MINIGPT_LLAMA_CPP_BUILD", "1") != "0"
+    module, reason = llama_cpp_build.load(build_if_missing=build)
     if module is None:
         if os.environ.get("MINIGPT_REQUIRE_LLAMA_CPP") == "1":
             pytest.fail(reason)

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minigpt_cli.engine.export import hf
+from minigpt_cli.engine.core.io import atomic_write_text
+from minigpt_cli.engine.export import gguf_file, hf, ollama
 from minigpt_cli.engine.export.output import check_output, staged_files, staged_folder
 from minigpt_cli.engine.export.source import ExportSource, open_source
 from minigpt_cli.errors import UserError
@@ -33,9 +34,6 @@ def _write_hf(
 def _write_gguf(
     source: ExportSource, staging: Path, out: Path, dtype: str
 ) -> tuple[list[Path], list[str]]:
-    from minigpt_cli.engine.core.io import atomic_write_text
-    from minigpt_cli.engine.export import gguf_file, ollama
-
     weights = staging / out.name
     plan = gguf_file.write_gguf(source, weights, dtype)
     modelfile = staging / ollama.modelfile_path(out).name
@@ -44,15 +42,11 @@ def _write_gguf(
 
 
 def _gguf_targets(out: Path) -> list[Path]:
-    from minigpt_cli.engine.export.ollama import modelfile_path
-
-    return [out, modelfile_path(out)]
+    return [out, ollama.modelfile_path(out)]
 
 
 def _gguf_ready() -> None:
-    from minigpt_cli.engine.export.gguf_file import require_gguf
-
-    require_gguf()
+    gguf_file.require_gguf()
 
 
 @dataclass(frozen=True)
@@ -82,8 +76,8 @@ FORMATS: dict[str, Format] = {
     ),
     "gguf": Format(
         _write_gguf,
-        ("f32", "f16", "q8_0"),
-        "f16",
+        gguf_file.DTYPES,
+        gguf_file.DEFAULT_DTYPE,
         targets=_gguf_targets,
         suffix=".gguf",
         ready=_gguf_ready,
