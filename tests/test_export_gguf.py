@@ -511,6 +511,40 @@ def random_run(tiny_pretrain_run: Path, tmp_path_factory: pytest.TempPathFactory
     return load_run(run)
 
 
+def test_llama_cpp_computes_minigpts_logits_with_grouped_queries_and_an_untied_head(
+    llama_cpp: Any, tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    """The other shapes a run can have: one key/value head for two query heads (the key rows are
+    permuted per key/value head) and its own output head (written as `output`). f32 file:
+    minigpt's logits to rounding."""
+    from minigpt_cli.config.loader import dump_config, read_run_config
+    from minigpt_cli.engine.model.gpt import GPT
+
+    run = _copy_run(tiny_pretrain_run, tmp_path / "run")
+    config = read_run_config(run)
+    config.model.n_kv_head = 1
+    config.model.tie_embeddings = False
+    (run / "config.toml").write_text(dump_config(config))
+    tokenizer = load_run(tiny_pretrain_run).tokenizer
+    torch.manual_seed(1)
+    model = GPT(config.model, tokenizer.vocab_size)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.2)
+    save_tensors(run / MODEL_FILE, model.export_state_dict(), {"format": "minigpt"})
+    export_run(run, "gguf", tmp_path / "gqa.gguf", dtype="f32")
+    fields, tensors = _fields(tmp_path / "gqa.gguf")
+    assert fields["llama.attention.head_count_kv"] == 1 and "output.weight" in tensors
+    loaded = load_run(run)
+    llm = _llama(llama_cpp, tmp_path / "gqa.gguf", 64)
+    for prompt in PROMPTS:
+        ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        with torch.no_grad():
+            expected = loaded.model(torch.tensor([ids]))[0].numpy()
+        np.testing.assert_allclose(_llama_logits(llm, ids), expected, atol=1e-4, rtol=0)
+
+
 def test_llama_cpp_tokenizes_as_minigpt(
     llama_cpp: Any, pretrain_gguf: dict[str, Path], tiny_pretrain_run: Path
 ) -> None:
