@@ -1,14 +1,17 @@
-"""What `minigpt export --format hf` costs: wall clock and peak memory, at the presets' shapes.
+"""What `minigpt export` costs (hf, and gguf per dtype): wall clock and peak memory, at the presets'
+shapes.
 
 For each shape (`tiny`, `small`) this builds a finished run directory without training: the
 preset's config, a tokenizer of the preset's vocabulary trained on the built-in pretraining text,
 randomly initialised weights (what an export does does not depend on what the weights say), and a
 trainer state marked finished. Then, in rounds, back to back, each in a fresh process:
 
-- `imports`: the export's imports and nothing else: the interpreter, torch and safetensors;
+- `imports`: the export's imports and nothing else: the interpreter, torch, safetensors, gguf;
 - `load`: the same imports, then `load_run` of the run, nothing written: the memory any use of the
   run needs (generate and chat open it the same way);
-- `export`: `minigpt export RUN --format hf --out DIR --overwrite`, as a user types it.
+- `export`: `minigpt export RUN --format hf --out DIR --overwrite` and, per dtype, `minigpt export
+  RUN --format gguf --dtype D --out FILE.gguf --overwrite`, as a user types them (file sizes are
+  reported too).
 
 Wall clock is the whole process (Python and torch start-up included: what a user waits for);
 peak memory is the process's `ru_maxrss` from the kernel. Linux keeps a process's high-water mark
@@ -18,8 +21,8 @@ what opening the run takes over the imports, and what the export takes over the 
 issue's bound for the export's own work: one copy beyond the model). Median and range of
 `--repeats` rounds.
 
-    python benchmarks/export.py                     # tiny and small, 3 rounds
-    python benchmarks/export.py --shapes small --repeats 5
+    python benchmarks/export.py                     # tiny and small, hf and gguf, 3 rounds
+    python benchmarks/export.py --shapes small --repeats 5 --formats gguf:f16 gguf:q8_0
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ IMPORTS = (
     "import sys\n"
     "from minigpt_cli.engine.export.run import export_run\n"
     "from minigpt_cli.engine.runs.load import load_run\n"
+    "try:\n    import gguf  # the GGUF writer's own imports\nexcept ImportError:\n    pass\n"
 )
 LOAD_ONLY = IMPORTS + "load_run(sys.argv[1])\n"
 
@@ -92,9 +96,29 @@ def summary(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     )
 
 
+def export_command(run: Path, target: str, scratch: Path) -> tuple[list[str], Path]:
+    """The `minigpt export` command line of `target` ("hf" or "gguf:DTYPE") and its output."""
+    fmt, _, dtype = target.partition(":")
+    if fmt == "hf":
+        out = scratch / "hf"
+        extra: list[str] = []
+    else:
+        out = scratch / f"model-{dtype}.gguf"
+        extra = ["--dtype", dtype]
+    command = [sys.executable, "-m", "minigpt_cli", "export", str(run), "--format", fmt]
+    return [*command, *extra, "--out", str(out), "--overwrite"], out
+
+
+def output_bytes(out: Path) -> int:
+    if out.is_dir():
+        return sum(path.stat().st_size for path in out.iterdir())
+    return out.stat().st_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--formats", nargs="+", default=["hf", "gguf:f32", "gguf:f16", "gguf:q8_0"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,7 +129,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for shape in args.shapes:
             run = Path(scratch) / shape / "run"
-            out = Path(scratch) / shape / "hf"
             built = subprocess.run(
                 [sys.executable, __file__, "--build", shape, str(run)],
                 check=True,
@@ -114,30 +137,36 @@ def main() -> None:
             )
             parameters, size = json.loads(built.stdout.strip().splitlines()[-1])
             load_only = [sys.executable, "-c", LOAD_ONLY, str(run)]
-            export = [sys.executable, "-m", "minigpt_cli", "export", str(run), "--out", str(out)]
-            export.append("--overwrite")
             imports = [sys.executable, "-c", IMPORTS]
+            commands = {
+                target: export_command(run, target, Path(scratch) / shape)
+                for target in args.formats
+            }
             bases: list[tuple[float, int]] = []
             loads: list[tuple[float, int]] = []
-            exports: list[tuple[float, int]] = []
-            for _ in range(args.repeats):
+            exports: dict[str, list[tuple[float, int]]] = {target: [] for target in args.formats}
+            for _ in range(args.repeats):  # interleaved: each round measures every command once
                 bases.append(measure(imports))
                 loads.append(measure(load_only))
-                exports.append(measure(export))
+                for target, (command, _) in commands.items():
+                    exports[target].append(measure(command))
             opened = [(o[1] - b[1]) / size for o, b in zip(loads, bases, strict=True)]
-            exported = [(e[1] - b[1]) / size for e, b in zip(exports, bases, strict=True)]
-            rows.append(
-                f"| {shape} ({parameters / 1e6:.2f}M) | {size / 2**20:.1f} "
-                f"| {summary([e[0] for e in exports])} "
-                f"| {summary([float(e[1]) for e in exports], 2**20, 0)} "
-                f"| {summary([float(b[1]) for b in bases], 2**20, 0)} "
-                f"| {summary(opened, digits=1)} | {summary(exported, digits=1)} |"
-            )
+            for target, measured in exports.items():
+                copies = [(e[1] - b[1]) / size for e, b in zip(measured, bases, strict=True)]
+                written = output_bytes(commands[target][1])
+                rows.append(
+                    f"| {shape} ({parameters / 1e6:.2f}M) | {target} | {size / 2**20:.1f} "
+                    f"| {written / 2**20:.1f} "
+                    f"| {summary([e[0] for e in measured])} "
+                    f"| {summary([float(e[1]) for e in measured], 2**20, 0)} "
+                    f"| {summary([float(b[1]) for b in bases], 2**20, 0)} "
+                    f"| {summary(opened, digits=1)} | {summary(copies, digits=1)} |"
+                )
     print(
-        "| shape | weights MiB | export wall s | export peak RSS MiB | imports alone MiB "
-        "| opening the run, copies | export, copies |"
+        "| shape | format | weights MiB | written MiB | export wall s | export peak RSS MiB "
+        "| imports alone MiB | opening the run, copies | export, copies |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -274,6 +274,11 @@ class Tokenizer:
         token_id = self._id_of(piece)
         return token_id if self._sp.IdToPiece(token_id) == piece else None
 
+    def score(self, token_id: int) -> float:
+        """The piece's sentencepiece score: for BPE, minus its merge rank (a higher score merges
+        first). An export that re-implements the encoder (GGUF for llama.cpp) needs it."""
+        return float(self._sp.GetScore(int(token_id)))
+
     def is_control(self, token_id: int) -> bool:
         """True for special (control) tokens, which decode to nothing."""
         return bool(self._sp.IsControl(int(token_id)))
