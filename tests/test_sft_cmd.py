@@ -121,6 +121,27 @@ def test_lora_resume_from_a_checkpoint_is_bitwise_identical(
     assert [r["loss"] for r in rows(straight, "train")] == [r["loss"] for r in rows(died, "train")]
 
 
+def test_resume_on_changed_examples_is_refused(tiny_lora_sft_run: Path, tmp_path: Path) -> None:
+    """The checkpoint records the examples' fingerprint beside their count: a resume whose
+    examples differ (same count) is refused in one line, and nothing is trained."""
+    died = tmp_path / "died"
+    shutil.copytree(tiny_lora_sft_run, died)
+    for name in ("adapter.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        (died / name).unlink()
+    shutil.rmtree(died / "checkpoints" / "step-00000010")
+    saved = died / "checkpoints" / "step-00000005" / "trainer_state.json"
+    snapshot = json.loads(saved.read_text())
+    assert len(snapshot["data_state"]["fingerprint"]) == 16
+    snapshot["data_state"]["fingerprint"] = "0" * 16  # as if the records had changed
+    saved.write_text(json.dumps(snapshot))
+    result = run_cli("sft", "--out", died, "--resume")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the SFT training data changed since the checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    published = died / "trainer_state.json"  # the snapshot made whole, if anything: no training
+    assert not published.exists() or json.loads(published.read_text())["step"] == 5
+
+
 def test_with_val_data_every_training_record_trains(
     tiny_pretrain_run: Path, tmp_path: Path
 ) -> None:

@@ -16,7 +16,6 @@ eval` render, cut and order pairs the same way:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.chat_template import ChatTokenizer
-from minigpt_cli.engine.data.examples import exchange_starts
+from minigpt_cli.engine.data.examples import exchange_starts, ids_fingerprint
 from minigpt_cli.engine.data.stage_records import stage_records
 from minigpt_cli.errors import UserError
 
@@ -252,12 +251,9 @@ def build_reward_pairs(
 
 def pair_fingerprint(pairs: Sequence[PreferencePair]) -> str:
     """A short hash of every pair's ids, so a resume can refuse data that changed."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for array in (pair.chosen_ids, pair.rejected_ids):
-            digest.update(len(array).to_bytes(4, "little"))
-            digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
+    return ids_fingerprint(
+        array for pair in pairs for array in (pair.chosen_ids, pair.rejected_ids)
+    )
 
 
 class PairOrder:

@@ -29,7 +29,7 @@ import torch
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.data.examples import SftExample, build_examples, pad_batch
+from minigpt_cli.engine.data.examples import SftExample, build_examples, ids_fingerprint, pad_batch
 from minigpt_cli.engine.data.shards import TokenRange
 from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
 from minigpt_cli.engine.metrics.text import score_windows, token_byte_lengths
@@ -122,6 +122,9 @@ class SftStage(StageBase):
         self.exact_match_per_family = exact_match_per_family
         self.token_bytes = None if token_bytes is None else torch.from_numpy(token_bytes)
         self.lengths = np.array([len(e) for e in self.train_examples], dtype=np.int64)
+        self.fingerprint = ids_fingerprint(
+            array for e in self.train_examples for array in (e.input_ids, e.targets)
+        )
         self.text = text or TextMix(train=None)
         self.text_windows = 0
         if self.text.train is not None and self.text.share > 0:
@@ -290,6 +293,7 @@ class SftStage(StageBase):
             "epoch": self.epoch,
             "cursor": self.cursor,
             "examples": len(self.train_examples),
+            "fingerprint": self.fingerprint,
             "group_size": self.group_size,
         }
         if self.mix:
@@ -304,11 +308,14 @@ class SftStage(StageBase):
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         saved = state.get("examples")
-        if saved is not None and int(saved) != len(self.train_examples):
+        saved_print = state.get("fingerprint")  # absent from checkpoints before it was saved
+        if (saved is not None and int(saved) != len(self.train_examples)) or (
+            saved_print is not None and saved_print != self.fingerprint
+        ):
             raise UserError(
                 f"the SFT training data changed since the checkpoint ({saved} examples then, "
-                f"{len(self.train_examples)} now): resume with the same data, or start over "
-                "with --overwrite"
+                f"{len(self.train_examples)} now, or different examples): resume with the same "
+                "data and context length, or start over with --overwrite"
             )
         text = state.get("text") or {}
         if (int(text.get("windows", 0)), int(text.get("mix", 0))) != (self.text_windows, self.mix):
