@@ -37,16 +37,11 @@ from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
 from minigpt_cli.engine.runs.files import canonical_safetensors, save_tensors  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
 from tests.conftest import FINETUNE_SETS, RLHF_SETS, run_cli, set_args  # noqa: E402
+from tests.test_export import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers.utils.logging.disable_progress_bar()  # its bars would land in captured stderr
 
-PROMPTS = [
-    "Once upon a time",
-    "The cat sat on the mat, and 12 + 34 = 46.",
-    "从前有一只小狐狸。",
-    "狐狸 means fox; 猫 means cat.",
-]
 TEXTS = [
     "Hello world, 你好世界! 12345 and 007.",
     "  two  spaces,\ta tab\nand a newline\n\n",

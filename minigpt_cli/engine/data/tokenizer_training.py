@@ -425,6 +425,22 @@ def _measure(
     return {language: round(chars[language] / tokens[language], 3) for language in ordered}
 
 
+def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What `tokenizer.json` says of every minigpt tokenizer, trained here or imported: the
+    format a loader checks and the facts a run's tokenizer is compared by."""
+    return {
+        "format": "minigpt-tokenizer",
+        "version": 1,
+        "model_type": "bpe",
+        "vocab_size": tokenizer.vocab_size,
+        "sha256": tokenizer.sha256,
+        "unk_id": tokenizer.unk_id,
+        "special_tokens": tokenizer.special_tokens,
+        "byte_fallback": True,
+        "normalization": "identity",
+    }
+
+
 def train_tokenizer(
     inputs: Iterable[str | Path] | str | Path,
     vocab_size: int,
@@ -496,16 +512,8 @@ def train_tokenizer(
     seconds = time.monotonic() - started
     folder = Path(out_dir)
     meta = {
-        "format": "minigpt-tokenizer",
-        "version": 1,
-        "model_type": "bpe",
-        "vocab_size": tokenizer.vocab_size,
-        "sha256": tokenizer.sha256,
-        "unk_id": tokenizer.unk_id,
-        "special_tokens": tokenizer.special_tokens,
-        "byte_fallback": True,
+        **tokenizer_meta(tokenizer),
         "split_digits": True,
-        "normalization": "identity",
         "character_coverage": {"requested": character_coverage, "used": coverage},
         "training_chars": sample.training_chars,
         "held_out_chars": sample.held_out_chars,

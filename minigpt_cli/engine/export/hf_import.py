@@ -43,6 +43,7 @@ from safetensors import safe_open
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Config, TokenizerConfig
 from minigpt_cli.engine.core.io import atomic_write_text, before_write
+from minigpt_cli.engine.data.tokenizer_training import tokenizer_meta
 from minigpt_cli.engine.export.hf_checkpoint import Checkpoint, read_checkpoint
 from minigpt_cli.engine.export.output import staged_folder
 from minigpt_cli.engine.runs.checkpoint import RunLock, holds_run
@@ -183,15 +184,7 @@ def _state(checkpoint: Checkpoint, report: ImportReport) -> dict[str, Any]:
 def _tokenizer_meta(checkpoint: Checkpoint) -> dict[str, Any]:
     tokenizer = checkpoint.tokenizer.tokenizer
     return {
-        "format": "minigpt-tokenizer",
-        "version": 1,
-        "model_type": "bpe",
-        "vocab_size": tokenizer.vocab_size,
-        "sha256": tokenizer.sha256,
-        "unk_id": tokenizer.unk_id,
-        "special_tokens": tokenizer.special_tokens,
-        "byte_fallback": True,
-        "normalization": "identity",
+        **tokenizer_meta(tokenizer),
         "imported_from": str((checkpoint.folder / checkpoint.tokenizer.source).resolve()),
     }
 
