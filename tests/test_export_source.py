@@ -3,6 +3,7 @@ most one copy of them), and exactly the weights `load_run` (plus `merge_lora`) g
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from minigpt_cli.engine.export.run import export_run
 from minigpt_cli.engine.export.source import open_source
 from minigpt_cli.engine.model import gpt
 from minigpt_cli.engine.model.lora import has_lora, merge_lora
-from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
+from minigpt_cli.engine.runs.files import (
+    ADAPTER_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+)
 from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.errors import UserError
 
@@ -98,4 +106,51 @@ def test_weights_that_disagree_with_the_config_are_refused_in_one_line(
     save_tensors(run / MODEL_FILE, tensors, {"format": "minigpt"})
     with pytest.raises(UserError, match=r"missing \['model.norm.weight'\]"):
         export_run(run, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def _child_of(lora_run: Path, folder: Path, alpha: str | None = None) -> Path:
+    """A LoRA run continuing `lora_run`'s adapter (its parent is an adapter-only run too): a
+    chain base -> adapter -> adapter, built by hand with a changed adapter (B doubled)."""
+    shutil.copytree(lora_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    state = json.loads((folder / STATE_FILE).read_text())
+    state["parent"] = str(lora_run.resolve())
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    metadata = read_metadata(folder / ADAPTER_FILE)
+    if alpha is not None:
+        metadata["alpha"] = alpha
+    tensors = load_tensors(folder / ADAPTER_FILE)
+    doubled = {k: v * 2 if ".lora_B." in k else v for k, v in tensors.items()}
+    save_tensors(folder / ADAPTER_FILE, doubled, metadata)
+    return folder
+
+
+def test_a_chain_of_lora_runs_exports_the_base_plus_the_newest_adapter(
+    tiny_lora_sft_run: Path, tmp_path: Path
+) -> None:
+    """`load_run`'s rule: each run of a chain continues its parent's adapter, so the weights are
+    the base run's plus the run's own adapter, never the sum of the adapters."""
+    child = _child_of(tiny_lora_sft_run, tmp_path / "child")
+    report = export_run(child, "hf", tmp_path / "hf")
+    assert report.merged_lora
+    expected = _loaded_weights(child)
+    assert not torch.equal(
+        expected["model.layers.0.self_attn.q_proj.weight"],
+        _loaded_weights(tiny_lora_sft_run)["model.layers.0.self_attn.q_proj.weight"],
+    )
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as handle:
+        for name, tensor in expected.items():
+            assert torch.equal(handle.get_tensor(name), tensor), name
+
+
+def test_a_chain_whose_adapters_differ_is_refused_as_load_run_refuses_it(
+    tiny_lora_sft_run: Path, tmp_path: Path
+) -> None:
+    child = _child_of(tiny_lora_sft_run, tmp_path / "child", alpha="3.0")
+    with pytest.raises(UserError) as loading:
+        load_run(child)
+    with pytest.raises(UserError) as exporting:
+        export_run(child, "hf", tmp_path / "hf")
+    assert str(exporting.value) == str(loading.value)
+    assert "differs from the parent run's adapter" in str(exporting.value)
     assert not (tmp_path / "hf").exists()
