@@ -32,13 +32,16 @@ of 32 long as 8-bit blocks of 32 with one f16 scale (`gguf.quants`), about a qua
 stay f32 in every dtype, as llama.cpp requires; a weight q8_0 cannot hold stays f16 (the converter's
 rule), and the report names it.
 
-Memory: the tensors' headers are written first, then each tensor is converted and written in
-turn, so beyond the loaded model the export holds one converted tensor at a time.
+Memory: no model is built (`source.ExportWeights`); the tensors' headers are written first (from
+the shapes alone), then each tensor is read from the run's file, converted and written in turn,
+so the export holds one weight and its conversion at a time (and the pages of the run's file it
+has read): at most about one copy of the weights.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -134,9 +137,11 @@ def storage_type(name: str, shape: tuple[int, ...], dtype: str) -> str:
     return "F16"
 
 
-def tensor_plan(state: dict[str, torch.Tensor], dtype: str) -> list[TensorPlan]:
-    """Every weight of `state` (an `export_state_dict`) in the order written: the embedding,
-    each block's in llama.cpp's order, the final norm, the untied head if any."""
+def tensor_plan(
+    state: Mapping[str, torch.Tensor | tuple[int, ...]], dtype: str
+) -> list[TensorPlan]:
+    """Every weight of `state` (an `export_state_dict`, or its shapes) in the order written: the
+    embedding, each block's in llama.cpp's order, the final norm, the untied head if any."""
 
     def order(hf_name: str) -> tuple[int, int, str]:
         name = gguf_name(hf_name)
@@ -148,7 +153,8 @@ def tensor_plan(state: dict[str, torch.Tensor], dtype: str) -> list[TensorPlan]:
     plan = []
     for hf_name in sorted(state, key=order):
         name = gguf_name(hf_name)
-        shape = tuple(int(n) for n in state[hf_name].shape)
+        value = state[hf_name]
+        shape = tuple(int(n) for n in (value if isinstance(value, tuple) else value.shape))
         plan.append(TensorPlan(hf_name, name, shape, storage_type(name, shape, dtype)))
     return plan
 
@@ -292,8 +298,7 @@ def write_gguf(source: ExportSource, path: Path, dtype: str) -> list[TensorPlan]
     gguf = require_gguf()
     import numpy as np
 
-    state = source.model.export_state_dict()
-    plan = tensor_plan(state, dtype)
+    plan = tensor_plan(source.weights.shapes, dtype)
     before_write(path)
     writer = gguf.GGUFWriter(path, ARCHITECTURE)
     try:
@@ -312,7 +317,9 @@ def write_gguf(source: ExportSource, path: Path, dtype: str) -> list[TensorPlan]
         writer.write_ti_data_to_file()
         for entry in plan:
             before_write(path)
-            writer.write_tensor_data(_converted(gguf, state[entry.hf_name], entry, source))
+            tensor = source.weights.tensor(entry.hf_name)
+            writer.write_tensor_data(_converted(gguf, tensor, entry, source))
+            del tensor
     finally:
         writer.close()
     _fsync(path)

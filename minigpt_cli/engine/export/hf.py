@@ -15,27 +15,27 @@ The files, in transformers' names:
 - `tokenizer.json`, `tokenizer_config.json` (with the chat template), `special_tokens_map.json`
   (`hf_tokenizer`), and `tokenizer.model`, the sentencepiece model itself, for tools that read it.
 
-Memory: the loaded model plus one serialised copy of it (safetensors' `save_file` turns each tensor
-into bytes before writing), no more than opening the run took; `runs.files.save_tensors` would
-add two more copies for its canonical bytes, which an export has no use for.
+Memory: no model is built (`source.ExportWeights`); `model.safetensors` is written one tensor at a
+time (`runs.files.stream_tensors`), each read from the run's file, LoRA-merged if need be,
+written and dropped, so the export holds about one copy of the weights at most (the pages of the
+run's file it has read), where `load_run` plus safetensors' `save_file` held three.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from minigpt_cli.config.schema import GenerateConfig, ModelConfig
-from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text, before_write
+from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text
 from minigpt_cli.engine.data.tokenizer import MODEL_FILE as SENTENCEPIECE_FILE
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.export import hf_tokenizer
 from minigpt_cli.engine.export.source import ExportSource
+from minigpt_cli.engine.runs.files import stream_tensors
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -102,22 +102,18 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The weights as safetensors with transformers' metadata, fsynced (see the module docstring
-    for the memory this takes)."""
-    before_write(path)
-    plain = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
-    save_file(plain, str(path), metadata={"format": "pt"})
-    with path.open("rb") as handle:  # durable before the folder is renamed into place
-        os.fsync(handle.fileno())
+def _write_weights(path: Path, source: ExportSource) -> None:
+    """The weights as safetensors with transformers' metadata, streamed and fsynced (see the
+    module docstring for the memory this takes)."""
+    weights = source.weights
+    stream_tensors(path, weights.shapes, weights.tensor, {"format": "pt"})
 
 
 def write_hf(source: ExportSource, folder: Path) -> list[Path]:
     """Write the transformers folder's files into `folder` (an empty staging folder); returns
     them in the order written."""
-    model, tokenizer = source.model, source.tokenizer
-    state = model.export_state_dict()
-    dtype = model.model.embed_tokens.weight.dtype
+    tokenizer = source.tokenizer
+    dtype = torch.float32  # what `ExportWeights` reads every weight as
     context = source.config.model.context_length
     written: list[tuple[Path, dict[str, Any] | bytes | None]] = [
         (folder / CONFIG_FILE, hf_config(source.config.model, tokenizer, dtype)),
@@ -130,7 +126,7 @@ def write_hf(source: ExportSource, folder: Path) -> list[Path]:
     ]
     for path, content in written:
         if content is None:
-            _write_weights(path, state)
+            _write_weights(path, source)
         elif isinstance(content, bytes):
             atomic_write_bytes(path, content)
         else:

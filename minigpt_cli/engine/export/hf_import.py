@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ from safetensors import safe_open
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.schema import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Config, TokenizerConfig
-from minigpt_cli.engine.core.io import atomic_write_text, before_write
+from minigpt_cli.engine.core.io import atomic_write_text
 from minigpt_cli.engine.data.tokenizer_training import tokenizer_meta
 from minigpt_cli.engine.export.hf_checkpoint import Checkpoint, read_checkpoint
 from minigpt_cli.engine.export.output import staged_folder
@@ -52,6 +50,7 @@ from minigpt_cli.engine.runs.files import (
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
+    stream_tensors,
 )
 from minigpt_cli.errors import UserError
 
@@ -191,35 +190,11 @@ def _tokenizer_meta(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """The bytes `runs.files.save_tensors` writes for these fp32 tensors (a run's weights are
-    always that canonical file: tensors in name order, the header's keys sorted), streamed one
-    tensor at a time, so no serialised copy of the weights is ever held; `save_tensors` holds
-    three (safetensors' per-tensor bytes, the file, its canonical copy). Written in place: the
-    staging folder is what is renamed into place whole."""
-    names = sorted(tensors)  # safetensors' data order for tensors of one dtype
-    header: dict[str, Any] = {"__metadata__": {"format": "minigpt", "step": "0"}}
-    offset = 0
-    for name in names:
-        tensor = tensors[name]
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"{name}: expected float32, got {tensor.dtype}")
-        size = tensor.numel() * 4
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    before_write(path)
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        for name in names:
-            tensor = tensors.pop(name).contiguous()
-            if tensor.numel():
-                handle.write(tensor.numpy().data.cast("B"))
-        handle.flush()
-        os.fsync(handle.fileno())
+    always that canonical file), streamed one tensor at a time by `runs.files.stream_tensors`
+    and each dropped from `tensors` once written, so no serialised copy of the weights is ever
+    held. Written in place: the staging folder is what is renamed into place whole."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    stream_tensors(path, shapes, tensors.pop, {"format": "minigpt", "step": "0"})
 
 
 def write_run(checkpoint: Checkpoint, folder: Path, report: ImportReport) -> int:

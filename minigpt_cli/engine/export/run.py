@@ -1,10 +1,11 @@
 """`minigpt export`'s entry point: every check before any work, then one format's writer.
 
 The order is what keeps a refusal cheap and clean: the format and the output path are checked
-first (no torch work), then the run (finished, weights present), and only then is the run loaded
-and written under a temporary name (`output.staged_folder` for a folder, `output.staged_files` for
-a file with its companions). A new format is a writer taking an `ExportSource` and a staging
-folder, registered in `FORMATS` with the dtypes it writes.
+first (no torch work), then the run (finished, weights present and matching its config), and
+only then are its weights read, tensor by tensor, and written under a temporary name
+(`output.staged_folder` for a folder, `output.staged_files` for a file with its companions). A new
+format is a writer taking an `ExportSource` and a staging folder, registered in `FORMATS`
+with the dtypes it writes.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def export_run(
         dtype=chosen,
         files=files,
         notes=notes,
-        parameters=source.model.num_parameters(),
+        parameters=source.weights.parameters,
         merged_lora=source.merged_lora,
         chat=source.chat,
         seconds=time.perf_counter() - start,

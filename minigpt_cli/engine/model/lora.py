@@ -95,11 +95,19 @@ class LoRALinear(nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update (alpha/r) B A, computed in fp32, in the base weight's dtype."""
-        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
-        return (delta * self.scaling).to(self.weight.dtype)
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
+
+
+def lora_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense update (alpha/r) B A of one projection, computed in fp32, returned in `dtype`:
+    what `merge_lora` adds to a loaded model's weight, and an export to each weight it reads."""
+    delta = lora_b.float() @ lora_a.float()
+    return (delta * scaling).to(dtype)
 
 
 def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -163,16 +171,12 @@ def apply_lora(model: GPT, settings: LoraConfig) -> int:
     return mark_only_lora_trainable(model)
 
 
-def count_lora_parameters(model_cfg: ModelConfig, settings: LoraConfig) -> int:
-    """Adapter parameters for a model shape, without building it: r * (in + out) per projection.
-
-    Equals what `apply_lora` returns, so a plan (the memory estimate) can be made before the model
-    exists.
-    """
+def _projection_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection LoRA can target."""
     d, ffn = model_cfg.n_embd, model_cfg.ffn_dim
     q_width = model_cfg.n_head * model_cfg.head_dim
     kv_width = model_cfg.kv_heads * model_cfg.head_dim
-    shapes = {
+    return {
         "q_proj": (d, q_width),
         "k_proj": (d, kv_width),
         "v_proj": (d, kv_width),
@@ -181,8 +185,54 @@ def count_lora_parameters(model_cfg: ModelConfig, settings: LoraConfig) -> int:
         "up_proj": (d, ffn),
         "down_proj": (ffn, d),
     }
+
+
+def count_lora_parameters(model_cfg: ModelConfig, settings: LoraConfig) -> int:
+    """Adapter parameters for a model shape, without building it: r * (in + out) per projection.
+
+    Equals what `apply_lora` returns, so a plan (the memory estimate) can be made before the model
+    exists.
+    """
+    shapes = _projection_shapes(model_cfg)
     per_layer = sum(settings.r * sum(shapes[name]) for name in settings.targets)
     return model_cfg.n_layer * per_layer
+
+
+def adapter_shapes(model_cfg: ModelConfig, settings: LoraConfig) -> dict[str, tuple[int, int]]:
+    """Every tensor `adapter_state_dict` holds for this shape and these settings, with its shape,
+    without building the model (an export merges an adapter tensor by tensor)."""
+    projections = _projection_shapes(model_cfg)
+    shapes: dict[str, tuple[int, int]] = {}
+    for index in range(model_cfg.n_layer):
+        for name in settings.targets:
+            stem = f"model.layers.{index}.{_OWNER[name]}.{name}"
+            features_in, features_out = projections[name]
+            shapes[f"{stem}.lora_A.weight"] = (settings.r, features_in)
+            shapes[f"{stem}.lora_B.weight"] = (features_out, settings.r)
+    return shapes
+
+
+def check_adapter_shapes(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    source: str | Path = "adapter",
+) -> None:
+    """Refuse (one line) adapter tensors whose names or shapes are not exactly `expected`'s:
+    a partial adapter would silently leave some projections at B = 0, i.e. untuned."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        more = len(missing or unexpected) - 3
+        if more > 0:
+            detail += f" and {more} more"
+        raise UserError(f"{source}: adapter does not match the model ({detail})")
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
+            raise UserError(
+                f"{source}: adapter does not match the model ({name} has shape "
+                f"{tuple(shape)}, the model needs {tuple(expected[name])})"
+            )
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,20 +289,11 @@ def load_adapter_state_dict(
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters: apply_lora() before loading an adapter")
     expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        more = len(missing or unexpected) - 3
-        if more > 0:
-            detail += f" and {more} more"
-        raise UserError(f"{source}: adapter does not match the model ({detail})")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(
-                f"{source}: adapter does not match the model ({name} has shape "
-                f"{tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)})"
-            )
+    check_adapter_shapes(
+        {name: tuple(tensor.shape) for name, tensor in tensors.items()},
+        {name: tuple(tensor.shape) for name, tensor in expected.items()},
+        source,
+    )
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

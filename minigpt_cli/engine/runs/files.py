@@ -11,12 +11,14 @@ checks, quickstart's plan) without loading torch.
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minigpt_cli.config.loader import RUN_CONFIG_FILE
-from minigpt_cli.engine.core.io import atomic_write_bytes
+from minigpt_cli.engine.core.io import atomic_write_bytes, before_write
 from minigpt_cli.engine.data.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from minigpt_cli.errors import UserError
 
@@ -135,3 +137,51 @@ def save_tensors(
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     data = save(cpu, metadata={k: str(v) for k, v in metadata.items()})
     atomic_write_bytes(path, canonical_safetensors(data))
+
+
+def stream_tensors(
+    path: str | Path,
+    shapes: Mapping[str, Sequence[int]],
+    read: Callable[[str], torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
+    """Write float32 tensors as the canonical safetensors bytes `save_tensors` gives them, one
+    tensor at a time: the header from `shapes` first, then each tensor as `read(name)` returns it,
+    written and dropped before the next is read. `save_tensors` holds the tensors plus three
+    serialised copies of them (safetensors' per-tensor bytes, the file, its canonical copy); this
+    holds one tensor, so an import or export writing weights never needs a second copy of them.
+    Written in place and fsynced (callers write into a staging folder renamed whole)."""
+    import torch  # lazy: this module imports no torch at load time (see its docstring)
+
+    names = sorted(shapes)  # safetensors' data order for tensors of one dtype
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        count = 1
+        for size in shapes[name]:
+            count *= int(size)
+        header[name] = {
+            "dtype": "F32",
+            "shape": [int(size) for size in shapes[name]],
+            "data_offsets": [offset, offset + count * 4],
+        }
+        offset += count * 4
+    if not metadata:
+        del header["__metadata__"]
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    before_write(Path(path))
+    with Path(path).open("wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            tensor = read(name)
+            if tensor.dtype != torch.float32:
+                raise TypeError(f"{name}: expected float32, got {tensor.dtype}")
+            if tuple(tensor.shape) != tuple(header[name]["shape"]):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, declared {shapes[name]}")
+            tensor = tensor.detach().contiguous()
+            if tensor.numel():
+                handle.write(tensor.numpy().data.cast("B"))
+            del tensor
+        handle.flush()
+        os.fsync(handle.fileno())

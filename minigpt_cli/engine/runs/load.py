@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from minigpt_cli.config.loader import read_run_config
-from minigpt_cli.config.schema import Config
+from minigpt_cli.config.schema import Config, LoraConfig
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.heads import SCORE_WEIGHT, RewardModel
@@ -116,14 +116,10 @@ def ancestors(run_dir: Path) -> list[Path]:
         current = parent
 
 
-def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> GPT:
-    """Parent weights (loaded recursively) plus this run's adapter, on the CPU.
-
-    When the parent is itself an unmerged LoRA run, this run continued the parent's adapter, so
-    its adapter replaces the parent's on the same base weights; a merged parent is a plain model
-    and gets a new adapter.
-    """
-    adapter_path = folder / ADAPTER_FILE
+def adapter_parent(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> Path:
+    """The run a LoRA run's adapter applies to (its parent, which holds the base weights or is
+    itself such a run), or a one-line refusal: no parent recorded, the parent gone, or a chain
+    that loops (`chain`: the resolved runs already walked)."""
     written = state.get("parent")
     if not isinstance(written, str) or not written:
         raise UserError(
@@ -138,12 +134,12 @@ def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ..
         )
     if parent_dir.resolve() in chain:
         raise UserError(f"{folder}: its chain of parent runs loops back to {parent_dir}")
-    model = _load_run(parent_dir, "cpu", (*chain, parent_dir.resolve())).model
-    settings = settings_from_metadata(read_metadata(adapter_path), adapter_path)
-    current = lora_settings(model)
-    if current is None:
-        apply_lora(model, settings)
-    elif (current.r, current.alpha, current.targets) != (
+    return parent_dir
+
+
+def check_same_adapter(adapter_path: Path, settings: LoraConfig, current: LoraConfig) -> None:
+    """Refuse an adapter whose shape differs from the parent run's it continues (`current`)."""
+    if (current.r, current.alpha, current.targets) != (
         settings.r,
         settings.alpha,
         settings.targets,
@@ -153,6 +149,24 @@ def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ..
             f"{','.join(settings.targets)}) differs from the parent run's adapter "
             f"(r={current.r}, alpha={current.alpha}, targets={','.join(current.targets)})"
         )
+
+
+def _load_adapter_run(folder: Path, state: dict[str, Any], chain: tuple[Path, ...]) -> GPT:
+    """Parent weights (loaded recursively) plus this run's adapter, on the CPU.
+
+    When the parent is itself an unmerged LoRA run, this run continued the parent's adapter, so
+    its adapter replaces the parent's on the same base weights; a merged parent is a plain model
+    and gets a new adapter.
+    """
+    adapter_path = folder / ADAPTER_FILE
+    parent_dir = adapter_parent(folder, state, chain)
+    model = _load_run(parent_dir, "cpu", (*chain, parent_dir.resolve())).model
+    settings = settings_from_metadata(read_metadata(adapter_path), adapter_path)
+    current = lora_settings(model)
+    if current is None:
+        apply_lora(model, settings)
+    else:
+        check_same_adapter(adapter_path, settings, current)
     load_adapter_state_dict(model, load_tensors(adapter_path), adapter_path)
     return model
 
