@@ -123,12 +123,15 @@ def test_the_default_kl_control_holds_the_policy_near_the_reference(
     an estimate from 16 responses and scatters). Not held to the target itself: PPO's steps have
     a fixed size (whitened advantages), which leaves a floor of about 0.1 nats per response
     however large the coefficient grows (benchmarks/rlhf_kl.py measures the same floor on the
-    built-in data, 0.07-0.11); the default target sits under it on purpose, so the controller
-    keeps raising the coefficient (checked) and the run stays at that floor (0.15 here)."""
-    defaults = load_config("tiny").rlhf
-    assert defaults.target_kl  # the adaptive controller is PPO's default
+    built-in data, 0.03-0.2); the default target sits under it on purpose, so the controller
+    keeps raising the coefficient (checked) and the run stays near that floor. At PPO's default
+    learning rate (3e-5) the coefficient rises slowly (0.98 -> 1.18 over these 40 iterations) and
+    the KL of the last 10 is about 0.11, against about 2.9 with the penalty off."""
+    config = load_config("tiny")
+    defaults = config.rlhf
+    assert defaults.target_kl and defaults.algorithm == "ppo"  # PPO's default: adaptive
     common: dict[str, Any] = {
-        "learning_rate": defaults.learning_rate,
+        "learning_rate": config.stage_train("rlhf").learning_rate,  # PPO's own default
         "rollout_batch_size": defaults.rollout_batch_size,
     }
 
@@ -137,7 +140,7 @@ def test_the_default_kl_control_holds_the_policy_near_the_reference(
 
     controlled = _train(tiny_sft_run, tmp_path / "default", "ppo", 40, **common)
     free = _train(tiny_sft_run, tmp_path / "off", "ppo", 40, kl_coef=0.0, **common)
-    assert controlled[-1]["kl_coef"] > 1.5 * controlled[0]["kl_coef"]  # KL over target: pushed
+    assert controlled[-1]["kl_coef"] > 1.1 * controlled[0]["kl_coef"]  # KL over target: pushed
     assert tail_kl(controlled) < 0.15, [round(s["kl"], 3) for s in controlled]
     assert tail_kl(free) > 10 * tail_kl(controlled), [round(s["kl"], 3) for s in free]
 
