@@ -79,8 +79,9 @@ def build_run(preset: str, folder: Path) -> tuple[int, int]:
 def measure(command: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of one fresh process running `command`."""
     start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start

@@ -27,15 +27,16 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from export import measure, summary  # noqa: E402  (one way to time a fresh process)
 
 IMPORTS = "from minigpt_cli.engine.export.hf_import import import_hf\n"
 TRANSFORMERS = (
@@ -80,26 +81,6 @@ def build_checkpoint(preset: str, dtype: str, folder: Path, tokenizers: Path) ->
     shutil.copy(trained / "tokenizer.model", folder / "tokenizer.model")
     parameters = model.num_parameters()
     return parameters, 4 * parameters
-
-
-def measure(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one fresh process running `command`."""
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed (status {status})")
-    return seconds, usage.ru_maxrss * 1024
-
-
-def summary(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    median = statistics.median(values) / scale
-    low, high = min(values) / scale, max(values) / scale
-    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from minigpt_cli.cli.app import main  # noqa: E402
 from minigpt_cli.config.loader import read_run_config  # noqa: E402
 from minigpt_cli.config.schema import ModelConfig  # noqa: E402
 from minigpt_cli.datasets import builtin  # noqa: E402
@@ -37,7 +35,7 @@ from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
 from minigpt_cli.engine.runs.files import canonical_safetensors, save_tensors  # noqa: E402
 from minigpt_cli.engine.runs.load import load_run  # noqa: E402
 from tests.conftest import FINETUNE_SETS, RLHF_SETS, run_cli, set_args  # noqa: E402
-from tests.test_export import PROMPTS  # noqa: E402
+from tests.test_export import PROMPTS, _run_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers.utils.logging.disable_progress_bar()  # its bars would land in captured stderr
@@ -353,17 +351,6 @@ def test_the_streamed_weights_file_is_the_one_save_tensors_writes(tmp_path: Path
 
 
 # ------------------------------------------------------------------------------------ refusals
-
-
-def _run_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object
-) -> tuple[int, str, str]:
-    """`minigpt ARGS` in this process, through the console script's own error path."""
-    monkeypatch.setattr(sys, "argv", ["minigpt", *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
 
 
 def _edit_config(folder: Path, **changes: Any) -> None:
