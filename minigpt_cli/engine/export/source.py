@@ -41,7 +41,7 @@ from minigpt_cli.engine.runs.files import (
     load_tensors,
     read_metadata,
 )
-from minigpt_cli.engine.runs.load import adapter_parent, check_same_adapter
+from minigpt_cli.engine.runs.load import adapter_parent, check_same_adapter, check_weight_shapes
 from minigpt_cli.errors import UserError
 
 # The verb whose --resume finishes a stage's run (a reward model is trained inside `rlhf`).
@@ -135,17 +135,7 @@ def _check_model_file(path: Path, model: ModelConfig, rows: int) -> dict[str, tu
             for name in handle.keys()  # noqa: SIM118 (safe_open is not a mapping)
         }
     expected = {name: tuple(shape) for name, shape in expected_shapes(model, rows).items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{path}: weights do not match the run's config.toml ({detail})")
-    for name, shape in found.items():
-        if shape != expected[name]:
-            raise UserError(
-                f"{path}: weights do not match the run's config.toml ({name} has shape "
-                f"{shape}, the config makes {expected[name]})"
-            )
+    check_weight_shapes(path, found, expected)
     return {name: found[name] for name in expected}
 
 

@@ -55,21 +55,32 @@ class LoadedRun:
     state: dict[str, Any]
 
 
-def load_model_weights(model: GPT | RewardModel, path: Path) -> None:
-    """Load weights into `model`, refusing files whose names or shapes do not match its config."""
-    tensors = load_tensors(path)
-    expected = model.export_state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def check_weight_shapes(
+    path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse, in one line, a weights file whose names or shapes do not match the run's
+    config.toml: the one rule for every reader of a run's weights (loading, exporting)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"{path}: weights do not match the run's config.toml ({detail})")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, shape in found.items():
+        if shape != expected[name]:
             raise UserError(
                 f"{path}: weights do not match the run's config.toml ({name} has shape "
-                f"{tuple(tensor.shape)}, the config makes {tuple(expected[name].shape)})"
+                f"{shape}, the config makes {expected[name]})"
             )
+
+
+def load_model_weights(model: GPT | RewardModel, path: Path) -> None:
+    """Load weights into `model`, refusing files whose names or shapes do not match its config."""
+    tensors = load_tensors(path)
+    check_weight_shapes(
+        path,
+        {name: tuple(tensor.shape) for name, tensor in tensors.items()},
+        {name: tuple(tensor.shape) for name, tensor in model.export_state_dict().items()},
+    )
     model.load_exported_state_dict(tensors)
 
 
