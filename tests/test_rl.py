@@ -218,6 +218,25 @@ def test_adaptive_kl_coefficient_rises_over_target_and_falls_under() -> None:
     assert fixed.update(100.0, 256) == 0.05 and fixed.value == 0.05
 
 
+def test_ceiling_kl_coefficient_rises_fast_over_target_and_never_falls_below_its_start() -> None:
+    ceiling = rl.CeilingKLController(1.0, target=0.05, horizon=64)
+    ceiling.update(0.0, n_steps=16)  # under the target from the start: stays at the start
+    assert ceiling.value == 1.0
+    ceiling.update(0.2, n_steps=16)  # 4x the target: error clipped to +1, not Ziegler's +0.2
+    assert ceiling.value == pytest.approx(1.0 * (1 + 1.0 * 16 / 64))
+    ceiling.update(0.06, n_steps=16)  # error 0.2, inside the clip
+    assert ceiling.value == pytest.approx(1.25 * (1 + 0.2 * 16 / 64))
+    ceiling.update(0.0, n_steps=16)  # under it: relaxed at most 0.2 * 16 / 64 = 5 %
+    assert ceiling.value == pytest.approx(1.25 * 1.05 * 0.95)
+    for _ in range(20):
+        ceiling.update(-0.01, n_steps=16)  # a negative estimate: still not below the start
+    assert ceiling.value == 1.0
+    restored = rl.CeilingKLController(1.0, target=0.05, horizon=64)
+    ceiling.update(0.1, n_steps=16)
+    restored.load_state_dict(json.loads(json.dumps(ceiling.state_dict())))
+    assert restored.value == ceiling.value and restored.floor == 1.0
+
+
 # ------------------------------------------------------------------------------------ GRPO
 
 

@@ -51,7 +51,7 @@ TargetKlOpt = Annotated[
     float | None,
     typer.Option(
         "--target-kl",
-        help="PPO: adapt --kl-coef towards this KL per response, nats (default 0.02); 0: fixed.",
+        help="PPO: hold the KL per response under this, nats (default 0.05); 0: --kl-coef fixed.",
     ),
 ]
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="GAE discount (default 1).")]

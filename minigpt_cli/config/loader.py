@@ -291,6 +291,7 @@ RUN_CONFIG_FILE = "config.toml"  # a run's resolved config (engine/runs/files.py
 SAVED_RUN_DEFAULTS: dict[str, object] = {
     "sft.text_mix": 0.0,  # before SFT rehearsed pretraining text
     "rlhf.target_kl": 0.0,  # before PPO's KL control was adaptive by default (0 = fixed)
+    "rlhf.kl_control": "target",  # before the ceiling controller: Ziegler's, both ways
 }
 
 

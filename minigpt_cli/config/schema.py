@@ -367,9 +367,17 @@ class RlhfConfig(StageTrainConfig):
         "(PPO 1.0, GRPO 0.05); 0 = no penalty",
     )
     target_kl: float | None = Field(
-        0.02, ge=0, description="PPO: adapt kl_coef towards this KL per response; 0 = fixed"
+        0.05,
+        ge=0,
+        description="PPO: the KL per response (nats, summed over its tokens) kl_coef adapts to "
+        "hold; 0 = a fixed kl_coef",
     )
-    kl_horizon: int = Field(160, ge=1, description="adaptive KL: responses to adapt over")
+    kl_control: Literal["ceiling", "target"] = Field(
+        "ceiling",
+        description="ceiling: the KL is held under target_kl, kl_coef never below its start; "
+        "target: steered towards it both ways (Ziegler et al., TRL)",
+    )
+    kl_horizon: int = Field(64, ge=1, description="adaptive KL: responses to adapt over")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO/GRPO ratio clip")

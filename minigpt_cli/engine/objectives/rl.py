@@ -289,6 +289,31 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
+class CeilingKLController(AdaptiveKLController):
+    """The KL coefficient raised when the KL crosses a ceiling, and relaxed back (never below
+    where it started) when it is under: the target is a limit the KL is held under, not a
+    level it is steered to.
+
+    After each batch: e = clip(KL / target - 1, -0.2, 1), coef = max(start, coef * (1 + e *
+    n_steps / horizon)). Ziegler's controller (the parent class) is a setpoint: a run starts at
+    KL 0, under any target, so it first lowers the coefficient and the KL then overshoots; and
+    its symmetric clip lets a right-skewed KL estimate sit above the target half the time.
+    Here the start coefficient is a floor, and a KL twice the target raises the coefficient up
+    to five times faster than one under it lowers it, so the KL spends little time over the
+    target (measured: tests/test_rlhf.py, README "RLHF: the KL control").
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(init_kl_coef, target, horizon)
+        self.floor = self.value
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Adapt to the KL measured over `n_steps` samples; returns the new coefficient."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 1.0)
+        self.value = max(self.floor, self.value * (1.0 + error * n_steps / self.horizon))
+        return self.value
+
+
 # ----------------------------------------------------------------------------------------------
 # GRPO
 # ----------------------------------------------------------------------------------------------

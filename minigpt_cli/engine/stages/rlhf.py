@@ -83,8 +83,9 @@ class RlSettings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     kl_coef: float | None = None  # None: DEFAULT_KL_COEF[algo]
-    target_kl: float | None = 0.02
-    kl_horizon: int = 160
+    target_kl: float | None = 0.05
+    kl_control: str = "ceiling"
+    kl_horizon: int = 64
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -178,11 +179,14 @@ class RlStage(StageBase):
         kl_coef = settings.kl_coef
         if kl_coef is None:
             kl_coef = DEFAULT_KL_COEF[settings.algo]
-        self.kl: rl.FixedKLController | rl.AdaptiveKLController = (
-            rl.AdaptiveKLController(kl_coef, settings.target_kl, settings.kl_horizon)
-            if settings.algo == "ppo" and settings.target_kl and kl_coef > 0
-            else rl.FixedKLController(kl_coef)
-        )
+        self.kl: rl.FixedKLController | rl.AdaptiveKLController = rl.FixedKLController(kl_coef)
+        if settings.algo == "ppo" and settings.target_kl and kl_coef > 0:
+            adaptive = (
+                rl.CeilingKLController
+                if settings.kl_control == "ceiling"
+                else rl.AdaptiveKLController
+            )
+            self.kl = adaptive(kl_coef, settings.target_kl, settings.kl_horizon)
         self.score_moments = rl.RunningMoments()
         self.iteration = 0
         self.prompt_epoch = 0
