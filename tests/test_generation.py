@@ -22,6 +22,7 @@ from minigpt_cli.engine.inference.generation import (
     apply_repetition_penalty,
     choose_next,
 )
+from minigpt_cli.engine.inference.rollouts import sample_groups
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.errors import UserError
 
@@ -285,6 +286,30 @@ def test_batch_generation_rows_are_independent_and_deterministic() -> None:
         expected = full[: full.index(stop)] if stop in full else full
         assert row == expected  # each row stops on its own; the others carry on
     assert [streamed.get(i, []) for i in range(4)] == rows
+
+
+def test_grouped_rollouts_draw_what_each_prompt_alone_draws() -> None:
+    """RL's rollouts decode every prompt's group in one batch (prompts of different lengths);
+    each group draws from its own seed, so it samples what `generate_batch` samples for that
+    prompt alone, and stop ids end a row without ending its group."""
+    model = make_model()
+    prompts = [[3, 4], [5, 6, 7, 8, 9], [1], [2, 9, 9]]
+    seeds = [11, 12, 13, 14]
+    base = settings(max_new_tokens=10)
+    alone = [
+        generate_batch(model, prompt, settings(max_new_tokens=10, seed=seed), 3)
+        for prompt, seed in zip(prompts, seeds, strict=True)
+    ]
+    assert sample_groups(model, prompts, base, 3, seeds) == alone
+    stop = alone[1][0][2]
+    with_stop = settings(max_new_tokens=10, stop_ids=(stop,))
+    stopped = sample_groups(model, prompts, with_stop, 3, seeds)
+    for group, full_group in zip(stopped, alone, strict=True):
+        for row, full in zip(group, full_group, strict=True):
+            assert row == (full[: full.index(stop)] if stop in full else full)
+    assert len({tuple(row) for group in alone for row in group}) > 4  # really sampled
+    with pytest.raises(ValueError, match="context"):
+        sample_groups(model, [[1] * (CONTEXT - 5)], base, 2, [0])
 
 
 def test_generation_restores_training_mode_and_works_in_bf16() -> None:

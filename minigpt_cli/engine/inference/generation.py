@@ -315,7 +315,8 @@ def model_device(model: GPT) -> torch.device:
     return model.model.embed_tokens.weight.device  # the head may be int8 (`quantize`)
 
 
-def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The draws' generator: seeded for a reproducible decode, from the OS when `seed` is None."""
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63) if seed is None else seed)
     return generator
@@ -376,7 +377,7 @@ def _sample_loop(
 ) -> list[list[int]]:
     device = model_device(model)
     prompt = fit_prompt(model, prompt_ids)
-    generator = None if settings.is_greedy else _make_generator(device, settings.seed)
+    generator = None if settings.is_greedy else make_generator(device, settings.seed)
     stop_ids = set(settings.stop_ids)
     streams = (
         [TextStream(tokenizer, settings.stop_strings, prompt) for _ in range(rows)]

@@ -41,8 +41,8 @@ from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.tokenizer import Tokenizer
-from minigpt_cli.engine.inference.decode import generate_batch
 from minigpt_cli.engine.inference.generation import SamplingSettings
+from minigpt_cli.engine.inference.rollouts import sample_groups
 from minigpt_cli.engine.metrics.exact_match import (
     AnswerResult,
     score_answers,
@@ -216,23 +216,25 @@ class RlStage(StageBase):
         return picked
 
     def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
-        """(record index, response ids incl. end-of-turn when it stopped) per sampled response."""
-        policy = policy_of(model)
-        stops = chat_template.stop_token_ids(self.tokenizer)
+        """(record index, response ids incl. end-of-turn when it stopped) per sampled response,
+        every prompt's responses decoded in one batch; prompt `number` of the iteration draws
+        from its own seed, as a prompt-at-a-time rollout would."""
+        sampling = SamplingSettings(
+            max_new_tokens=self.settings.max_new_tokens,
+            temperature=self.settings.temperature,
+            top_k=None,
+            top_p=None,
+            stop_ids=chat_template.stop_token_ids(self.tokenizer),
+        )
+        seeds = [
+            int(np.random.default_rng([self.seed, self.iteration, number]).integers(2**31))
+            for number in range(len(indices))
+        ]
+        prompts = [self.prompts[index] for index in indices]
+        groups = sample_groups(policy_of(model), prompts, sampling, self.samples_per_prompt, seeds)
         responses = []
-        for number, index in enumerate(indices):
-            prompt = self.prompts[index]
-            sampling = SamplingSettings(
-                max_new_tokens=self.settings.max_new_tokens,
-                temperature=self.settings.temperature,
-                top_k=None,
-                top_p=None,
-                stop_ids=stops,
-                seed=int(
-                    np.random.default_rng([self.seed, self.iteration, number]).integers(2**31)
-                ),
-            )
-            for tokens in generate_batch(policy, prompt, sampling, self.samples_per_prompt):
+        for index, group in zip(indices, groups, strict=True):
+            for tokens in group:
                 if len(tokens) < self.settings.max_new_tokens:
                     tokens = [*tokens, self.tokenizer.eot_id]  # the stop is an action too
                 responses.append((index, tokens or [self.tokenizer.eot_id]))
