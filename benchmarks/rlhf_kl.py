@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.rlhf import rows, run  # noqa: E402
 
-# The sweep's default configurations. Any name of the forms `fixed-C` (kl_coef C, no target) and
-# `target-T[-cC][-hH]` (adaptive towards T nats per response, starting at C, horizon H responses;
-# the config's defaults where left out) is understood too (`config_flags`).
+# The sweep's default configurations. Any name of the forms `fixed-C` (kl_coef C, no target),
+# `target-T[-cC][-hH]` (the KL held under T nats per response by the default ceiling control,
+# starting at C, horizon H responses; the config's defaults where left out) and
+# `ziegler-T[-cC][-hH]` (the same steered towards T both ways, `rlhf.kl_control = "target"`) is
+# understood too (`config_flags`).
 CONFIGS = ["default", "kl-off", "fixed-0.05", "fixed-0.2", "fixed-1", "target-0.05", "target-0.1"]
 
 
@@ -47,8 +49,10 @@ def config_flags(name: str) -> list[str]:
     try:
         if kind == "fixed" and len(parts) == 1:
             return ["--kl-coef", str(float(parts[0])), "--target-kl", "0"]
-        if kind == "target":
+        if kind in ("target", "ziegler"):
             flags = ["--target-kl", str(float(parts[0]))]
+            if kind == "ziegler":
+                flags += ["--set", "rlhf.kl_control=target"]
             for part in parts[1:]:
                 if part.startswith("c"):
                     flags += ["--kl-coef", str(float(part[1:]))]
@@ -59,7 +63,9 @@ def config_flags(name: str) -> list[str]:
             return flags
     except ValueError:
         pass
-    raise SystemExit(f"unknown config {name!r}: default, kl-off, fixed-C or target-T[-cC][-hH]")
+    raise SystemExit(
+        f"unknown config {name!r}: default, kl-off, fixed-C, target-T[-cC][-hH] or ziegler-T[...]"
+    )
 
 
 GOAL_POINTS = 3.0  # every family's exact match within this many points of the parent

@@ -24,6 +24,7 @@ from minigpt_cli.engine.inference.generation import (
 )
 from minigpt_cli.engine.inference.rollouts import sample_groups
 from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.layers import KVCache
 from minigpt_cli.errors import UserError
 
 VOCAB = 40
@@ -288,10 +289,18 @@ def test_batch_generation_rows_are_independent_and_deterministic() -> None:
     assert [streamed.get(i, []) for i in range(4)] == rows
 
 
-def test_grouped_rollouts_draw_what_each_prompt_alone_draws() -> None:
+def test_grouped_rollouts_draw_what_each_prompt_alone_draws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """RL's rollouts decode every prompt's group in one batch (prompts of different lengths);
     each group draws from its own seed, so it samples what `generate_batch` samples for that
-    prompt alone, and stop ids end a row without ending its group."""
+    prompt alone, stop ids end a row without ending its group, and a group whose rows have all
+    stopped leaves the batch (its cache rows dropped) without changing the others' draws."""
+    kept: list[int] = []
+    keep_rows = KVCache.keep_rows
+    monkeypatch.setattr(
+        KVCache, "keep_rows", lambda cache, rows: (kept.append(len(rows)), keep_rows(cache, rows))
+    )
     model = make_model()
     prompts = [[3, 4], [5, 6, 7, 8, 9], [1], [2, 9, 9]]
     seeds = [11, 12, 13, 14]
@@ -308,6 +317,7 @@ def test_grouped_rollouts_draw_what_each_prompt_alone_draws() -> None:
         for row, full in zip(group, full_group, strict=True):
             assert row == (full[: full.index(stop)] if stop in full else full)
     assert len({tuple(row) for group in alone for row in group}) > 4  # really sampled
+    assert kept and kept[0] < 4 * 3  # the batch shrank as groups stopped
     with pytest.raises(ValueError, match="context"):
         sample_groups(model, [[1] * (CONTEXT - 5)], base, 2, [0])
 

@@ -69,6 +69,9 @@ def sample_groups(
         history[index * group : (index + 1) * group, : len(prompt)] = ids
     generators = [make_generator(device, int(seed)) for seed in seeds]
     stops = {int(s) for s in settings.stop_ids}
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    active = [True] * rows
+    in_batch = list(range(len(prompts)))  # the prompts whose rows the batch holds, in order
     was_training = model.training
     model.eval()
     try:
@@ -76,17 +79,18 @@ def sample_groups(
         position = min(lengths)
         logits = model(history[:, :position], kv_cache=cache, last_only=True)[:, -1]
         step = DecodeStep.for_model(model)
-        outputs: list[list[int]] = [[] for _ in range(rows)]
-        active = [True] * rows
         while True:
             throttle_point()
-            next_ids = history[:, position].clone()  # a row still in its prompt: its own token
-            for index, length in enumerate(lengths):
+            batch_rows = _rows_of(in_batch, group, device)
+            next_ids = history[batch_rows, position]  # a row still in its prompt: its own token
+            for slot, index in enumerate(in_batch):
                 span = slice(index * group, (index + 1) * group)
-                if position < length or not any(active[span]):
+                if position < lengths[index] or not any(active[span]):
                     continue
-                chosen = choose_next(logits[span], settings, generators[index])
-                next_ids[span] = chosen
+                chosen = choose_next(
+                    logits[slot * group : (slot + 1) * group], settings, generators[index]
+                )
+                next_ids[slot * group : (slot + 1) * group] = chosen
                 for row, token in enumerate(chosen.tolist(), start=index * group):
                     if not active[row]:
                         continue
@@ -98,9 +102,25 @@ def sample_groups(
                         active[row] = False
             if not any(active) or position + 1 >= total:
                 break
-            history[:, position] = next_ids
+            history[batch_rows, position] = next_ids
             logits = step(next_ids, cache)
             position += 1
+            # A prompt whose responses have all stopped leaves the batch once a quarter of the
+            # batch is such rows (each compaction copies the cache, so not for every one).
+            going = [
+                index for index in in_batch if any(active[index * group : (index + 1) * group])
+            ]
+            if len(in_batch) - len(going) >= max(1, len(in_batch) // 4):
+                slots = _rows_of([in_batch.index(index) for index in going], group, device)
+                cache.keep_rows(slots)
+                logits = logits.index_select(0, slots)
+                in_batch = going
     finally:
         model.train(was_training)
     return [outputs[index * group : (index + 1) * group] for index in range(len(prompts))]
+
+
+def _rows_of(groups: Sequence[int], group: int, device: torch.device) -> torch.Tensor:
+    """The row numbers of groups `groups` (each `group` consecutive rows), in order."""
+    starts = torch.tensor(list(groups), dtype=torch.long, device=device) * group
+    return (starts[:, None] + torch.arange(group, device=device)).reshape(-1)

@@ -53,6 +53,13 @@ class KVCache:
         """Forget every cached position (the buffers are reused, not freed)."""
         self.length = 0
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only rows `rows`, in that order (new, smaller buffers): a batch whose finished
+        sequences leave it stops paying for them at every later step."""
+        self.keys = [buffer.index_select(0, rows) for buffer in self.keys]
+        self.values = [buffer.index_select(0, rows) for buffer in self.values]
+        self.batch_size = len(rows)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row i hold what row `rows[i]` held: beam search keeps the survivors' histories."""
         filled = self.length
