@@ -51,7 +51,7 @@ TargetKlOpt = Annotated[
     float | None,
     typer.Option(
         "--target-kl",
-        help="PPO: hold the KL per response under this, nats (default 0.05); 0: --kl-coef fixed.",
+        help="PPO: hold the KL per response under this, nats (default 0.1); 0: --kl-coef fixed.",
     ),
 ]
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="GAE discount (default 1).")]

@@ -367,7 +367,7 @@ class RlhfConfig(StageTrainConfig):
         "(PPO 1.0, GRPO 0.05); 0 = no penalty",
     )
     target_kl: float | None = Field(
-        0.05,
+        0.1,
         ge=0,
         description="PPO: the KL per response (nats, summed over its tokens) kl_coef adapts to "
         "hold; 0 = a fixed kl_coef",

@@ -83,7 +83,7 @@ class RlSettings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     kl_coef: float | None = None  # None: DEFAULT_KL_COEF[algo]
-    target_kl: float | None = 0.05
+    target_kl: float | None = 0.1
     kl_control: str = "ceiling"
     kl_horizon: int = 64
     gamma: float = 1.0
