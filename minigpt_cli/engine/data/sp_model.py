@@ -1,5 +1,9 @@
 """A sentencepiece model file read and edited as protobuf, without the protobuf package.
 
+The tokenizer (`tokenizer.py`) reads one flag here: a model with a dummy prefix (Llama 2's) is
+run by a copy with the flag cleared (`without_dummy_prefix`), so that minigpt decides where a
+text starts.
+
 `minigpt import` keeps a checkpoint's tokenizer as a sentencepiece model, the one form minigpt's
 `Tokenizer` loads, and sometimes has to change it: give the checkpoint's own begin/end-of-text
 pieces minigpt's names, append the chat pieces it lacks, or build the model from a
@@ -257,12 +261,13 @@ class SentencePieceModel:
             self.trainer = _set(self.trainer, number, _VARINT, value)
 
 
-def minigpt_normalizer() -> list[Field]:
+def minigpt_normalizer(*, dummy_prefix: bool = False) -> list[Field]:
     """The normaliser minigpt trains with (`tokenizer_training`): identity, no dummy prefix, no
-    whitespace squeezing, spaces written as U+2581."""
+    whitespace squeezing, spaces written as U+2581; with `dummy_prefix`, Llama 2's (the same but
+    the prefix)."""
     return [
         (NORMALIZER_NAME, _LEN, b"identity"),
-        (NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0),
+        (NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, int(dummy_prefix)),
         (NORMALIZER_REMOVE_EXTRA_WHITESPACES, _VARINT, 0),
         (NORMALIZER_ESCAPE_WHITESPACES, _VARINT, 1),
     ]
@@ -280,3 +285,32 @@ def bpe_trainer(vocab_size: int, unk_id: int) -> list[Field]:
         (TRAINER_EOS_ID, _VARINT, -1),
         (TRAINER_PAD_ID, _VARINT, -1),
     ]
+
+
+def _normalizer_fields(data: bytes) -> tuple[list[Field], list[Field]]:
+    """(top-level fields, the normaliser spec's fields) of a serialised model. The pieces stay
+    raw bytes: this reads a 32k-piece model in milliseconds where `SentencePieceModel` decodes
+    every piece."""
+    fields = parse(data)
+    spec = _get(fields, _MODEL_NORMALIZER, b"")
+    return fields, parse(spec) if isinstance(spec, bytes) else []
+
+
+def has_dummy_prefix(data: bytes) -> bool:
+    """Whether the serialised model's normaliser adds a dummy prefix (sentencepiece's default,
+    Llama 2's tokenizer): "▁" before the text, so "Hello" encodes as "▁Hello"."""
+    _, spec = _normalizer_fields(data)
+    value = _get(
+        spec, NORMALIZER_ADD_DUMMY_PREFIX, _NORMALIZER_DEFAULTS[NORMALIZER_ADD_DUMMY_PREFIX]
+    )
+    return bool(value)
+
+
+def without_dummy_prefix(data: bytes) -> bytes:
+    """The serialised model with `normalizer_spec.add_dummy_prefix` cleared, every other byte as
+    it was: it encodes `text` as the original encodes it minus the prefix, so the original's ids
+    of a text are this one's ids of " " + text
+    (of a text that is not empty: sentencepiece prefixes nothing to nothing)."""
+    fields, spec = _normalizer_fields(data)
+    spec = _set(spec, NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0)
+    return serialise(_set(fields, _MODEL_NORMALIZER, _LEN, serialise(spec)))
