@@ -38,6 +38,7 @@ from minigpt_cli.engine.export.hf_checkpoint import expected_shapes  # noqa: E40
 from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
 from minigpt_cli.engine.inference.generation import TextStream  # noqa: E402
+from minigpt_cli.engine.metrics.text import score_text  # noqa: E402
 from minigpt_cli.engine.model.gpt import GPT  # noqa: E402
 from minigpt_cli.engine.runs.checkpoint import read_state  # noqa: E402
 from minigpt_cli.engine.runs.files import canonical_safetensors, save_tensors  # noqa: E402
@@ -530,6 +531,9 @@ def test_a_dummy_prefix_tokenizer_imports_with_sentencepieces_own_ids(
     stored = TokenShards(tmp_path / "shards")
     assert stored[0 : len(stored)].tolist() == [*theirs.encode(lines), ours.eos_id, *expected]
     assert_same_logits(hf_dir, tmp_path / "run", vocab=600)
+    # Bits per byte count the documents' bytes, not the space each prefix stands for.
+    score = score_text(load_run(tmp_path / "run").model, ours, ["", *documents])
+    assert score.bytes == sum(len(text.encode("utf-8")) for text in documents)
 
 
 def test_a_llama_tokenizer_json_alone_is_the_same_tokenizer(
