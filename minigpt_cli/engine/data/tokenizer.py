@@ -305,8 +305,8 @@ class Tokenizer:
         for value in values:
             if not 0 <= value < size:
                 raise ValueError(f"token id {value} is out of range (vocabulary size {size})")
-        if not keep_special and not self.dummy_prefix:
-            return self._sp.DecodeIds(values)
+        if not keep_special and self._segment_ends.isdisjoint(values):
+            return self._sp_decode.DecodeIds(values)
         decoder = self._sp_decode
         parts: list[str] = []
         run: list[int] = []
