@@ -30,7 +30,13 @@ from minigpt_cli.engine.data.shards import (  # noqa: E402
     encode_texts_to_array,
     encode_to_shards,
 )
-from minigpt_cli.engine.data.sp_model import BYTE, NORMAL, SentencePieceModel  # noqa: E402
+from minigpt_cli.engine.data.sp_model import (  # noqa: E402
+    BYTE,
+    NORMAL,
+    SentencePieceModel,
+    has_dummy_prefix,
+    without_dummy_prefix,
+)
 from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
 from minigpt_cli.engine.export import hf_import, hf_tokenizer  # noqa: E402
@@ -209,6 +215,7 @@ def test_a_tokenizer_json_alone_becomes_the_same_tokenizer(
     original = Tokenizer.load(tokenizer_files)
     imported = Tokenizer.load(tmp_path / "run")
     assert imported.vocab_size == original.vocab_size
+    assert not imported.dummy_prefix and "dummy_prefix" not in imported.meta  # as before
     assert [imported.piece(i) for i in range(600)] == [original.piece(i) for i in range(600)]
     documents = [record["text"] for record in builtin.pretrain_records(40, seed=3)]
     for text in [*TEXTS, *documents]:
@@ -493,8 +500,16 @@ def test_a_dummy_prefix_tokenizer_imports_with_sentencepieces_own_ids(
     hf_dir = make_checkpoint(tmp_path / "hf", llama_sentencepiece)
     report = import_hf(hf_dir, tmp_path / "run")
     assert report.renamed == {"<s>": SPECIAL_TOKENS["bos"], "</s>": SPECIAL_TOKENS["eos"]}
+    assert report.dummy_prefix and read_state(tmp_path / "run")["sources"]["tokenizer_dummy_prefix"]
     ours = Tokenizer.load(tmp_path / "run")
     assert ours.dummy_prefix and ours.meta["dummy_prefix"] is True
+    # The run's file keeps the flag; the copy that encodes differs from it in that flag alone.
+    model = (tmp_path / "run" / "tokenizer.model").read_bytes()
+    cleared = without_dummy_prefix(model)
+    assert has_dummy_prefix(model) and not has_dummy_prefix(cleared)
+    assert (
+        SentencePieceModel.from_bytes(cleared).pieces == SentencePieceModel.from_bytes(model).pieces
+    )
     assert ours.splits_at_newlines  # the shards below take the line-by-line path
     theirs = _sentencepiece(llama_sentencepiece)
     fast = transformers.PreTrainedTokenizerFast(
@@ -556,12 +571,17 @@ def test_a_llama_tokenizer_json_alone_is_the_same_tokenizer(
 
 
 def test_a_reply_cut_at_a_stop_string_keeps_where_the_prefix_goes(
-    llama_sentencepiece: Path, tmp_path: Path
+    llama_sentencepiece: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Streaming and stop strings with a dummy prefix: a chat reply (after a special token) is
     streamed without the prefix's space, a continuation of text with its spaces, and the ids
     kept before a stop string decode in place to exactly the text shown."""
-    import_hf(make_checkpoint(tmp_path / "hf", llama_sentencepiece), tmp_path / "run")
+    hf_dir = make_checkpoint(tmp_path / "hf", llama_sentencepiece)
+    code, stdout, _ = _run_main(monkeypatch, capsys, "import", hf_dir, "--out", tmp_path / "run")
+    assert code == 0 and "tokenizer from tokenizer.model, with its dummy prefix" in stdout
     tokenizer = Tokenizer.load(tmp_path / "run")
     chat = user_prompt("Where is Paris?", tokenizer)
     plain = [tokenizer.eos_id, *tokenizer.encode("The capital of France")]
