@@ -82,7 +82,9 @@ def main() -> None:
     documents = [record["text"] for record in builtin.pretrain_records(args.documents, seed=1)]
     megabytes = sum(len(text.encode("utf-8")) for text in documents) / 2**20
     with_prefix = _llama_like(documents, args.vocab)
-    variants = {"dummy prefix": with_prefix, "none (peer)": without_dummy_prefix(with_prefix)}
+    cleared = without_dummy_prefix(with_prefix)
+    assert cleared is not None
+    variants = {"dummy prefix": with_prefix, "none (peer)": cleared}
     tokenizers = {name: Tokenizer(data) for name, data in variants.items()}
     assert tokenizers["dummy prefix"].dummy_prefix
     assert not tokenizers["none (peer)"].dummy_prefix

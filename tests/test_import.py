@@ -506,7 +506,7 @@ def test_a_dummy_prefix_tokenizer_imports_with_sentencepieces_own_ids(
     # The run's file keeps the flag; the copy that encodes differs from it in that flag alone.
     model = (tmp_path / "run" / "tokenizer.model").read_bytes()
     cleared = without_dummy_prefix(model)
-    assert has_dummy_prefix(model) and not has_dummy_prefix(cleared)
+    assert cleared is not None and has_dummy_prefix(model) and not has_dummy_prefix(cleared)
     assert (
         SentencePieceModel.from_bytes(cleared).pieces == SentencePieceModel.from_bytes(model).pieces
     )

@@ -317,18 +317,18 @@ def _normalizer_span(data: bytes) -> tuple[int, int, bytes]:
 def has_dummy_prefix(data: bytes) -> bool:
     """Whether the serialised model's normaliser adds a dummy prefix (sentencepiece's default,
     Llama 2's tokenizer): "▁" before the text, so "Hello" encodes as "▁Hello"."""
-    spec = parse(_normalizer_span(data)[2])
-    value = _get(
-        spec, NORMALIZER_ADD_DUMMY_PREFIX, _NORMALIZER_DEFAULTS[NORMALIZER_ADD_DUMMY_PREFIX]
-    )
-    return bool(value)
+    return without_dummy_prefix(data) is not None
 
 
-def without_dummy_prefix(data: bytes) -> bytes:
+def without_dummy_prefix(data: bytes) -> bytes | None:
     """The serialised model with `normalizer_spec.add_dummy_prefix` cleared, every other byte as
-    it was: it encodes `text` as the original encodes it minus the prefix, so the original's ids
-    of a text are this one's ids of " " + text
-    (of a text that is not empty: sentencepiece prefixes nothing to nothing)."""
+    it was, or None when the flag is not set. The copy encodes `text` as the original encodes
+    it minus the prefix, so the original's ids of a text are the copy's ids of " " + text (of a
+    text that is not empty: sentencepiece prefixes nothing to nothing)."""
     start, end, payload = _normalizer_span(data)
-    spec = serialise(_set(parse(payload), NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0))
-    return data[:start] + serialise([(_MODEL_NORMALIZER, _LEN, spec)]) + data[end:]
+    spec = parse(payload)
+    default = _NORMALIZER_DEFAULTS[NORMALIZER_ADD_DUMMY_PREFIX]
+    if not _get(spec, NORMALIZER_ADD_DUMMY_PREFIX, default):
+        return None
+    spec = _set(spec, NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0)
+    return data[:start] + serialise([(_MODEL_NORMALIZER, _LEN, serialise(spec))]) + data[end:]

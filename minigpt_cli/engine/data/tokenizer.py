@@ -67,16 +67,19 @@ META_PIECES = 1 + len(SPECIAL_TOKENS) + 256
 _SPACE_SYMBOL = "\u2581"  # sentencepiece's visible space; a literal one is encoded as bytes
 
 
-def _has_dummy_prefix(processor: spm.SentencePieceProcessor, model_bytes: bytes) -> bool:
-    """The model's `add_dummy_prefix`, read from the file only when encoding "a" shows a leading
-    "▁" (a model without the prefix is never parsed: loading stays as fast as it was)."""
+def _without_dummy_prefix(
+    processor: spm.SentencePieceProcessor, model_bytes: bytes, source: str | Path
+) -> bytes | None:
+    """The model with its dummy prefix cleared (`sp_model.without_dummy_prefix`), or None when it
+    has none. The file is read only when encoding "a" shows a leading "▁": a model without the
+    prefix (every one minigpt trains) is never parsed, so loading it costs what it did."""
     pieces = processor.EncodeAsPieces("a")
     if not pieces or not str(pieces[0]).startswith(_SPACE_SYMBOL):
-        return False
+        return None
     try:
-        return sp_model.has_dummy_prefix(model_bytes)
-    except sp_model.ProtoError:
-        return True  # sentencepiece loaded it, so it is a model; its behaviour is what counts
+        return sp_model.without_dummy_prefix(model_bytes)
+    except sp_model.ProtoError as error:
+        raise UserError(f"{source}: not a sentencepiece tokenizer model ({error})") from None
 
 
 def default_threads() -> int:
@@ -125,12 +128,13 @@ class Tokenizer:
             raise UserError(f"{source}: not a minigpt tokenizer (only {size} pieces)")
         self._sp = processor  # encodes (never adds a prefix)
         self._sp_decode = processor  # decodes (drops a dummy prefix's space at a text's start)
-        self.dummy_prefix = _has_dummy_prefix(processor, model_bytes)
+        cleared = _without_dummy_prefix(processor, model_bytes, source)
+        self.dummy_prefix = cleared is not None
         """Whether a text starts with sentencepiece's dummy prefix (see the module docstring)."""
         self._segment_ends: frozenset[int] = frozenset()  # ids after which a text starts
-        if self.dummy_prefix:
+        if cleared is not None:
             self._sp = spm.SentencePieceProcessor()
-            self._sp.LoadFromSerializedProto(sp_model.without_dummy_prefix(model_bytes))
+            self._sp.LoadFromSerializedProto(cleared)
             self._segment_ends = frozenset(i for i in range(size) if processor.IsControl(i))
         self._bytes = bytes(model_bytes)
         self._sha256 = hashlib.sha256(self._bytes).hexdigest()
