@@ -39,7 +39,7 @@ from minigpt_cli.engine.data.sp_model import (  # noqa: E402
 )
 from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from minigpt_cli.engine.data.tokenizer_training import train_tokenizer  # noqa: E402
-from minigpt_cli.engine.export import hf_import, hf_tokenizer  # noqa: E402
+from minigpt_cli.engine.export import hf_import, hf_tokenizer, hf_tokenizer_import  # noqa: E402
 from minigpt_cli.engine.export.hf_checkpoint import expected_shapes  # noqa: E402
 from minigpt_cli.engine.export.hf_import import import_hf  # noqa: E402
 from minigpt_cli.engine.export.run import export_run  # noqa: E402
@@ -620,7 +620,12 @@ def test_a_dummy_prefix_run_fine_tunes_and_exports_with_the_same_ids(
     ours = tuned.tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back", local_files_only=True)
     documents = [record["text"] for record in builtin.pretrain_records(20, seed=4)]
+    # The exported tokenizer.json imports back as the same tokenizer (dummy prefix included).
+    rebuilt = hf_tokenizer_import.from_tokenizer_json(exported, tmp_path / "tokenizer.json")
+    again = Tokenizer(rebuilt.to_bytes())
+    assert again.dummy_prefix
     for text in [*PREFIX_TEXTS, *documents]:
+        assert again.encode(text) == ours.encode(text), text
         if "<|user|>" in text:  # transformers matches a special token in text (documented)
             continue
         ids = ours.encode(text)
