@@ -50,7 +50,8 @@ def import_checkpoint(
         notes.append(f"{report.reserved} reserved pieces for unused embedding rows")
     sys.stdout.write(
         f"imported {hf_dir} to {out} ({'; '.join(notes)}; weights {'/'.join(report.dtypes)} "
-        f"-> fp32, tokenizer from {report.tokenizer_source}) in {report.seconds:.1f} s\n"
+        f"-> fp32, tokenizer from {report.tokenizer_source}"
+        f"{', with its dummy prefix' if report.dummy_prefix else ''}) in {report.seconds:.1f} s\n"
     )
     sys.stdout.write(
         f"next: minigpt sft --from {out}\n      minigpt generate {out} --prompt TEXT\n"

@@ -8,7 +8,11 @@ There is exactly one template, so SFT, DPO, RLHF, eval, generate and chat all ca
 one role token (`<|system|>`, `<|user|>` or `<|assistant|>`) opening each message and an
 end-of-turn token closing it; the optional trailing `<|assistant|>` is the generation prompt.
 The markers are reserved control tokens that `Tokenizer.encode` never produces, so text a user
-types (even the literal characters "<|user|>") stays ordinary text and cannot forge a turn.
+types (even the literal characters "<|user|>") stays ordinary text and cannot forge a turn. Each
+message's content is encoded as a text of its own: with a tokenizer that has sentencepiece's dummy
+prefix (an imported Llama 2 one) each content starts with it, as Hugging Face's tokenizer and
+llama.cpp encode the text between two special tokens, so an export's `apply_chat_template` gives
+these ids.
 
 Loss mask (`render(...)[1]`): `mask[i]` says whether `ids[i]` is a training target, i.e. whether
 the model is taught to predict it from `ids[:i]`.

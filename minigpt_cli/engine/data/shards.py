@@ -257,9 +257,12 @@ def _lines(text: str) -> list[str]:
 
 
 def _encode_batch(
-    tokenizer: Tokenizer, chunks: list[tuple[str, bool]], num_threads: int | None
+    tokenizer: Tokenizer, chunks: list[tuple[str, bool, bool]], num_threads: int | None
 ) -> list[int]:
-    """Ids of several chunks in order, end-of-text after each document's last chunk.
+    """Ids of several `(text, first, last)` chunks in order, end-of-text after each document's
+    last chunk; `first` marks a document's first chunk, the one a dummy prefix starts
+    (`Tokenizer.encode`); every other chunk, and every line after a document's first, continues
+    the document.
 
     When no vocabulary piece holds a newline (every tokenizer `train_tokenizer` makes), lines are
     encoded independently, in parallel, with the same result as encoding each chunk whole.
@@ -267,21 +270,24 @@ def _encode_batch(
     ids: list[int] = []
     if tokenizer.splits_at_newlines:
         lines: list[str] = []
+        continues: list[bool] = []
         ends: list[int] = []
-        for text, _ in chunks:
-            lines.extend(_lines(text))
+        for text, first, _ in chunks:
+            chunk_lines = _lines(text)
+            lines.extend(chunk_lines)
+            continues.extend(not first or index > 0 for index in range(len(chunk_lines)))
             ends.append(len(lines))
-        encoded = tokenizer.encode_batch(lines, num_threads=num_threads)
+        encoded = tokenizer.encode_batch(lines, num_threads=num_threads, continuation=continues)
         start = 0
-        for (_, last), end in zip(chunks, ends, strict=True):
+        for (_, _, last), end in zip(chunks, ends, strict=True):
             for line_ids in encoded[start:end]:
                 ids.extend(line_ids)
             start = end
             if last:
                 ids.append(tokenizer.eos_id)
         return ids
-    for text, last in chunks:
-        ids.extend(tokenizer.encode(text))
+    for text, first, last in chunks:
+        ids.extend(tokenizer.encode(text, continuation=not first))
         if last:
             ids.append(tokenizer.eos_id)
     return ids
@@ -346,11 +352,13 @@ def encode_to_shards(
     try:
         for path, record in zip(files, described, strict=True):
             in_file = 0
-            pending: list[tuple[str, bool]] = []
+            pending: list[tuple[str, bool, bool]] = []
             pending_bytes = 0
+            first = True  # a file starts a document
             for chunk, last in iter_text_chunks([path]):
                 size = len(chunk.encode("utf-8"))
-                pending.append((chunk, last))
+                pending.append((chunk, first, last))
+                first = last
                 pending_bytes += size
                 documents += int(last)
                 text_bytes += size
@@ -409,7 +417,7 @@ def encode_texts_to_array(
 
     Each text is a document followed by end-of-text; the array has the shard dtype.
     """
-    documents = [(text, True) for text in texts]
+    documents = [(text, True, True) for text in texts]
     ids = _encode_batch(tokenizer, documents, num_threads) if documents else []
     return np.asarray(ids, dtype=shard_dtype(tokenizer.vocab_size))
 

@@ -12,6 +12,20 @@ Why these settings:
 - training text is fed as lines, so no piece ever contains a newline: a document can be encoded
   line by line (in parallel, in chunks) and give exactly the ids of encoding it whole.
 
+A tokenizer imported from a Llama checkpoint (`minigpt import`) may have sentencepiece's dummy
+prefix (Llama 2's, TinyLlama's, Mistral's tokenizer.model): "▁" before a text, so "Hello" is
+"▁Hello". The model file keeps the flag (`dummy_prefix`; every tokenizer minigpt trains has it
+off, and nothing changes for them), but sentencepiece would put the prefix before every piece of
+text it is handed, and minigpt hands it pieces that do not start a text: the lines of a document
+(shards), the rest of a reply cut at a stop string. So the flag is cleared in the processor that
+encodes, and `encode` adds the prefix itself, as a space before the text, where a text starts
+(exactly sentencepiece's ids, `tests/test_import.py`): at the start of a document, and of each
+segment between special tokens, since special tokens are not text (each message of the chat
+template, as Hugging Face's `tokenizer.json` with a Prepend normaliser and llama.cpp's
+`add_space_prefix` both encode it). `encode(..., continuation=True)` is text that continues
+earlier text: no prefix. `decode` drops the prefix's space at the start of each segment, as
+sentencepiece does at the start of a text, so `decode(encode(x)) == x` still holds.
+
 Training one (sampling the input, sentencepiece's options, measuring chars/token) is
 `tokenizer_training.py`; this module is what every run loads.
 """
@@ -28,6 +42,7 @@ from typing import Any
 import sentencepiece as spm
 
 from minigpt_cli.engine.core.io import atomic_write_bytes, atomic_write_text, make_dir
+from minigpt_cli.engine.data import sp_model
 from minigpt_cli.engine.hardware.monitor import thread_budget
 from minigpt_cli.errors import UserError
 
@@ -50,6 +65,21 @@ SPECIAL_TOKENS: dict[str, str] = {
 META_PIECES = 1 + len(SPECIAL_TOKENS) + 256
 
 _SPACE_SYMBOL = "\u2581"  # sentencepiece's visible space; a literal one is encoded as bytes
+
+
+def _without_dummy_prefix(
+    processor: spm.SentencePieceProcessor, model_bytes: bytes, source: str | Path
+) -> bytes | None:
+    """The model with its dummy prefix cleared (`sp_model.without_dummy_prefix`), or None when it
+    has none. The file is read only when encoding "a" shows a leading "▁": a model without the
+    prefix (every one minigpt trains) is never parsed, so loading it costs what it did."""
+    pieces = processor.EncodeAsPieces("a")
+    if not pieces or not str(pieces[0]).startswith(_SPACE_SYMBOL):
+        return None
+    try:
+        return sp_model.without_dummy_prefix(model_bytes)
+    except sp_model.ProtoError as error:
+        raise UserError(f"{source}: not a sentencepiece tokenizer model ({error})") from None
 
 
 def default_threads() -> int:
@@ -96,7 +126,16 @@ class Tokenizer:
         size = processor.GetPieceSize()
         if size <= META_PIECES:
             raise UserError(f"{source}: not a minigpt tokenizer (only {size} pieces)")
-        self._sp = processor
+        self._sp = processor  # encodes (never adds a prefix)
+        self._sp_decode = processor  # decodes (drops a dummy prefix's space at a text's start)
+        cleared = _without_dummy_prefix(processor, model_bytes, source)
+        self.dummy_prefix = cleared is not None
+        """Whether a text starts with sentencepiece's dummy prefix (see the module docstring)."""
+        self._segment_ends: frozenset[int] = frozenset()  # ids after which a text starts
+        if cleared is not None:
+            self._sp = spm.SentencePieceProcessor()
+            self._sp.LoadFromSerializedProto(cleared)
+            self._segment_ends = frozenset(i for i in range(size) if processor.IsControl(i))
         self._bytes = bytes(model_bytes)
         self._sha256 = hashlib.sha256(self._bytes).hexdigest()
         self.source = str(source)
@@ -204,8 +243,15 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; never a special id, whatever characters the text holds."""
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]:
+        """Token ids of `text`; never a special id, whatever characters the text holds.
+
+        With a dummy prefix (see the module docstring) a text starts with it unless
+        `continuation` says the text continues earlier text (the next line of a document, the
+        rest of a reply); without one, `continuation` changes nothing.
+        """
+        if self.dummy_prefix and text and not continuation:
+            text = " " + text
         if _SPACE_SYMBOL not in text:
             return list(self._sp.EncodeAsIds(text))
         ids: list[int] = []
@@ -216,11 +262,27 @@ class Tokenizer:
                 ids.extend(self._sp.EncodeAsIds(part))
         return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
-        """`[encode(t) for t in texts]`, computed by sentencepiece's threads (same ids)."""
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        num_threads: int | None = None,
+        *,
+        continuation: Sequence[bool] | None = None,
+    ) -> list[list[int]]:
+        """`[encode(t, continuation=c) for t, c in zip(texts, continuation)]` (no text a
+        continuation when `continuation` is None), computed by sentencepiece's threads (same
+        ids)."""
         texts = list(texts)
         if not texts:
             return []
+        if self.dummy_prefix:
+            flags = list(continuation) if continuation is not None else [False] * len(texts)
+            if len(flags) != len(texts):
+                raise ValueError(f"{len(flags)} continuation flags for {len(texts)} texts")
+            texts = [
+                " " + text if text and not flag else text
+                for text, flag in zip(texts, flags, strict=True)
+            ]
         threads = num_threads or default_threads()
         plain = [i for i, text in enumerate(texts) if _SPACE_SYMBOL not in text]
         out: list[list[int]] = [[] for _ in texts]
@@ -230,14 +292,16 @@ class Tokenizer:
                 out[i] = ids
         if len(plain) != len(texts):
             for i, text in enumerate(texts):
-                if _SPACE_SYMBOL in text:
-                    out[i] = self.encode(text)
+                if _SPACE_SYMBOL in text:  # any prefix is already there
+                    out[i] = self.encode(text, continuation=True)
         return out
 
     def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
         """Text of `ids`. Special ids are dropped, or shown by name with `keep_special=True`.
 
-        A byte sequence that is not valid UTF-8 (a cut-off character) becomes U+FFFD.
+        A byte sequence that is not valid UTF-8 (a cut-off character) becomes U+FFFD. With a
+        dummy prefix, the space it stands for is dropped at the start of `ids` and after every
+        control id (where `encode` puts one: the start of a text or segment).
         """
         values = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays too
         values = [int(v) for v in values]
@@ -245,18 +309,20 @@ class Tokenizer:
         for value in values:
             if not 0 <= value < size:
                 raise ValueError(f"token id {value} is out of range (vocabulary size {size})")
-        if not keep_special:
-            return self._sp.DecodeIds(values)
+        if not keep_special and self._segment_ends.isdisjoint(values):
+            return self._sp_decode.DecodeIds(values)
+        decoder = self._sp_decode
         parts: list[str] = []
         run: list[int] = []
         for value in values:
-            if value in self._special_names:
-                parts.append(self._sp.DecodeIds(run))
-                parts.append(self._special_names[value])
+            if value in self._special_names or value in self._segment_ends:
+                parts.append(decoder.DecodeIds(run))
+                if keep_special:
+                    parts.append(self._special_names.get(value, ""))
                 run = []
             else:
                 run.append(value)
-        parts.append(self._sp.DecodeIds(run))
+        parts.append(decoder.DecodeIds(run))
         return "".join(parts)
 
     # ---------------------------------------------------------------------------- inspection

@@ -427,8 +427,10 @@ def _measure(
 
 def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
     """What `tokenizer.json` says of every minigpt tokenizer, trained here or imported: the
-    format a loader checks and the facts a run's tokenizer is compared by."""
-    return {
+    format a loader checks and the facts a run's tokenizer is compared by. `dummy_prefix` is
+    written only for a tokenizer that has one (an imported Llama 2 tokenizer): the model file
+    itself holds the flag the tokenizer acts on, this says it where a person reads."""
+    meta: dict[str, Any] = {
         "format": "minigpt-tokenizer",
         "version": 1,
         "model_type": "bpe",
@@ -439,6 +441,9 @@ def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, Any]:
         "byte_fallback": True,
         "normalization": "identity",
     }
+    if tokenizer.dummy_prefix:
+        meta["dummy_prefix"] = True
+    return meta
 
 
 def train_tokenizer(

@@ -40,6 +40,7 @@ from minigpt_cli.engine.evaluate.report import (
 )
 from minigpt_cli.engine.hardware.device import resolve_device
 from minigpt_cli.engine.metrics.text import (
+    dummy_prefix_bytes,
     generation_metrics,
     score_windows,
     text_batches,
@@ -226,7 +227,12 @@ def _measure_run(
     if windows:
         progress.start("held-out text")
         score = score_windows(
-            model, windows, token_byte_lengths(tokenizer), tokenizer.pad_id, on_batch=progress
+            model,
+            windows,
+            token_byte_lengths(tokenizer),
+            tokenizer.pad_id,
+            on_batch=progress,
+            prefix_bytes=dummy_prefix_bytes(tokenizer, data["text"]),
         )
         report.metrics.update(score.metrics())
         report.counts.update(

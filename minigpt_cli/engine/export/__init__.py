@@ -11,5 +11,6 @@ entry in `run.FORMATS`. Nothing is imported here.
 `minigpt import` is the way back, here because it shares the folder handling (`output`) and the
 tokenizer's Hugging Face form (`hf_tokenizer`): `hf_import.import_hf` is its entry,
 `hf_checkpoint` reads and checks a Hugging Face folder, `hf_tokenizer_import` makes its tokenizer
-a minigpt one (through `sp_model`, sentencepiece's file format without the protobuf package).
+a minigpt one (through `data.sp_model`, sentencepiece's file format without the protobuf
+package).
 """

@@ -13,7 +13,9 @@ everything built on them load it without a converter patch:
   (`permute_rotary`; the converter does the same);
 - the tokenizer as a sentencepiece ("llama") vocabulary: every piece, its score (llama.cpp merges
   by score, as sentencepiece does), its type (normal, unknown, control, byte), the special ids,
-  no space prefix and no whitespace squeezing (minigpt's tokenizer adds and removes nothing);
+  no whitespace squeezing, and a space prefix exactly when the run's tokenizer has sentencepiece's
+  dummy prefix (an imported Llama 2 tokenizer; none for a tokenizer minigpt trained): llama.cpp
+  then puts it where minigpt does, before the text at the start and after each special token;
 - how a prompt starts, matching `minigpt generate`: llama.cpp adds the BOS id to every prompt
   (`add_bos_token`), and that id is what minigpt puts first. A chat run's prompt is the chat
   template, which starts with `<|begin_of_text|>`: that is the BOS, and the Jinja template of the
@@ -208,7 +210,7 @@ def _add_tokenizer(writer: Any, gguf: ModuleType, tokenizer: Tokenizer, chat: bo
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(tokenizer.dummy_prefix)
     writer.add_remove_extra_whitespaces(False)
     if chat:
         writer.add_chat_template(CHAT_TEMPLATE)

@@ -68,6 +68,8 @@ class ImportReport:
     rows: int
     """Embedding rows of the checkpoint (the run has `vocab_size`)."""
     tokenizer_source: str
+    dummy_prefix: bool = False
+    """Whether the tokenizer has sentencepiece's dummy prefix (Llama 2's), kept by the run."""
     renamed: dict[str, str] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
     reserved: int = 0
@@ -159,6 +161,7 @@ def _state(checkpoint: Checkpoint, report: ImportReport) -> dict[str, Any]:
         "weights": files,
         "weights_dtype": report.dtypes,
         "tokenizer": report.tokenizer_source,
+        "tokenizer_dummy_prefix": report.dummy_prefix,
         "renamed_tokens": report.renamed,
         "added_tokens": report.added,
         "reserved_tokens": report.reserved,
@@ -237,6 +240,7 @@ def import_hf(hf_dir: Path, out: Path, *, overwrite: bool = False) -> ImportRepo
         vocab_size=imported.vocab_size,
         rows=checkpoint.rows,
         tokenizer_source=imported.source,
+        dummy_prefix=imported.tokenizer.dummy_prefix,
         renamed=imported.renamed,
         added=imported.added,
         reserved=imported.reserved,

@@ -10,6 +10,12 @@ pieces that are both in the vocabulary, ranked by the merged piece's id (sentenc
 pieces by score), as transformers' own `generate_merges` ranks them. No BOS is added on encode:
 `tokenizer(text).input_ids` equals `Tokenizer.encode(text)`.
 
+A tokenizer with sentencepiece's dummy prefix (an imported Llama 2 one, `data/tokenizer.py`)
+gets the normaliser Prepend(" ") and a decoder that strips that space: the `tokenizers` library
+normalises each stretch of text between special tokens on its own, so the prefix lands where
+minigpt puts it, at the start and after each special token (so in every message of the chat
+template), and never on an empty stretch.
+
 One difference remains and is documented: Hugging Face tokenizers match special tokens in raw
 text (that is how `apply_chat_template` produces them), so a user who types "<|user|>" gets the
 special id there, where minigpt gives plain text. Written as plain JSON: no `tokenizers` import.
@@ -63,7 +69,8 @@ def _merges(vocab: dict[str, int], mergeable: set[str]) -> list[list[str]]:
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     """The `tokenizer.json` (the `tokenizers` library's format) that encodes as `tokenizer` does:
-    a byte-fallback BPE model, the reserved specials as added special tokens."""
+    a byte-fallback BPE model, the reserved specials as added special tokens, and a dummy prefix
+    when the tokenizer has one."""
     vocab: dict[str, int] = {}
     mergeable: set[str] = set()
     for token_id in range(tokenizer.vocab_size):
@@ -85,18 +92,18 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
         }
         for piece, token_id in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
     ]
+    decoders: list[dict[str, Any]] = [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if tokenizer.dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": specials,
-        "normalizer": None,
+        "normalizer": {"type": "Prepend", "prepend": " "} if tokenizer.dummy_prefix else None,
         "pre_tokenizer": None,
         "post_processor": None,
-        "decoder": {
-            "type": "Sequence",
-            "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}],
-        },
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
             "type": "BPE",
             "dropout": None,

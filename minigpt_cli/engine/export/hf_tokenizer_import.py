@@ -1,22 +1,29 @@
 """A Hugging Face folder's tokenizer made into a minigpt tokenizer, exactly or not at all.
 
 minigpt's tokenizer is a sentencepiece BPE model with byte fallback, minigpt's normalisation
-(identity, no dummy prefix, no whitespace squeezing) and seven reserved control pieces
+(identity, no whitespace squeezing; a dummy prefix or none) and seven reserved control pieces
 (`data/tokenizer.py`); everything downstream relies on those properties (line-by-line encoding of
 corpora, `decode(encode(x)) == x`, the chat template's markers, and `export --format hf`'s
 `tokenizer.json`, which is derived from the pieces). So an imported tokenizer is accepted only
 when it already encodes text that way, and is then kept piece for piece:
 
-- `tokenizer.model` (preferred when both are there): the sentencepiece model itself. Refused,
-  naming the field: a model type other than BPE, no byte fallback, a normaliser other than
-  identity, a dummy prefix (Llama 2's tokenizer), whitespace squeezing, user-defined pieces.
-- `tokenizer.json` alone: accepted when it is a sentencepiece BPE written out, as `minigpt export`
-  writes one (`hf_tokenizer.tokenizer_json`): a byte-fallback BPE with no normaliser and no
-  pre-tokeniser, whose merges are exactly the vocabulary's splits ranked by the merged piece's id
-  (then sentencepiece, merging by piece score, and the `tokenizers` library, merging by rank,
-  make the same ids). It is rebuilt as a sentencepiece model (`sp_model`). A byte-level BPE
-  (GPT-2, Llama 3: `pre_tokenizer` ByteLevel), a Metaspace one (`normalizer`), WordPiece or
-  Unigram are refused, naming the key: minigpt's tokenizer cannot represent them exactly.
+- `tokenizer.model` (preferred when both are there): the sentencepiece model itself, with or
+  without a dummy prefix (Llama 2's, TinyLlama's and Mistral's tokenizers have one; minigpt's
+  tokenizer then adds it where a text starts, exactly as sentencepiece does). Refused, naming the
+  field: a model type other than BPE, no byte fallback, a normaliser other than identity,
+  whitespace squeezing, user-defined pieces.
+- `tokenizer.json` alone: accepted when it is a sentencepiece BPE written out: a byte-fallback
+  BPE whose merges are exactly the vocabulary's splits ranked by the merged piece's id (then
+  sentencepiece, merging by piece score, and the `tokenizers` library, merging by rank, make the
+  same ids), either as `minigpt export` writes one (`hf_tokenizer.tokenizer_json`: spaces as
+  spaces, no pre-tokeniser, no normaliser or a Prepend(" ") one for a dummy prefix) or as
+  transformers 4's converter wrote Llama 2's (pieces with "▁", the normaliser Prepend("▁") then
+  Replace(" ", "▁"): sentencepiece's dummy prefix exactly). It is rebuilt as a sentencepiece
+  model (`sp_model`). Refused, naming the key: a byte-level BPE (GPT-2, Llama 3: `pre_tokenizer`
+  ByteLevel), the Metaspace pre-tokeniser (transformers 5 writes it for Llama tokenizers: it
+  adds no "▁" before a text that starts with a space, where sentencepiece adds one, so some
+  texts get other ids; the `tokenizer.model` it came from imports), WordPiece or Unigram:
+  minigpt's tokenizer cannot represent them exactly.
 
 Special pieces: minigpt needs its seven (begin/end of text, pad, the three roles, end of turn).
 The checkpoint's own begin-of-text, end-of-text and pad pieces (config.json's `bos_token_id`,
@@ -35,11 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigpt_cli.engine.data.tokenizer import MODEL_FILE as SP_FILE
-from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, UNK_PIECE, Tokenizer
-from minigpt_cli.engine.export import sp_model
-from minigpt_cli.engine.export.hf_tokenizer import _merges
-from minigpt_cli.engine.export.sp_model import (
+from minigpt_cli.engine.data import sp_model
+from minigpt_cli.engine.data.sp_model import (
     BYTE,
     CONTROL,
     NORMAL,
@@ -48,6 +52,9 @@ from minigpt_cli.engine.export.sp_model import (
     ProtoError,
     SentencePieceModel,
 )
+from minigpt_cli.engine.data.tokenizer import MODEL_FILE as SP_FILE
+from minigpt_cli.engine.data.tokenizer import SPECIAL_TOKENS, UNK_PIECE, Tokenizer
+from minigpt_cli.engine.export.hf_tokenizer import _merges
 from minigpt_cli.errors import UserError
 
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -108,7 +115,6 @@ def check_representable(model: SentencePieceModel, path: Path) -> None:
             path, f"normalizer_spec.name = {shown}: minigpt normalises nothing (identity)"
         )
     for number, key, wanted in (
-        (sp_model.NORMALIZER_ADD_DUMMY_PREFIX, "add_dummy_prefix", False),
         (sp_model.NORMALIZER_REMOVE_EXTRA_WHITESPACES, "remove_extra_whitespaces", False),
         (sp_model.NORMALIZER_ESCAPE_WHITESPACES, "escape_whitespaces", True),
     ):
@@ -205,6 +211,48 @@ def _merge_pairs(merges: Any, path: Path) -> list[list[str]]:
     return pairs
 
 
+# The normalisers of a sentencepiece dummy prefix: minigpt's export (spaces kept as spaces) and
+# transformers 4's Llama converter (spaces written as "▁", as in the pieces).
+_PREPEND_SPACE = {"type": "Prepend", "prepend": " "}
+_LLAMA_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": _SPACE_SYMBOL},
+        {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE_SYMBOL},
+    ],
+}
+
+
+def _spaces_and_prefix(data: dict[str, Any], path: Path) -> tuple[str, bool]:
+    """(the character the vocabulary writes a space as, whether a dummy prefix is added), from
+    the `normalizer` and `pre_tokenizer`, or a one-line refusal naming the key."""
+    pre = data.get("pre_tokenizer")
+    if pre is not None:
+        kind = pre.get("type") if isinstance(pre, dict) else pre
+        why = (
+            "it adds no \u2581 before a text that starts with a space, where the sentencepiece "
+            "model it stands for adds one, so some texts would get other ids; import the folder "
+            "with its tokenizer.model"
+            if kind == "Metaspace"
+            else "minigpt's tokenizer has none, so it cannot encode text as this one does (a "
+            "sentencepiece tokenizer.model may be importable)"
+        )
+        raise _refuse(path, f"pre_tokenizer = {kind}: {why}")
+    normalizer = data.get("normalizer")
+    if normalizer is None:
+        return " ", False
+    if normalizer == _PREPEND_SPACE:
+        return " ", True
+    if normalizer == _LLAMA_NORMALIZER:
+        return _SPACE_SYMBOL, True
+    kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+    raise _refuse(
+        path,
+        f"normalizer = {kind}: minigpt's tokenizer normalises nothing (it adds at most "
+        "sentencepiece's dummy prefix), so it cannot encode text as this one does",
+    )
+
+
 def from_tokenizer_json(data: Any, path: Path) -> SentencePieceModel:
     """The sentencepiece model a `tokenizer.json` is the writing-out of, or a one-line refusal
     naming the key that makes it something else (see the module docstring)."""
@@ -213,14 +261,8 @@ def from_tokenizer_json(data: Any, path: Path) -> SentencePieceModel:
     bpe = data["model"]
     if bpe.get("type") != "BPE":
         raise _refuse(path, f"model.type = {bpe.get('type')!r}: minigpt represents BPE only")
-    for key in ("normalizer", "pre_tokenizer"):
-        if data.get(key) is not None:
-            kind = data[key].get("type") if isinstance(data[key], dict) else data[key]
-            raise _refuse(
-                path,
-                f"{key} = {kind}: minigpt's tokenizer has none, so it cannot encode text as "
-                "this one does (a sentencepiece tokenizer.model may be importable)",
-            )
+    space, dummy_prefix = _spaces_and_prefix(data, path)
+    other = _SPACE_SYMBOL if space == " " else " "
     if not bpe.get("byte_fallback"):
         raise _refuse(path, "model.byte_fallback = false: minigpt needs byte fallback")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
@@ -254,11 +296,12 @@ def from_tokenizer_json(data: Any, path: Path) -> SentencePieceModel:
         elif _BYTE_PIECE.match(text):
             pieces.append(Piece(text, 0.0, BYTE))
         else:
-            if _SPACE_SYMBOL in text:
+            if other in text:
                 raise _refuse(
                     path,
-                    f"model.vocab piece {text!r} holds U+2581 (a Metaspace tokenizer): minigpt "
-                    "cannot represent it exactly",
+                    f"model.vocab piece {text!r} holds {other!r}, which this tokenizer never "
+                    f"produces (it writes a space as {space!r}): minigpt cannot represent it "
+                    "exactly",
                 )
             pieces.append(Piece(text.replace(" ", _SPACE_SYMBOL), -float(token_id), NORMAL))
             mergeable.add(text)
@@ -272,7 +315,7 @@ def from_tokenizer_json(data: Any, path: Path) -> SentencePieceModel:
     return SentencePieceModel(
         pieces,
         trainer=sp_model.bpe_trainer(len(pieces), unk_id),
-        normalizer=sp_model.minigpt_normalizer(),
+        normalizer=sp_model.minigpt_normalizer(dummy_prefix=dummy_prefix),
     )
 
 

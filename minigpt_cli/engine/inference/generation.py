@@ -50,9 +50,11 @@ _SINGLE_THREAD_DECODE_PARAMS = 8_000_000
 
 
 class TextCodec(Protocol):
-    """What generation needs from a tokenizer: `encode` and `decode` (minigpt's Tokenizer)."""
+    """What generation needs from a tokenizer: `encode` and `decode` (minigpt's Tokenizer).
+    `continuation=True` (text that continues earlier text) is asked for only when plain `encode`
+    does not decode back in place: a tokenizer without a dummy prefix may ignore it."""
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -284,7 +286,22 @@ class TextStream:
             (b for b in self.boundaries if b[1] <= self.stop_at), key=lambda b: b[1]
         )
         rest = self.text[length : self.stop_at]
-        return generated[:tokens] + (list(self.tokenizer.encode(rest)) if rest else [])
+        return generated[:tokens] + (self._encode_in_place(tokens, rest) if rest else [])
+
+    def _encode_in_place(self, tokens: int, rest: str) -> list[int]:
+        """Ids of `rest`, which follows the first `tokens` generated ids: as a text of its own
+        when that decodes back in place (always, for a tokenizer without a dummy prefix; with
+        one, where the reply starts after a special token), else as a continuation (after other
+        text, where a dummy prefix would add a space)."""
+        before = self._ids[: self._context_len + tokens]
+        shown = self.tokenizer.decode(before)
+        ids = list(self.tokenizer.encode(rest))
+        if self.tokenizer.decode(before + ids)[len(shown) :] == rest:
+            return ids
+        continued = list(self.tokenizer.encode(rest, continuation=True))
+        if self.tokenizer.decode(before + continued)[len(shown) :] == rest:
+            return continued
+        return ids
 
 
 # --------------------------------------------------------------------------------------------

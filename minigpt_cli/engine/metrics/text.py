@@ -119,9 +119,11 @@ def score_windows(
     *,
     batch_size: int = TEXT_BATCH,
     on_batch: Callable[[], None] | None = None,
+    prefix_bytes: int = 0,
 ) -> TextScore:
     """Summed negative log-likelihood of the windows' targets (the model's own fused loss, padding
-    ignored) and the UTF-8 bytes those targets stand for."""
+    ignored) and the UTF-8 bytes those targets stand for, less `prefix_bytes` that are in no
+    document (`dummy_prefix_bytes`)."""
     device = next(model.parameters()).device
     nats, tokens, total_bytes = 0.0, 0, 0
     was_training = model.training
@@ -145,14 +147,27 @@ def score_windows(
                 on_batch()
     finally:
         model.train(was_training)
-    return TextScore(nats, tokens, total_bytes)
+    return TextScore(nats, tokens, total_bytes - prefix_bytes)
+
+
+def dummy_prefix_bytes(tokenizer: Tokenizer, documents: Sequence[str]) -> int:
+    """Bytes the targets of `documents` stand for that no document holds: with a dummy prefix
+    (an imported Llama 2 tokenizer) each non-empty document's first token carries the space the
+    prefix adds, one byte, which bits per byte must not count."""
+    return sum(1 for document in documents if document) if tokenizer.dummy_prefix else 0
 
 
 def score_text(model: GPT, tokenizer: Tokenizer, documents: Sequence[str]) -> TextScore:
     """Negative log-likelihood of `documents` under `model`, scored as `minigpt eval` scores text:
     from an end-of-text id, in non-overlapping windows of the model's context."""
     windows = text_windows(tokenizer, documents, int(model.config.context_length))
-    return score_windows(model, windows, token_byte_lengths(tokenizer), tokenizer.pad_id)
+    return score_windows(
+        model,
+        windows,
+        token_byte_lengths(tokenizer),
+        tokenizer.pad_id,
+        prefix_bytes=dummy_prefix_bytes(tokenizer, documents),
+    )
 
 
 def text_batches(windows: Sequence[tuple[list[int], list[int]]]) -> int:

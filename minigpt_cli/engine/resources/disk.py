@@ -22,8 +22,9 @@ Every term is an upper bound, in bytes, each file rounded up to whole 4 KiB bloc
   filesystem without hard links they are copies (`_link_into_place` falls back to copying),
   counted as one more snapshot and its largest file, which exists twice while it is swapped.
 - shards: pretraining text is encoded into uint16 (uint32 past 65,536 pieces) shards; a token covers
-  at least one byte of input (byte-fallback BPE, identity normalisation, no dummy prefix), plus one
-  end-of-text per .txt file (a JSONL line's `{"text": ...}` has more bytes of syntax than that).
+  at least one byte of input (byte-fallback BPE, identity normalisation), plus one end-of-text per
+  .txt file and, with an imported tokenizer's dummy prefix, the prefix's piece (a JSONL line's
+  `{"text": ...}` has more bytes of syntax than both).
   Shards already there and unchanged are reused (nothing new); changed ones are removed first.
 - tokenizer files, config.toml, metrics.jsonl (rows from the step count and cadences; not counted
   when the length follows data the plan does not know, e.g. `epochs` of fine-tuning records: a

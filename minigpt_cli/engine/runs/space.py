@@ -158,7 +158,11 @@ def _pretrain_facts(
                 token_bound = int(meta.get("total_tokens", 0)) or None
             continue
         files = expand_paths(paths, kind="pretrain")
-        tokens = sum(path.stat().st_size + (path.suffix.lower() == ".txt") for path in files)
+        # A .txt file is one document: its end of text, and a dummy prefix's piece if any.
+        per_txt = 2 if tokenizer is not None and tokenizer.dummy_prefix else 1
+        tokens = sum(
+            path.stat().st_size + per_txt * (path.suffix.lower() == ".txt") for path in files
+        )
         if key == "data":
             token_bound, inputs = tokens, len(files)
         meta_bytes = SHARD_META_BYTES + sum(

@@ -1,5 +1,9 @@
 """A sentencepiece model file read and edited as protobuf, without the protobuf package.
 
+The tokenizer (`tokenizer.py`) reads one flag here: a model with a dummy prefix (Llama 2's) is
+run by a copy with the flag cleared (`without_dummy_prefix`), so that minigpt decides where a
+text starts.
+
 `minigpt import` keeps a checkpoint's tokenizer as a sentencepiece model, the one form minigpt's
 `Tokenizer` loads, and sometimes has to change it: give the checkpoint's own begin/end-of-text
 pieces minigpt's names, append the chat pieces it lacks, or build the model from a
@@ -257,12 +261,13 @@ class SentencePieceModel:
             self.trainer = _set(self.trainer, number, _VARINT, value)
 
 
-def minigpt_normalizer() -> list[Field]:
+def minigpt_normalizer(*, dummy_prefix: bool = False) -> list[Field]:
     """The normaliser minigpt trains with (`tokenizer_training`): identity, no dummy prefix, no
-    whitespace squeezing, spaces written as U+2581."""
+    whitespace squeezing, spaces written as U+2581; with `dummy_prefix`, Llama 2's (the same but
+    the prefix)."""
     return [
         (NORMALIZER_NAME, _LEN, b"identity"),
-        (NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0),
+        (NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, int(dummy_prefix)),
         (NORMALIZER_REMOVE_EXTRA_WHITESPACES, _VARINT, 0),
         (NORMALIZER_ESCAPE_WHITESPACES, _VARINT, 1),
     ]
@@ -280,3 +285,50 @@ def bpe_trainer(vocab_size: int, unk_id: int) -> list[Field]:
         (TRAINER_EOS_ID, _VARINT, -1),
         (TRAINER_PAD_ID, _VARINT, -1),
     ]
+
+
+def _normalizer_span(data: bytes) -> tuple[int, int, bytes]:
+    """(start, end, payload) of the top-level normaliser spec field of a serialised model (the
+    last one, protobuf's rule; (len, len, b"") when absent). Walks the fields reading only keys
+    and lengths: a 32k-piece model in milliseconds, where `SentencePieceModel` decodes every
+    piece."""
+    position, found = 0, (len(data), len(data), b"")
+    while position < len(data):
+        start = position
+        key, position = _read_varint(data, position)
+        wire = key & 7
+        if wire == _LEN:
+            length, position = _read_varint(data, position)
+            end = position + length
+            if end > len(data):
+                raise ProtoError("truncated field")
+            if key >> 3 == _MODEL_NORMALIZER:
+                found = (start, end, data[position:end])
+            position = end
+        elif wire == _VARINT:
+            _, position = _read_varint(data, position)
+        elif wire in (_FIXED32, _FIXED64):
+            position += 4 if wire == _FIXED32 else 8
+        else:
+            raise ProtoError(f"unsupported wire type {wire}")
+    return found
+
+
+def has_dummy_prefix(data: bytes) -> bool:
+    """Whether the serialised model's normaliser adds a dummy prefix (sentencepiece's default,
+    Llama 2's tokenizer): "▁" before the text, so "Hello" encodes as "▁Hello"."""
+    return without_dummy_prefix(data) is not None
+
+
+def without_dummy_prefix(data: bytes) -> bytes | None:
+    """The serialised model with `normalizer_spec.add_dummy_prefix` cleared, every other byte as
+    it was, or None when the flag is not set. The copy encodes `text` as the original encodes
+    it minus the prefix, so the original's ids of a text are the copy's ids of " " + text (of a
+    text that is not empty: sentencepiece prefixes nothing to nothing)."""
+    start, end, payload = _normalizer_span(data)
+    spec = parse(payload)
+    default = _NORMALIZER_DEFAULTS[NORMALIZER_ADD_DUMMY_PREFIX]
+    if not _get(spec, NORMALIZER_ADD_DUMMY_PREFIX, default):
+        return None
+    spec = _set(spec, NORMALIZER_ADD_DUMMY_PREFIX, _VARINT, 0)
+    return data[:start] + serialise([(_MODEL_NORMALIZER, _LEN, serialise(spec))]) + data[end:]
