@@ -12,93 +12,28 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-
-from minigpt_cli.engine.serve.completion import Cancelled, Choice, Engine, Job, ServedModel  # noqa: E402
-from minigpt_cli.engine.serve.protocol import CompletionRequest  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
+from minigpt_cli.engine.serve.protocol import CompletionRequest
+from tests.conftest import run_cli
+from tests.serve_server import GATED_SEED, KEY, RecordingEngine, serving
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KEY = "test-key"
-GATED_SEED = 4242  # a streamed request with this seed pauses after its first text (disconnect test)
-
-
-class RecordingEngine(Engine):
-    """The real engine, noting how each job ended; one seed's job waits at a gate mid-stream."""
-
-    def __init__(self, models: list[ServedModel]) -> None:
-        super().__init__(models)
-        self.outcomes: list[tuple[int | None, str]] = []
-        self.flags: dict[int | None, threading.Event | None] = {}
-        self.gate = threading.Event()
-
-    def run(
-        self,
-        job: Job,
-        on_delta: Any = None,
-        cancelled: threading.Event | None = None,
-    ) -> list[Choice]:
-        gated = job.settings.seed == GATED_SEED and on_delta is not None
-        self.flags[job.settings.seed] = cancelled
-
-        def delta(index: int, text: str) -> None:
-            on_delta(index, text)
-            if gated:
-                self.gate.wait(timeout=30)
-
-        try:
-            choices = super().run(job, delta if on_delta is not None else None, cancelled)
-        except Cancelled:
-            self.outcomes.append((job.settings.seed, "cancelled"))
-            raise
-        self.outcomes.append((job.settings.seed, "finished"))
-        return choices
 
 
 @pytest.fixture(scope="module")
 def served(
     tiny_pretrain_run: Path, tiny_sft_run: Path, one_thread: None
 ) -> Iterator[tuple[str, RecordingEngine]]:
-    import uvicorn
-
-    from minigpt_cli.cli.serve_cmd import bind
-    from minigpt_cli.engine.runs.load import load_run
-    from minigpt_cli.engine.serve.app import create_app
-
-    engine = RecordingEngine(
-        [
-            ServedModel("base", load_run(tiny_pretrain_run)),
-            ServedModel("chat", load_run(tiny_sft_run)),
-        ]
-    )
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, KEY), log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    engine.gate.set()
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serving(tiny_pretrain_run, tiny_sft_run) as server:
+        yield server
 
 
 @pytest.fixture
@@ -291,12 +226,7 @@ def test_a_client_that_disconnects_stops_its_generation(
     assert flag is not None
     assert flag.wait(timeout=20)
     engine.gate.set()
-    deadline = time.monotonic() + 20
-    flags: list[str] = []
-    while not flags and time.monotonic() < deadline:
-        flags = [outcome for seed, outcome in engine.outcomes if seed == GATED_SEED]
-        time.sleep(0.05)
-    assert flags == ["cancelled"]
+    assert engine.outcome(GATED_SEED) == "cancelled"
     # The server keeps serving.
     assert client.completions.create(model="base", prompt="a", max_tokens=2).choices
 
