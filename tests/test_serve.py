@@ -106,6 +106,14 @@ def test_several_choices_in_one_request(client: openai.OpenAI) -> None:
     assert answer.usage.completion_tokens <= 18
 
 
+def test_ignore_eos_draws_exactly_max_tokens(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="chat", messages=ask("hi"), max_tokens=20, extra_body={"ignore_eos": True}
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 20
+    assert answer.choices[0].finish_reason == "length"
+
+
 def test_an_unknown_model_is_a_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=ask("hi"))

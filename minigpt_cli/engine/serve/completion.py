@@ -158,7 +158,8 @@ class Engine:
                 400, str(error), param="messages", code="context_length_exceeded"
             ) from None
         budget = self._answer_budget(model, len(plan.ids), asked, default, "messages")
-        settings = self._settings(model, request, budget, stop_token_ids(tokenizer))
+        ends = () if request.ignore_eos else stop_token_ids(tokenizer)
+        settings = self._settings(model, request, budget, ends)
         return Job(model, plan.ids, settings, request.n, plan.notes())
 
     def completion_job(self, request: CompletionRequest) -> Job:
@@ -170,6 +171,8 @@ class Engine:
         default = model.loaded.config.generate.max_new_tokens
         budget = self._answer_budget(model, len(ids), asked, default, "prompt")
         ends = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None and i >= 0)
+        if request.ignore_eos:
+            ends = ()
         settings = self._settings(model, request, budget, ends)
         return Job(model, ids, settings, request.n)
 

@@ -9,8 +9,8 @@ clearly rather than silently ignored:
 - Fields that change what OpenAI would return but that minigpt cannot honour (logprobs, tools,
   logit_bias, presence/frequency penalties other than 0, best_of, suffix, a non-text
   response_format) are 400 with the field named, never ignored.
-- `top_k` and `repetition_penalty` are accepted as extensions (vLLM spells them the same way), so a
-  client can reach minigpt's own sampling knobs.
+- `top_k`, `repetition_penalty` and `ignore_eos` are accepted as extensions (vLLM spells them the
+  same way), so a client can reach minigpt's own sampling knobs (and time exactly `max_tokens`).
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`, OpenAI's shape. No web
 framework here: `app` parses the body and calls `parse_request`.
@@ -116,6 +116,7 @@ class _Sampling(_Strict):
     # Extensions (vLLM's names): minigpt's own sampling knobs.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # never stop at the end-of-turn/text id: exactly max_tokens (timing)
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
