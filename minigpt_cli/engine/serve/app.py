@@ -27,6 +27,7 @@ import json
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -289,10 +290,22 @@ async def _events(
                 yield piece(index, "", None, first=True)
             elif echo:
                 yield piece(index, echo, None)
+        backlog: deque[tuple[str, Any, Any]] = deque()
         while True:
-            event, value, extra = await queue.get()
+            if not backlog:
+                backlog.append(await queue.get())
+            while not queue.empty():
+                backlog.append(queue.get_nowait())
+            event, value, extra = backlog.popleft()
             if event == "delta":
-                yield piece(value, extra, None)
+                # Text that piled up while the client was being written to goes out as one
+                # chunk per choice: a slow reader costs the decoding thread nothing.
+                pending = {value: extra}
+                while backlog and backlog[0][0] == "delta":
+                    _, index, text = backlog.popleft()
+                    pending[index] = pending.get(index, "") + text
+                for index, text in pending.items():
+                    yield piece(index, text, None)
             elif event == "done":
                 for index, choice in enumerate(value):
                     yield piece(index, None if kind == "chat" else "", choice.finish_reason)
