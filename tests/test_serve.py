@@ -21,7 +21,8 @@ import httpx
 import openai
 import pytest
 
-from minigpt_cli.engine.serve.protocol import CompletionRequest
+from minigpt_cli.engine.serve.completion import Engine
+from minigpt_cli.engine.serve.protocol import ApiError, CompletionRequest
 from tests.conftest import run_cli
 from tests.serve_server import GATED_SEED, KEY, RecordingEngine, serving
 
@@ -104,6 +105,38 @@ def test_several_choices_in_one_request(client: openai.OpenAI) -> None:
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert answer.usage is not None
     assert answer.usage.completion_tokens <= 18
+
+
+def test_echo_puts_the_prompt_first(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model="base", prompt="Once", max_tokens=4, temperature=0)
+    echoed = client.completions.create(
+        model="base", prompt="Once", max_tokens=4, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "Once" + plain.choices[0].text
+
+
+def test_a_request_over_the_memory_cap_is_refused(served: tuple[str, RecordingEngine]) -> None:
+    engine = served[1]
+    job = engine.completion_job(CompletionRequest(model="base", prompt="a", max_tokens=2, n=4))
+    capped = Engine(list(engine.models.values()), memory_cap_bytes=1)
+    with pytest.raises(ApiError) as caught:
+        capped.run(job)
+    assert caught.value.status == 503 and "--max-memory" in caught.value.message
+    one = engine.completion_job(CompletionRequest(model="base", prompt="a", max_tokens=2))
+    assert engine.request_bytes(job) > 3 * engine.request_bytes(one)  # a cache row per choice
+
+
+def test_what_decoding_prepares_from_the_weights_is_built_once(
+    served: tuple[str, RecordingEngine], client: openai.OpenAI
+) -> None:
+    engine = served[1]
+    client.completions.create(model="base", prompt="a", max_tokens=2)
+    prepared = dict(engine.prepared)
+    stacked = dict(prepared.pop("stacked"))
+    assert prepared and stacked  # a decoding step per model, the stacked projections
+    client.completions.create(model="base", prompt="b", max_tokens=2)
+    assert all(engine.prepared[key] is value for key, value in prepared.items())
+    assert all(engine.prepared["stacked"][key] is value for key, value in stacked.items())
 
 
 def test_ignore_eos_draws_exactly_max_tokens(client: openai.OpenAI) -> None:
@@ -338,6 +371,12 @@ def test_the_command_refuses_at_start(tmp_path: Path, tiny_pretrain_run: Path) -
     assert absent.returncode == 2
     assert "pip install 'minigpt-cli[serve]'" in absent.stderr
     assert len(absent.stderr.strip().splitlines()) == 1
+
+    # Models that do not fit --max-memory: refused once loaded, before the server starts.
+    small = run_cli("serve", tiny_pretrain_run, "--port", "0", "--max-memory", "1MB")
+    assert small.returncode == 2
+    assert "over --max-memory" in small.stderr
+    assert len(small.stderr.strip().splitlines()) == 1
 
 
 def test_the_command_serves_and_says_where(tiny_sft_run: Path) -> None:

@@ -149,13 +149,14 @@ def _serve_on(
             run, device, max_cpu=max_cpu, threads=threads, quantize=quantize
         )
         served.append(ServedModel(model_name, loaded, int(run.stat().st_mtime)))
+    engine = Engine(served, memory_cap_bytes=cap)
+    engine.warm_up()
     held = tree_rss_bytes()
     if held > cap:
         raise UserError(
             f"the models take {held / 2**20:,.0f} MB, over --max-memory {cap / 2**20:,.0f} MB: "
             "serve fewer runs or raise the cap"
         )
-    engine = Engine(served, memory_cap_bytes=cap)
 
     def log(line: str) -> None:
         sys.stderr.write(f"minigpt serve: {line}\n")

@@ -18,6 +18,10 @@ Decisions a client may want to know:
 - `finish_reason` is "stop" when the model ended its turn (end-of-turn or end-of-text id) or a
   stop string appeared, "length" when the token budget ran out. `usage.completion_tokens` counts
   the tokens the model drew (a stop id is not counted, the token that completed a stop string is).
+- The weights never change while served, so what decoding prepares from them (stacked and
+  transposed copies of the projections, `model.layers.frozen_weights`) is built once, at start
+  (`warm_up`), and kept: it would otherwise be rebuilt for every request, most of the time to the
+  first token on the small preset. It costs about one more copy of the block weights in memory.
 - A client that goes away cancels its generation at the next token (`cancelled` is checked in
   the per-token callback), so the server moves on to the next request.
 """
@@ -29,13 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from minigpt_cli.engine.data.chat_template import role_problem, stop_token_ids
 from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
 from minigpt_cli.engine.inference.chat import Conversation, Exchange
 from minigpt_cli.engine.inference.decode import generate_batch
 from minigpt_cli.engine.inference.generation import SamplingSettings, TextStream
+from minigpt_cli.engine.model.layers import frozen_weights
 from minigpt_cli.engine.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from minigpt_cli.errors import UserError
 
@@ -104,6 +109,17 @@ class Engine:
         self.models = {model.name: model for model in models}
         self.memory_cap_bytes = memory_cap_bytes
         self.lock = threading.Lock()
+        # What decoding prepares from the weights, kept for the server's life (`frozen_weights`).
+        self.prepared: dict[object, Any] = {}
+
+    def warm_up(self) -> None:
+        """Decode one token with each model, so what decoding prepares from the weights is built
+        (and its memory held) before the first request, not during it."""
+        for model in self.models.values():
+            settings = SamplingSettings(max_new_tokens=1, greedy=True)
+            with self.lock, frozen_weights(self.prepared):
+                tokenizer = model.loaded.tokenizer
+                generate_batch(model.loaded.model, [tokenizer.eos_id], settings)
 
     def model(self, name: str) -> ServedModel:
         """The model a request names, or OpenAI's 404 `model_not_found`."""
@@ -279,7 +295,7 @@ class Engine:
             if delta and on_delta is not None:
                 on_delta(row, delta)
 
-        with self.lock:
+        with self.lock, frozen_weights(self.prepared):
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled
             self.check_memory(job)
