@@ -380,14 +380,16 @@ def test_the_command_refuses_at_start(tmp_path: Path, tiny_pretrain_run: Path) -
 
 
 def test_the_command_serves_and_says_where(tiny_sft_run: Path) -> None:
-    """The real command: binds 127.0.0.1, prints the address, answers, stops on SIGINT."""
+    """The real command, under the resource caps: binds 127.0.0.1, prints the address, answers,
+    serves the page, stops on SIGINT with status 0."""
     import signal
     import subprocess
     import sys
 
     process = subprocess.Popen(
         [sys.executable, "-m", "minigpt_cli", "serve", str(tiny_sft_run), "--port", "0",
-         "--name", "mine", "--device", "cpu", "--max-memory", "4GB"],
+         "--name", "mine", "--device", "cpu", "--max-memory", "4GB", "--max-cpu", "50",
+         "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -411,3 +413,5 @@ def test_the_command_serves_and_says_where(tiny_sft_run: Path) -> None:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0
+    assert process.stderr is not None
+    assert "minigpt serve: mine: answered" in process.stderr.read()  # one log line per request

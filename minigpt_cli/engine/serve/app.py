@@ -102,6 +102,18 @@ def _quiet(_line: str) -> None:
     pass
 
 
+def _served_line(job: Job, choices: list[Choice], seconds: float, *, stream: bool) -> str:
+    """One line per answered request, for the server's log: what was asked and how fast."""
+    tokens = sum(choice.tokens for choice in choices)
+    rate = tokens / seconds if seconds > 0 else 0.0
+    finishes = ",".join(choice.finish_reason for choice in choices)
+    how = "streamed" if stream else "answered"
+    return (
+        f"{job.model.name}: {how} {job.prompt_tokens} prompt + {tokens} new tokens in "
+        f"{seconds:.2f} s ({rate:.1f} tokens/s, {finishes})"
+    )
+
+
 def create_app(engine: Engine, api_key: str | None = None, log: Log = _quiet) -> FastAPI:
     """The application serving `engine`'s models; `api_key` (when given) guards `/v1`; `log`
     receives one line per note (a trimmed conversation) or internal error."""
@@ -202,7 +214,9 @@ async def _respond(
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )
+    started = time.perf_counter()
     choices = await anyio.to_thread.run_sync(engine.run, job)
+    log(_served_line(job, choices, time.perf_counter() - started, stream=False))
     body: dict[str, Any] = {
         "id": response_id,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -282,6 +296,7 @@ async def _events(
             [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
         )
 
+    started = time.perf_counter()
     worker = threading.Thread(target=work, name="minigpt-serve-decode", daemon=True)
     worker.start()
     try:
@@ -307,6 +322,7 @@ async def _events(
                 for index, text in pending.items():
                     yield piece(index, text, None)
             elif event == "done":
+                log(_served_line(job, value, time.perf_counter() - started, stream=True))
                 for index, choice in enumerate(value):
                     yield piece(index, None if kind == "chat" else "", choice.finish_reason)
                 if include_usage:
