@@ -351,6 +351,10 @@ def test_the_command_refuses_at_start(tmp_path: Path, tiny_pretrain_run: Path) -
     assert missing.stderr.strip().endswith("no such run directory")
     assert "Traceback" not in missing.stderr
 
+    twice = run_cli("serve", tiny_pretrain_run, tiny_pretrain_run)
+    assert twice.returncode == 2
+    assert "served under the name 'run'" in twice.stderr
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

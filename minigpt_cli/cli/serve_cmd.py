@@ -108,6 +108,9 @@ def serve(
     if len(names) > len(runs):
         raise UserError(f"{len(names)} --name options for {len(runs)} run(s): one name per run")
     names += [run.resolve().name for run in runs[len(names) :]]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise UserError(f"two runs are served under the name {twice!r}: give each a --name")
     _require_extra()
 
     from minigpt_cli.config.schema import ResourcesConfig, parse_memory
