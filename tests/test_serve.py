@@ -309,6 +309,15 @@ def test_bad_requests_get_openai_errors(
     assert "Traceback" not in reply.text
 
 
+def test_fields_a_client_keeps_on_its_messages_are_ignored_as_openai_does(
+    served: tuple[str, RecordingEngine],
+) -> None:
+    message = {"role": "user", "content": "hi", "id": 7, "opts": {"visible": False}}
+    body = {"model": "chat", "messages": [message], "max_tokens": 2}
+    reply = post(served[0], "/v1/chat/completions", json.dumps(body))
+    assert reply.status_code == 200, reply.text
+
+
 def test_unknown_routes_are_404_in_the_same_shape(served: tuple[str, RecordingEngine]) -> None:
     reply = httpx.get(served[0] + "/v1/nothing", timeout=10)
     assert reply.status_code == 404

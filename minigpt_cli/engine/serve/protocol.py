@@ -4,7 +4,8 @@ Written against OpenAI's API reference so that clients written for it (the offic
 package, Open WebUI, editors) work unchanged, and so that what minigpt cannot do is refused
 clearly rather than silently ignored:
 
-- Unknown fields are refused with 400, as OpenAI does ("Unrecognized request argument supplied").
+- Unknown fields are refused with 400, as OpenAI does ("Unrecognized request argument supplied"),
+  at the request's top level; inside a message, as OpenAI does, they are ignored.
 - A field of the wrong type or out of range is 422, the schema's status (FastAPI's convention).
 - Fields that change what OpenAI would return but that minigpt cannot honour (logprobs, tools,
   logit_bias, presence/frequency penalties other than 0, best_of, suffix, a non-text
@@ -65,14 +66,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TextPart(_Strict):
+class _Part(BaseModel):
+    # Inside a request OpenAI ignores fields it does not know (clients keep ids and UI state on
+    # their messages); only the request's own top level refuses them.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Part):
     """One part of a message's content given as a list (only text parts exist for this model)."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(_Part):
     """One message of a conversation; `name` is accepted and not shown to the model."""
 
     role: Literal["system", "developer", "user", "assistant"]
@@ -88,11 +95,11 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Part):
     include_usage: bool = False
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(_Part):
     type: str
 
 
