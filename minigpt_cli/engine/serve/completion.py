@@ -8,9 +8,11 @@ built from the run's `[generate]` section and the request's fields on top, so th
 request answers exactly as `generate --greedy` / `chat -p` do.
 
 Decisions a client may want to know:
-- One request decodes at a time (`Engine.lock`): a CPU decodes one batch fastest alone, every
-  request gets the model's full speed in turn, and requests cannot corrupt each other; `n`
-  choices of one request decode together as rows of one batch.
+- One request decodes at a time (`Engine.lock`): two decoding loops side by side only share the
+  cores, every request gets the model's full speed in turn, and requests cannot corrupt each
+  other; `n` choices of one request decode together as rows of one batch. Batching different
+  requests would raise the total rate (README "Serving" measures by how much) but needs per-row
+  sampling settings in the one decoding loop.
 - An answer never outruns the context window: `prompt + max_tokens` above the context length is
   refused with OpenAI's `context_length_exceeded` (a chat's oldest exchanges are dropped first, as
   in `chat`); without `max_tokens`, the run's default is cut to the room left, and
