@@ -98,13 +98,17 @@ def test_a_completion_honours_a_stop_string(client: openai.OpenAI) -> None:
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_several_choices_in_one_request(client: openai.OpenAI) -> None:
-    answer = client.completions.create(
-        model="base", prompt="The", max_tokens=6, n=3, seed=3, temperature=1.0
-    )
+def test_several_choices_in_one_request_streamed_or_not(client: openai.OpenAI) -> None:
+    options: dict[str, Any] = {"max_tokens": 6, "n": 3, "seed": 3, "temperature": 1.0}
+    answer = client.completions.create(model="base", prompt="The", **options)
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert answer.usage is not None
     assert answer.usage.completion_tokens <= 18
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model="base", prompt="The", stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in answer.choices]
 
 
 def test_echo_puts_the_prompt_first(client: openai.OpenAI) -> None:
