@@ -19,7 +19,8 @@ from tests.conftest import run_cli
 def test_importing_the_cli_pulls_in_no_heavy_library() -> None:
     code = (
         "import sys, minigpt_cli.cli.app\n"
-        "heavy = ('torch', 'numpy', 'sentencepiece', 'rich', 'pydantic', 'safetensors')\n"
+        "heavy = ('torch', 'numpy', 'sentencepiece', 'rich', 'pydantic', 'safetensors', 'fastapi',"
+        " 'uvicorn', 'starlette')\n"
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -44,6 +45,7 @@ def test_version_and_help_list_the_verbs() -> None:
         "data",
         "tokenize",
         "export",
+        "serve",
     ):
         assert f"\n  {verb} " in help_text
 

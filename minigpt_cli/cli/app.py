@@ -74,6 +74,7 @@ def _register_verbs() -> None:
         pretrain_cmd,
         quickstart_cmd,
         rlhf_cmd,
+        serve_cmd,
         sft_cmd,
         tokenize_cmd,
     )
@@ -91,6 +92,7 @@ def _register_verbs() -> None:
         generate_cmd,
         eval_cmd,
         chat_cmd,
+        serve_cmd,
         export_cmd,
         import_cmd,
     )

@@ -16,5 +16,5 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runs", "objectives", "inference"),
     ("metrics", "training"),
     ("stages",),
-    ("evaluate", "doctor", "export"),
+    ("evaluate", "doctor", "export", "serve"),
 )

@@ -122,6 +122,33 @@ _STACKED_WEIGHTS: contextvars.ContextVar[dict[int, torch.Tensor] | None] = conte
 )
 
 
+_FROZEN_WEIGHTS: contextvars.ContextVar[dict[object, Any] | None] = contextvars.ContextVar(
+    "frozen_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def frozen_weights(cache: dict[object, Any]) -> Iterator[None]:
+    """A promise that no weight changes while any block holding `cache` runs (a server's models).
+
+    Inside it, what decoding prepares from the weights (the stacked projections below,
+    `stepper.DecodeStep`'s copies) is kept in `cache` and reused by every later decoding call given
+    the same `cache`, in any thread, instead of being rebuilt per call: for a model served request
+    after request, that rebuilding is most of the time to the first token. The copies cost their
+    bytes for as long as `cache` lives. Never use it around training.
+    """
+    token = _FROZEN_WEIGHTS.set(cache)
+    try:
+        yield
+    finally:
+        _FROZEN_WEIGHTS.reset(token)
+
+
+def frozen_weights_cache() -> dict[object, Any] | None:
+    """The cache of the enclosing `frozen_weights` block, or None."""
+    return _FROZEN_WEIGHTS.get()
+
+
 @contextlib.contextmanager
 def reuse_stacked_weights() -> Iterator[None]:
     """Within this block (one decoding call) stacked q/k/v and gate/up weights are built once.
@@ -129,9 +156,11 @@ def reuse_stacked_weights() -> Iterator[None]:
     Decoding calls the model once per token; re-stacking the projections each time would cost as
     much as the matmul it saves. The stacked copies live only as long as the block: weights can
     change between two calls without any trace the cache could check (fused AdamW updates
-    parameters in place without bumping their version counters), so nothing survives a call.
+    parameters in place without bumping their version counters), so nothing survives a call,
+    unless the call runs inside `frozen_weights`, whose cache keeps them.
     """
-    token = _STACKED_WEIGHTS.set({})
+    frozen = _FROZEN_WEIGHTS.get()
+    token = _STACKED_WEIGHTS.set({} if frozen is None else frozen.setdefault("stacked", {}))
     try:
         yield
     finally:

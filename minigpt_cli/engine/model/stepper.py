@@ -13,7 +13,8 @@ to float rounding; greedy tokens are tested equal to the no-cache forward).
 
 The copies live as long as the `DecodeStep` (one `generate` call, one chat answer): weights can
 change in place between two calls (see `layers.reuse_stacked_weights`), and a decode costs one
-extra copy of the weights in memory while it runs. Models this cannot run exactly (training mode,
+extra copy of the weights in memory while it runs. Inside `layers.frozen_weights` (a server) the
+step is built once and kept. Models this cannot run exactly (training mode,
 autocast, LoRA-wrapped projections, any other projection type) decode through `GPT.forward`;
 `projection_of` is where a new projection kind (int8 weights) plugs in.
 """
@@ -34,6 +35,7 @@ from minigpt_cli.engine.model.layers import (
     RMSNorm,
     _apply_rotary,
     attend,
+    frozen_weights_cache,
 )
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -103,10 +105,18 @@ class DecodeStep:
 
     @classmethod
     def for_model(cls, model: GPT) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
-        """The fast step for `model` in its current weights, or the module forward."""
-        fast = cls._build(model)
-        if fast is not None:
-            return fast
+        """The fast step for `model` in its current weights, or the module forward; inside
+        `layers.frozen_weights` the step built by an earlier call is reused."""
+        frozen = frozen_weights_cache()
+        key = ("decode_step", id(model))
+        if frozen is not None and key in frozen and not model.training:
+            step: DecodeStep | None = frozen[key]
+        else:
+            step = cls._build(model)
+            if frozen is not None and step is not None:
+                frozen[key] = step
+        if step is not None:
+            return step
 
         def forward(token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
             logits = model(token_ids.unsqueeze(1), kv_cache=cache)
