@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from typing import Annotated, NoReturn
+from collections.abc import Mapping
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -73,16 +75,36 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> NoReturn:
     try:
         torchrun.run(options)
     except ChildFailedError as failed:
-        raise typer.Exit(_job_status(failed)) from None
+        code, line = job_outcome(failed.failures)
+        if line:
+            typer.echo(line, err=True)
+        raise typer.Exit(code) from None
     except SignalException:  # Ctrl-C: the ranks saved their checkpoint and said how to resume
         raise typer.Exit(130) from None
     raise typer.Exit(0)
 
 
-def _job_status(failed: object) -> int:
-    failures = getattr(failed, "failures", {}) or {}
+def job_outcome(failures: Mapping[int, Any]) -> tuple[int, str | None]:
+    """The exit status of a failed job, and a line to print when no rank said why.
+
+    A rank that exited with a status has printed its own line: the status is rank 0's (else the
+    lowest such rank's). When every failed rank was killed by a signal, the one killed by
+    something other than the launcher's own SIGTERM (sent to the survivors) is the cause: its
+    signal gives the status (128 + N, as a shell reports it) and the line.
+    """
+    said = {rank: failure for rank, failure in failures.items() if failure.exitcode > 0}
+    if said:
+        return int((said.get(0) or said[min(said)]).exitcode), None
     if not failures:
-        return 1
-    first = failures.get(0) or failures[min(failures)]
-    code = int(getattr(first, "exitcode", 1))
-    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
+        return 1, None
+    killed = {
+        rank: failure for rank, failure in failures.items() if failure.exitcode != -signal.SIGTERM
+    } or dict(failures)
+    rank = min(killed)
+    failure = killed[rank]
+    if failure.exitcode >= 0:
+        return 1, None
+    return 128 - int(failure.exitcode), (
+        f"error: rank {rank} was killed by {failure.signal_name()} and the job stopped; continue "
+        "from the last checkpoint with the same command and --resume"
+    )

@@ -198,6 +198,12 @@ def execute(
         if shared is not None
         else f"minigpt {run.stage} --out {run.run_dir} --resume"
     )
+    if shared is None and launch.world_size > 1:  # resumed bitwise by the same world size
+        continue_command += (
+            f" --nproc {launch.world_size}"
+            if launch.local_world_size == launch.world_size
+            else f" (under torchrun, {launch.world_size} processes as before)"
+        )
     # Under quickstart the pipeline's command both continues and restarts a stage.
     restart_command = shared.continue_command if shared is not None else None
     device_type = resolve_device(train.device).type if launch.world_size > 1 else "cpu"
@@ -269,6 +275,11 @@ def execute(
                     err=True,
                 )
                 raise typer.Exit(130) from None
+            except Exception as error:
+                lost = distributed.lost_contact(error) if ranks.world_size > 1 else None
+                if lost is None:
+                    raise
+                raise RunFailed(lost_contact_line(run, lost, continue_command)) from error
     if not ranks.is_writer:
         return summary
     if summary.get("nothing_to_do"):
@@ -277,6 +288,23 @@ def execute(
             f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
         )
     return summary
+
+
+def lost_contact_line(run: TrainingRun, what: str, continue_command: str) -> str:
+    """One line for a job whose ranks lost each other (one died, or hung past the timeout)."""
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+
+    try:
+        point = ckpt.find_resume_point(run.run_dir) if run.run_dir.is_dir() else None
+        step = ckpt.read_state(point)["step"] if point is not None else None
+    except (OSError, UserError):
+        step = None
+    kept = (
+        f"kept the checkpoint at step {step}; continue with: {continue_command}"
+        if step is not None
+        else "no checkpoint had been saved yet: start again with the same command and --overwrite"
+    )
+    return f"lost contact with another process of the job ({what}): one died or hung; {kept}"
 
 
 def _silent(event: Any) -> None:

@@ -206,6 +206,21 @@ def process_group(device_type: str) -> Iterator[Ranks]:
             dist.destroy_process_group()
 
 
+def lost_contact(error: BaseException) -> str | None:
+    """What a collective's failure says, in a few words, when `error` is one: a peer died (its
+    connection closed) or did not come within the timeout. None for any other error, which
+    stays a bug with its traceback."""
+    text = str(error).strip()
+    is_dist = isinstance(error, dist.DistError)
+    is_gloo = isinstance(error, RuntimeError) and ("gloo" in text or "Connection" in text)
+    if not (is_dist or is_gloo):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    if first.startswith("[") and "] " in first:  # "[.../pair.cc:537] Read error ...": the source
+        first = first.split("] ", 1)[1]
+    return first.split(". ", 1)[0].rstrip(".")
+
+
 def _tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
     device = torch.device("cuda", _active.local_rank) if _active.backend == "nccl" else None
     return torch.tensor(values, dtype=dtype, device=device)

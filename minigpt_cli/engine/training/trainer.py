@@ -639,10 +639,15 @@ class Trainer:
             total_loss += float(loss_sum.detach())
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
-        if world > 1:  # the figures of the whole global batch, not of this rank's share
-            keys = sorted(summed)
-            totals = distributed.sum_floats([total_loss, *(summed[k] for k in keys)])
-            total_loss, summed = totals[0], dict(zip(keys, totals[1:], strict=True))
+        if world > 1:
+            # The figures of the whole global batch, not of this rank's share. A stage's metrics
+            # may differ in keys between ranks (SFT's text_loss: only where text was drawn).
+            shares = distributed.gather_objects((total_loss, summed))
+            total_loss, summed = 0.0, {}
+            for rank_loss, rank_metrics in shares:
+                total_loss += rank_loss
+                for key, value in rank_metrics.items():
+                    summed[key] = summed.get(key, 0.0) + value
         summed["grad_norm"] = optim.apply_update(self.optimizer, self.train.grad_clip, self.scaler)
         return total_loss / normaliser, summed, step_tokens
 
