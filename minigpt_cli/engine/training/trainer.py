@@ -412,6 +412,7 @@ class Trainer:
             tokens_per_step=tokens_per_step,
             micro_batch_size=self.micro_batch_size,
             accumulation=self.accumulation,
+            world_size=self.ranks.world_size,
             precision=self.precision.reason,
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
