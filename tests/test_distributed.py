@@ -166,7 +166,7 @@ def test_a_batch_two_ranks_cannot_share_exits_2_with_one_line_on_rank_0_only(
     assert err0.strip().splitlines() == [
         "error: 2 processes cannot share a global batch of 12 sequences in micro-batches of 4 "
         "(3 a step, not a multiple of 2): set pretrain.global_batch_size to a multiple of 8 "
-        "(micro-batch 4 x 2 processes)"
+        "(micro-batch 4 x 2 processes), or pretrain.micro_batch_size to 3"
     ]
     assert (out1 + err1).strip() == ""
     assert not (tmp_path / "run").exists()

@@ -145,11 +145,17 @@ def check_split(global_batch: int, micro_batch: int, world: int, section: str) -
     count = global_batch // micro_batch
     if count % world == 0:
         return
+    smaller = shareable_micro_batch(micro_batch, global_batch, world)
+    or_smaller = (
+        f", or {section}.micro_batch_size to {smaller}"
+        if global_batch % (smaller * world) == 0
+        else ""
+    )
     raise UserError(
         f"{world} processes cannot share a global batch of {global_batch} sequences in "
         f"micro-batches of {micro_batch} ({count} a step, not a multiple of {world}): set "
         f"{section}.global_batch_size to a multiple of {micro_batch * world} "
-        f"(micro-batch {micro_batch} x {world} processes)"
+        f"(micro-batch {micro_batch} x {world} processes){or_smaller}"
     )
 
 
