@@ -67,8 +67,11 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> NoReturn:
     if "--debug" not in args and os.environ.get("MINIGPT_DEBUG") != "1":
         # The ranks say what went wrong in one line; the launcher's own log would repeat it as
         # a report of "failed workers" with tracebacks.
-        for name in ("torch.distributed.run", "torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # torch's elastic loggers each set their own level, so each is quieted by name.
+        names = [*logging.root.manager.loggerDict, "torch.distributed.run"]
+        for name in names:
+            if name.startswith(("torch.distributed.run", "torch.distributed.elastic")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     options = torchrun.get_args_parser().parse_args(
         ["--standalone", "--nproc-per-node", str(nproc), "--module", "minigpt_cli", *args]
     )
