@@ -213,3 +213,15 @@ def test_nproc_is_taken_out_of_what_each_rank_runs_and_the_job_status_is_rank_0s
     assert job_outcome({0: Failure(2), 1: Failure(2)}) == (2, None)
     code, line = job_outcome({0: Failure(-signal.SIGTERM), 1: Failure(-signal.SIGKILL)})
     assert code == 128 + signal.SIGKILL and line is not None and "rank 1" in line
+
+
+def test_a_collective_that_lost_a_rank_is_told_in_a_few_words_and_other_errors_are_not() -> None:
+    gloo = RuntimeError(
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:35995: Connection reset by peer. This is typically caused by a remote worker"
+    )
+    assert (
+        distributed.lost_contact(gloo) == "Read error [127.0.0.1]:35995: Connection reset by peer"
+    )
+    assert distributed.lost_contact(RuntimeError("shape mismatch")) is None
+    assert distributed.lost_contact(ValueError("Connection")) is None
