@@ -210,6 +210,7 @@ def execute(
     with (
         distributed.process_group(device_type) as ranks,
         _machine_failures(run, continue_command, restart_command),
+        _lost_contact(run, continue_command),
         contextlib.ExitStack() as held,
     ):
 
@@ -275,11 +276,6 @@ def execute(
                     err=True,
                 )
                 raise typer.Exit(130) from None
-            except Exception as error:
-                lost = distributed.lost_contact(error) if ranks.world_size > 1 else None
-                if lost is None:
-                    raise
-                raise RunFailed(lost_contact_line(run, lost, continue_command)) from error
     if not ranks.is_writer:
         return summary
     if summary.get("nothing_to_do"):
@@ -288,6 +284,21 @@ def execute(
             f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
         )
     return summary
+
+
+@contextlib.contextmanager
+def _lost_contact(run: TrainingRun, continue_command: str) -> Iterator[None]:
+    """Under torchrun: a collective that failed because another rank died or hung becomes
+    RunFailed's one line (what was kept, how to continue) instead of a traceback."""
+    from minigpt_cli.engine.training import distributed
+
+    try:
+        yield
+    except Exception as error:
+        lost = distributed.lost_contact(error) if distributed.world_size() > 1 else None
+        if lost is None:
+            raise
+        raise RunFailed(lost_contact_line(run, lost, continue_command)) from error
 
 
 def lost_contact_line(run: TrainingRun, what: str, continue_command: str) -> str:
