@@ -120,8 +120,23 @@ def main() -> None:
         if _debug_requested():
             raise
         message, code = _one_line(error)
+        rank = _torchrun_rank()
+        if rank:
+            # Under torchrun every rank meets the same input and rank 0 says what is wrong; the
+            # others leave with the same status and say only what is theirs alone.
+            if isinstance(error, UserError | KeyboardInterrupt):
+                sys.exit(code)
+            message = f"rank {rank}: {message}"
         sys.stderr.write(f"{message}\n")
         sys.exit(code)
+
+
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun (0 for rank 0 and for one process outside it)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 def _one_line(error: BaseException) -> tuple[str, int]:

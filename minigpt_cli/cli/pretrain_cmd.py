@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common
+from minigpt_cli.cli import common, launch
 
 TokenizerOpt = Annotated[
     Path | None,
@@ -24,11 +24,14 @@ def pretrain(
     flags: common.TrainingFlags,
     tokenizer: TokenizerOpt = None,
     from_run: FromOpt = None,
+    nproc: launch.NprocOpt = None,
 ) -> None:
     """Pretrain a GPT on text: tokenizer, encoding, training, checkpoints, validation bits/byte.
 
     With no arguments it trains the tiny preset on the built-in English+Chinese corpus.
     """
+    if nproc is not None:
+        launch.relaunch(nproc)
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.files import expand_paths, validate

@@ -94,7 +94,10 @@ def quickstart(
     from minigpt_cli.engine.resources.governor import release_memory
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.runs.files import REWARD_DIR
+    from minigpt_cli.engine.training import distributed
 
+    # Its DPO and RLHF stages do not run split yet: refused before any stage rather than midway.
+    distributed.refuse_unsupported("quickstart", None, distributed.from_environment().world_size)
     preset_name = preset or "tiny"
     folder = out or Path("runs") / f"quickstart-{preset_name}"
     dirs = stage_dirs(folder)

@@ -144,7 +144,7 @@ class EventRenderer:
         self.print(
             f"{event.stage}: {verb} to step {data['total_steps']} "
             f"({data['tokens_per_step']:,} tokens/step, micro-batch {data['micro_batch_size']} "
-            f"x {data['accumulation']} accumulation) -> {data['run_dir']}"
+            f"x {data['accumulation']} accumulation{_shared_by(data)}) -> {data['run_dir']}"
         )
         self.print(f"{event.stage}: precision {data['precision']}")
         if self.live:
@@ -320,3 +320,9 @@ class PipelineRenderer(EventRenderer):
         summary = ", ".join(parts)
         self.print(f"{event.stage}: {summary} -> {data['run_dir']}")
         self.stage_finished(event.stage, summary)
+
+
+def _shared_by(data: dict[str, Any]) -> str:
+    """Under torchrun: how the step's micro-batches are shared (nothing for one process)."""
+    world = int(data.get("world_size") or 1)
+    return f", shared by {world} processes" if world > 1 else ""

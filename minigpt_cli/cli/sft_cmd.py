@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune
+from minigpt_cli.cli import common, finetune, launch
 
 TrainOnPromptOpt = Annotated[
     bool | None,
@@ -39,12 +39,15 @@ def sft(
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
     text: TextOpt = None,
+    nproc: launch.NprocOpt = None,
 ) -> None:
     """Fine-tune a run on conversations: loss on the assistant's replies, exact match per task.
 
     Data: {"instruction","input","output"} (+ "history"), {"prompt","completion"} or
     {"messages":[...]} JSONL; with no --data, the built-in bilingual instructions.
     """
+    if nproc is not None:
+        launch.relaunch(nproc)
     from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.stages.sft import SftInputs, run_sft
 

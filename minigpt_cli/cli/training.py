@@ -177,76 +177,149 @@ def execute(
     Exit 130 after a Ctrl-C (a checkpoint was saved); says so when a resumed run had nothing left.
     """
     from minigpt_cli.cli.render import EventRenderer
+    from minigpt_cli.engine.hardware.device import resolve_device
     from minigpt_cli.engine.resources.governor import apply_resources
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.runs.space import free_bytes, plan_run_disk
+    from minigpt_cli.engine.training import distributed
     from minigpt_cli.engine.training.trainer import TrainingInterrupted
 
-    folder = common.check_output(run.run_dir)  # a path under a file, no permission: fix first
+    # Under torchrun every rank runs this verb: what cannot run split is refused on every rank
+    # alike (rank 0 says so, app.main keeps the others quiet) before any rank waits for another.
+    launch = distributed.from_environment()
+    train = run.config.stage_train(run.stage)
+    distributed.refuse_unsupported(run.stage, train.max_time, launch.world_size)
+    distributed.check_split(
+        train.global_batch_size, train.micro_batch_size, launch.world_size, run.stage
+    )
     shared = _SHARED_DISPLAY.get()
     continue_command = (
         shared.continue_command
         if shared is not None
         else f"minigpt {run.stage} --out {run.run_dir} --resume"
     )
+    if shared is None and launch.world_size > 1:  # resumed bitwise by the same world size
+        continue_command += (
+            f" --nproc {launch.world_size}"
+            if launch.local_world_size == launch.world_size
+            else f" (under torchrun, {launch.world_size} processes as before)"
+        )
     # Under quickstart the pipeline's command both continues and restarts a stage.
     restart_command = shared.continue_command if shared is not None else None
+    device_type = resolve_device(train.device).type if launch.world_size > 1 else "cpu"
     with (
+        distributed.process_group(device_type) as ranks,
         _machine_failures(run, continue_command, restart_command),
-        ckpt.RunLock(run.run_dir),
+        _lost_contact(run, continue_command),
+        contextlib.ExitStack() as held,
     ):
-        if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
-            raise UserError(
-                f"{run.run_dir} already holds a run: pass --resume to continue it or --overwrite "
-                "to start over (or --out to train elsewhere)"
+
+        def take_run_dir() -> str:
+            """Rank 0's (the only writer's) claim on the run directory, before any rank trains."""
+            folder = common.check_output(run.run_dir)  # a path under a file, no permission
+            held.enter_context(ckpt.RunLock(run.run_dir))
+            if ckpt.holds_run(run.run_dir) and not (run.resume or run.overwrite):
+                raise UserError(
+                    f"{run.run_dir} already holds a run: pass --resume to continue it or "
+                    "--overwrite to start over (or --out to train elsewhere)"
+                )
+            if run.overwrite:
+                ckpt.clear_run(run.run_dir)
+            elif run.resume_point is not None and not run.resume_point.own:
+                # Only the sub-run continues: what the run's own training wrote before the kill
+                # (metrics rows, its config) is redone from step 0, so it goes.
+                ckpt.clear_run(run.run_dir, keep=(run.resume_point.config_dir.name,))
+            ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
+            if run.resume:  # a publication a crash cut short, and the pruning after it
+                ckpt.republish(run.run_dir, run.config.stage_train(run.stage).keep_last)
+            # Room for every snapshot, shard and file the run will write, before it writes any
+            # (and before a tokenizer is trained): a full disk is met here, not at a save an
+            # hour in.
+            disk = plan_run_disk(
+                run.stage,
+                run.config,
+                run.run_dir,
+                spec.sources,
+                resume=run.resume,
+                hard_links=folder.hard_links,
             )
-        if run.overwrite:
-            ckpt.clear_run(run.run_dir)
-        elif run.resume_point is not None and not run.resume_point.own:
-            # Only the sub-run continues: what the run's own training wrote before the kill
-            # (metrics rows, its config) is redone from step 0, so it goes.
-            ckpt.clear_run(run.run_dir, keep=(run.resume_point.config_dir.name,))
-        ckpt.remove_temporaries(run.run_dir)  # what a killed writer left half-made
-        if run.resume:  # a publication a crash cut short, and the pruning after it
-            ckpt.republish(run.run_dir, run.config.stage_train(run.stage).keep_last)
-        # Room for every snapshot, shard and file the run will write, before it writes any (and
-        # before a tokenizer is trained): a full disk is met here, not at a save an hour in.
-        disk = plan_run_disk(
-            run.stage,
-            run.config,
-            run.run_dir,
-            spec.sources,
-            resume=run.resume,
-            hard_links=folder.hard_links,
-        )
-        free = free_bytes(run.run_dir)
-        if not disk.fits(free):
-            raise UserError(disk.refusal(run.run_dir, free))
+            free = free_bytes(run.run_dir)
+            if not disk.fits(free):
+                raise UserError(disk.refusal(run.run_dir, free))
+            return disk.line(free)
+
+        disk_line = distributed.first_rank(take_run_dir, lambda: "")
         thread_note = apply_resources(run.config.resources, run.threads, run.thread_source)
         with contextlib.ExitStack() as stack:
-            render = (
-                shared.renderer
-                if shared is not None
-                else stack.enter_context(EventRenderer(run.config.log.progress))
-            )
-            render.print(f"{run.stage}: {thread_note}")
-            render.print(f"{run.stage}: {disk.line(free)}")
+            render: EventCallback
+            if not ranks.is_writer:
+                render = _silent  # rank 0 shows the whole job's progress
+            else:
+                renderer = (
+                    shared.renderer
+                    if shared is not None
+                    else stack.enter_context(EventRenderer(run.config.log.progress))
+                )
+                each = f" in each of {ranks.world_size} processes" if ranks.world_size > 1 else ""
+                renderer.print(f"{run.stage}: {thread_note}{each}")
+                renderer.print(f"{run.stage}: {disk_line}")
+                render = renderer
             try:
                 summary = engine(run.config, spec, render)
             except TrainingInterrupted as stop:
-                render.close()
+                if not ranks.is_writer:
+                    raise typer.Exit(130) from None
+                renderer.close()
                 typer.echo(
                     f"\ninterrupted: checkpoint saved at step {stop.step}. Resume with:\n"
                     f"  {continue_command}",
                     err=True,
                 )
                 raise typer.Exit(130) from None
+    if not ranks.is_writer:
+        return summary
     if summary.get("nothing_to_do"):
         typer.echo(
             f"{run.run_dir}: already finished at step {summary['step']} "
             f"(of {summary['total_steps']}); pass a larger --max-steps to extend it"
         )
     return summary
+
+
+@contextlib.contextmanager
+def _lost_contact(run: TrainingRun, continue_command: str) -> Iterator[None]:
+    """Under torchrun: a collective that failed because another rank died or hung becomes
+    RunFailed's one line (what was kept, how to continue) instead of a traceback."""
+    from minigpt_cli.engine.training import distributed
+
+    try:
+        yield
+    except Exception as error:
+        lost = distributed.lost_contact(error) if distributed.world_size() > 1 else None
+        if lost is None:
+            raise
+        raise RunFailed(lost_contact_line(run, lost, continue_command)) from error
+
+
+def lost_contact_line(run: TrainingRun, what: str, continue_command: str) -> str:
+    """One line for a job whose ranks lost each other (one died, or hung past the timeout)."""
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+
+    try:
+        point = ckpt.find_resume_point(run.run_dir) if run.run_dir.is_dir() else None
+        step = ckpt.read_state(point)["step"] if point is not None else None
+    except (OSError, UserError):
+        step = None
+    kept = (
+        f"kept the checkpoint at step {step}; continue with: {continue_command}"
+        if step is not None
+        else "no checkpoint had been saved yet: start again with the same command and --overwrite"
+    )
+    return f"lost contact with another process of the job ({what}): one died or hung; {kept}"
+
+
+def _silent(event: Any) -> None:
+    """The progress display of a rank other than 0 under torchrun: none."""
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from minigpt_cli.engine.resources.governor import tokenizer_training_chars
 from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
 from minigpt_cli.engine.runs.files import MODEL_FILE, TOKENIZER_FILE
 from minigpt_cli.engine.runs.load import load_model_weights
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import resolve_hardware
 from minigpt_cli.engine.training.optim import plan_steps
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
@@ -351,9 +352,16 @@ def run_pretrain(
     train = config.stage_train("pretrain")
     device, precision = resolve_hardware(train)
     refuse_what_cannot_fit(config, precision.dtype_name)
-    tokenizer = _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event)
+    # Under torchrun rank 0 trains (or copies) the tokenizer and encodes the text; the other
+    # ranks wait, then load the tokenizer it wrote and reuse its shards.
+    tokenizer = distributed.first_rank(
+        lambda: _prepare_tokenizer(config, inputs, spec.run_dir, spec.resume, on_event),
+        lambda: Tokenizer.load(spec.run_dir),
+    )
     config.tokenizer.vocab_size = tokenizer.vocab_size
-    train_tokens, val_tokens = load_tokens(config, inputs, tokenizer, spec.run_dir, on_event)
+    train_tokens, val_tokens = distributed.first_rank(
+        lambda: load_tokens(config, inputs, tokenizer, spec.run_dir, on_event)
+    )
     emit(
         on_event,
         "note",

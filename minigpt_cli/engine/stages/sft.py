@@ -36,6 +36,7 @@ from minigpt_cli.engine.metrics.text import score_windows, token_byte_lengths
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.resources.memory import fit_memory
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import (
     FinetuneInputs,
     finish_finetune,
@@ -412,7 +413,10 @@ def run_sft(
     emit(on_event, "note", "sft", message=f"training: {train_stats.describe()}")
     emit(on_event, "note", "sft", message=f"validation: {val_stats.describe()}")
     eval_sequences = train.eval_batches * train.micro_batch_size
-    text = sft_text(config, inputs, tokenizer, spec.run_dir, on_event, eval_sequences)
+    # Rank 0 encodes the mixed text first; under torchrun the others then reuse its shards.
+    text = distributed.first_rank(
+        lambda: sft_text(config, inputs, tokenizer, spec.run_dir, on_event, eval_sequences)
+    )
     text_bytes = 0 if text.train is None else 4 * len(text.train)
     micro_batch, governor_messages = fit_memory(
         config,

@@ -32,6 +32,7 @@ from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.runs.load import load_run
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.stage import Stage
 from minigpt_cli.engine.training.trainer import RunSpec, Trainer
 
@@ -50,7 +51,7 @@ class FinetuneInputs:
 def resolve_hardware(train: TrainConfig) -> tuple[torch.device, PrecisionDecision]:
     """The device and precision a stage trains with (its `device` and `precision` settings), with
     the matmul precision applied: what every training run decides before anything else."""
-    device = resolve_device(train.device)
+    device = distributed.device_for_rank(resolve_device(train.device))
     precision = resolve_precision(train.precision, device)
     apply_matmul_precision(precision)
     return device, precision
@@ -154,9 +155,11 @@ def start_finetune(
     settings = lora_lib.lora_settings(model)  # None: no adapters
     if settings is not None:
         config.lora = settings
-        if spec.resume:  # a merged file from an earlier finish would shadow the newer adapter
+        if spec.resume and distributed.is_writer():
+            # A merged file from an earlier finish would shadow the newer adapter.
             (spec.run_dir / MODEL_FILE).unlink(missing_ok=True)
-    tokenizer.save(spec.run_dir)
+    if distributed.is_writer():  # under torchrun, rank 0 alone writes the run directory
+        tokenizer.save(spec.run_dir)
     model.to(device)
     return FinetuneSetup(train, device, precision, model, tokenizer)
 
@@ -187,6 +190,8 @@ def finish_finetune(
         micro_batch_size=micro_batch,
     )
     summary = trainer.fit()
+    if not distributed.is_writer():
+        return summary
     note = finish_lora_run(policy_of(setup.model), spec.run_dir, inputs.merge)
     if note:
         emit(on_event, "note", stage.name, message=note)

@@ -9,9 +9,13 @@ stage never copies the loop.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,11 +48,35 @@ from minigpt_cli.engine.runs.files import (
     load_tensors,
     read_metadata,
 )
-from minigpt_cli.engine.training import optim
+from minigpt_cli.engine.training import distributed, optim
 from minigpt_cli.engine.training.pace import Schedule
 from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.errors import UserError, describe_os_error
+
+
+class _NoMetrics:
+    """What the ranks other than rank 0 log into: nothing (rank 0 writes the job's rows)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _second_interrupt_ignored(active: bool) -> Iterator[None]:
+    """While the Ctrl-C checkpoint is written under torchrun, whose launcher passes the same
+    Ctrl-C on to every rank a moment after the terminal did, a second one must not cut it short."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class TrainingInterrupted(Exception):
@@ -124,6 +152,9 @@ class Trainer:
         self.stop_reason = ""
         self._forward_model: torch.nn.Module = model
         self._compile_pending = bool(self.train.compile)
+        # Under torchrun: this process's rank; one process is rank 0 of 1 (training/distributed).
+        self.ranks = distributed.ranks()
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -136,7 +167,12 @@ class Trainer:
         payload = {k: v for k, v in data.items() if k not in ("stage", "kind")}
         emit(self.on_event, kind, self.stage.name, **payload)
 
-    def _state(self, data_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+    def _state(
+        self,
+        data_state: dict[str, Any],
+        rng: dict[str, Any],
+        rng_ranks: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         # A --max-time run's schedule is planned from wall-clock measurements: saved so a resume
         # goes on with the same plan. Other runs' state holds no wall-clock field but `elapsed`.
         schedule = self.schedule.state()
@@ -146,6 +182,8 @@ class Trainer:
             "elapsed": self._elapsed(),
             "data_state": data_state,
             "rng": rng,
+            **({"world_size": self.ranks.world_size} if self.ranks.world_size > 1 else {}),
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
             "micro_batch_size": self.micro_batch_size,
             "activation_checkpointing": self._checkpointing(),
             "threads": torch.get_num_threads(),
@@ -159,15 +197,32 @@ class Trainer:
             "extra": self.stage.extra_state(),
         }
 
-    def save(self, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
-        """Checkpoint the model, optimizer and trainer state at the current step."""
+    def save(
+        self, data_state: dict[str, Any], rng: dict[str, Any], *, gather: bool = True
+    ) -> Path | None:
+        """Checkpoint the model, optimizer and trainer state at the current step.
+
+        Under several processes every rank calls it: their random states are gathered (each
+        rank's, for an exact resume at the same world size; `gather=False` after a Ctrl-C, when
+        the ranks may be anywhere and only rank 0's own is kept) and rank 0 alone writes; the
+        others return None. The weights, optimizer and data position are the same on every rank.
+        """
+        rng_ranks = (
+            distributed.gather_objects(rng) if gather and self.ranks.world_size > 1 else None
+        )
+        if not self.ranks.is_writer:
+            return None
         optimizer_tensors, optimizer_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         files = {
             **self.stage.weight_files(self.model),
             OPTIMIZER_FILE: (optimizer_tensors, optimizer_meta),
         }
         folder = ckpt.save_checkpoint(
-            self.spec.run_dir, self.step, files, self._state(data_state, rng), self.train.keep_last
+            self.spec.run_dir,
+            self.step,
+            files,
+            self._state(data_state, rng, rng_ranks),
+            self.train.keep_last,
         )
         self._event("checkpoint", step=self.step, path=str(folder))
         self.metrics.write(self._row("event", event="checkpoint", message=f"saved {folder.name}"))
@@ -206,9 +261,47 @@ class Trainer:
             self.model.config.activation_checkpointing = True
         self.stage.load_data_state(state["data_state"])
         self.stage.load_extra_state(state.get("extra", {}))
-        restore_rng(state["rng"])
+        saved_world = int(state.get("world_size", 1))
+        rng_ranks = state.get("rng_ranks")
+        if isinstance(rng_ranks, list) and len(rng_ranks) == self.ranks.world_size:
+            restore_rng(rng_ranks[self.ranks.rank])
+        else:
+            restore_rng(state["rng"])
+        if saved_world != self.ranks.world_size:
+            note = (
+                f"resumed at step {self.step} with {self.ranks.world_size} process(es); it was "
+                f"saved by {saved_world}: the same data position and schedule, every rank "
+                "starting from rank 0's random state (not bitwise the run it would have been)"
+            )
+            self._event("note", message=note)
+            self.spec.events.append({"event": "note", "message": note})
         self._resumed_from = point
         self._saved_schedule = state.get("schedule")
+
+    def _start_distributed(self) -> None:
+        """Agree on the micro-batch (the smallest any rank's memory plan chose), check that the
+        ranks can share it, and wrap the model in DistributedDataParallel, which also makes
+        every rank start from rank 0's weights."""
+        distributed.refuse_unsupported(self.stage.name, self.train.max_time, self.ranks.world_size)
+        (self.micro_batch_size,) = distributed.min_ints([self.micro_batch_size])
+        distributed.check_split(
+            self.train.global_batch_size,
+            self.micro_batch_size,
+            self.ranks.world_size,
+            self.stage.name,
+        )
+        ddp = torch.nn.parallel.DistributedDataParallel
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # Buffers (rotary tables) are computed, never trained: no broadcast before each forward
+        # (newer torch names the switch `forward_sync_buffers`, older `broadcast_buffers`).
+        no_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+            else "broadcast_buffers"
+        )
+        options: dict[str, Any] = {"device_ids": device_ids, no_sync: False}
+        self._ddp = ddp(self.model, **options)
+        self._forward_model = self._ddp
 
     def _warmup_steps(self) -> int:
         warmup = self.train.warmup_steps
@@ -236,7 +329,9 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         run_dir = self.spec.run_dir
-        make_dir(run_dir)
+        writer = self.ranks.is_writer
+        if writer:
+            make_dir(run_dir)
         self._start = self._clock()
         sequences_per_step = self.train.global_batch_size
         # Tokens that carry loss per sequence: a full window in pretraining, the mean trained
@@ -258,14 +353,22 @@ class Trainer:
         self._last_eval: dict[str, float] = {}  # the newest eval row, for the summary
         if self.spec.resume:
             self._restore()
-        self.metrics = ckpt.MetricsLog(
-            run_dir / METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
+        if self.ranks.world_size > 1:
+            self._start_distributed()
+        # One writer: the other ranks' rows go nowhere (rank 0's hold the whole job's figures).
+        self.metrics: ckpt.MetricsLog | _NoMetrics = (
+            ckpt.MetricsLog(
+                run_dir / METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
+            )
+            if writer
+            else _NoMetrics()
         )
         if self.spec.resume and self.step >= self.total_steps:
             self.metrics.close()
             return {"nothing_to_do": True, "step": self.step, "total_steps": self.total_steps}
         self.finished = False
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
+        if writer:
+            atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
         warmup = self._warmup_steps()
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
         self.schedule = Schedule(
@@ -293,6 +396,8 @@ class Trainer:
                 self._event("note", message=note)
         flops_token = flops_per_token(self.config.model, self.vocab_size, self.stage_seq_len())
         peak = self._peak_flops()
+        if peak is not None:
+            peak *= self.ranks.world_size  # tokens/s counts every rank: so does the peak
         cpu = CpuMeter()
         if self._resumed_from is not None:
             self.metrics.write(
@@ -307,6 +412,7 @@ class Trainer:
             tokens_per_step=tokens_per_step,
             micro_batch_size=self.micro_batch_size,
             accumulation=self.accumulation,
+            world_size=self.ranks.world_size,
             precision=self.precision.reason,
             run_dir=str(run_dir),
             resumed=self._resumed_from is not None,
@@ -359,6 +465,7 @@ class Trainer:
                         cpu_pct=round(cpu.read(), 1),
                         cpu_cap_pct=self.config.resources.max_cpu,
                         micro_batch_size=self.micro_batch_size,
+                        world_size=self.ranks.world_size,
                         eta_sec=round(
                             self.schedule.eta(
                                 self.step,
@@ -393,7 +500,7 @@ class Trainer:
                     break
         except MemoryCapExceeded as over:
             # The step completed; its state is consistent, so keep it and say how to go on.
-            self.save(self.stage.data_state(), rng_state())
+            self.save(self.stage.data_state(), rng_state(), gather=False)
             self.metrics.close()
             raise UserError(
                 f"{over}; checkpoint saved at step {self.step}: resume with --resume and a "
@@ -408,7 +515,8 @@ class Trainer:
             # Roll back to the start of the unfinished step so the checkpoint is exact.
             self.optimizer.zero_grad(set_to_none=True)
             self.stage.load_data_state(data_state)
-            self.save(data_state, rng)
+            with _second_interrupt_ignored(self.ranks.world_size > 1):
+                self.save(data_state, rng, gather=False)
             self.metrics.close()
             raise TrainingInterrupted(run_dir, self.step) from None
         self.metrics.close()
@@ -449,8 +557,25 @@ class Trainer:
         adjustment = self.governor.after_step(
             self.micro_batch_size, self.train.global_batch_size, self._checkpointing()
         )
+        if self.ranks.world_size > 1:
+            adjustment = self._shared_adjustment(adjustment)
         if adjustment is not None:
             self._apply(adjustment)
+
+    def _shared_adjustment(self, own: Adjustment | None) -> Adjustment | None:
+        """Every rank must train the same micro-batch: the smallest any rank's governor asks
+        for (still shareable by the ranks), with checkpointing if any rank needs it."""
+        wanted = own.micro_batch_size if own is not None else self.micro_batch_size
+        checkpointing = own.activation_checkpointing if own is not None else self._checkpointing()
+        smallest, no_checkpointing = distributed.min_ints([wanted, 0 if checkpointing else 1])
+        size = distributed.shareable_micro_batch(
+            smallest, self.train.global_batch_size, self.ranks.world_size
+        )
+        turn_on = not no_checkpointing and not self._checkpointing()
+        if size == self.micro_batch_size and not turn_on:
+            return None
+        message = own.message if own is not None else "another process is short of memory"
+        return Adjustment(size, turn_on or self._checkpointing(), message)
 
     def _apply(self, adjustment: Adjustment) -> None:
         self.micro_batch_size = adjustment.micro_batch_size
@@ -488,6 +613,8 @@ class Trainer:
         return ""
 
     def _optimizer_step(self) -> tuple[float, dict[str, float], int]:
+        # Every rank draws the whole step's micro-batches (so the data position, the token count
+        # and the normaliser are the same everywhere) and trains on its own contiguous share.
         micro_batches = [
             self.stage.next_batch(self.micro_batch_size) for _ in range(self.accumulation)
         ]
@@ -495,16 +622,33 @@ class Trainer:
         # The loss is summed per micro-batch and divided by the whole step's count (tokens, or
         # pairs for preference stages), so accumulation gives the same update as one big batch.
         normaliser = max(sum(self.stage.loss_normaliser(batch) for batch in micro_batches), 1)
+        world, share = self.ranks.world_size, len(micro_batches) // self.ranks.world_size
+        mine = micro_batches[self.ranks.rank * share : (self.ranks.rank + 1) * share]
         total_loss = 0.0
         summed: dict[str, float] = {}
-        for batch in micro_batches:
+        for index, batch in enumerate(mine):
             self.throttle()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss_sum, metrics = self._forward(batch)
-            optim.backward(loss_sum / normaliser, self.scaler)
+            # DDP averages gradients over the ranks when the last micro-batch's backward runs
+            # (the others accumulate locally, no_sync); times `world` makes that average the
+            # sum over the whole global batch, divided by its normaliser as in one process.
+            synced = self._ddp is None or index == len(mine) - 1
+            with contextlib.nullcontext() if synced else self._ddp.no_sync():  # type: ignore[union-attr]
+                loss_sum, metrics = self._forward(batch)
+                loss = loss_sum / normaliser
+                optim.backward(loss * world if world > 1 else loss, self.scaler)
             total_loss += float(loss_sum.detach())
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
+        if world > 1:
+            # The figures of the whole global batch, not of this rank's share. A stage's metrics
+            # may differ in keys between ranks (SFT's text_loss: only where text was drawn).
+            shares = distributed.gather_objects((total_loss, summed))
+            total_loss, summed = 0.0, {}
+            for rank_loss, rank_metrics in shares:
+                total_loss += rank_loss
+                for key, value in rank_metrics.items():
+                    summed[key] = summed.get(key, 0.0) + value
         summed["grad_norm"] = optim.apply_update(self.optimizer, self.train.grad_clip, self.scaler)
         return total_loss / normaliser, summed, step_tokens
 
@@ -514,7 +658,7 @@ class Trainer:
             try:
                 # The stubs type torch.compile's result as a plain callable; given a module it is
                 # one (an `OptimizedModule` wrapping it), which is what a stage's loss takes.
-                compiled = cast(torch.nn.Module, torch.compile(self.model))
+                compiled = cast(torch.nn.Module, torch.compile(self._forward_model))
                 with self._autocast():
                     result = self.stage.loss(compiled, batch)
                 self._forward_model = compiled
@@ -550,7 +694,7 @@ class Trainer:
         }
 
     def _plot(self) -> None:
-        if not self.config.log.plot:
+        if not self.config.log.plot or not self.ranks.is_writer:
             return
         try:
             plot_metrics(self.spec.run_dir)

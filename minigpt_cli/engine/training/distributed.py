@@ -1,0 +1,299 @@
+"""Several processes training one model under torchrun: who this process is, the process group,
+the one writer, and the few collectives the Trainer needs.
+
+torchrun (`torch.distributed.run`) starts one process per rank and tells each who it is through
+its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). The gradients are
+exchanged by PyTorch's own `DistributedDataParallel` (the Trainer wraps the model); this module
+only reads that environment, opens and closes the process group (gloo on the CPU, nccl on CUDA)
+with a collective timeout, so a rank that hangs stops the others after that long instead of
+never, and answers the questions the rest of the engine asks: how many ranks, which one writes
+(rank 0: checkpoints, metrics, plots, progress), and a few collectives on Python values.
+
+Outside torchrun (or with WORLD_SIZE 1) the world is one process and every helper here is a
+no-op that returns its input, so one-process runs take exactly the code paths they always took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from minigpt_cli.errors import EXIT_MACHINE, EXIT_USER, MACHINE_ERRNOS, UserError
+
+ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_ENV = "MINIGPT_COLLECTIVE_TIMEOUT"
+# Longer than anything one rank does while the others wait for it (rank 0 trains the tokenizer
+# and encodes the corpus before the others read them); a rank that died is noticed at once
+# anyway, by its closed connections and by torchrun, so only a hung rank waits this long.
+DEFAULT_TIMEOUT_S = 1800
+# The verbs whose stages train under DistributedDataParallel; the others refuse a world size > 1.
+DISTRIBUTED_STAGES = ("pretrain", "sft")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: global rank and world size, and the same on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str = ""  # "gloo" or "nccl" once the process group is open
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone writes the run directory and shows progress."""
+        return self.rank == 0
+
+
+SINGLE = Ranks()
+_active: Ranks = SINGLE  # the open process group's ranks; SINGLE when none is open
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> Ranks:
+    """What torchrun told this process (SINGLE outside torchrun).
+
+    A partial environment (WORLD_SIZE without MASTER_PORT, say: a hand-made launch) is refused in
+    one line naming what is missing, rather than left to hang in the rendezvous.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env and "RANK" not in env:
+        return SINGLE
+    missing = [name for name in ENV_NAMES if not env.get(name)]
+    if missing:
+        raise UserError(
+            f"torchrun's environment is incomplete ({', '.join(missing)} not set): start "
+            "several processes with torchrun or `minigpt <verb> --nproc N`"
+        )
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env["LOCAL_RANK"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        int(env["MASTER_PORT"])
+    except ValueError:
+        shown = {name: env.get(name) for name in ENV_NAMES}
+        raise UserError(
+            f"torchrun's environment is not numbers where it should be: {shown}"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"torchrun's environment says rank {rank} of world size {world}")
+    return Ranks(rank, world, local_rank, local_world)
+
+
+def ranks() -> Ranks:
+    """This process's ranks while a process group is open; SINGLE otherwise."""
+    return _active
+
+
+def world_size() -> int:
+    return _active.world_size
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run directory (rank 0, or the only process)."""
+    return _active.is_writer
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a rank that does not come: MINIGPT_COLLECTIVE_TIMEOUT
+    seconds, else `DEFAULT_TIMEOUT_S`."""
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UserError(f"{TIMEOUT_ENV}={text!r}: expected seconds") from None
+    return timedelta(seconds=max(seconds, 1.0))
+
+
+def refuse_unsupported(stage: str, max_time: str | None, world: int) -> None:
+    """Refuse, in one line, what does not run under several processes yet, rather than silently
+    training `world` independent copies (dpo, rlhf, the reward model) or letting each rank's own
+    clock end and plan the run (--max-time)."""
+    if world <= 1:
+        return
+    if stage not in DISTRIBUTED_STAGES:
+        raise UserError(
+            f"{stage} does not run under several processes yet (only "
+            f"{' and '.join(DISTRIBUTED_STAGES)} do): run it as one process, without torchrun "
+            "or --nproc"
+        )
+    if max_time:
+        raise UserError(
+            "--max-time does not run under several processes yet (each would read its own "
+            "clock): give --max-steps, --max-tokens or --epochs instead"
+        )
+
+
+def check_split(global_batch: int, micro_batch: int, world: int, section: str) -> None:
+    """Refuse a global batch whose micro-batches the ranks cannot share equally.
+
+    Every rank takes the same number of each step's micro-batches, so the micro-batches a step
+    holds (global / micro) must be a multiple of the world size; the message says which batch
+    sizes work.
+    """
+    if world <= 1:
+        return
+    count = global_batch // micro_batch
+    if count % world == 0:
+        return
+    smaller = shareable_micro_batch(micro_batch, global_batch, world)
+    or_smaller = (
+        f", or {section}.micro_batch_size to {smaller}"
+        if global_batch % (smaller * world) == 0
+        else ""
+    )
+    raise UserError(
+        f"{world} processes cannot share a global batch of {global_batch} sequences in "
+        f"micro-batches of {micro_batch} ({count} a step, not a multiple of {world}): set "
+        f"{section}.global_batch_size to a multiple of {micro_batch * world} "
+        f"(micro-batch {micro_batch} x {world} processes){or_smaller}"
+    )
+
+
+def shareable_micro_batch(micro_batch: int, global_batch: int, world: int) -> int:
+    """The largest micro-batch at most `micro_batch` that divides the global batch into a
+    multiple of `world` micro-batches (the governor's back-off, kept shareable); 1 at least."""
+    for size in range(max(micro_batch, 1), 0, -1):
+        if global_batch % size == 0 and (global_batch // size) % world == 0:
+            return size
+    return 1
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """Under several processes on CUDA, each rank trains on its own GPU: cuda:LOCAL_RANK."""
+    if device.type == "cuda" and _active.world_size > 1:
+        return torch.device("cuda", _active.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device_type: str) -> Iterator[Ranks]:
+    """Open the process group for the ranks torchrun started (nothing outside torchrun), close it
+    on the way out whatever happened. The backend follows the device: nccl on CUDA, else gloo."""
+    global _active
+    launch = from_environment()
+    if launch.world_size <= 1 or _active.world_size > 1:  # one process, or already open
+        yield _active
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank)
+    try:
+        dist.init_process_group(
+            backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=collective_timeout(),
+        )
+    except (RuntimeError, ValueError) as error:  # DistNetworkError/DistStoreError are both
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"rank {launch.rank} could not join the other processes at {where} ({first}): "
+            "check --master-addr/--master-port (a port in use?) and that every rank started"
+        ) from None
+    _active = Ranks(
+        launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, backend
+    )
+    try:
+        yield _active
+    finally:
+        _active = SINGLE
+        with contextlib.suppress(Exception):  # a peer that died leaves nothing to close cleanly
+            dist.destroy_process_group()
+
+
+def lost_contact(error: BaseException) -> str | None:
+    """What a collective's failure says, in a few words, when `error` is one: a peer died (its
+    connection closed) or did not come within the timeout. None for any other error, which
+    stays a bug with its traceback."""
+    text = str(error).strip()
+    is_dist = isinstance(error, dist.DistError)
+    is_gloo = isinstance(error, RuntimeError) and ("gloo" in text or "Connection" in text)
+    if not (is_dist or is_gloo):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    if first.startswith("[") and "] " in first:  # "[.../pair.cc:537] Read error ...": the source
+        first = first.split("] ", 1)[1]
+    return first.split(". ", 1)[0].rstrip(".")
+
+
+def _tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    device = torch.device("cuda", _active.local_rank) if _active.backend == "nccl" else None
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Element-wise sums over every rank (float64, so a sum of losses loses nothing)."""
+    if _active.world_size <= 1 or not values:
+        return list(values)
+    tensor = _tensor(values, torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
+def min_ints(values: list[int]) -> list[int]:
+    """Element-wise minimums over every rank (a decision all ranks must share, e.g. the
+    micro-batch: the smallest any rank can afford)."""
+    if _active.world_size <= 1 or not values:
+        return list(values)
+    tensor = _tensor(values, torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return [int(v) for v in tensor.tolist()]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if _active.world_size <= 1:
+        return [value]
+    gathered: list[Any] = [None] * _active.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def first_rank(work: Callable[[], T], others: Callable[[], T] | None = None) -> T:
+    """Run `work` on rank 0 before any other rank goes on: what writes a file the others then
+    read (the tokenizer, the encoded shards, the run directory's lock and clean-up).
+
+    The others wait for rank 0's outcome. When `work` succeeded they run `others` (default:
+    `work` again, which finds what rank 0 wrote); when it failed, rank 0 raises its error (its
+    one line) and the others leave quietly with the same exit status (SystemExit), so the job
+    stops at once with one message instead of waiting out the timeout.
+    """
+    if _active.world_size <= 1:
+        return work()
+    failure: BaseException | None = None
+    result: Any = None
+    if _active.is_writer:
+        try:
+            result = work()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after telling the others
+            failure = error
+    outcome: list[Any] = [None if failure is None else _exit_code(failure)]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise SystemExit(outcome[0])
+    if _active.is_writer:
+        return result
+    return (others or work)()
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else 1
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, OSError):  # as the CLI maps it (minigpt_cli.cli.app)
+        return EXIT_MACHINE if error.errno in MACHINE_ERRNOS else EXIT_USER
+    return int(getattr(error, "exit_code", 1))
