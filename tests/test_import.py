@@ -230,24 +230,31 @@ def plain_sentencepiece(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sentencepiece tokenizer as most are trained (`<unk>`, `<s>`, `</s>` at ids 0-2, none of
     minigpt's chat pieces) with minigpt's normalisation: 600 pieces."""
     folder = tmp_path_factory.mktemp("plain-sp")
+    texts = [r["text"] for r in builtin.pretrain_records(300)]
+    (folder / "tokenizer.model").write_bytes(_train_sentencepiece(texts, dummy_prefix=False))
+    return folder
+
+
+def _train_sentencepiece(texts: list[str], *, dummy_prefix: bool) -> bytes:
+    """A 600-piece sentencepiece BPE model as Llama's was trained (byte fallback, digits split,
+    identity normalisation, no whitespace squeezing), with or without the dummy prefix."""
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([r["text"] for r in builtin.pretrain_records(300)]),
+        sentence_iterator=iter(texts),
         model_writer=buffer,
         model_type="bpe",
         vocab_size=600,
         byte_fallback=True,
         split_digits=True,
         normalization_rule_name="identity",
-        add_dummy_prefix=False,
+        add_dummy_prefix=dummy_prefix,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         character_coverage=0.98,
         num_threads=1,
         minloglevel=3,
     )
-    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
-    return folder
+    return buffer.getvalue()
 
 
 def test_the_chat_pieces_a_tokenizer_lacks_are_added_and_sft_round_trips(
@@ -456,22 +463,7 @@ def llama_sentencepiece(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for line in record["text"].split("\n")
         if line
     ]
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=600,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=0.98,
-        num_threads=1,
-        minloglevel=3,
-    )  # add_dummy_prefix: sentencepiece's default, true
-    model = buffer.getvalue()
+    model = _train_sentencepiece(lines, dummy_prefix=True)  # sentencepiece's default
     (folder / "tokenizer.model").write_bytes(model)
     (folder / "tokenizer.json").write_text(json.dumps(_llama_tokenizer_json(model)))
     config = {
