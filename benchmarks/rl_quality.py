@@ -5,6 +5,9 @@ For every seed it runs what a user runs, with default settings and the tiny pres
 - `minigpt quickstart --seed S` (tokenizer + pretrain -> SFT -> DPO -> reward model + PPO, eval);
 - from that quickstart's SFT run, `minigpt rlhf --algo grpo --reward rule` and
   `minigpt rlhf --algo ppo --reward rule` (the verifiable-reward RL the issue asks about);
+- from its DPO run, `minigpt rlhf --reward-model <quickstart>/rlhf/reward` (the verb's default:
+  PPO against the learned reward under the default KL control, the quickstart's reward model
+  reused so that the run compares PPO, not reward models);
 - `minigpt eval` of every run on ALL the built-in held-out prompts (`--per-family 0`, 100 per
   task family: one answer is one point), the reward model of that seed's quickstart scoring the
   answers, and bits per byte on the held-out pretraining text.
@@ -35,9 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rlhf import run as minigpt  # noqa: E402  (one way to run the verb and time it)
 
 STAGES = ("pretrain", "sft", "dpo", "rlhf")
-RL_RUNS = {
-    "grpo-rule": ["--algo", "grpo", "--reward", "rule"],
-    "ppo-rule": ["--algo", "ppo", "--reward", "rule"],
+REWARD_MODEL = "<the quickstart's reward model>"  # replaced by its path, per seed
+RL_RUNS = {  # name: (the quickstart stage it starts from, its flags)
+    "grpo-rule": ("sft", ["--algo", "grpo", "--reward", "rule"]),
+    "ppo-rule": ("sft", ["--algo", "ppo", "--reward", "rule"]),
+    "ppo-model": ("dpo", ["--reward-model", REWARD_MODEL]),
 }
 
 
@@ -65,10 +70,12 @@ def one_seed(seed: int, folder: Path, keep: bool) -> dict:
     best = best_chat_run(EvalReport([RunReport(**run) for run in quick_report["runs"]], {}, {}))
     chat_line = "" if best is None else f"minigpt chat {best.path}"
     runs = {stage: quick / stage for stage in STAGES}
-    for name, extra in RL_RUNS.items():
+    for name, (parent, flags) in RL_RUNS.items():
         out = folder / f"{name}-{seed}"
         if not (keep and finished(out)):
-            args = ["rlhf", "--from", str(runs["sft"]), *extra, "--seed", str(seed)]
+            reward = str(quick / "rlhf" / "reward")
+            extra = [reward if flag == REWARD_MODEL else flag for flag in flags]
+            args = ["rlhf", "--from", str(runs[parent]), *extra, "--seed", str(seed)]
             args += ["--out", str(out), "--overwrite", "--set", "log.progress=plain"]
             seconds[name] = minigpt(args, folder / f"{name}-{seed}.log")
         runs[name] = out
