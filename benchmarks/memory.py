@@ -119,7 +119,8 @@ def run_worker(case: dict[str, Any]) -> dict[str, Any]:
     from minigpt_cli.engine.hardware.device import PrecisionDecision
     from minigpt_cli.engine.model.gpt import GPT
     from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
-    from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+    from minigpt_cli.engine.training.run_spec import RunSpec
+    from minigpt_cli.engine.training.trainer import Trainer
 
     model_cfg = ModelConfig(**case["model"])
     vocab = case["vocab"]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from minigpt_cli.cli.app import app
 from minigpt_cli.config import PRESETS
 from minigpt_cli.config.loader import dump_config, load_config, preset_summary, read_run_config
-from minigpt_cli.config.schema import Config, parse_duration, parse_memory
+from minigpt_cli.config.schema import Config, memory_is_percent, parse_duration, parse_memory
 from minigpt_cli.config.sources import load_preset, parse_set
 from minigpt_cli.errors import UserError
 
@@ -508,6 +508,15 @@ def test_parse_memory(value: str | float, expected: int) -> None:
 def test_parse_memory_rejects(value: str) -> None:
     with pytest.raises(ValueError):
         parse_memory(value, 16 * GIB)
+
+
+def test_a_memory_cap_is_a_percent_exactly_when_parse_memory_reads_it_as_one() -> None:
+    """The device-memory cap treats a share of RAM differently from a size (`cap_device_memory`)."""
+    for value in (70, "70", "70%", " 12.5 % "):
+        assert memory_is_percent(value)
+        assert parse_memory(value, 1000) == int(1000 * float(str(value).strip(" %")) / 100)
+    for value in ("1.5GB", "6GiB", "512mb", "x"):
+        assert not memory_is_percent(value)
 
 
 # ---------------------------------------------------------------------------------------------

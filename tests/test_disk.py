@@ -34,7 +34,7 @@ from minigpt_cli.engine.resources.disk import (
 )
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.space import plan_run_disk
-from minigpt_cli.engine.training.trainer import RunSpec
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.errors import UserError
 from tests.conftest import REPO, RLHF_SETS, TINY_SETS, finished_run, set_args
 

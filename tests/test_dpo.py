@@ -23,7 +23,8 @@ from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.objectives.preference import dpo_loss, preference_metrics, sequence_logps
 from minigpt_cli.engine.stages import dpo
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.run_spec import RunSpec
+from minigpt_cli.engine.training.trainer import Trainer
 from minigpt_cli.errors import UserError
 
 

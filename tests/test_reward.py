@@ -27,7 +27,8 @@ from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.stages import reward
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.run_spec import RunSpec
+from minigpt_cli.engine.training.trainer import Trainer
 from minigpt_cli.errors import UserError
 from tests.test_dpo import CharTokenizer
 

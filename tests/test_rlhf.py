@@ -24,7 +24,8 @@ from minigpt_cli.engine.model.heads import PolicyWithValue
 from minigpt_cli.engine.objectives.policy import Reference
 from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.rlhf import RlStage, rl_settings
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.run_spec import RunSpec
+from minigpt_cli.engine.training.trainer import Trainer
 from tests.conftest import RLHF_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows
 

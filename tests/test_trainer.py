@@ -22,7 +22,8 @@ from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
 from minigpt_cli.engine.training import optim, step_timing
 from minigpt_cli.engine.training.optim import learning_rate
 from minigpt_cli.engine.training.pace import Pace, SchedulePlan, planned_learning_rate
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer, TrainingInterrupted
+from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
+from minigpt_cli.engine.training.trainer import Trainer
 
 VOCAB = 320
 SETS = [

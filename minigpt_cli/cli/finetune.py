@@ -124,7 +124,7 @@ def run_finetune(
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.training.finetune import FinetuneInputs
-    from minigpt_cli.engine.training.trainer import RunSpec
+    from minigpt_cli.engine.training.run_spec import RunSpec
 
     name, resume = run_name or stage, flags.resume
     if merge and not lora and not resume:

@@ -37,7 +37,7 @@ def pretrain(
     from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.data.shards import is_shard_folder
     from minigpt_cli.engine.stages.pretrain import PretrainInputs, run_pretrain
-    from minigpt_cli.engine.training.trainer import RunSpec
+    from minigpt_cli.engine.training.run_spec import RunSpec
 
     preset, resume = flags.preset, flags.resume
     run_dir = flags.out or common.default_run_dir("pretrain", preset)

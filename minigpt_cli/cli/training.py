@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from minigpt_cli.cli.render import EventRenderer
     from minigpt_cli.config.schema import Config
     from minigpt_cli.engine.core.events import EventCallback
-    from minigpt_cli.engine.training.trainer import RunSpec
+    from minigpt_cli.engine.training.run_spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def execute(
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.runs.space import free_bytes, plan_run_disk
     from minigpt_cli.engine.training import distributed
-    from minigpt_cli.engine.training.trainer import TrainingInterrupted
+    from minigpt_cli.engine.training.run_spec import TrainingInterrupted
 
     # Under torchrun every rank runs this verb: what cannot run split is refused on every rank
     # alike (rank 0 says so, app.main keeps the others quiet) before any rank waits for another.

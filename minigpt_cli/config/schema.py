@@ -39,6 +39,13 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
+def memory_is_percent(value: str | float | int) -> bool:
+    """Whether a memory cap is a share of RAM (a bare number or `N%`) rather than a size; the
+    same reading as `parse_memory`'s."""
+    match = _MEMORY.match(str(value))
+    return match is not None and (match.group(2) or "%") == "%"
+
+
 def parse_memory(value: str | float | int, total_bytes: int) -> int:
     """Bytes from a memory cap: a bare number is percent of `total_bytes`; `1.5GB`, `6GiB` are
     absolute."""

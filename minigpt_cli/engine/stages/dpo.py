@@ -50,8 +50,8 @@ from minigpt_cli.engine.training.finetune import (
     trainable_parameters,
 )
 from minigpt_cli.engine.training.pair_stage import PairStage
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch
-from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 
 # Reference log-probabilities must be reproduced on resume; a drift above this means the reference

@@ -39,8 +39,9 @@ from minigpt_cli.engine.runs.load import load_model_weights
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import resolve_hardware
 from minigpt_cli.engine.training.optim import plan_steps
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.trainer import Trainer
 from minigpt_cli.errors import UserError
 
 

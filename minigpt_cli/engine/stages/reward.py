@@ -51,8 +51,9 @@ from minigpt_cli.engine.runs.files import REWARD_DIR
 from minigpt_cli.engine.runs.load import load_reward_model
 from minigpt_cli.engine.training.finetune import FinetuneSetup
 from minigpt_cli.engine.training.pair_stage import PairStage
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.trainer import Trainer
 from minigpt_cli.errors import UserError
 
 

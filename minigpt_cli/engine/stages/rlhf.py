@@ -63,8 +63,8 @@ from minigpt_cli.engine.training.finetune import (
     train_and_val_records,
     trainable_parameters,
 )
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase, WeightFiles
-from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 
 # ----------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ from minigpt_cli.engine.training.finetune import (
     train_and_val_records,
     trainable_parameters,
 )
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import EVAL_BATCH, Batch, StageBase
 from minigpt_cli.engine.training.text_mix import chain_text
-from minigpt_cli.engine.training.trainer import RunSpec
 from minigpt_cli.errors import UserError
 
 GROUPS_PER_WINDOW = 16  # length sorting happens within windows of this many micro-batches

@@ -16,7 +16,10 @@ no-op that returns its input, so one-process runs take exactly the code paths th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +27,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from minigpt_cli.engine.resources.governor import Adjustment
 from minigpt_cli.errors import EXIT_MACHINE, EXIT_USER, MACHINE_ERRNOS, UserError
 
 ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -297,3 +302,94 @@ def _exit_code(error: BaseException) -> int:
     if isinstance(error, OSError):  # as the CLI maps it (minigpt_cli.cli.app)
         return EXIT_MACHINE if error.errno in MACHINE_ERRNOS else EXIT_USER
     return int(getattr(error, "exit_code", 1))
+
+
+# ---------------------------------------------------------------------- what the Trainer asks
+
+
+class NoMetrics:
+    """What the ranks other than rank 0 log into: nothing (rank 0 writes the job's rows)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def second_interrupt_ignored(active: bool) -> Iterator[None]:
+    """While the Ctrl-C checkpoint is written under torchrun, whose launcher passes the same
+    Ctrl-C on to every rank a moment after the terminal did, a second one must not cut it short."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`model` under DistributedDataParallel, which also makes every rank start from rank 0's
+    weights. Buffers (rotary tables) are computed, never trained: no broadcast before each
+    forward (newer torch names the switch `forward_sync_buffers`, older `broadcast_buffers`)."""
+    ddp = DistributedDataParallel
+    no_sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else "broadcast_buffers"
+    )
+    device_ids = [device.index] if device.type == "cuda" else None
+    options: dict[str, Any] = {"device_ids": device_ids, no_sync: False}
+    return ddp(model, **options)
+
+
+def rank_random_state(state: dict[str, Any], here: Ranks) -> tuple[dict[str, Any], str | None]:
+    """The random state this rank resumes with, and a note when the world size changed: its own
+    when the checkpoint holds one per rank of this world size, else rank 0's."""
+    saved_world = int(state.get("world_size", 1))
+    per_rank = state.get("rng_ranks")
+    if isinstance(per_rank, list) and len(per_rank) == here.world_size:
+        rng = per_rank[here.rank]
+    else:
+        rng = state["rng"]
+    if saved_world == here.world_size:
+        return rng, None
+    return rng, (
+        f"resumed at step {int(state['step'])} with {here.world_size} process(es); it was saved "
+        f"by {saved_world}: the same data position and schedule, every rank starting from rank "
+        "0's random state (not bitwise the run it would have been)"
+    )
+
+
+def shared_adjustment(
+    own: Adjustment | None,
+    micro_batch: int,
+    checkpointing: bool,
+    global_batch: int,
+    world: int,
+) -> Adjustment | None:
+    """Every rank must train the same micro-batch: the smallest any rank's governor asks for
+    (still shareable by the ranks), with checkpointing if any rank needs it."""
+    wanted = own.micro_batch_size if own is not None else micro_batch
+    needs = own.activation_checkpointing if own is not None else checkpointing
+    smallest, no_checkpointing = min_ints([wanted, 0 if needs else 1])
+    size = shareable_micro_batch(smallest, global_batch, world)
+    turn_on = not no_checkpointing and not checkpointing
+    if size == micro_batch and not turn_on:
+        return None
+    message = own.message if own is not None else "another process is short of memory"
+    return Adjustment(size, turn_on or checkpointing, message)
+
+
+def sum_step_figures(loss: float, metrics: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The figures of the whole global batch from each rank's share (summed). A stage's metrics
+    may differ in keys between ranks (SFT's text_loss: only where text was drawn)."""
+    total_loss, summed = 0.0, dict[str, float]()
+    for rank_loss, rank_metrics in gather_objects((loss, metrics)):
+        total_loss += rank_loss
+        for key, value in rank_metrics.items():
+            summed[key] = summed.get(key, 0.0) + value
+    return total_loss, summed

@@ -33,8 +33,9 @@ from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.runs.files import MODEL_FILE, save_tensors
 from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.training import distributed
+from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.engine.training.stage import Stage
-from minigpt_cli.engine.training.trainer import RunSpec, Trainer
+from minigpt_cli.engine.training.trainer import Trainer
 
 
 @dataclass

@@ -10,13 +10,8 @@ stage never copies the loop.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +20,7 @@ import torch
 
 from minigpt_cli.config.loader import dump_config
 from minigpt_cli.config.params import flops_per_token
-from minigpt_cli.config.schema import Config, parse_duration, parse_memory
+from minigpt_cli.config.schema import Config, memory_is_percent, parse_duration, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.io import atomic_write_text, make_dir
 from minigpt_cli.engine.core.seeding import restore_rng, rng_state
@@ -48,64 +43,12 @@ from minigpt_cli.engine.runs.files import (
     load_tensors,
     read_metadata,
 )
-from minigpt_cli.engine.training import distributed, optim
+from minigpt_cli.engine.training import distributed, limits, optim
 from minigpt_cli.engine.training.pace import Schedule
 from minigpt_cli.engine.training.plot import plot_metrics
+from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.errors import UserError, describe_os_error
-
-
-class _NoMetrics:
-    """What the ranks other than rank 0 log into: nothing (rank 0 writes the job's rows)."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _second_interrupt_ignored(active: bool) -> Iterator[None]:
-    """While the Ctrl-C checkpoint is written under torchrun, whose launcher passes the same
-    Ctrl-C on to every rank a moment after the terminal did, a second one must not cut it short."""
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved at `step`; the CLI prints how to resume."""
-
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}")
-        self.run_dir = run_dir
-        self.step = step
-
-
-@dataclass
-class RunSpec:
-    """Everything about a run that is not in the config: where, from what, resumed or not."""
-
-    run_dir: Path
-    resume: bool = False
-    parent: str | None = None
-    chat: bool = False
-    sources: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)  # logged as event rows at start
-
-
-def _is_percent(max_memory: float | str) -> bool:
-    try:
-        float(max_memory)
-    except ValueError:
-        return False
-    return True
 
 
 class Trainer:
@@ -261,18 +204,9 @@ class Trainer:
             self.model.config.activation_checkpointing = True
         self.stage.load_data_state(state["data_state"])
         self.stage.load_extra_state(state.get("extra", {}))
-        saved_world = int(state.get("world_size", 1))
-        rng_ranks = state.get("rng_ranks")
-        if isinstance(rng_ranks, list) and len(rng_ranks) == self.ranks.world_size:
-            restore_rng(rng_ranks[self.ranks.rank])
-        else:
-            restore_rng(state["rng"])
-        if saved_world != self.ranks.world_size:
-            note = (
-                f"resumed at step {self.step} with {self.ranks.world_size} process(es); it was "
-                f"saved by {saved_world}: the same data position and schedule, every rank "
-                "starting from rank 0's random state (not bitwise the run it would have been)"
-            )
+        rng, note = distributed.rank_random_state(state, self.ranks)
+        restore_rng(rng)
+        if note:
             self._event("note", message=note)
             self.spec.events.append({"event": "note", "message": note})
         self._resumed_from = point
@@ -290,30 +224,8 @@ class Trainer:
             self.ranks.world_size,
             self.stage.name,
         )
-        ddp = torch.nn.parallel.DistributedDataParallel
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # Buffers (rotary tables) are computed, never trained: no broadcast before each forward
-        # (newer torch names the switch `forward_sync_buffers`, older `broadcast_buffers`).
-        no_sync = (
-            "forward_sync_buffers"
-            if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-            else "broadcast_buffers"
-        )
-        options: dict[str, Any] = {"device_ids": device_ids, no_sync: False}
-        self._ddp = ddp(self.model, **options)
+        self._ddp = distributed.wrap_model(self.model, self.device)
         self._forward_model = self._ddp
-
-    def _warmup_steps(self) -> int:
-        warmup = self.train.warmup_steps
-        limit = max(self.total_steps // 10, 0)
-        if warmup > limit:
-            self._event(
-                "note",
-                message=f"warmup shortened from {warmup} to {limit} steps "
-                f"(a tenth of this {self.total_steps}-step run)",
-            )
-            return limit
-        return warmup
 
     # -------------------------------------------------------------------------------- the loop
 
@@ -340,14 +252,18 @@ class Trainer:
         tokens_per_step = max(1, round(sequences_per_step * per_sequence))
         # An RL stage runs several optimizer steps per iteration; its lengths and cadences count
         # iterations (its config says "100 iterations", not "100 x steps_per_iteration steps").
-        unit = self._unit = int(self.stage.steps_per_iteration)
+        unit = int(self.stage.steps_per_iteration)
         self.total_steps = unit * optim.plan_steps(
             self.train,
             tokens_per_step * unit,
             sequences_per_step * unit,
             self.stage.sequences_per_epoch(),
         )
-        self._note_binding_limit(sequences_per_step)
+        epochs_note = limits.epochs_cut_short(
+            self.train, self.stage.sequences_per_epoch(), sequences_per_step, unit
+        )
+        if epochs_note:
+            self._event("note", message=epochs_note)
         self._resumed_from = None
         self._saved_schedule = None
         self._last_eval: dict[str, float] = {}  # the newest eval row, for the summary
@@ -356,12 +272,12 @@ class Trainer:
         if self.ranks.world_size > 1:
             self._start_distributed()
         # One writer: the other ranks' rows go nowhere (rank 0's hold the whole job's figures).
-        self.metrics: ckpt.MetricsLog | _NoMetrics = (
+        self.metrics: ckpt.MetricsLog | distributed.NoMetrics = (
             ckpt.MetricsLog(
                 run_dir / METRICS_FILE, keep_through_step=self.step if self.spec.resume else None
             )
             if writer
-            else _NoMetrics()
+            else distributed.NoMetrics()
         )
         if self.spec.resume and self.step >= self.total_steps:
             self.metrics.close()
@@ -369,7 +285,9 @@ class Trainer:
         self.finished = False
         if writer:
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
-        warmup = self._warmup_steps()
+        warmup, warmup_note = limits.warmup_steps(self.train.warmup_steps, self.total_steps)
+        if warmup_note:
+            self._event("note", message=warmup_note)
         max_seconds = parse_duration(self.train.max_time) if self.train.max_time else None
         self.schedule = Schedule(
             peak=self.train.learning_rate,
@@ -390,7 +308,7 @@ class Trainer:
                 self.device.type,
                 cap_bytes,
                 physical_memory_bytes(),
-                _is_percent(self.config.resources.max_memory),
+                memory_is_percent(self.config.resources.max_memory),
             )
             if note:
                 self._event("note", message=note)
@@ -447,7 +365,16 @@ class Trainer:
                     window_metrics.setdefault(key, []).append(value)
                 now = steps_end = self._clock()
                 elapsed = self._elapsed(now)
-                stop = self._stop_reason(elapsed, max_seconds)
+                stop = limits.stop_reason(
+                    self.train,
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    unit=unit,
+                    tokens=self.tokens,
+                    epochs_done=self.stage.epochs_done,
+                    elapsed=elapsed,
+                    max_seconds=max_seconds,
+                )
                 if self.step % (self.train.log_every * unit) == 0 or stop:
                     rate = window_tokens / max(now - window_start, 1e-9)
                     averaged = {k: float(np.mean(v)) for k, v in window_metrics.items()}
@@ -515,7 +442,7 @@ class Trainer:
             # Roll back to the start of the unfinished step so the checkpoint is exact.
             self.optimizer.zero_grad(set_to_none=True)
             self.stage.load_data_state(data_state)
-            with _second_interrupt_ignored(self.ranks.world_size > 1):
+            with distributed.second_interrupt_ignored(self.ranks.world_size > 1):
                 self.save(data_state, rng, gather=False)
             self.metrics.close()
             raise TrainingInterrupted(run_dir, self.step) from None
@@ -535,21 +462,6 @@ class Trainer:
         self._evaluate()
         self.schedule.pace.eval_seconds = self._clock() - began
 
-    def _note_binding_limit(self, sequences_per_step: int) -> None:
-        """Say so when max_steps cuts a run short of the epochs it was asked for."""
-        if self.train.epochs is None or self.train.max_steps is None:
-            return
-        wanted = math.ceil(
-            self.train.epochs * self.stage.sequences_per_epoch() / (sequences_per_step * self._unit)
-        )
-        if wanted > self.train.max_steps:
-            self._event(
-                "note",
-                message=f"max_steps {self.train.max_steps} ends the run before "
-                f"{self.train.epochs:g} epochs (about {wanted} steps): pass --max-steps {wanted} "
-                "to train them all",
-            )
-
     def _checkpointing(self) -> bool:
         return bool(self.model.config.activation_checkpointing)
 
@@ -558,24 +470,15 @@ class Trainer:
             self.micro_batch_size, self.train.global_batch_size, self._checkpointing()
         )
         if self.ranks.world_size > 1:
-            adjustment = self._shared_adjustment(adjustment)
+            adjustment = distributed.shared_adjustment(
+                adjustment,
+                self.micro_batch_size,
+                self._checkpointing(),
+                self.train.global_batch_size,
+                self.ranks.world_size,
+            )
         if adjustment is not None:
             self._apply(adjustment)
-
-    def _shared_adjustment(self, own: Adjustment | None) -> Adjustment | None:
-        """Every rank must train the same micro-batch: the smallest any rank's governor asks
-        for (still shareable by the ranks), with checkpointing if any rank needs it."""
-        wanted = own.micro_batch_size if own is not None else self.micro_batch_size
-        checkpointing = own.activation_checkpointing if own is not None else self._checkpointing()
-        smallest, no_checkpointing = distributed.min_ints([wanted, 0 if checkpointing else 1])
-        size = distributed.shareable_micro_batch(
-            smallest, self.train.global_batch_size, self.ranks.world_size
-        )
-        turn_on = not no_checkpointing and not self._checkpointing()
-        if size == self.micro_batch_size and not turn_on:
-            return None
-        message = own.message if own is not None else "another process is short of memory"
-        return Adjustment(size, turn_on or self._checkpointing(), message)
 
     def _apply(self, adjustment: Adjustment) -> None:
         self.micro_batch_size = adjustment.micro_batch_size
@@ -598,19 +501,6 @@ class Trainer:
             return peak_flops(self.device.type, self.precision.dtype_name)
         except RuntimeError:
             return None
-
-    def _stop_reason(self, elapsed: float, max_seconds: float | None) -> str:
-        if self.step >= self.total_steps:
-            return "max_steps"
-        if self.step % self._unit:
-            return ""  # other limits end a run only between iterations
-        if self.train.max_tokens is not None and self.tokens >= self.train.max_tokens:
-            return "max_tokens"
-        if self.train.epochs is not None and self.stage.epochs_done() >= self.train.epochs:
-            return "epochs"
-        if max_seconds is not None and elapsed >= max_seconds:
-            return "max_time"
-        return ""
 
     def _optimizer_step(self) -> tuple[float, dict[str, float], int]:
         # Every rank draws the whole step's micro-batches (so the data position, the token count
@@ -640,15 +530,8 @@ class Trainer:
             total_loss += float(loss_sum.detach())
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
-        if world > 1:
-            # The figures of the whole global batch, not of this rank's share. A stage's metrics
-            # may differ in keys between ranks (SFT's text_loss: only where text was drawn).
-            shares = distributed.gather_objects((total_loss, summed))
-            total_loss, summed = 0.0, {}
-            for rank_loss, rank_metrics in shares:
-                total_loss += rank_loss
-                for key, value in rank_metrics.items():
-                    summed[key] = summed.get(key, 0.0) + value
+        if world > 1:  # the figures of the whole global batch, not of this rank's share
+            total_loss, summed = distributed.sum_step_figures(total_loss, summed)
         summed["grad_norm"] = optim.apply_update(self.optimizer, self.train.grad_clip, self.scaler)
         return total_loss / normaliser, summed, step_tokens
 
