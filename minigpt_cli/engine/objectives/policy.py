@@ -94,5 +94,6 @@ def response_outputs(
         values = model.value_head(selected).squeeze(-1).float()
     entropy = None
     if with_entropy:
-        entropy = rl.entropy_from_logits(logits, batch["mask"])
+        with torch.no_grad():  # a figure for the log, never a loss term
+            entropy = rl.entropy_from_logits(logits.detach(), batch["mask"])
     return logps, values, entropy

@@ -112,6 +112,18 @@ def per_token_kl(
     raise ValueError(f"KL estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
+def response_kl(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) KL of each response to the reference: k1 summed over its tokens, detached.
+
+    TRL's measure, what the PPO penalty adds up to over an episode and what `target_kl` is in,
+    so a longer answer counts for more.
+    """
+    kl_tokens = per_token_kl(policy_logps.detach(), reference_logps)
+    return (kl_tokens * mask.to(kl_tokens.dtype)).sum(dim=1)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of each row's last True position; rows must have at least one."""
     if not bool(mask.any(dim=1).all()):

@@ -162,6 +162,11 @@ class RlStage(StageBase):
                 "rlhf.rollout_batch_size, num_generations and global_batch_size to divide"
             )
         self.steps_per_iteration = passes // global_batch_size
+        # GRPO's one optimizer step per rollout (TRL's num_iterations = 1) is taken with the
+        # weights that sampled it, so the sampling policy's log-probs need no forward of their
+        # own: the loss's forward has them (about a third of an iteration's time on a CPU).
+        # PPO needs them before its first step, for the KL-penalised rewards and GAE.
+        self.on_policy = settings.algo == "grpo" and self.steps_per_iteration == 1
         self.seq_len = seq_len
         room = seq_len - settings.max_new_tokens  # a prompt keeps its end (the question)
         if room < 2:
@@ -276,21 +281,27 @@ class RlStage(StageBase):
             sequences = [[*self.prompts[i], *r] for i, r in responses]
             terms = self.reward.terms(records, sequences, texts)
             raw = self.reward.combine(terms)
-            old_logps, values, entropy = response_outputs(
-                model, batch, with_values=True, with_entropy=True
-            )
+            old_logps = values = entropy = None
+            if not self.on_policy:
+                old_logps, values, entropy = response_outputs(
+                    model, batch, with_values=True, with_entropy=True
+                )
             ref_logps = self.reference.logps(batch)
         finally:
             model.train(was_training)
         mask = batch["mask"]
-        kl_tokens = rl.per_token_kl(old_logps, ref_logps)
-        # KL per response: summed over its tokens (TRL's measure, what the penalty adds up to
-        # over an episode and what `target_kl` is in), so a longer answer counts for more.
-        kl_per_response = (kl_tokens * mask.to(kl_tokens.dtype)).sum(dim=1)
-        batch.update(old_logps=old_logps, ref_logps=ref_logps)
+        batch["ref_logps"] = ref_logps
+        kl_stats: dict[str, float] = {}
+        if old_logps is not None:
+            batch["old_logps"] = old_logps
+            kl_stats = {
+                "kl": float(rl.response_kl(old_logps, ref_logps, mask).mean()),
+                "entropy": float(entropy) if entropy is not None else 0.0,
+            }
         if self.settings.algo == "grpo":
             batch["advantages"] = rl.grpo_advantages(raw.float(), self.samples_per_prompt)
         else:
+            assert old_logps is not None, "PPO computes the sampling policy's log-probs above"
             scores = rl.normalise_and_clip(
                 raw.float(), self.score_moments, self.settings.reward_clip
             )
@@ -304,12 +315,11 @@ class RlStage(StageBase):
                 returns=returns,
                 old_values=values,
             )
-            self.kl.update(float(kl_per_response.mean()), self.rollout_size)
+            self.kl.update(kl_stats["kl"], self.rollout_size)
         lengths = mask.sum(dim=1).float()
         self.rollout_stats = {
             "reward_mean": float(raw.float().mean()),
-            "kl": float(kl_per_response.mean()),
-            "entropy": float(entropy) if entropy is not None else 0.0,
+            **kl_stats,
             "response_len": float(lengths.mean()),
             "kl_coef": float(self.kl.value),
         }
@@ -365,11 +375,21 @@ class RlStage(StageBase):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["mask"]
-        logps, values, _ = response_outputs(model, batch, with_values=True)
+        on_policy = "old_logps" not in batch
+        logps, values, entropy = response_outputs(
+            model, batch, with_values=True, with_entropy=on_policy
+        )
         if self.settings.algo == "grpo":
+            # On-policy (see `on_policy`): the policy that sampled the batch is this one, so its
+            # log-probs are this forward's, detached (the ratio is exactly 1 at the one step), and
+            # the iteration's KL and entropy are read here. The Trainer averages the figures of
+            # a step's equal-sized micro-batches, so each reports its share of the rollout's
+            # figure: KL per response as a mean, entropy per token as a sum over its share of
+            # all the rollout's response tokens.
+            old_logps = logps.detach() if on_policy else batch["old_logps"]
             loss, clip_frac, _ = rl.grpo_loss(
                 logps,
-                batch["old_logps"],
+                old_logps,
                 batch["ref_logps"],
                 batch["advantages"],
                 mask,
@@ -377,6 +397,13 @@ class RlStage(StageBase):
                 self.kl.value,
             )
             metrics = {"clip_frac": float(clip_frac)}
+            if on_policy:
+                kl = rl.response_kl(old_logps, batch["ref_logps"], mask)
+                metrics["kl"] = float(kl.mean())
+                assert entropy is not None and self.buffer is not None
+                micro_batches = self.rollout_size / mask.shape[0]
+                share = float(mask.sum()) * micro_batches / float(self.buffer["mask"].sum())
+                metrics["entropy"] = float(entropy) * share
             return loss * mask.shape[0], {**self.rollout_stats, **metrics}
         policy_loss, clip_frac, approx_kl = rl.ppo_policy_loss(
             logps, batch["old_logps"], batch["advantages"], mask, self.settings.clip_eps
