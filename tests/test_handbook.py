@@ -60,6 +60,21 @@ def test_both_languages_have_the_same_chapters_and_the_index_links_them() -> Non
     assert "](docs/handbook/README.md)" in (REPO / "README.md").read_text("utf-8")
 
 
+def outline(text: str) -> list[str]:
+    """A chapter's headings as level and number only ("## 1.3"): what both languages share."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a shell comment is no heading
+    return [
+        f"{m[1]} {m[2] or ''}".strip() for m in re.finditer(r"^(#+) (\d+(?:\.\d+)*)?", prose, re.M)
+    ]
+
+
+def test_both_languages_have_the_same_sections() -> None:
+    for name in CHAPTER_NAMES:
+        en, zh = (outline(chapter(language, name)) for language in LANGUAGES)
+        assert en == zh, name
+        assert en[0] == f"# {int(name[:2])}", f"{name}: the title is not numbered {int(name[:2])}."
+
+
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(HANDBOOK)))
 def test_no_handbook_page_points_outside_the_repository(document: Path) -> None:
     assert "../shared" not in document.read_text("utf-8")

@@ -134,6 +134,8 @@ def _vocab_sweep(
             m = _measure(tokenizer, lines[language])
             measured[language].append(m["bytes"] / m["tokens"])
             row += [f"{m['chars'] / m['tokens']:.2f}", f"{m['bytes'] / m['tokens']:.2f}"]
+        coverage = json.loads((out / "tokenizer.json").read_text())["character_coverage"]
+        row.append(f"{coverage['used']:.4f}")
         row.append("yes" if tokenizer.sha256 == quickstart_sha else "no")
         rows.append(row)
     header = [
@@ -142,6 +144,7 @@ def _vocab_sweep(
         "English bytes / token",
         "Chinese chars / token",
         "Chinese bytes / token",
+        "character coverage used",
         "same file as the quickstart's",
     ]
     kit.table("ch03-vocab-sweep", markdown_table(header, rows))
@@ -230,9 +233,11 @@ def _accumulation(kit: Kit, pretrain: Path) -> None:
     scale = max(float(t.abs().max()) for t in weights[8].values())
     # Both runs scored on the same held-out text (their own validation would not be: it scores
     # `eval_batches` micro-batches, fewer windows for the smaller micro-batch).
-    report = json.loads(
-        kit.minigpt("eval", runs[8], runs[2], "--no-generation", "--no-pref", "--json")
-    )
+    saved = kit.workdir / "ch03" / "accumulation-eval.json"
+    if not saved.is_file():
+        args = ("eval", runs[8], runs[2], "--no-generation", "--no-pref", "--output", saved)
+        kit.minigpt(*args)
+    report = json.loads(saved.read_text())
     held_out = {Path(run["path"]).name: run["metrics"] for run in report["runs"]}
     rows = []
     for micro, run in runs.items():
