@@ -273,7 +273,6 @@ def ci_blocks() -> list[tuple[str, list[str]]]:
     ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("block", "lines"), ci_blocks(), ids=[b for b, _ in ci_blocks()])
 def test_ci_blocks_run(
     block: str, lines: list[str], request: pytest.FixtureRequest, tmp_path: Path

@@ -11,7 +11,13 @@ from typing import Any
 from figkit import Kit, markdown_table, plain_log_axis
 
 FIGURES = ["ch03-compression.png", "ch03-curves.png"]
-TABLES = ["ch03-compression", "ch03-vocab-sweep", "ch03-data", "ch03-accumulation"]
+TABLES = [
+    "ch03-compression",
+    "ch03-vocab-sweep",
+    "ch03-data",
+    "ch03-accumulation",
+    "ch03-precision",
+]
 
 VOCAB_SIZES = (1000, 2000, 3000, 5000, 8000)
 MEASURE_SEED = 1  # documents drawn with another seed than the tokenizer's training text (0)
@@ -45,6 +51,7 @@ def make(kit: Kit) -> None:
     _vocab_sweep(kit, folder, train_text, lines, pretrain)
     _data(kit, pretrain)
     _accumulation(kit, pretrain)
+    _precision(kit, folder)
     _curves(kit, pretrain)
 
 
@@ -263,6 +270,33 @@ def _accumulation(kit: Kit, pretrain: Path) -> None:
         "largest weight difference to micro-batch 8",
     ]
     kit.table("ch03-accumulation", markdown_table(header, rows))
+
+
+def _precision(kit: Kit, folder: Path) -> None:
+    """What `--precision auto` measured and chose on the machine that ran this script."""
+    saved = folder / "doctor.json"
+    if not saved.is_file():
+        saved.write_text(kit.minigpt("doctor", "--json"))
+    report = json.loads(saved.read_text())
+    measured, cpu = report["measurements"], report["facts"]["cpu"]
+    features = [name for name, present in cpu["features"].items() if present]
+    rows = [
+        [
+            {"fp32": "fp32", "fp32_medium": "fp32, matmul precision 'medium'", "bf16": "bf16"}[key],
+            f"{measured['gflops'][key]:,.0f}",
+            f"{measured['speedup'][key]:.2f}x",
+            f"{measured['rel_error'][key]:.1e}",
+        ]
+        for key in measured["gflops"]
+    ]
+    rows.append([f"**auto chose**: {report['precision']['reason']}", "", "", ""])
+    header = [
+        f"{cpu['model']} ({', '.join(features)})",
+        "matmul GFLOP/s",
+        "speed vs fp32",
+        "relative error vs fp64",
+    ]
+    kit.table("ch03-precision", markdown_table(header, rows))
 
 
 def _curves(kit: Kit, pretrain: Path) -> None:
