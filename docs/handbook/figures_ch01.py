@@ -150,7 +150,7 @@ def _max_time(kit: Kit, pretrain: Path, plt: Any) -> None:
     train = read_run_config(run).stage_train("pretrain")
     rows = _rows(run, "train")
     state = json.loads((run / "trainer_state.json").read_text())
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(7, 4.4))
     axis.plot([r["step"] for r in rows], [r["lr"] for r in rows], "o-", markersize=3, label="lr")
     axis.axhline(train.min_lr, color="grey", linestyle=":", label="min_lr")
     axis.set(xlabel="optimizer step", ylabel="learning rate", title=f"--max-time {MAX_TIME}")
@@ -164,7 +164,13 @@ def _max_time(kit: Kit, pretrain: Path, plt: Any) -> None:
     twin.set_ylabel("planned last step", color="tab:red")
     lines = axis.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    axis.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
+    axis.legend(
+        lines[0] + more[0],
+        lines[1] + more[1],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        ncol=3,
+    )
     axis.grid(alpha=0.3)
     figure.tight_layout()
     kit.save_figure(figure, "ch01-max-time.png")
