@@ -2,8 +2,8 @@
 
     python docs/handbook/make_figures.py [--workdir DIR] [--chapter N ...]
 
-One tiny quickstart (`minigpt quickstart --preset tiny --seed 0`, about 8 minutes on two cores)
-is trained in DIR/quickstart unless one is already there, plus the short runs a chapter asks for;
+One tiny quickstart (`minigpt quickstart --preset tiny --seed 0`, minutes on two cores) is
+trained in DIR/quickstart unless one is already there, plus the short runs a chapter asks for;
 then each chapter module `figures_chNN.py` draws its PNGs into `figures/` and rewrites its table
 regions in `en/` and `zh/`. A chapter is added by adding its module: this driver finds them.
 The commands run are printed and kept in DIR/commands.txt.
