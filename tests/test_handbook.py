@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from functools import cache
@@ -293,6 +295,33 @@ def test_ci_blocks_run(
             args.append(word)
         result = run_cli(*args, cwd=tmp_path, timeout=120)
         assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(?P<body>.*?)^```", re.S | re.M)
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    return [
+        (f"{name}#{index}", match["body"])
+        for name in CHAPTER_NAMES
+        for index, match in enumerate(PYTHON_BLOCK.finditer(chapter("en", name)))
+    ]
+
+
+def test_both_languages_quote_the_same_python() -> None:
+    for name in CHAPTER_NAMES:
+        blocks = [PYTHON_BLOCK.findall(chapter(language, name)) for language in LANGUAGES]
+        assert blocks[0] == blocks[1], name
+
+
+@pytest.mark.parametrize(("block", "code"), python_blocks(), ids=[b for b, _ in python_blocks()])
+def test_python_blocks_run(block: str, code: str, tmp_path: Path) -> None:
+    """A chapter's Python sample runs as a reader would paste it, in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"{block}\n{result.stderr[-2000:]}"
 
 
 # ---------------------------------------------------------------------------------- generated
