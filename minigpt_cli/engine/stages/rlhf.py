@@ -5,10 +5,11 @@ steps over batches:
 
 - An *iteration* samples responses to `rollout_batch_size` prompts with the KV cache (GRPO: G per
   prompt), scores them (`metrics.rewards.RewardSource`: a reward model trained here by
-  `stages.reward`, the rule checker, or both)
-  and computes, without gradients, everything the losses compare against: the sampling policy's
-  log-probabilities, the frozen reference's, values and advantages (PPO: KL-penalised rewards and
-  GAE; GRPO: group-normalised rewards). That happens in `before_step`, when the buffer is used up.
+  `stages.reward`, the rule checker, or both) and computes, without gradients, everything the
+  losses compare against: the sampling policy's log-probabilities, the frozen reference's, values
+  and advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards). That happens
+  in `before_step`, when the buffer is used up. Under torchrun each rank does its share of the
+  prompts and every rank then holds the whole rollout (`RlStage.rollout`).
 - The buffer is then consumed in `ppo_epochs` shuffled passes of `global_batch_size` responses
   per optimizer step, so one iteration is `steps_per_iteration` Trainer steps; the Trainer counts
   `max_steps`, `eval_every`, `save_every` and `log_every` in iterations for such a stage, and
@@ -42,7 +43,7 @@ from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference.generation import SamplingSettings
-from minigpt_cli.engine.inference.rollouts import sample_groups
+from minigpt_cli.engine.inference.rollouts import pack_responses, sample_groups
 from minigpt_cli.engine.metrics.exact_match import (
     AnswerResult,
     score_answers,
@@ -56,6 +57,7 @@ from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.runs.files import VALUE_HEAD_FILE, load_tensors
 from minigpt_cli.engine.runs.load import language_model_files, load_language_model_files
 from minigpt_cli.engine.stages.reward import run_reward
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import (
     FinetuneInputs,
     finish_finetune,
@@ -215,10 +217,12 @@ class RlStage(StageBase):
             self.prompt_cursor += 1
         return picked
 
-    def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
-        """(record index, response ids incl. end-of-turn when it stopped) per sampled response,
-        every prompt's responses decoded in one batch; prompt `number` of the iteration draws
-        from its own seed, as a prompt-at-a-time rollout would."""
+    def _sample(
+        self, model: nn.Module, indices: list[int], numbers: range
+    ) -> list[tuple[int, list[int]]]:
+        """(record index, response ids incl. end-of-turn when it stopped) per response to the
+        prompts `numbers` of `indices`, decoded in one batch; prompt `number` of the iteration
+        draws from its own seed, as a prompt-at-a-time rollout would, whichever rank decodes it."""
         sampling = SamplingSettings(
             max_new_tokens=self.settings.max_new_tokens,
             temperature=self.settings.temperature,
@@ -228,60 +232,60 @@ class RlStage(StageBase):
         )
         seeds = [
             int(np.random.default_rng([self.seed, self.iteration, number]).integers(2**31))
-            for number in range(len(indices))
+            for number in numbers
         ]
-        prompts = [self.prompts[index] for index in indices]
+        picked = [indices[number] for number in numbers]
+        prompts = [self.prompts[index] for index in picked]
         groups = sample_groups(policy_of(model), prompts, sampling, self.samples_per_prompt, seeds)
         responses = []
-        for index, group in zip(indices, groups, strict=True):
+        for index, group in zip(picked, groups, strict=True):
             for tokens in group:
                 if len(tokens) < self.settings.max_new_tokens:
                     tokens = [*tokens, self.tokenizer.eot_id]  # the stop is an action too
                 responses.append((index, tokens or [self.tokenizer.eot_id]))
         return responses
 
-    def _pack(self, responses: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded sequences and the positions of their response tokens."""
-        rows, positions, masks = [], [], []
-        width = max(len(self.prompts[i]) + len(r) for i, r in responses)
-        longest = max(len(r) for _, r in responses)
-        for index, response in responses:
-            prompt = self.prompts[index]
-            ids = [*prompt, *response] + [self.tokenizer.pad_id] * (
-                width - len(prompt) - len(response)
-            )
-            rows.append(ids)
-            span = list(range(len(prompt), len(prompt) + len(response)))
-            pad = [span[-1]] * (longest - len(span))
-            positions.append(span + pad)
-            masks.append([True] * len(span) + [False] * len(pad))
-        return {
-            "ids": torch.tensor(rows, dtype=torch.long),
-            "positions": torch.tensor(positions, dtype=torch.long),
-            "mask": torch.tensor(masks, dtype=torch.bool),
-            "record": torch.tensor([i for i, _ in responses], dtype=torch.long),
-        }
-
     @torch.no_grad()
     def rollout(self, model: nn.Module) -> None:
-        """Sample, score and prepare one iteration's buffer (no gradients, eval mode)."""
+        """Sample, score and prepare one iteration's buffer (no gradients, eval mode).
+
+        Under several processes each rank samples, scores and reads the log-probabilities of its
+        share of the prompts (a GRPO group stays on one rank); every rank gathers the whole
+        rollout, in one process's order, and computes what is global from it (reward
+        normalisation, advantages and whitening, the KL controller's KL, the logged means), so
+        all hold the same buffer and the Trainer trains each rank's share of its batches."""
         was_training = model.training
         model.eval()
         try:
             indices = self._next_prompts()
-            responses = self._sample(model, indices)
-            batch = self._pack(responses)
-            texts = [self.tokenizer.decode(r) for _, r in responses]
-            records = [self.train_records[i] for i, _ in responses]
-            sequences = [[*self.prompts[i], *r] for i, r in responses]
-            terms = self.reward.terms(records, sequences, texts)
-            raw = self.reward.combine(terms)
-            old_logps, values, entropy = response_outputs(
-                model, batch, with_values=True, with_entropy=True
+            numbers = distributed.share(len(indices))
+            own = self._sample(model, indices, numbers)
+            own_texts = [self.tokenizer.decode(r) for _, r in own]
+            own_terms = self.reward.terms(
+                [self.train_records[i] for i, _ in own],
+                [[*self.prompts[i], *r] for i, r in own],
+                own_texts,
             )
-            ref_logps = self.reference.logps(batch)
+            responses = distributed.gather_lists(own)
+            texts = distributed.gather_lists(own_texts)
+            terms = {name: distributed.gather_rows(values) for name, values in own_terms.items()}
+            raw = self.reward.combine(terms)
+            batch = pack_responses(self.prompts, responses, self.tokenizer.pad_id)
+            # This rank's rows of the whole (padded) batch: its prompts' responses.
+            group = self.samples_per_prompt
+            rows = slice(numbers.start * group, numbers.stop * group)
+            own_batch = {key: value[rows] for key, value in batch.items()}
+            own_logps, own_values, own_entropy = response_outputs(
+                model, own_batch, with_values=True, with_entropy=True
+            )
+            own_ref_logps = self.reference.logps(own_batch)
         finally:
             model.train(was_training)
+        old_logps = distributed.gather_rows(own_logps)
+        ref_logps = distributed.gather_rows(own_ref_logps)
+        values = None if own_values is None else distributed.gather_rows(own_values)
+        assert own_entropy is not None  # the mean over this rank's tokens: over all ranks' next
+        entropy = distributed.weighted_mean(float(own_entropy), float(own_batch["mask"].sum()))
         mask = batch["mask"]
         kl_tokens = rl.per_token_kl(old_logps, ref_logps)
         # KL per response: summed over its tokens (TRL's measure, what the penalty adds up to
@@ -309,7 +313,7 @@ class RlStage(StageBase):
         self.rollout_stats = {
             "reward_mean": float(raw.float().mean()),
             "kl": float(kl_per_response.mean()),
-            "entropy": float(entropy) if entropy is not None else 0.0,
+            "entropy": entropy,
             "response_len": float(lengths.mean()),
             "kl_coef": float(self.kl.value),
         }
@@ -328,7 +332,8 @@ class RlStage(StageBase):
         self.iteration += 1
         every = self.settings.samples_every
         if self.on_sample is not None and every and (self.iteration - 1) % every == 0:
-            prompt = records[0]["prompt_messages"][-1]["content"].replace("\n", " ")[:80]
+            first = self.train_records[responses[0][0]]
+            prompt = first["prompt_messages"][-1]["content"].replace("\n", " ")[:80]
             sample = texts[0].strip().replace("\n", " ")[:120]
             self.on_sample(
                 f"iteration {self.iteration}: {prompt!r} -> {sample!r} (reward {float(raw[0]):.3f})"
@@ -365,7 +370,10 @@ class RlStage(StageBase):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["mask"]
-        logps, values, _ = response_outputs(model, batch, with_values=True)
+        # Through DDP's forward when the Trainer trains under several processes.
+        logps, values, _ = distributed.forward_through(
+            model, response_outputs, batch, with_values=True
+        )
         if self.settings.algo == "grpo":
             loss, clip_frac, _ = rl.grpo_loss(
                 logps,
@@ -526,6 +534,11 @@ def run_rlhf(
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     setup = start_finetune(config, spec, inputs, "rlhf", on_event)
     settings = rl_settings(config)
+    if settings.rollout_batch_size < distributed.world_size():  # before the reward model trains
+        raise UserError(
+            f"{distributed.world_size()} processes share each iteration's prompts: set "
+            f"rlhf.rollout_batch_size (now {settings.rollout_batch_size}) to at least that"
+        )
     reward_model = None
     if config.rlhf.reward in ("model", "both"):
         reward_model, source = run_reward(
