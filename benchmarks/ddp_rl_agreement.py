@@ -27,6 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests.conftest import FINETUNE_SETS, TINY_SETS, set_args  # noqa: E402
 from tests.test_distributed_rl import (  # noqa: E402
+    DPO_RUN_SETS,
     GRPO,
     GRPO_SETS,
     PPO,
@@ -34,7 +35,6 @@ from tests.test_distributed_rl import (  # noqa: E402
     RL_SETS,
     RL_STATS,
 )
-from tests.test_dpo_cmd import DPO_SETS  # noqa: E402
 
 FP32 = ["--precision", "fp32", "--device", "cpu", "--threads", "1"]
 
@@ -82,7 +82,7 @@ def main() -> None:
         minigpt("sft", *sft, *set_args(FINETUNE_SETS))
     reward = work / "ppo-1" / "reward"  # trained by the one-process PPO run, reused by GRPO
     runs = {
-        "dpo": ["dpo", "--max-steps", "20", *set_args(DPO_SETS)],
+        "dpo": ["dpo", "--max-steps", "20", *set_args(DPO_RUN_SETS)],
         "ppo": ["rlhf", *PPO, *set_args([*RL_SETS, *REWARD_SETS])],
         "grpo": ["rlhf", *GRPO, "--reward-model", str(reward), *set_args(GRPO_SETS)],
     }

@@ -15,17 +15,31 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from benchmarks.crash_consistency import compare_runs, leftover_temporaries
+from minigpt_cli.config.loader import load_config
+from minigpt_cli.engine.data.stage_records import builtin_records
+from minigpt_cli.engine.model.heads import PolicyWithValue
+from minigpt_cli.engine.objectives.policy import Reference
+from minigpt_cli.engine.runs.load import load_run
+from minigpt_cli.engine.stages.rlhf import RlStage, rl_settings
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.errors import UserError
 from tests.conftest import RLHF_SETS, finished_run, run_cli, set_args
 from tests.test_distributed import FP32, TWO, _assert_same_training, _launch, _rows
+from tests.test_dpo import builtin_pairs, make_stage, tiny_model
 from tests.test_dpo_cmd import DPO_SETS
+from tests.test_rlhf import DigitShare
+
+# DPO's test runs: the fine-tuning fixtures' shapes, a train row every step.
+DPO_RUN_SETS = [*DPO_SETS, "train.log_every=1"]
 
 # Rounding of sums over differently sized batches, carried through a few updates: measured up to
 # 1.3e-6 relative (benchmarks/ddp_rl_agreement.py), so 1e-4 leaves a wide margin and still fails
@@ -78,7 +92,7 @@ def _same_rl_statistics(reference: Path, trial: Path) -> None:
 def one_process_dpo(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
     """20 DPO steps of the SFT fixture in one process, a snapshot every 10."""
     return finished_run(
-        tmp_path_factory, "dpo", tiny_sft_run, "dpo-1", "--max-steps", "20", sets=DPO_SETS
+        tmp_path_factory, "dpo", tiny_sft_run, "dpo-1", "--max-steps", "20", sets=DPO_RUN_SETS
     )
 
 
@@ -86,7 +100,7 @@ def one_process_dpo(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path
 def two_process_dpo(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("dpo-2") / "run"
     args = ["--from", tiny_sft_run, "--out", run_dir, "--max-steps", "20", *FP32, *TWO]
-    result = _launch("dpo", *args, *set_args(DPO_SETS))
+    result = _launch("dpo", *args, *set_args(DPO_RUN_SETS))
     assert result.stdout.count("checkpoint saved at step 20") == 1  # rank 0 alone reports
     return run_dir
 
@@ -220,3 +234,111 @@ def test_shares_cover_every_item_once_in_rank_order(monkeypatch: pytest.MonkeyPa
     assert distributed.share(4) == range(4)
     assert distributed.gather_lists([1, 2]) == [1, 2]
     assert distributed.weighted_mean(0.5, 3.0) == 0.5
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_rank_scores_only_its_share_of_the_dpo_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank r of 2 scores its half of the chunks; what the gather assembles is one process's."""
+    pairs = builtin_pairs(10)  # chunks of 4 pairs: training 4 + 4 + 2, held-out 4
+    whole = make_stage(pairs, pairs[:4])
+    whole.cache_reference(tiny_model(), batch_pairs=4)
+    shares: dict[int, list] = {}
+    scored: dict[int, list[int]] = {}
+    for rank in (0, 1):
+        stage = make_stage(pairs, pairs[:4])
+        scored[rank] = []
+
+        def counting(
+            model: torch.nn.Module,
+            chunk: list,
+            context: Any,
+            rank: int = rank,
+            score: Any = stage._score,
+        ) -> Any:
+            scored[rank].append(len(chunk))
+            return score(model, chunk, context)
+
+        def gather(items: list, rank: int = rank) -> list:
+            shares[rank] = items  # rank 0 runs first: rank 1 receives its share
+            return [*shares.get(0, []), *items] if rank == 1 else items
+
+        monkeypatch.setattr(stage, "_score", counting)
+        monkeypatch.setattr(distributed, "_active", distributed.Ranks(rank, 2))
+        monkeypatch.setattr(distributed, "gather_lists", gather)
+        stage.cache_reference(tiny_model(), batch_pairs=4)
+    assert scored == {0: [4, 4], 1: [2, 4]}  # each chunk once in the job
+    assert torch.equal(stage.reference_train, whole.reference_train)
+    assert torch.equal(stage.reference_val, whole.reference_val)
+
+
+def _rl_stage(run: Path, algo: str) -> tuple[RlStage, torch.nn.Module]:
+    """4 prompts an iteration (GRPO: 4 responses each) against the digit-share reward."""
+    loaded = load_run(run)
+    config = load_config("tiny")
+    shapes = {"algo": algo, "rollout_batch_size": 4, "num_generations": 4, "max_new_tokens": 8}
+    settings = replace(rl_settings(config), **shapes)
+    records = builtin_records("rlhf", "train", 64, 0)
+    policy = loaded.model.eval()
+    stage = RlStage(
+        records,
+        records[:4],
+        tokenizer=loaded.tokenizer,
+        reward=DigitShare("rule"),
+        reference=Reference(policy),
+        settings=settings,
+        seed=0,
+        global_batch_size=4,
+        seq_len=policy.config.context_length,
+    )
+    return stage, PolicyWithValue(policy) if algo == "ppo" else policy
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_each_rank_rolls_out_only_its_prompts_and_all_hold_the_whole_rollout(
+    tiny_pretrain_run: Path, monkeypatch: pytest.MonkeyPatch, algo: str
+) -> None:
+    """Rank 1 of 2, with rank 0's shares delivered by a fake gather, samples and scores only its
+    2 prompts and ends with one process's buffer and statistics."""
+    whole, model = _rl_stage(tiny_pretrain_run, algo)
+    whole.rollout(model)
+    sampled: dict[int, list[range]] = {}
+    delivered: list[Any] = []  # rank 0's shares, in the order its rollout gathered them
+    for rank in (0, 1):
+        stage, model = _rl_stage(tiny_pretrain_run, algo)
+        sample = stage._sample
+        sampled[rank] = []
+
+        def counting(model: Any, indices: list, numbers: range, rank: int = rank) -> Any:
+            sampled[rank].append(numbers)
+            return sample(model, indices, numbers)  # noqa: B023 - called within this iteration
+
+        def gather(items: Any, rank: int = rank) -> Any:
+            if rank == 0:
+                delivered.append(items)
+                return items
+            first = delivered.pop(0)
+            return torch.cat([first, items]) if isinstance(items, torch.Tensor) else first + items
+
+        def mean(value: float, weight: float, rank: int = rank) -> float:
+            if rank == 0:
+                delivered.append((value, weight))
+                return value
+            other, other_weight = delivered.pop(0)
+            return (other * other_weight + value * weight) / (other_weight + weight)
+
+        monkeypatch.setattr(stage, "_sample", counting)
+        monkeypatch.setattr(distributed, "_active", distributed.Ranks(rank, 2))
+        monkeypatch.setattr(distributed, "gather_lists", gather)
+        monkeypatch.setattr(distributed, "gather_rows", gather)
+        monkeypatch.setattr(distributed, "weighted_mean", mean)
+        stage.rollout(model)
+    assert sampled == {0: [range(0, 2)], 1: [range(2, 4)]} and delivered == []
+    assert whole.buffer is not None and stage.buffer is not None
+    assert whole.buffer.keys() == stage.buffer.keys()
+    for key, value in whole.buffer.items():
+        torch.testing.assert_close(stage.buffer[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert stage.rollout_stats == pytest.approx(whole.rollout_stats, rel=1e-5, abs=1e-7)
+    assert torch.equal(stage.buffer_order, whole.buffer_order)

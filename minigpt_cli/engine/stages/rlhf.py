@@ -284,7 +284,7 @@ class RlStage(StageBase):
         old_logps = distributed.gather_rows(own_logps)
         ref_logps = distributed.gather_rows(own_ref_logps)
         values = None if own_values is None else distributed.gather_rows(own_values)
-        assert own_entropy is not None  # the mean over this rank's tokens: over all ranks' next
+        assert own_entropy is not None  # a mean over this rank's tokens; next, over all ranks'
         entropy = distributed.weighted_mean(float(own_entropy), float(own_batch["mask"].sum()))
         mask = batch["mask"]
         kl_tokens = rl.per_token_kl(old_logps, ref_logps)
