@@ -95,7 +95,7 @@ def main() -> None:
         alone = prompt_at_a_time(stage, policy, indices)
         seconds["prompt at a time"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        batched = stage._sample(policy, indices)
+        batched = stage._sample(policy, indices, range(len(indices)))
         seconds["one batch"].append(time.perf_counter() - start)
         if batched != alone:
             raise SystemExit(f"iteration {iteration}: the batched rollout drew other tokens")

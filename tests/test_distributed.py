@@ -183,15 +183,6 @@ def test_torchrun_environment_is_read_and_a_partial_one_refused() -> None:
         distributed.from_environment({**_rank_env(0), "MASTER_PORT": ""})
 
 
-def test_verbs_that_do_not_run_split_yet_refuse_a_world_size_above_one() -> None:
-    for verb in ("dpo", "reward", "rlhf"):
-        with pytest.raises(UserError, match=f"{verb} does not run under several processes"):
-            distributed.refuse_unsupported(verb, None, 2)
-    with pytest.raises(UserError, match="--max-time"):
-        distributed.refuse_unsupported("pretrain", "10m", 2)
-    distributed.refuse_unsupported("dpo", "10m", 1)  # one process: everything as before
-
-
 def test_the_governors_back_off_stays_shareable_by_the_ranks() -> None:
     assert distributed.shareable_micro_batch(4, 8, 2) == 4
     assert distributed.shareable_micro_batch(4, 12, 2) == 3  # 12 = 4 x 3: 3 micro-batches

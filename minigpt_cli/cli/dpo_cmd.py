@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune
+from minigpt_cli.cli import common, finetune, launch
 
 BetaOpt = Annotated[
     float | None,
@@ -32,12 +32,15 @@ def dpo(
     lora_dropout: finetune.LoraDropoutOpt = None,
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
+    nproc: launch.NprocOpt = None,
 ) -> None:
     """Preference-tune a run with DPO: prefer the chosen reply over the rejected one.
 
     Data: {"prompt","chosen","rejected"} JSONL (a "Human: ... Assistant:" prompt is split into
     turns); with no --data, the built-in pairs. The reference is the starting model, frozen.
     """
+    if nproc is not None:
+        launch.relaunch(nproc)
     from minigpt_cli.engine.stages.dpo import run_dpo
 
     finetune.run_finetune(

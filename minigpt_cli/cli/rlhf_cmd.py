@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune
+from minigpt_cli.cli import common, finetune, launch
 from minigpt_cli.errors import UserError
 
 ALGOS = ("ppo", "grpo")
@@ -106,6 +106,7 @@ def rlhf(
     num_generations: GenerationsOpt = None,
     lora: finetune.LoraOpt = False,
     merge: finetune.MergeOpt = False,
+    nproc: launch.NprocOpt = None,
 ) -> None:
     """Reinforcement learning from feedback: PPO (or GRPO) against a reward, with a KL leash.
 
@@ -135,6 +136,8 @@ def rlhf(
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
         raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    if nproc is not None:
+        launch.relaunch(nproc)
     chosen_algo = algo or _saved_algo(flags.out, flags.resume) or default_algorithm(reward)
     finetune.run_finetune(
         "rlhf",

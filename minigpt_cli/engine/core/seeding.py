@@ -60,3 +60,20 @@ def restore_rng(state: dict[str, Any]) -> None:
                 for s in state["cuda"]
             ]
         )
+
+
+def tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as JSON (dtype, shape, base64 bytes): what a stage keeps in trainer_state.json
+    beside the RNG states (RLHF's rollout buffer), restored bit for bit by `tensor_from_json`."""
+    array = tensor.detach().cpu().contiguous().numpy()
+    return {
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "data": base64.b64encode(array.tobytes()).decode(),
+    }
+
+
+def tensor_from_json(payload: dict[str, Any]) -> torch.Tensor:
+    raw = base64.b64decode(payload["data"])
+    array = np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"])
+    return torch.from_numpy(array.copy())

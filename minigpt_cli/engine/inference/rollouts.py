@@ -124,3 +124,28 @@ def _rows_of(groups: Sequence[int], group: int, device: torch.device) -> torch.T
     """The row numbers of groups `groups` (each `group` consecutive rows), in order."""
     starts = torch.tensor(list(groups), dtype=torch.long, device=device) * group
     return (starts[:, None] + torch.arange(group, device=device)).reshape(-1)
+
+
+def pack_responses(
+    prompts: Sequence[Sequence[int]], responses: Sequence[tuple[int, list[int]]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """An RL rollout as the tensors its losses read: each (prompt number, response ids) as one
+    right-padded sequence (`ids`), the positions of its response tokens in it (`positions`,
+    padded with the last one) and which of those are real (`mask`), and the prompt numbers
+    (`record`)."""
+    rows, positions, masks = [], [], []
+    width = max(len(prompts[i]) + len(r) for i, r in responses)
+    longest = max(len(r) for _, r in responses)
+    for index, response in responses:
+        prompt = prompts[index]
+        rows.append([*prompt, *response] + [pad_id] * (width - len(prompt) - len(response)))
+        span = list(range(len(prompt), len(prompt) + len(response)))
+        pad = [span[-1]] * (longest - len(span))
+        positions.append(span + pad)
+        masks.append([True] * len(span) + [False] * len(pad))
+    return {
+        "ids": torch.tensor(rows, dtype=torch.long),
+        "positions": torch.tensor(positions, dtype=torch.long),
+        "mask": torch.tensor(masks, dtype=torch.bool),
+        "record": torch.tensor([i for i, _ in responses], dtype=torch.long),
+    }

@@ -5,8 +5,9 @@ each prompt in the one chat template, each reply and its end-of-turn after it, c
 trains a `DpoStage` on the one Trainer, the policy started and finished by `training.finetune`.
 
 - `DpoStage`: the Trainer's `Stage`. The reference model is the frozen starting policy; its
-  log-probabilities are computed once (`cache_reference`) and stored on the stage, so memory holds
-  one model and a resumed run uses exactly the reference of the first run.
+  log-probabilities are computed once (`cache_reference`; under torchrun each rank scores its
+  share, then all have them all) and stored on the stage, so memory holds one model and a resumed
+  run uses exactly the reference of the first run.
 - The loss is `objectives.preference.dpo_loss` on `sequence_logps` (the sigmoid DPO loss with
   TRL's conservative label smoothing) and the implicit rewards beta * (log p_policy - log
   p_reference) feed `preference_metrics`.
@@ -42,6 +43,7 @@ from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.objectives.preference import dpo_loss, preference_metrics, sequence_logps
 from minigpt_cli.engine.resources.memory import fit_memory
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import (
     FinetuneInputs,
     finish_finetune,
@@ -138,32 +140,44 @@ class DpoStage(PairStage):
         Eval mode (no dropout) and no gradients; `autocast` (e.g. the Trainer's precision context)
         should be the one training uses, so that at step 0 policy and reference agree. Emits
         `progress` events (unit "pairs").
+
+        Under several processes each rank scores its own share of the chunks of `batch_pairs`
+        pairs, then every rank gets all of them: the pairs are scored once in the job, each in
+        the same chunk (the same padding) as one process scores it, so the numbers are its.
         """
         context = autocast or nullcontext
-        total = len(self.train_pairs) + len(self.val_pairs)
+        size = max(1, batch_pairs)
+        splits = (self.train_pairs, self.val_pairs)
+        chunks = [
+            (which, start)
+            for which, pairs in enumerate(splits)
+            for start in range(0, len(pairs), size)
+        ]
+        mine = [chunks[number] for number in distributed.share(len(chunks))]
+        total = sum(len(splits[which][start : start + size]) for which, start in mine)
         done = 0
         was_training = model.training
         model.eval()
-        results = []
+        scored: list[tuple[int, int, torch.Tensor]] = []
         try:
-            for pairs in (self.train_pairs, self.val_pairs):
-                scores = torch.empty(len(pairs), 2, dtype=torch.float32)
-                for start in range(0, len(pairs), max(1, batch_pairs)):
-                    chunk = pairs[start : start + max(1, batch_pairs)]
-                    scores[start : start + len(chunk)] = self._score(model, chunk, context)
-                    done += len(chunk)
-                    emit(
-                        on_event,
-                        "progress",
-                        self.name,
-                        task="reference log-probs",
-                        done=done,
-                        total=total,
-                        unit="pairs",
-                    )
-                results.append(scores)
+            for which, start in mine:
+                chunk = splits[which][start : start + size]
+                scored.append((which, start, self._score(model, chunk, context)))
+                done += len(chunk)
+                emit(
+                    on_event,
+                    "progress",
+                    self.name,
+                    task="reference log-probs",
+                    done=done,
+                    total=total,
+                    unit="pairs",
+                )
         finally:
             model.train(was_training)
+        results = [torch.empty(len(pairs), 2, dtype=torch.float32) for pairs in splits]
+        for which, start, scores in distributed.gather_lists(scored):
+            results[which][start : start + len(scores)] = scores
         self.reference_train, self.reference_val = results
 
     def _score(
@@ -207,7 +221,8 @@ class DpoStage(PairStage):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`dpo_loss` of a padded batch (chosen rows first) against its (n, 2) reference."""
         pairs = reference.shape[0]
-        logps = sequence_logps(model, ids, mask)
+        # Through DDP's forward when the Trainer trains under several processes.
+        logps = distributed.forward_through(model, sequence_logps, ids, mask)
         return dpo_loss(
             logps[:pairs],
             logps[pairs:],

@@ -46,9 +46,10 @@ from minigpt_cli.engine.model.heads import (
 )
 from minigpt_cli.engine.objectives.preference import bradley_terry_loss, reward_metrics
 from minigpt_cli.engine.resources.memory import fit_memory
-from minigpt_cli.engine.runs.checkpoint import clear_run, read_state, republish
+from minigpt_cli.engine.runs.checkpoint import clear_run, find_resume_point, read_state, republish
 from minigpt_cli.engine.runs.files import REWARD_DIR
 from minigpt_cli.engine.runs.load import load_reward_model
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import FinetuneSetup
 from minigpt_cli.engine.training.pair_stage import PairStage
 from minigpt_cli.engine.training.run_spec import RunSpec
@@ -203,17 +204,30 @@ def run_reward(
         return loaded.model, str(reuse)
     reward_dir = spec.run_dir / REWARD_DIR
     train = config.stage_train("reward")
-    # A sub-run: its publication a crash cut short is finished here, as the CLI does for a run,
-    # so a reward model whose last save was cut is loaded whole.
-    point = republish(reward_dir, train.keep_last) if reward_dir.is_dir() else None
+
+    def prepare() -> Path | None:
+        """The sub-run's resume point. A sub-run: its publication a crash cut short is finished
+        here, as the CLI does for a run, so a reward model whose last save was cut is loaded
+        whole; an attempt killed before its first save leaves nothing to continue. Rank 0 alone
+        writes; the others then find what it left."""
+        point = republish(reward_dir, train.keep_last) if reward_dir.is_dir() else None
+        if point is None and reward_dir.is_dir():
+            clear_run(reward_dir)
+        return point
+
+    point = distributed.first_rank(
+        prepare, lambda: find_resume_point(reward_dir) if reward_dir.is_dir() else None
+    )
     if point is not None and read_state(point).get("finished"):
         emit(
             on_event, "note", "reward", message=f"reusing the finished reward model in {reward_dir}"
         )
         return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)
+    # Before it trains: the ranks must be able to share the reward model's steps too.
+    distributed.check_split(
+        train.global_batch_size, train.micro_batch_size, distributed.world_size(), "reward"
+    )
     emit(on_event, "note", "reward", message="training the reward model on preference pairs")
-    if point is None and reward_dir.is_dir():
-        clear_run(reward_dir)  # an attempt killed before its first save: nothing to continue
     seed_everything(train.seed)
     model = reward_model_from_policy(policy_of(setup.model)).to(setup.device)
     context = config.model.context_length
@@ -246,8 +260,9 @@ def run_reward(
         eval_pairs=train.eval_batches * train.micro_batch_size,
         eval_batch=min(EVAL_BATCH, micro_batch),
     )
-    make_dir(reward_dir)
-    setup.tokenizer.save(reward_dir)
+    if distributed.is_writer():
+        make_dir(reward_dir)
+        setup.tokenizer.save(reward_dir)
     reward_spec = RunSpec(
         run_dir=reward_dir,
         resume=point is not None,
@@ -268,4 +283,5 @@ def run_reward(
         vocab_size=setup.tokenizer.vocab_size,
         micro_batch_size=micro_batch,
     ).fit()
+    distributed.barrier()  # rank 0's last save is complete before any rank loads it
     return load_reward_model(reward_dir, str(setup.device)).model, str(reward_dir)

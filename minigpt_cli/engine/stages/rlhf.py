@@ -5,10 +5,11 @@ steps over batches:
 
 - An *iteration* samples responses to `rollout_batch_size` prompts with the KV cache (GRPO: G per
   prompt), scores them (`metrics.rewards.RewardSource`: a reward model trained here by
-  `stages.reward`, the rule checker, or both)
-  and computes, without gradients, everything the losses compare against: the sampling policy's
-  log-probabilities, the frozen reference's, values and advantages (PPO: KL-penalised rewards and
-  GAE; GRPO: group-normalised rewards). That happens in `before_step`, when the buffer is used up.
+  `stages.reward`, the rule checker, or both) and computes, without gradients, everything the
+  losses compare against: the sampling policy's log-probabilities, the frozen reference's, values
+  and advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards). That happens
+  in `before_step`, when the buffer is used up. Under torchrun each rank does its share of the
+  prompts and every rank then holds the whole rollout (`RlStage.rollout`).
 - The buffer is then consumed in `ppo_epochs` shuffled passes of `global_batch_size` responses
   per optimizer step, so one iteration is `steps_per_iteration` Trainer steps; the Trainer counts
   `max_steps`, `eval_every`, `save_every` and `log_every` in iterations for such a stage, and
@@ -26,7 +27,6 @@ gathered from it (`objectives.policy.response_outputs`).
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +38,11 @@ from torch import nn
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
-from minigpt_cli.engine.core.seeding import seed_everything
+from minigpt_cli.engine.core.seeding import seed_everything, tensor_from_json, tensor_to_json
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.inference.generation import SamplingSettings
-from minigpt_cli.engine.inference.rollouts import sample_groups
+from minigpt_cli.engine.inference.rollouts import pack_responses, sample_groups
 from minigpt_cli.engine.metrics.exact_match import (
     AnswerResult,
     score_answers,
@@ -56,6 +56,7 @@ from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.runs.files import VALUE_HEAD_FILE, load_tensors
 from minigpt_cli.engine.runs.load import language_model_files, load_language_model_files
 from minigpt_cli.engine.stages.reward import run_reward
+from minigpt_cli.engine.training import distributed
 from minigpt_cli.engine.training.finetune import (
     FinetuneInputs,
     finish_finetune,
@@ -103,21 +104,6 @@ class RlSettings:
 DEFAULT_KL_COEF = {"ppo": 1.0, "grpo": 0.05}
 
 
-def _encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
-    array = tensor.detach().cpu().contiguous().numpy()
-    return {
-        "dtype": str(array.dtype),
-        "shape": list(array.shape),
-        "data": base64.b64encode(array.tobytes()).decode(),
-    }
-
-
-def _decode_tensor(payload: dict[str, Any]) -> torch.Tensor:
-    raw = base64.b64decode(payload["data"])
-    array = np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"])
-    return torch.from_numpy(array.copy())
-
-
 class RlStage(StageBase):
     """PPO or GRPO iterations as Trainer steps (see the module docstring)."""
 
@@ -162,10 +148,8 @@ class RlStage(StageBase):
                 "rlhf.rollout_batch_size, num_generations and global_batch_size to divide"
             )
         self.steps_per_iteration = passes // global_batch_size
-        # GRPO's one optimizer step per rollout (TRL's num_iterations = 1) is taken with the
-        # weights that sampled it, so the sampling policy's log-probs need no forward of their
-        # own: the loss's forward has them (about a third of an iteration's time on a CPU).
-        # PPO needs them before its first step, for the KL-penalised rewards and GAE.
+        # GRPO's one step per rollout uses the weights that sampled it: the loss's own forward
+        # has the sampling policy's log-probs (PPO needs them earlier, for rewards and GAE).
         self.on_policy = settings.algo == "grpo" and self.steps_per_iteration == 1
         self.seq_len = seq_len
         room = seq_len - settings.max_new_tokens  # a prompt keeps its end (the question)
@@ -220,10 +204,12 @@ class RlStage(StageBase):
             self.prompt_cursor += 1
         return picked
 
-    def _sample(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int]]]:
-        """(record index, response ids incl. end-of-turn when it stopped) per sampled response,
-        every prompt's responses decoded in one batch; prompt `number` of the iteration draws
-        from its own seed, as a prompt-at-a-time rollout would."""
+    def _sample(
+        self, model: nn.Module, indices: list[int], numbers: range
+    ) -> list[tuple[int, list[int]]]:
+        """(record index, response ids incl. end-of-turn when it stopped) per response to the
+        prompts `numbers` of `indices`, decoded in one batch; prompt `number` of the iteration
+        draws from its own seed, as a prompt-at-a-time rollout would, whichever rank decodes it."""
         sampling = SamplingSettings(
             max_new_tokens=self.settings.max_new_tokens,
             temperature=self.settings.temperature,
@@ -233,75 +219,70 @@ class RlStage(StageBase):
         )
         seeds = [
             int(np.random.default_rng([self.seed, self.iteration, number]).integers(2**31))
-            for number in range(len(indices))
+            for number in numbers
         ]
-        prompts = [self.prompts[index] for index in indices]
+        picked = [indices[number] for number in numbers]
+        prompts = [self.prompts[index] for index in picked]
         groups = sample_groups(policy_of(model), prompts, sampling, self.samples_per_prompt, seeds)
         responses = []
-        for index, group in zip(indices, groups, strict=True):
+        for index, group in zip(picked, groups, strict=True):
             for tokens in group:
                 if len(tokens) < self.settings.max_new_tokens:
                     tokens = [*tokens, self.tokenizer.eot_id]  # the stop is an action too
                 responses.append((index, tokens or [self.tokenizer.eot_id]))
         return responses
 
-    def _pack(self, responses: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded sequences and the positions of their response tokens."""
-        rows, positions, masks = [], [], []
-        width = max(len(self.prompts[i]) + len(r) for i, r in responses)
-        longest = max(len(r) for _, r in responses)
-        for index, response in responses:
-            prompt = self.prompts[index]
-            ids = [*prompt, *response] + [self.tokenizer.pad_id] * (
-                width - len(prompt) - len(response)
-            )
-            rows.append(ids)
-            span = list(range(len(prompt), len(prompt) + len(response)))
-            pad = [span[-1]] * (longest - len(span))
-            positions.append(span + pad)
-            masks.append([True] * len(span) + [False] * len(pad))
-        return {
-            "ids": torch.tensor(rows, dtype=torch.long),
-            "positions": torch.tensor(positions, dtype=torch.long),
-            "mask": torch.tensor(masks, dtype=torch.bool),
-            "record": torch.tensor([i for i, _ in responses], dtype=torch.long),
-        }
-
     @torch.no_grad()
     def rollout(self, model: nn.Module) -> None:
-        """Sample, score and prepare one iteration's buffer (no gradients, eval mode)."""
+        """Sample, score and prepare one iteration's buffer (no gradients, eval mode).
+
+        Under several processes each rank samples, scores and reads the log-probabilities of its
+        share of the prompts (a GRPO group stays on one rank); every rank gathers the whole
+        rollout, in one process's order, and computes what is global from it (reward
+        normalisation, advantages and whitening, the KL controller's KL, the logged means), so
+        all hold the same buffer and the Trainer trains each rank's share of its batches."""
         was_training = model.training
         model.eval()
         try:
             indices = self._next_prompts()
-            responses = self._sample(model, indices)
-            batch = self._pack(responses)
-            texts = [self.tokenizer.decode(r) for _, r in responses]
-            records = [self.train_records[i] for i, _ in responses]
-            sequences = [[*self.prompts[i], *r] for i, r in responses]
-            terms = self.reward.terms(records, sequences, texts)
+            numbers = distributed.share(len(indices))
+            own = self._sample(model, indices, numbers)
+            own_texts = [self.tokenizer.decode(r) for _, r in own]
+            own_terms = self.reward.terms(
+                [self.train_records[i] for i, _ in own],
+                [[*self.prompts[i], *r] for i, r in own],
+                own_texts,
+            )
+            responses = distributed.gather_lists(own)
+            texts = distributed.gather_lists(own_texts)
+            terms = {name: distributed.gather_rows(values) for name, values in own_terms.items()}
             raw = self.reward.combine(terms)
-            old_logps = values = entropy = None
+            batch = pack_responses(self.prompts, responses, self.tokenizer.pad_id)
+            # This rank's rows of the whole (padded) batch: its prompts' responses.
+            group = self.samples_per_prompt
+            rows = slice(numbers.start * group, numbers.stop * group)
+            own_batch = {key: value[rows] for key, value in batch.items()}
+            own_logps = own_values = own_entropy = None
             if not self.on_policy:
-                old_logps, values, entropy = response_outputs(
-                    model, batch, with_values=True, with_entropy=True
+                own_logps, own_values, own_entropy = response_outputs(
+                    model, own_batch, with_values=True, with_entropy=True
                 )
-            ref_logps = self.reference.logps(batch)
+            own_ref_logps = self.reference.logps(own_batch)
         finally:
             model.train(was_training)
-        mask = batch["mask"]
-        batch["ref_logps"] = ref_logps
-        kl_stats: dict[str, float] = {}
-        if old_logps is not None:
-            batch["old_logps"] = old_logps
+        mask, kl_stats = batch["mask"], {}
+        batch["ref_logps"] = ref_logps = distributed.gather_rows(own_ref_logps)
+        if own_logps is not None and own_entropy is not None:  # the entropy: over all ranks
+            batch["old_logps"] = old_logps = distributed.gather_rows(own_logps)
+            values = None if own_values is None else distributed.gather_rows(own_values)
+            own_tokens = float(own_batch["mask"].sum())
             kl_stats = {
                 "kl": float(rl.response_kl(old_logps, ref_logps, mask).mean()),
-                "entropy": float(entropy) if entropy is not None else 0.0,
+                "entropy": distributed.weighted_mean(float(own_entropy), own_tokens),
             }
         if self.settings.algo == "grpo":
             batch["advantages"] = rl.grpo_advantages(raw.float(), self.samples_per_prompt)
         else:
-            assert old_logps is not None, "PPO computes the sampling policy's log-probs above"
             scores = rl.normalise_and_clip(
                 raw.float(), self.score_moments, self.settings.reward_clip
             )
@@ -338,7 +319,8 @@ class RlStage(StageBase):
         self.iteration += 1
         every = self.settings.samples_every
         if self.on_sample is not None and every and (self.iteration - 1) % every == 0:
-            prompt = records[0]["prompt_messages"][-1]["content"].replace("\n", " ")[:80]
+            first = self.train_records[responses[0][0]]
+            prompt = first["prompt_messages"][-1]["content"].replace("\n", " ")[:80]
             sample = texts[0].strip().replace("\n", " ")[:120]
             self.on_sample(
                 f"iteration {self.iteration}: {prompt!r} -> {sample!r} (reward {float(raw[0]):.3f})"
@@ -376,16 +358,14 @@ class RlStage(StageBase):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["mask"]
         on_policy = "old_logps" not in batch
-        logps, values, entropy = response_outputs(
-            model, batch, with_values=True, with_entropy=on_policy
+        # Through DDP's forward when the Trainer trains under several processes.
+        logps, values, entropy = distributed.forward_through(
+            model, response_outputs, batch, with_values=True, with_entropy=on_policy
         )
         if self.settings.algo == "grpo":
-            # On-policy (see `on_policy`): the policy that sampled the batch is this one, so its
-            # log-probs are this forward's, detached (the ratio is exactly 1 at the one step), and
-            # the iteration's KL and entropy are read here. The Trainer averages the figures of
-            # a step's equal-sized micro-batches, so each reports its share of the rollout's
-            # figure: KL per response as a mean, entropy per token as a sum over its share of
-            # all the rollout's response tokens.
+            # On-policy: the sampling policy is this one (the ratio is exactly 1), and each of the
+            # step's equal micro-batches, which the Trainer averages, gives its share of the KL
+            # per response and of the entropy per token over all the rollout's tokens.
             old_logps = logps.detach() if on_policy else batch["old_logps"]
             loss, clip_frac, _ = rl.grpo_loss(
                 logps,
@@ -401,9 +381,8 @@ class RlStage(StageBase):
                 kl = rl.response_kl(old_logps, batch["ref_logps"], mask)
                 metrics["kl"] = float(kl.mean())
                 assert entropy is not None and self.buffer is not None
-                micro_batches = self.rollout_size / mask.shape[0]
-                share = float(mask.sum()) * micro_batches / float(self.buffer["mask"].sum())
-                metrics["entropy"] = float(entropy) * share
+                share = float(mask.sum()) * self.rollout_size / mask.shape[0]
+                metrics["entropy"] = float(entropy) * share / float(self.buffer["mask"].sum())
             return loss * mask.shape[0], {**self.rollout_stats, **metrics}
         policy_loss, clip_frac, approx_kl = rl.ppo_policy_loss(
             logps, batch["old_logps"], batch["advantages"], mask, self.settings.clip_eps
@@ -485,8 +464,8 @@ class RlStage(StageBase):
         }
         if self.buffer is not None and self.buffer_cursor < len(self.buffer_order):
             # Mid-iteration: the rollout came from weights that no longer exist; keep it.
-            state["buffer"] = {k: _encode_tensor(v) for k, v in self.buffer.items()}
-            state["buffer_order"] = _encode_tensor(self.buffer_order)
+            state["buffer"] = {k: tensor_to_json(v) for k, v in self.buffer.items()}
+            state["buffer_order"] = tensor_to_json(self.buffer_order)
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -498,8 +477,8 @@ class RlStage(StageBase):
             self.reward.moments.setdefault(name, rl.RunningMoments()).load_state_dict(moments)
         self.rollout_stats = dict(state.get("rollout_stats", {}))
         if "buffer" in state:
-            self.buffer = {k: _decode_tensor(v) for k, v in state["buffer"].items()}
-            self.buffer_order = _decode_tensor(state["buffer_order"])
+            self.buffer = {k: tensor_from_json(v) for k, v in state["buffer"].items()}
+            self.buffer_order = tensor_from_json(state["buffer_order"])
         else:
             self.buffer = None
             self.buffer_order = torch.empty(0, dtype=torch.long)
@@ -553,6 +532,11 @@ def run_rlhf(
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     setup = start_finetune(config, spec, inputs, "rlhf", on_event)
     settings = rl_settings(config)
+    if settings.rollout_batch_size < distributed.world_size():  # before the reward model trains
+        raise UserError(
+            f"{distributed.world_size()} processes share each iteration's prompts: set "
+            f"rlhf.rollout_batch_size (now {settings.rollout_batch_size}) to at least that"
+        )
     reward_model = None
     if config.rlhf.reward in ("model", "both"):
         reward_model, source = run_reward(

@@ -16,6 +16,7 @@ no-op that returns its input, so one-process runs take exactly the code paths th
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import signal
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ TIMEOUT_ENV = "MINIGPT_COLLECTIVE_TIMEOUT"
 # anyway, by its closed connections and by torchrun, so only a hung rank waits this long.
 DEFAULT_TIMEOUT_S = 1800
 # The verbs whose stages train under DistributedDataParallel; the others refuse a world size > 1.
-DISTRIBUTED_STAGES = ("pretrain", "sft")
+DISTRIBUTED_STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf")
 
 T = TypeVar("T")
 
@@ -121,14 +122,14 @@ def collective_timeout() -> timedelta:
 
 def refuse_unsupported(stage: str, max_time: str | None, world: int) -> None:
     """Refuse, in one line, what does not run under several processes yet, rather than silently
-    training `world` independent copies (dpo, rlhf, the reward model) or letting each rank's own
-    clock end and plan the run (--max-time)."""
+    training `world` independent copies (quickstart's pipeline) or letting each rank's own clock
+    end and plan the run (--max-time)."""
     if world <= 1:
         return
     if stage not in DISTRIBUTED_STAGES:
         raise UserError(
             f"{stage} does not run under several processes yet (only "
-            f"{' and '.join(DISTRIBUTED_STAGES)} do): run it as one process, without torchrun "
+            f"{', '.join(DISTRIBUTED_STAGES)} do): run it as one process, without torchrun "
             "or --nproc"
         )
     if max_time:
@@ -393,3 +394,72 @@ def sum_step_figures(loss: float, metrics: dict[str, float]) -> tuple[float, dic
         for key, value in rank_metrics.items():
             summed[key] = summed.get(key, 0.0) + value
     return total_loss, summed
+
+
+# ------------------------------------------------------- what the preference and RL stages ask
+
+
+def share(count: int) -> range:
+    """This rank's contiguous share of `count` items (pairs' chunks, an iteration's prompts): the
+    ranks' shares in rank order are the items in order, so what `gather_lists` puts back together
+    is what one process would have held. The whole range in one process."""
+    world, rank = _active.world_size, _active.rank
+    return range(rank * count // world, (rank + 1) * count // world)
+
+
+def gather_lists(items: list[T]) -> list[T]:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank."""
+    if _active.world_size <= 1:
+        return list(items)
+    return [item for part in gather_objects(items) for item in part]
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `tensor` (its other dimensions the same on every rank), concatenated
+    in rank order, on every rank, on `tensor`'s device. The tensors a stage gathers are small
+    (scores, per-token log-probabilities of a rollout), so they travel as pickled CPU tensors,
+    whatever the shares' sizes."""
+    if _active.world_size <= 1:
+        return tensor
+    return torch.cat(gather_objects(tensor.detach().cpu())).to(tensor.device)
+
+
+def weighted_mean(value: float, weight: float) -> float:
+    """The mean over every rank of a mean each computed over its own `weight` items (an
+    entropy over this rank's tokens): what one process computes over all the items."""
+    if _active.world_size <= 1:
+        return value
+    total, weights = sum_floats([value * weight, weight])
+    return total / weights if weights else 0.0
+
+
+def barrier() -> None:
+    """Wait for every rank: what rank 0 has just written (a finished reward model) is then there
+    for the others to read."""
+    if _active.world_size > 1:
+        dist.barrier()
+
+
+def forward_through(
+    model: torch.nn.Module, function: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """`function(module, *args, **kwargs)`, run as the forward of `model` when it is the Trainer's
+    DistributedDataParallel wrapper, else simply `function(model, ...)`.
+
+    A stage that reads the network through its own methods (DPO's reply log-probabilities, RL's
+    response log-probabilities and values) must still go through DDP's forward: that is where DDP
+    prepares to average the gradients the backward produces, which calling the methods on
+    `ddp.module` would skip. A torch.compile wrapper around DDP is stepped over (these stages run
+    eagerly under several processes).
+    """
+    inner = getattr(model, "_orig_mod", model)
+    if not isinstance(inner, DistributedDataParallel):
+        return function(model, *args, **kwargs)
+    module = inner.module
+    # The instance attribute shadows the class's forward for this one call (Module.__call__
+    # looks `forward` up on the instance), so DDP's pre- and post-forward run around `function`.
+    module.forward = functools.partial(function, module)
+    try:
+        return cast(T, inner(*args, **kwargs))
+    finally:
+        del module.forward
