@@ -335,6 +335,32 @@ def test_loss_under_bf16_autocast_is_fp32_and_close() -> None:
     assert torch.isfinite(model.lm_head.weight.grad).all()
 
 
+def test_cpu_bf16_forwards_pad_the_length_to_a_multiple_of_8_and_cut_it_off_again() -> None:
+    # What the caller would get by padding each batch itself (the padding never scored): the
+    # same numbers, bit for bit, whichever width the batch has; in fp32 nothing is added.
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(9))
+    targets = ids.roll(-1, dims=1)
+    padded_ids = F.pad(ids, (0, 3))
+    padded_targets = F.pad(targets, (0, 3), value=IGNORE_INDEX)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, per_token = model(ids, targets=targets, reduction="none")
+        want_logits, want = model(padded_ids, targets=padded_targets, reduction="none")
+        _, total = model(ids, targets=targets, reduction="sum")
+        _, want_total = model(padded_ids, targets=padded_targets, reduction="sum")
+        hidden = model.hidden_states(ids)
+        want_hidden = model.hidden_states(padded_ids)[:, :13]
+        last = model(ids, last_only=True)
+        assert model._length_padding(ids, None, room=32) == 3
+        assert model._length_padding(ids, None, room=14) == 1  # never past the context
+    assert logits.shape == (3, 13, VOCAB) and per_token.shape == (3, 13)
+    assert torch.equal(logits, want_logits[:, :13]) and torch.equal(per_token, want[:, :13])
+    assert torch.equal(total, want_total)
+    assert torch.equal(hidden, want_hidden)
+    assert torch.equal(last, want_logits[:, 12:13])
+    assert model._length_padding(ids, None, room=32) == 0  # fp32: no padding
+
+
 def test_no_gradient_work_under_no_grad() -> None:
     model = make_model()
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(8))
