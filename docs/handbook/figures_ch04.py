@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from figkit import Kit, markdown_table
+from figkit import Kit, markdown_table, plain_log_axis
 
 FIGURES = ["ch04-masking.png", "ch04-exact-match.png"]
 TABLES = ["ch04-inspect", "ch04-lora", "ch04-text-mix"]
@@ -18,6 +18,7 @@ FAMILIES = ("addition", "facts", "string_ops", "translation")
 INSPECTED = 5  # the first built-in SFT records: one of every family, addition in both languages
 CONVERSATION = (4, 10)  # two of those records (English additions) as one two-turn chat
 NO_MIX = "ch04-no-text-mix"
+COLOURS = {"pretrain": "tab:gray", "sft": "tab:blue", NO_MIX: "tab:orange"}
 
 
 def make(kit: Kit) -> None:
@@ -145,6 +146,7 @@ def _text_mix(kit: Kit, quickstart: Path, no_mix: Path, folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.runs.checkpoint import read_metrics
 
     saved = folder / "eval.json"
@@ -154,10 +156,11 @@ def _text_mix(kit: Kit, quickstart: Path, no_mix: Path, folder: Path) -> None:
     report = {
         Path(run["path"]).name: run["metrics"] for run in json.loads(saved.read_text())["runs"]
     }
+    mixed, unmixed = (read_run_config(run).sft for run in (quickstart / "sft", no_mix))
     labels = {
         "pretrain": "pretrained (before SFT)",
-        "sft": "SFT, text_mix 0.112 (the quickstart's)",
-        NO_MIX: "SFT, text_mix 0",
+        "sft": f"SFT, text_mix {mixed.text_mix}, text_weight {mixed.text_weight} (quickstart)",
+        NO_MIX: f"SFT, text_mix {unmixed.text_mix}",
     }
     rows = []
     for name, label in labels.items():
@@ -175,21 +178,23 @@ def _text_mix(kit: Kit, quickstart: Path, no_mix: Path, folder: Path) -> None:
     for offset, (name, label) in enumerate(labels.items()):
         values = [100 * report[name][f"exact_match/{family}"] for family in FAMILIES]
         positions = [i + (offset - 1) * width for i in range(len(FAMILIES))]
-        left.bar(positions, values, width, label=label)
+        left.bar(positions, values, width, label=label, color=COLOURS[name])
     left.set_xticks(range(len(FAMILIES)), FAMILIES)
-    left.set(ylabel="exact match, % (50 held-out questions each)", ylim=(0, 100))
+    left.set(ylabel="exact match, % (50 held-out questions each)", ylim=(0, 125))
     left.set_title("Exact match per family (minigpt eval)")
-    left.legend(fontsize=8, loc="upper left")
-    for run, label in ((quickstart / "sft", labels["sft"]), (no_mix, labels[NO_MIX])):
+    left.legend(fontsize=8, loc="upper center", ncol=2)
+    for run, name in ((quickstart / "sft", "sft"), (no_mix, NO_MIX)):
         evals = [r for r in read_metrics(run) if r.get("kind") == "eval"]
-        right.plot([r["step"] for r in evals], [r["text_bpb"] for r in evals], "o-", label=label)
+        steps, bpb = [r["step"] for r in evals], [r["text_bpb"] for r in evals]
+        right.plot(steps, bpb, "o-", label=labels[name], color=COLOURS[name])
     right.axhline(
         report["pretrain"]["bpb"],
         color="grey",
         linestyle="--",
         label=labels["pretrain"] + " (eval)",
     )
-    right.set(xlabel="SFT step", ylabel="bits / UTF-8 byte")
+    right.set(xlabel="SFT step", ylabel="bits / UTF-8 byte", yscale="log")
+    plain_log_axis(right)
     right.set_title("Held-out pretraining text during SFT (text_bpb)")
     right.legend(fontsize=8)
     for axis in (left, right):

@@ -36,6 +36,7 @@ STYLES = {
     "ch05-kl-off-3e-5": ("tab:red", "--"),
     "ch05-kl-ceiling-3e-5": ("tab:blue", "--"),
 }
+SMOOTH = 10  # iterations in the moving mean of the rollouts' reward (one iteration: 16 responses)
 TABLE_EVERY = 40  # iterations between the rows of the table (the runs evaluate every 20)
 EVAL_PER_FAMILY = 25
 
@@ -174,7 +175,13 @@ def _kl(kit: Kit, runs: dict[str, Path]) -> None:
             )
         iterations = [r["step"] / per_iteration for r in train]
         style = {"color": colour, "linestyle": line, "label": LABELS[name]}
-        reward_axis.plot(iterations, [r["reward_mean"] for r in train], alpha=0.8, **style)
+        rewards = [r["reward_mean"] for r in train]
+        smoothed = [
+            sum(rewards[max(0, i - SMOOTH + 1) : i + 1])
+            / len(rewards[max(0, i - SMOOTH + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
+        reward_axis.plot(iterations, smoothed, **style)
         kl_axis.plot(iterations, [r["kl"] for r in train], alpha=0.8, **style)
         if "ceiling" in name:
             coef_axis.plot(iterations, [r["kl_coef"] for r in train], **style)
@@ -184,7 +191,9 @@ def _kl(kit: Kit, runs: dict[str, Path]) -> None:
             marker="o",
             **style,
         )
-    reward_axis.set(xlabel="PPO iteration", ylabel="reward model's score, mean of 16")
+    reward_axis.set(
+        xlabel="PPO iteration", ylabel=f"reward model's score (moving mean of {SMOOTH} iterations)"
+    )
     reward_axis.set_title("Reward of the sampled responses")
     kl_axis.set(xlabel="PPO iteration", ylabel="nats per response", yscale="symlog")
     kl_axis.set_title("KL to the reference (DPO model)")
