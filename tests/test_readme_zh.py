@@ -131,6 +131,18 @@ def first_difference(left: str, right: str) -> tuple[int, str, str]:
 def block_mismatch(english: Document, chinese: Document) -> str | None:
     for index, (en, zh) in enumerate(zip(english.blocks, chinese.blocks, strict=False)):
         if en.text != zh.text:
+            following = index + 1
+            if following < len(english.blocks) and english.blocks[following].text == zh.text:
+                return (
+                    f"README.md has a new fenced block {index} at line {en.line} (under "
+                    f"{en.heading!r}), starting {en.text.splitlines()[1:2]}: add it to "
+                    f"README.zh-CN.md before line {zh.line} (under {zh.heading!r})"
+                )
+            if following < len(chinese.blocks) and chinese.blocks[following].text == en.text:
+                return (
+                    f"README.zh-CN.md line {zh.line} (under {zh.heading!r}) holds fenced block "
+                    f"{index}, which README.md no longer has: remove it"
+                )
             line, en_line, zh_line = first_difference(en.text, zh.text)
             return (
                 f"fenced block {index} differs: README.md line {en.line} (under {en.heading!r}) "
@@ -166,10 +178,10 @@ def test_both_readmes_have_the_same_heading_structure(english: Document, chinese
             f"heading {index}: README.md line {en.line} is level {en.level} ({en.text!r}), "
             f"README.zh-CN.md line {zh.line} is level {zh.level} ({zh.text!r})"
         )
-    assert len(english.headings) == len(chinese.headings), (
-        f"README.md has {len(english.headings)} headings, README.zh-CN.md "
-        f"{len(chinese.headings)}; the last pair matched: "
-        f"{english.headings[min(len(english.headings), len(chinese.headings)) - 1].text!r}"
+    en_count, zh_count = len(english.headings), len(chinese.headings)
+    assert en_count == zh_count, (
+        f"README.md has {en_count} headings, README.zh-CN.md {zh_count}; the last pair "
+        f"matched: {english.headings[min(en_count, zh_count) - 1].text!r}"
     )
 
 
@@ -196,9 +208,8 @@ def test_both_readmes_have_the_same_tables_and_numbers(
                     f"{where}, row {row}, column {column}: the numbers differ:\n"
                     f"  README.md:       {en_cell!r}\n  README.zh-CN.md: {zh_cell!r}"
                 )
-    assert len(english.tables) == len(chinese.tables), (
-        f"README.md has {len(english.tables)} tables, README.zh-CN.md {len(chinese.tables)}"
-    )
+    en_count, zh_count = len(english.tables), len(chinese.tables)
+    assert en_count == zh_count, f"README.md has {en_count} tables, README.zh-CN.md {zh_count}"
 
 
 def slug(heading: str) -> str:
@@ -275,3 +286,13 @@ def test_a_changed_block_is_named_with_its_first_differing_line() -> None:
     assert problem is not None
     assert "fenced block 0" in problem and "line 3 of the block" in problem
     assert "'minigpt b'" in problem and "'minigpt c'" in problem
+
+
+def test_a_block_added_to_the_english_readme_is_named_as_new() -> None:
+    kept = Block(20, "## B", "```bash\nminigpt kept\n```")
+    added = Block(15, "## A", "```bash\nminigpt new\n```")
+    english = Document([added, kept], [], [], [])
+    chinese = Document([Block(14, "## 乙", kept.text)], [], [], [])
+    problem = block_mismatch(english, chinese)
+    assert problem is not None and "new fenced block 0 at line 15" in problem
+    assert "minigpt new" in problem
