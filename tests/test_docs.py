@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "minigpt_cli"
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", REPO / "README.zh-CN.md", *sorted((REPO / "docs").glob("*.md"))]
 # `engine/runs/load.py`, optionally `:load_run` or `:Trainer.fit`, as the documents write them.
 MODULE_REFERENCE = re.compile(
     r"`(?:minigpt_cli/)?((?:cli|config|datasets|engine)/[\w/]+\.py)(?::([\w.]+))?"
