@@ -46,7 +46,9 @@ def _outputs(kit: Kit, run: Path, prompt: str, settings: list) -> list[list[str]
     rows = []
     for label, flags in settings:
         shown = " ".join(flags)
-        text = kit.minigpt("generate", run, "--prompt", prompt, "-n", NEW_TOKENS, "--no-echo", *flags)
+        text = kit.minigpt(
+            "generate", run, "--prompt", prompt, "-n", NEW_TOKENS, "--no-echo", *flags
+        )
         rows.append([label, f"`{shown}`", _cell(text)])
     return rows
 
@@ -99,7 +101,9 @@ def _distribution(kit: Kit, run: Path) -> None:
             ]
         )
     axes[0].set_ylabel("probability of the next token")
-    figure.suptitle(f"Next token after {BASE_PROMPT!r} (quickstart pretrain run; blue: the nucleus)")
+    figure.suptitle(
+        f"Next token after {BASE_PROMPT!r} (quickstart pretrain run; blue: the nucleus)"
+    )
     figure.tight_layout()
     kit.save_figure(figure, "ch06-next-token.png")
     plt.close(figure)

@@ -90,7 +90,8 @@ def _exact_match_figure(kit: Kit, answers: dict[str, list[dict]]) -> None:
 
 
 def _steps(text: str) -> list[tuple[str, str]]:
-    """A worked addition answer's steps as (operands, sum): "9+6=15, 0+1+1=2" -> [("9+6", "15"), ...]."""
+    """A worked addition answer's steps as (operands, sum): "9+6=15, 0+1+1=2" gives
+    [("9+6", "15"), ("0+1+1", "2")]."""
     return _STEP.findall(text)
 
 
@@ -99,7 +100,10 @@ def classify(answer: dict) -> str:
     from minigpt_cli.engine.metrics.exact_match import normalise_answer
     from minigpt_cli.engine.metrics.text import is_cjk
 
-    prediction, reference = normalise_answer(answer["answer"]), normalise_answer(answer["reference"])
+    prediction, reference = (
+        normalise_answer(answer["answer"]),
+        normalise_answer(answer["reference"]),
+    )
     if not prediction:
         return "no answer"
     if prediction.startswith(reference):

@@ -67,9 +67,11 @@ def make(kit: Kit) -> None:
         ),
     )
     _figure(kit, estimates, measured)
-    _throughput(kit, {"quickstart pretrain (tiny, auto)": quickstart / "pretrain"} | {
-        f"{name}, fp32, 1 thread": m["run"] for name, m in measured.items()
-    })
+    _throughput(
+        kit,
+        {"quickstart pretrain (tiny, auto)": quickstart / "pretrain"}
+        | {f"{name}, fp32, 1 thread": m["run"] for name, m in measured.items()},
+    )
 
 
 def _estimates() -> dict:
@@ -118,13 +120,28 @@ def _figure(kit: Kit, estimates: dict, measured: dict) -> None:
             left = 0.0
             for term_index, term in enumerate(TERMS):
                 value = getattr(estimates[name], term) / MiB
-                axis.barh(index, value, left=left, color=f"C{term_index}",
-                          label=term if index == 0 else None)
+                axis.barh(
+                    index,
+                    value,
+                    left=left,
+                    color=f"C{term_index}",
+                    label=term if index == 0 else None,
+                )
                 left += value
             if name in measured:
-                axis.plot(measured[name]["rss_mb"], index, "kD", label="measured rss_mb" if index == 0 else None)
-                axis.plot(measured[name]["step_peak"], index, "k|", markersize=18,
-                          label="printed step peak" if index == 0 else None)
+                axis.plot(
+                    measured[name]["rss_mb"],
+                    index,
+                    "kD",
+                    label="measured rss_mb" if index == 0 else None,
+                )
+                axis.plot(
+                    measured[name]["step_peak"],
+                    index,
+                    "k|",
+                    markersize=18,
+                    label="printed step peak" if index == 0 else None,
+                )
         axis.set_yticks(range(len(names)), names)
         axis.set_xlabel("MB (2^20 bytes)")
     axes[0].set_title("measured presets")
