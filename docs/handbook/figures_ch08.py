@@ -3,15 +3,19 @@ runs, and throughput and MFU as the trainer computes them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from figkit import Kit, markdown_table
 
 FIGURES = ["ch08-memory.png"]
-TABLES = ["ch08-memory", "ch08-measured", "ch08-throughput"]
+TABLES = ["ch08-memory", "ch08-measured", "ch08-throughput", "ch08-resume"]
 
 PRESETS = ("tiny", "small", "medium", "large")
 # Short fp32 runs on one thread whose RSS is read against the estimate (steps, log every).
@@ -19,6 +23,11 @@ PRESETS = ("tiny", "small", "medium", "large")
 MEASURED = {"tiny": ("20", "5"), "small": ("3", "1")}
 TERMS = ("framework", "weights", "gradients", "optimizer", "activations", "allocator", "data")
 MiB = 2**20
+# The crash: SIGKILL at the 40th file write of the run (engine/core/io.py's fault seam), which
+# lands in the saving of a late snapshot of this 60-step run.
+KILL_AT = "kill@40"
+RESUME_STEPS = ("--max-steps", "60", "--threads", "1", "--set", "train.save_every=20")
+RESUME_STEPS += ("--set", "train.eval_every=20", "--set", "train.log_every=10")
 _PRINTED = re.compile(r"memory: estimated peak ([\d,]+) MB(?P<rest>.*?)(?:; cap|$)", re.M)
 _STEP_PEAK = re.compile(r"a training step peaks at ([\d,]+) MB")
 
@@ -67,6 +76,7 @@ def make(kit: Kit) -> None:
         ),
     )
     _figure(kit, estimates, measured)
+    _resume(kit, quickstart)
     _throughput(
         kit,
         {"quickstart pretrain (tiny, auto)": quickstart / "pretrain"}
@@ -186,3 +196,54 @@ def _throughput(kit: Kit, runs: dict[str, Path]) -> None:
         "MFU (median)",
     ]
     kit.table("ch08-throughput", markdown_table(header, rows))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _resume(kit: Kit, quickstart: Path) -> None:
+    """One run trained straight through; the same run killed mid-write and resumed: same bytes?"""
+    folder = kit.workdir / "ch08"
+    common = ["--preset", "tiny", "--tokenizer", str(quickstart / "pretrain"), *RESUME_STEPS]
+    straight, crashed = folder / "resume-straight", folder / "resume-crashed"
+    kit.minigpt("pretrain", *common, "--out", straight, "--overwrite")
+    # Through a subprocess of its own: Kit.minigpt stops at a failed command, and this one is
+    # meant to die. Logged like the others, with its environment.
+    words = ["pretrain", *common, "--out", str(crashed), "--overwrite"]
+    shown = f"MINIGPT_FAULT={KILL_AT} minigpt " + " ".join(words)
+    print(f"$ {shown}", flush=True)
+    with kit.log.open("a", encoding="utf-8") as log:
+        log.write(shown + "\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "MINIGPT_FAULT": KILL_AT,
+    }
+    killed = subprocess.run(
+        [sys.executable, "-m", "minigpt_cli", *words], env=env, capture_output=True, text=True
+    )
+    if killed.returncode != -9:
+        raise SystemExit(f"the crashed run was not killed (exit {killed.returncode})")
+    saved = sorted(path.name for path in (crashed / "checkpoints").glob("step-*"))
+    kit.minigpt("pretrain", *common, "--out", crashed, "--resume")
+    rows = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = next(row["step"] for row in rows if row.get("event") == "resume")
+    table = [
+        [
+            "straight through",
+            "0",
+            "-",
+            _sha(straight / "model.safetensors"),
+            _sha(straight / "optimizer.safetensors"),
+        ],
+        [
+            f"`MINIGPT_FAULT={KILL_AT}`, then `--resume`",
+            "-9 (SIGKILL), then 0",
+            f"snapshots on disk: {', '.join(saved)}; resumed at step {resumed_at}",
+            _sha(crashed / "model.safetensors"),
+            _sha(crashed / "optimizer.safetensors"),
+        ],
+    ]
+    header = ["60-step tiny run", "exit", "resume", "model.safetensors sha256", "optimizer sha256"]
+    kit.table("ch08-resume", markdown_table(header, table))
