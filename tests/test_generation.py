@@ -498,6 +498,10 @@ def test_cli_samples_and_beams(run_dir: Path) -> None:
     beams = invoke(run_dir, *beam_args)
     assert beams.exit_code == 0, beams.output
     assert beams.stdout.startswith("A") and beams.stdout == invoke(run_dir, *beam_args).stdout
+    # One beam is greedy (deterministic, as --help says), not the run's default sampling.
+    one_beam = invoke(run_dir, "-p", "A", "-n", "12", "--num-beams", "1", "--seed", "3")
+    greedy = invoke(run_dir, "-p", "A", "-n", "12", "--greedy")
+    assert one_beam.exit_code == 0 and one_beam.stdout == greedy.stdout
 
 
 def test_cli_errors_are_one_line_with_exit_status_2(run_dir: Path, tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def generate(
     settings = decoding.sampling_settings(
         config.generate,
         top_k=top_k,
-        greedy=greedy,
+        greedy=greedy or num_beams == 1,  # one beam is greedy: deterministic, as --help says
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
