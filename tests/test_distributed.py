@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -260,6 +262,58 @@ def test_max_time_stops_every_rank_at_the_step_rank_0s_clock_decides(
     assert (state["stop_reason"], state["finished"], state["world_size"]) == ("max_time", True, 2)
     assert state["schedule"]["plan"]["horizon"] > 0  # rank 0's deadline plan, saved
     assert state["elapsed"] >= 4
+
+
+def _agree_as_rank(rank: int, init_file: str, results: Any) -> None:
+    """One rank of `test_the_ranks_agree_on_...`: its own clock, flag and (rank 0) plan."""
+    import torch.distributed as dist
+
+    from minigpt_cli.engine.training.pace import Schedule
+    from minigpt_cli.engine.training.step_agreement import StepAgreement
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    here = distributed.Ranks(rank, 2, rank, 2, "gloo")
+    distributed._active = here  # what process_group sets
+    agreement = StepAgreement(here)
+    agreement.interrupt_requested = rank == 1  # the Ctrl-C reached rank 1 only
+    elapsed, interrupted = agreement.step_end(10.0 + rank)  # the clocks differ
+    schedule = Schedule(
+        peak=1e-3,
+        floor=1e-4,
+        warmup=2,
+        total_steps=10_000,
+        unit=1,
+        eval_every=100,
+        save_every=100,
+        deadline=True,
+    )
+    for step in range(1, 6):  # each rank measured its own pace
+        schedule.pace.add_step(step, 0.5 + rank)
+    if rank == 0:
+        schedule.replan(5, 20.0)
+    agreement.share_schedule(schedule)
+    results.put((rank, elapsed, interrupted, schedule.state(), schedule.learning_rate(7)))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_rank_0s_clock_any_ranks_ctrl_c_and_rank_0s_deadline_plan(
+    tmp_path: Path,
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_agree_as_rank, args=(rank, str(tmp_path / "init"), results))
+        for rank in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    got = dict((item[0], item[1:]) for item in (results.get(timeout=120) for _ in ranks))
+    for process in ranks:
+        process.join(timeout=60)
+    assert got[0] == got[1]  # the same elapsed, stop decision, plan, pace and learning rate
+    elapsed, interrupted, state, _ = got[1]
+    assert (elapsed, interrupted) == (10.0, True)
+    assert state["plan"]["horizon"] < 10_000  # replanned by rank 0 for its deadline
 
 
 # ------------------------------------------------------------------------- caps per machine
