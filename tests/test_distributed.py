@@ -487,7 +487,7 @@ def test_the_machines_flags_become_torchruns_and_are_taken_out_of_what_each_rank
     assert Nodes().torchrun_flags() == ["--standalone"]
     assert Nodes(2, 1, "10.0.0.1").torchrun_flags() == [
         *("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1"),
-        *("--master-port", "29500"),
+        *("--master-port", "29500", "--rdzv-conf", "timeout=600"),
     ]
     refusals = {
         Nodes(0): "--nnodes 0: give the number of machines",
@@ -517,6 +517,29 @@ def test_a_master_port_in_use_and_machines_flags_without_nproc_exit_2_in_one_lin
         "error: --nnodes, --node-rank, --master-addr and --master-port go with --nproc N (the "
         "processes on this machine)"
     ]
+
+
+def test_a_machine_that_cannot_reach_node_0_exits_2_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(
+        *("pretrain", "--out", tmp_path / "run", "--nproc", "1", "--nnodes", "2"),
+        *("--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)),
+        env={"MINIGPT_RENDEZVOUS_TIMEOUT": "2"},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.strip() == (
+        f"node 1 of 2: joining the job at 127.0.0.1:{port} (node 0 hosts it; waiting up to 2 s "
+        "for every machine)"
+    )
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: node 1 could not join the job at 127.0.0.1:{port} (")
+    assert line.endswith(
+        "check --master-addr and --master-port, and that the --node-rank 0 machine runs and is "
+        "reachable"
+    )
 
 
 def test_a_collective_that_lost_a_rank_is_told_in_a_few_words_and_other_errors_are_not() -> None:

@@ -61,6 +61,8 @@ MasterPortOpt = Annotated[
     ),
 ]
 DEFAULT_PORT = 29500
+RENDEZVOUS_TIMEOUT_ENV = "MINIGPT_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT = 600
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
 
 
@@ -78,6 +80,11 @@ class Nodes:
     def given(self) -> bool:
         return any(value is not None for value in vars(self).values())
 
+    @property
+    def where(self) -> str:
+        """The rendezvous: node 0's address and port."""
+        return f"{self.master_addr or '127.0.0.1'}:{self.master_port or DEFAULT_PORT}"
+
     def torchrun_flags(self) -> list[str]:
         """torchrun's flags for these machines: --standalone when none was given."""
         if not self.given:
@@ -86,7 +93,18 @@ class Nodes:
             *("--nnodes", str(self.nnodes or 1), "--node-rank", str(self.node_rank or 0)),
             *("--master-addr", self.master_addr or "127.0.0.1"),
             *("--master-port", str(self.master_port or DEFAULT_PORT)),
+            *("--rdzv-conf", f"timeout={rendezvous_timeout()}"),
         ]
+
+
+def rendezvous_timeout() -> int:
+    """Seconds a machine waits for the others to join (MINIGPT_RENDEZVOUS_TIMEOUT, default
+    torchrun's 600): the machines of a job need not start at the same moment."""
+    text = os.environ.get(RENDEZVOUS_TIMEOUT_ENV, "")
+    try:
+        return max(1, int(text)) if text else DEFAULT_RENDEZVOUS_TIMEOUT
+    except ValueError:
+        raise UserError(f"{RENDEZVOUS_TIMEOUT_ENV}={text!r}: expected whole seconds") from None
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -171,12 +189,22 @@ def relaunch(nproc: int, argv: list[str] | None = None, nodes: Nodes | None = No
     nodes = nodes or Nodes()
     check_nodes(nodes)
     args = without_nproc(list(sys.argv[1:] if argv is None else argv))
+    quiet = "--debug" not in args and os.environ.get("MINIGPT_DEBUG") != "1"
+    # The launcher's C++ side (the rendezvous store) logs every failed try to stderr as it goes;
+    # its one failure becomes one line below. Read when torch loads: the ranks keep their own.
+    set_level = quiet and "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if set_level:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
     # lazy: torch is never imported by `minigpt --help`; torchrun's launcher is part of torch.
     import torch.distributed.run as torchrun
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
-    if "--debug" not in args and os.environ.get("MINIGPT_DEBUG") != "1":
+    if set_level:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    if quiet:
         # The ranks say what went wrong in one line; the launcher's own log would repeat it as
         # a report of "failed workers" with tracebacks.
         # torch's elastic loggers each set their own level, so each is quieted by name.
@@ -187,8 +215,21 @@ def relaunch(nproc: int, argv: list[str] | None = None, nodes: Nodes | None = No
     options = torchrun.get_args_parser().parse_args(
         [*nodes.torchrun_flags(), "--nproc-per-node", str(nproc), "--module", "minigpt_cli", *args]
     )
+    if nodes.given and (nodes.nnodes or 1) > 1:
+        typer.echo(
+            f"node {nodes.node_rank} of {nodes.nnodes}: joining the job at {nodes.where} (node 0 "
+            f"hosts it; waiting up to {rendezvous_timeout()} s for every machine)"
+        )
     try:
         torchrun.run(options)
+    except (DistError, RendezvousError) as error:  # the machines never met
+        text = str(error).strip()
+        first = text.splitlines()[0].rstrip(".") if text else type(error).__name__
+        raise UserError(
+            f"node {nodes.node_rank or 0} could not join the job at {nodes.where} ({first}): "
+            "check --master-addr and --master-port, and that the --node-rank 0 machine runs "
+            "and is reachable"
+        ) from None
     except ChildFailedError as failed:
         # On several machines each runs its own command: "the same command" is the hint there.
         code, line = job_outcome(failed.failures, "" if nodes.given else resume_hint(args, nproc))
