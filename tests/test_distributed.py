@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -28,6 +29,10 @@ from safetensors.torch import load_file
 
 from benchmarks.crash_consistency import compare_runs, leftover_temporaries
 from minigpt_cli.cli.launch import Nodes, check_nodes, job_outcome, without_nproc
+from minigpt_cli.config.loader import load_config
+from minigpt_cli.engine.hardware import monitor, share
+from minigpt_cli.engine.resources.estimate import estimate_for_config
+from minigpt_cli.engine.resources.governor import CpuThrottle
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.errors import UserError
 from tests.conftest import FINETUNE_SETS, TINY_SETS, run_cli, set_args
@@ -328,6 +333,30 @@ CAPPED_SETS = [
     "train.eval_every=100",
     "train.save_every=100",
 ]
+
+
+def test_a_machines_caps_are_shared_by_its_ranks_and_the_estimate_counts_ddps_buckets() -> None:
+    mine = share.MachineShare(local_processes=2, world_size=2, launcher_bytes=300 * 2**20)
+    assert mine.memory_bytes(1300 * 2**20) == 500 * 2**20  # (machine - launcher) / ranks
+    assert mine.cpu_percent(100) == 50
+    cores = psutil.cpu_count(logical=True) or 1
+    previous = share.current()
+    share.set_share(mine)
+    try:
+        assert monitor.allowed_threads(100) == max(1, math.ceil(cores / 2))
+        whole_share = CpuThrottle.from_percent(100)
+        assert whole_share.cap_cores == cores / 2 and not whole_share.active
+        assert CpuThrottle.from_percent(50).active  # a quarter of the cores each: duty-cycled
+    finally:
+        share.set_share(previous)
+    config = load_config("tiny")
+    alone, split = (
+        estimate_for_config(config, ddp_buckets=buckets, framework_bytes=0)
+        for buckets in (False, True)
+    )
+    assert split.buckets == split.gradients > 0 and alone.buckets == 0
+    assert split.total == alone.total + split.gradients
+    assert f"DDP buckets {split.buckets / 2**20:,.0f}" in split.describe()
 
 
 def _peak_tree_rss(job: subprocess.Popen[str]) -> int:

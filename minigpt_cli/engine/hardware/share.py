@@ -52,8 +52,10 @@ def set_share(share: MachineShare) -> None:
 
 
 def launcher_rss_bytes() -> int:
-    """Resident memory of this process's parent, the launcher that started it (torchrun's agent
-    under torchrun); 0 when it cannot be read."""
+    """Resident memory of this process's parent when that is torchrun's agent (it sets
+    TORCHELASTIC_RUN_ID for its workers); 0 for ranks started some other way, or unreadable."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 0
     try:
         return int(psutil.Process(os.getppid()).memory_info().rss)
     except (psutil.Error, OSError):
