@@ -145,7 +145,8 @@ def check_nodes(nodes: Nodes) -> None:
 
 def _check_port_free(address: str, port: int) -> None:
     """Node 0 hosts the rendezvous at address:port: a port something else holds is said now,
-    in one line, not as the launcher's traceback (a port taken a moment later still is)."""
+    in one line, before torch loads (one taken a moment later fails the rendezvous: one line
+    too, from `relaunch`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
