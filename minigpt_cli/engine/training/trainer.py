@@ -415,8 +415,7 @@ class Trainer:
                 self._govern_memory()
                 self.schedule.pace.add_step(self.step, self._clock() - step_start)
                 if max_seconds is not None and not stop:
-                    # Before the save, so a checkpoint holds the plan the next step runs on; the
-                    # plan is rank 0's, from its clock, handed to the other ranks.
+                    # Before the save (it holds the next step's plan); rank 0 plans for all ranks.
                     remaining = max_seconds - self._elapsed()
                     warmup_note = self.schedule.replan(self.step, remaining) if writer else None
                     self._agreement.share_schedule(self.schedule)
