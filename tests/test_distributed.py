@@ -8,25 +8,41 @@ one is the row of the other. In-process unit tests cover the pieces with no proc
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import multiprocessing
 import os
-import shutil
+import random
+import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
 from benchmarks.crash_consistency import compare_runs, leftover_temporaries
-from minigpt_cli.cli.launch import job_outcome, without_nproc
+from minigpt_cli.cli.launch import Nodes, check_nodes, job_outcome, without_nproc
+from minigpt_cli.config.loader import load_config
+from minigpt_cli.engine.hardware import monitor, share
+from minigpt_cli.engine.resources.estimate import estimate_for_config
+from minigpt_cli.engine.resources.governor import CpuThrottle
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.errors import UserError
 from tests.conftest import FINETUNE_SETS, TINY_SETS, run_cli, set_args
 
 FP32 = ["--precision", "fp32", "--device", "cpu"]
 TWO = ["--nproc", "2", "--threads", "1"]  # 2 ranks on the 2-core machine, one thread each
+# The killed runs: slowed by the CPU cap's duty cycle (sleeps between micro-batches; the numbers
+# are the same) so that the kill lands mid-run, well before step 30.
+SLOW = ["--max-cpu", "10"]
+FAST = ["--max-cpu", "100"]  # their resume (the saved config holds the slow cap)
 
 
 def _rows(run_dir: Path, kind: str) -> list[dict]:
@@ -108,21 +124,279 @@ def test_sft_in_two_processes_trains_what_one_process_trains(
     _assert_same_training(tiny_sft_run, run_dir)
 
 
-def test_a_two_process_run_killed_after_a_save_resumes_to_the_same_bytes(
+# ------------------------------------------------------------------------- kills and Ctrl-C
+
+
+def _start_job(run_dir: Path, *args: str | Path) -> subprocess.Popen[str]:
+    """The two-process pretraining run of `two_process_pretrain` (into `run_dir`), started as a
+    user starts it and left running: Ctrl-C reaches it as at a terminal even when the suite runs
+    as a background job (SIGINT ignored, which a child inherits)."""
+    command = ["pretrain", "--out", run_dir, "--max-steps", "30", *FP32, *TWO, *args]
+    return subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", *map(str, [*command, *set_args(TINY_SETS)])],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _ranks_of(job: subprocess.Popen[str], count: int = 2) -> list[psutil.Process]:
+    """The job's rank processes (the launcher's children running minigpt_cli), by rank."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        found = []
+        for child in psutil.Process(job.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                environ = child.environ()
+                if "minigpt_cli" in child.cmdline() and "RANK" in environ:
+                    found.append((int(environ["RANK"]), child))
+        if len(found) == count:
+            return [process for _, process in sorted(found, key=lambda pair: pair[0])]
+        time.sleep(0.05)
+    raise AssertionError(f"the job's {count} ranks did not start: {job.communicate()}")
+
+
+def _wait_for_save(run_dir: Path, job: subprocess.Popen[str], step: int = 10) -> None:
+    """Until rank 0 has logged its checkpoint at `step` (the test does not choose where the
+    ranks are then: one may be mid-step, the other in the all-reduce, or saving)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert job.poll() is None, job.communicate()
+        with contextlib.suppress(OSError, KeyError):
+            events = _rows(run_dir, "event")
+            if any(r["step"] >= step and r["event"] == "checkpoint" for r in events):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint at step {step}")
+
+
+def _finished_job(job: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return job.communicate(timeout=180)  # a rank left hanging would show here
+    finally:
+        if job.poll() is None:
+            for process in [*psutil.Process(job.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            job.kill()
+
+
+def _resume_and_compare(run_dir: Path, reference: Path, tokenizer: Path) -> None:
+    # --tokenizer again: a resumed run records the inputs it was given (its `sources`).
+    _launch("pretrain", "--out", run_dir, "--resume", "--tokenizer", tokenizer, *TWO, *FAST)
+    assert compare_runs(reference, run_dir) == []  # weights, optimizer, state, every rank's RNG
+    assert leftover_temporaries(run_dir) == []
+
+
+def test_every_rank_killed_mid_run_resumes_to_the_bytes_of_the_uninterrupted_run(
     tiny_pretrain_run: Path, two_process_pretrain: Path, tmp_path: Path
 ) -> None:
-    # What a SIGKILL of every rank right after the step-20 save leaves: the step-20 snapshot is
-    # the newest complete one (the step-30 files never written).
-    died = tmp_path / "died"
-    shutil.copytree(two_process_pretrain, died)
-    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
-        (died / name).unlink()
-    shutil.rmtree(died / "checkpoints" / "step-00000030")
-    # --tokenizer again: a resumed run records the inputs it was given (its `sources`).
-    _launch("pretrain", "--out", died, "--resume", "--tokenizer", tiny_pretrain_run, *TWO)
-    resumed = [r for r in _rows(died, "event") if r["event"] == "resume"]
-    assert [r["step"] for r in resumed] == [20]
-    assert compare_runs(two_process_pretrain, died) == []  # weights, optimizer, state, RNGs
+    run_dir = tmp_path / "run"
+    job = _start_job(run_dir, "--tokenizer", tiny_pretrain_run, *SLOW)
+    ranks = _ranks_of(job)
+    _wait_for_save(run_dir, job)
+    time.sleep(random.uniform(0, 0.3))  # not a moment the test picks
+    for process in (psutil.Process(job.pid), *ranks):  # SIGKILL: no handler runs anywhere
+        process.kill()
+    _finished_job(job)
+    assert job.returncode == -signal.SIGKILL
+    saved = json.loads((run_dir / "trainer_state.json").read_text())["step"]
+    assert 10 <= saved < 30  # killed mid-run, after a save
+    _resume_and_compare(run_dir, two_process_pretrain, tiny_pretrain_run)
+
+
+def test_a_rank_killed_stops_the_job_in_one_line_and_the_last_checkpoint_is_intact(
+    tiny_pretrain_run: Path, two_process_pretrain: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _start_job(run_dir, "--tokenizer", tiny_pretrain_run, *SLOW)
+    ranks = _ranks_of(job)
+    _wait_for_save(run_dir, job, step=20)  # a snapshot the uninterrupted run keeps too
+    ranks[1].kill()
+    out, err = _finished_job(job)
+    assert job.returncode not in (0, None), out + err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    # torchrun stops rank 0 (SIGTERM) as soon as it sees rank 1 gone; had rank 0 met the closed
+    # connection first, it would have said "lost contact with another process" with the same end.
+    assert re.fullmatch(
+        r"error: (rank 1 was killed by SIGKILL and the job stopped|lost contact with another "
+        r"process of the job \(.*\): one died or hung); kept the checkpoint at step 20; "
+        rf"continue with: minigpt pretrain --out {re.escape(str(run_dir))} --resume --nproc 2",
+        lines[0],
+    ), lines
+    # The last checkpoint intact: bitwise the uninterrupted run's at the same step.
+    snapshot = Path("checkpoints") / "step-00000020"
+    assert compare_runs(two_process_pretrain / snapshot, run_dir / snapshot) == []
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_and_saves_every_ranks_random_state(
+    tiny_pretrain_run: Path, two_process_pretrain: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _start_job(run_dir, "--tokenizer", tiny_pretrain_run, *SLOW)
+    _ranks_of(job)
+    _wait_for_save(run_dir, job)
+    job.send_signal(signal.SIGINT)  # the launcher passes it on to every rank
+    out, err = _finished_job(job)
+    assert job.returncode == 130, out + err
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert 10 <= state["step"] < 30 and len(state["rng_ranks"]) == 2
+    assert f"checkpoint saved at step {state['step']}" in err
+    assert f"minigpt pretrain --out {run_dir} --resume --nproc 2" in err
+    _resume_and_compare(run_dir, two_process_pretrain, tiny_pretrain_run)
+
+
+def test_max_time_stops_every_rank_at_the_step_rank_0s_clock_decides(
+    tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    """A rank that stopped at another step would leave the other waiting in a collective (here
+    for 60 s, then the job fails): the run ends at the deadline, planned and saved by rank 0."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *("pretrain", "--out", run_dir, "--tokenizer", tiny_pretrain_run, "--max-time", "4s"),
+        *("--max-steps", "100000", *FP32, *TWO, *set_args(TINY_SETS)),
+        env={"OMP_NUM_THREADS": "1", "MINIGPT_COLLECTIVE_TIMEOUT": "60"},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert (state["stop_reason"], state["finished"], state["world_size"]) == ("max_time", True, 2)
+    assert state["schedule"]["plan"]["horizon"] > 0  # rank 0's deadline plan, saved
+    assert state["elapsed"] >= 4
+
+
+def _agree_as_rank(rank: int, init_file: str, results: Any) -> None:
+    """One rank of `test_the_ranks_agree_on_...`: its own clock, flag and (rank 0) plan."""
+    import torch.distributed as dist
+
+    from minigpt_cli.engine.training.pace import Schedule
+    from minigpt_cli.engine.training.step_agreement import StepAgreement
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    here = distributed.Ranks(rank, 2, rank, 2, "gloo")
+    distributed._active = here  # what process_group sets
+    agreement = StepAgreement(here)
+    agreement.interrupt_requested = rank == 1  # the Ctrl-C reached rank 1 only
+    elapsed, interrupted = agreement.step_end(10.0 + rank)  # the clocks differ
+    schedule = Schedule(
+        peak=1e-3,
+        floor=1e-4,
+        warmup=2,
+        total_steps=10_000,
+        unit=1,
+        eval_every=100,
+        save_every=100,
+        deadline=True,
+    )
+    for step in range(1, 6):  # each rank measured its own pace
+        schedule.pace.add_step(step, 0.5 + rank)
+    if rank == 0:
+        schedule.replan(5, 20.0)
+    agreement.share_schedule(schedule)
+    results.put((rank, elapsed, interrupted, schedule.state(), schedule.learning_rate(7)))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_rank_0s_clock_any_ranks_ctrl_c_and_rank_0s_deadline_plan(
+    tmp_path: Path,
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_agree_as_rank, args=(rank, str(tmp_path / "init"), results))
+        for rank in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    got = dict((item[0], item[1:]) for item in (results.get(timeout=120) for _ in ranks))
+    for process in ranks:
+        process.join(timeout=60)
+    assert got[0] == got[1]  # the same elapsed, stop decision, plan, pace and learning rate
+    elapsed, interrupted, state, _ = got[1]
+    assert (elapsed, interrupted) == (10.0, True)
+    assert state["plan"]["horizon"] < 10_000  # replanned by rank 0 for its deadline
+
+
+# ------------------------------------------------------------------------- caps per machine
+
+# Windows of 256 tokens, micro-batches of 32: each rank's estimate is about 580 MB at micro-batch
+# 32 and 475 MB at 16 (with DDP's buckets, the process measured at about 355 MB), so a machine cap
+# that leaves each of the two ranks about 530 MB beside the launcher (about 290 MB) forces 16.
+CAPPED_SETS = [
+    "model.context_length=256",
+    "train.micro_batch_size=32",
+    "train.global_batch_size=64",
+    "train.eval_every=100",
+    "train.save_every=100",
+]
+
+
+def test_a_machines_caps_are_shared_by_its_ranks_and_the_estimate_counts_ddps_buckets() -> None:
+    mine = share.MachineShare(local_processes=2, world_size=2, launcher_bytes=300 * 2**20)
+    assert mine.memory_bytes(1300 * 2**20) == 500 * 2**20  # (machine - launcher) / ranks
+    assert mine.cpu_percent(100) == 50
+    cores = psutil.cpu_count(logical=True) or 1
+    previous = share.current()
+    share.set_share(mine)
+    try:
+        assert monitor.allowed_threads(100) == max(1, math.ceil(cores / 2))
+        whole_share = CpuThrottle.from_percent(100)
+        assert whole_share.cap_cores == cores / 2 and not whole_share.active
+        assert CpuThrottle.from_percent(50).active  # a quarter of the cores each: duty-cycled
+    finally:
+        share.set_share(previous)
+    config = load_config("tiny")
+    alone, split = (
+        estimate_for_config(config, ddp_buckets=buckets, framework_bytes=0)
+        for buckets in (False, True)
+    )
+    assert split.buckets == split.gradients > 0 and alone.buckets == 0
+    assert split.total == alone.total + split.gradients
+    assert f"DDP buckets {split.buckets / 2**20:,.0f}" in split.describe()
+
+
+def _peak_tree_rss(job: subprocess.Popen[str]) -> int:
+    """The job's peak resident memory, all its processes together, polled from outside until it
+    ends (a spike shorter than a poll can be missed: the governor's own reading cannot)."""
+    root, peak = psutil.Process(job.pid), 0
+    while job.poll() is None:
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+        peak = max(peak, total)
+        time.sleep(0.02)
+    return peak
+
+
+def test_two_ranks_share_the_machines_memory_cap_and_the_job_stays_under_it(
+    tiny_pretrain_run: Path, tmp_path: Path
+) -> None:
+    cap_mb = 1360  # the whole machine: 2 ranks of about 530 MB each and the launcher
+    command = ["pretrain", "--out", tmp_path / "run", "--tokenizer", tiny_pretrain_run]
+    command += ["--max-steps", "3", "--max-memory", f"{cap_mb}MiB", *FP32, *TWO]
+    command += set_args([*TINY_SETS, *CAPPED_SETS])
+    job = subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", *map(str, command)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = _peak_tree_rss(job)
+    out, err = _finished_job(job)
+    assert job.returncode == 0, out + err
+    assert peak < cap_mb * 2**20, (peak / 2**20, out)
+    assert "memory, each of 2 processes: estimated peak" in out  # per rank, and the total:
+    assert re.search(r"This machine: 2 x [\d,]+ MB \+ the launcher's [\d,]+ MB = ", out), out
+    assert "DDP buckets" in out
+    assert "training with micro-batch 16 x 4 accumulation" in out, out  # the governor's choice
+    assert "micro-batch 16 x 4 accumulation, shared by 2 processes" in out, out
 
 
 def test_nproc_0_exits_2_in_one_line() -> None:
@@ -145,24 +419,46 @@ def _rank_env(rank: int, **extra: str) -> dict[str, str]:
     }
 
 
+def _both_ranks(args: list[str | Path], env: dict[str, str]) -> list[tuple[str, str]]:
+    """Start rank 0 and rank 1 as torchrun would (with `env` over their variables; an empty
+    value removes one); both must exit 2. Returns each one's (stdout, stderr)."""
+    ranks = []
+    for rank in (0, 1):
+        environ = {**os.environ, **_rank_env(rank), **env}
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "minigpt_cli", *map(str, args)],
+                env={name: value for name, value in environ.items() if value},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2], outputs
+    return outputs
+
+
+def test_a_missing_rendezvous_variable_exits_2_with_one_line_on_rank_0_only(
+    tmp_path: Path,
+) -> None:
+    args: list[str | Path] = ["pretrain", "--out", tmp_path / "run", *FP32, *set_args(TINY_SETS)]
+    (out0, err0), (out1, err1) = _both_ranks(args, {"MASTER_ADDR": ""})
+    assert err0.strip().splitlines() == [
+        "error: torchrun's environment is incomplete (MASTER_ADDR not set): start several "
+        "processes with torchrun or `minigpt <verb> --nproc N`"
+    ]
+    assert (out0 + out1 + err1).strip() == ""
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_two_ranks_cannot_share_exits_2_with_one_line_on_rank_0_only(
     tmp_path: Path,
 ) -> None:
     """Each rank as torchrun starts it: both refuse before the rendezvous, rank 0 says why."""
-    args = ["pretrain", "--out", tmp_path / "run", *FP32, *set_args(TINY_SETS)]
+    args: list[str | Path] = ["pretrain", "--out", tmp_path / "run", *FP32, *set_args(TINY_SETS)]
     args += ["--set", "train.global_batch_size=12"]  # 3 micro-batches of 4 for 2 ranks
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "minigpt_cli", *map(str, args)],
-            env={**os.environ, **_rank_env(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    (out0, err0), (out1, err1) = (rank.communicate(timeout=120) for rank in ranks)
-    assert [rank.returncode for rank in ranks] == [2, 2]
+    (out0, err0), (out1, err1) = _both_ranks(args, {})
     assert err0.strip().splitlines() == [
         "error: 2 processes cannot share a global batch of 12 sequences in micro-batches of 4 "
         "(3 a step, not a multiple of 2): set pretrain.global_batch_size to a multiple of 8 "
@@ -204,6 +500,67 @@ def test_nproc_is_taken_out_of_what_each_rank_runs_and_the_job_status_is_rank_0s
     assert job_outcome({0: Failure(2), 1: Failure(2)}) == (2, None)
     code, line = job_outcome({0: Failure(-signal.SIGTERM), 1: Failure(-signal.SIGKILL)})
     assert code == 128 + signal.SIGKILL and line is not None and "rank 1" in line
+
+
+def test_the_machines_flags_become_torchruns_and_are_taken_out_of_what_each_rank_runs() -> None:
+    argv = ["sft", "--nnodes", "2", "--node-rank=1", "--master-addr", "10.0.0.1", "--x"]
+    assert without_nproc([*argv, "--master-port=29501", "--nproc", "4"]) == ["sft", "--x"]
+    assert Nodes().torchrun_flags() == ["--standalone"]
+    assert Nodes(2, 1, "10.0.0.1").torchrun_flags() == [
+        *("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1"),
+        *("--master-port", "29500", "--rdzv-conf", "timeout=600"),
+    ]
+    refusals = {
+        Nodes(0): "--nnodes 0: give the number of machines",
+        Nodes(2, 2, "10.0.0.1"): "--node-rank 2: with --nnodes 2 it is 0 to 1",
+        Nodes(2, 1): "--nnodes 2 needs --node-rank (this machine's place) and --master-addr",
+        Nodes(2, 1, "h", 70000): "--master-port 70000: a port is 1 to 65535",
+    }
+    for nodes, message in refusals.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            check_nodes(nodes)
+
+
+def test_a_master_port_in_use_and_machines_flags_without_nproc_exit_2_in_one_line() -> None:
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli("pretrain", "--nproc", "2", "--master-port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --master-port {port} is in use on this machine (127.0.0.1:{port} hosts the "
+        "job's rendezvous): choose another port, the same on every machine"
+    ]
+    result = run_cli("pretrain", "--nnodes", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --nnodes, --node-rank, --master-addr and --master-port go with --nproc N (the "
+        "processes on this machine)"
+    ]
+
+
+def test_a_machine_that_cannot_reach_node_0_exits_2_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(
+        *("pretrain", "--out", tmp_path / "run", "--nproc", "1", "--nnodes", "2"),
+        *("--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)),
+        env={"MINIGPT_RENDEZVOUS_TIMEOUT": "2"},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.strip() == (
+        f"node 1 of 2: joining the job at 127.0.0.1:{port} (node 0 hosts it; waiting up to 2 s "
+        "for every machine)"
+    )
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: node 1 could not join the job at 127.0.0.1:{port} (")
+    assert line.endswith(
+        "check --master-addr and --master-port, and that the --node-rank 0 machine runs and is "
+        "reachable"
+    )
 
 
 def test_a_collective_that_lost_a_rank_is_told_in_a_few_words_and_other_errors_are_not() -> None:

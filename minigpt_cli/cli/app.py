@@ -8,6 +8,7 @@ are imported inside the verb functions that need them.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -121,6 +122,10 @@ def main() -> None:
             raise
         message, code = _one_line(error)
         rank = _torchrun_rank()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun stops the other ranks with SIGTERM when one fails: this rank's line and
+            # status stand (a SIGTERM now would have the launcher report a second cause).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if rank:
             # Under torchrun every rank meets the same input and rank 0 says what is wrong; the
             # others leave with the same status and say only what is theirs alone.

@@ -33,14 +33,17 @@ def dpo(
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
     nproc: launch.NprocOpt = None,
+    nnodes: launch.NnodesOpt = None,
+    node_rank: launch.NodeRankOpt = None,
+    master_addr: launch.MasterAddrOpt = None,
+    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Preference-tune a run with DPO: prefer the chosen reply over the rejected one.
 
     Data: {"prompt","chosen","rejected"} JSONL (a "Human: ... Assistant:" prompt is split into
     turns); with no --data, the built-in pairs. The reference is the starting model, frozen.
     """
-    if nproc is not None:
-        launch.relaunch(nproc)
+    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.engine.stages.dpo import run_dpo
 
     finetune.run_finetune(

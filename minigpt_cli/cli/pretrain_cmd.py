@@ -25,13 +25,16 @@ def pretrain(
     tokenizer: TokenizerOpt = None,
     from_run: FromOpt = None,
     nproc: launch.NprocOpt = None,
+    nnodes: launch.NnodesOpt = None,
+    node_rank: launch.NodeRankOpt = None,
+    master_addr: launch.MasterAddrOpt = None,
+    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Pretrain a GPT on text: tokenizer, encoding, training, checkpoints, validation bits/byte.
 
     With no arguments it trains the tiny preset on the built-in English+Chinese corpus.
     """
-    if nproc is not None:
-        launch.relaunch(nproc)
+    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.files import expand_paths, validate

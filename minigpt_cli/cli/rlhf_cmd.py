@@ -107,6 +107,10 @@ def rlhf(
     lora: finetune.LoraOpt = False,
     merge: finetune.MergeOpt = False,
     nproc: launch.NprocOpt = None,
+    nnodes: launch.NnodesOpt = None,
+    node_rank: launch.NodeRankOpt = None,
+    master_addr: launch.MasterAddrOpt = None,
+    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Reinforcement learning from feedback: PPO (or GRPO) against a reward, with a KL leash.
 
@@ -136,8 +140,7 @@ def rlhf(
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
         raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-    if nproc is not None:
-        launch.relaunch(nproc)
+    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     chosen_algo = algo or _saved_algo(flags.out, flags.resume) or default_algorithm(reward)
     finetune.run_finetune(
         "rlhf",

@@ -40,14 +40,17 @@ def sft(
     merge: finetune.MergeOpt = False,
     text: TextOpt = None,
     nproc: launch.NprocOpt = None,
+    nnodes: launch.NnodesOpt = None,
+    node_rank: launch.NodeRankOpt = None,
+    master_addr: launch.MasterAddrOpt = None,
+    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Fine-tune a run on conversations: loss on the assistant's replies, exact match per task.
 
     Data: {"instruction","input","output"} (+ "history"), {"prompt","completion"} or
     {"messages":[...]} JSONL; with no --data, the built-in bilingual instructions.
     """
-    if nproc is not None:
-        launch.relaunch(nproc)
+    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.stages.sft import SftInputs, run_sft
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import psutil
 
+from minigpt_cli.engine.hardware import share
+
 
 class ProcessTree:
     """RSS of this process and its children, cheap enough to read after every training step.
@@ -101,9 +103,10 @@ def thread_budget() -> int | None:
 
 def allowed_threads(max_cpu_pct: float) -> int:
     """Threads a `--max-cpu` cap allows: whole cores, rounded up (the fraction is held by
-    duty-cycling, governor.CpuThrottle), at least one. Every verb reads the cap through this."""
+    duty-cycling, governor.CpuThrottle), at least one. Every verb reads the cap through this;
+    under torchrun the cap is the machine's, and each rank on it takes its share."""
     cores = psutil.cpu_count(logical=True) or 1
-    return max(1, math.ceil(cores * max_cpu_pct / 100 - 1e-9))
+    return max(1, math.ceil(cores * share.current().cpu_percent(max_cpu_pct) / 100 - 1e-9))
 
 
 def configure_threads(
@@ -122,9 +125,11 @@ def configure_threads(
         count, reason = threads, f"{threads} threads ({source})"
     else:
         allowed = allowed_threads(max_cpu_pct)
-        free = max(1, round(idle_cores()))
+        processes = share.current().local_processes  # the ranks on this machine share it
+        free = max(1, round(idle_cores() / processes))
         count = min(allowed, free)
-        reason = f"{count} threads ({max_cpu_pct:g}% of {cores} cores)"
+        shared = f", shared by {processes} processes" if processes > 1 else ""
+        reason = f"{count} threads ({max_cpu_pct:g}% of {cores} cores{shared})"
         if free < allowed:
             reason = (
                 f"{count} threads: other programs keep {cores - free} of {cores} cores busy "

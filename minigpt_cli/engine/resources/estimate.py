@@ -15,6 +15,9 @@ The estimate is of the process's peak RSS on the CPU, term by term (bytes):
   frozen models a stage holds (PPO's reference and reward models; DPO keeps only cached numbers).
 - gradients: one fp32 gradient per trainable parameter. They live across the micro-batches of an
   optimizer step, so they coexist with a whole micro-batch's activations.
+- buckets: under DistributedDataParallel, the reducer's flat buffers the gradients are copied
+  into for the all-reduce (buckets of `bucket_cap_mb`, 25 MB by default, covering every trainable
+  parameter: one more copy of the gradients, allocated when the model is wrapped, for the run).
 - optimizer: AdamW's two fp32 moments per trainable parameter.
 - activations: what autograd saves for backward over one micro-batch, counted tensor by tensor
   from `model/layers.py` (`activations.py`; a test checks the count against saved-tensor hooks on
@@ -121,11 +124,15 @@ class MemoryEstimate:
     mapped: int = 0
     evaluation: int = 0
     eval_sequences: int = 8
+    buckets: int = 0
 
     @property
     def resident(self) -> int:
-        """What stays allocated all run: framework, weights, AdamW moments, data, other."""
-        return self.framework + self.weights + self.optimizer + self.data + self.other
+        """What stays allocated all run: framework, weights, AdamW moments, DDP's buckets, data,
+        other."""
+        return (
+            self.framework + self.weights + self.optimizer + self.buckets + self.data + self.other
+        )
 
     @property
     def step_heap(self) -> int:
@@ -187,6 +194,7 @@ class MemoryEstimate:
             f"weights {mb(self.weights)}",
             f"grads {mb(self.gradients)}",
             f"AdamW {mb(self.optimizer)}",
+            *([f"DDP buckets {mb(self.buckets)}"] if self.buckets else []),
             f"activations {mb(self.activations)} ({shape})",
             f"allocator {mb(self.allocator)}",
             f"data {mb(self.data)}",
@@ -216,6 +224,7 @@ class StageMemory(TypedDict, total=False):
     sequences_per_example: int
     other_bytes: int
     framework_bytes: int | None
+    ddp_buckets: bool
 
 
 class MemoryInputs(StageMemory, total=False):
@@ -241,6 +250,7 @@ def estimate_training_memory(
     other_bytes: int = 0,
     eval_sequences: int = 8,
     framework_bytes: int | None = None,
+    ddp_buckets: bool = False,
 ) -> MemoryEstimate:
     """Predicted peak RSS of training `GPT(model_cfg, vocab_size)` at this micro-batch.
 
@@ -264,6 +274,7 @@ def estimate_training_memory(
       a training process that prepared its data itself. A caller that can measure does better:
       `framework_from_rss(rss)` with its RSS just before the model is built (the data's heap
       included; then pass data already loaded as data_bytes=0).
+    - `ddp_buckets`: the model trains under DistributedDataParallel (one more gradient copy).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
@@ -313,6 +324,7 @@ def estimate_training_memory(
         weights=4 * (total_params + extra_frozen_params) + rotary,
         gradients=4 * trainable,
         optimizer=8 * trainable,
+        buckets=4 * trainable if ddp_buckets else 0,
         activations=acts.live,
         mapped=acts.mapped,
         allocator=int(slack * churn),

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 
-from minigpt_cli.engine.hardware import monitor
+from minigpt_cli.engine.hardware import monitor, share
 from minigpt_cli.engine.hardware.monitor import ProcessTree
 
 if TYPE_CHECKING:
@@ -233,9 +233,12 @@ class CpuThrottle:
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.process_time,
         sleep: Callable[[float], None] = time.sleep,
+        all_cores: float | None = None,
     ) -> None:
+        """`all_cores`: the cores this process may have at most (default: the machine's; under
+        torchrun its share), the cap below which the throttle sleeps."""
         self.cap_cores = cap_cores
-        self.active = cap_cores < (os.cpu_count() or 1)
+        self.active = cap_cores < (all_cores or os.cpu_count() or 1)
         self._window = window
         self._clock, self._cpu_clock, self._sleep = clock, cpu_clock, sleep
         self.slept = 0.0
@@ -243,9 +246,14 @@ class CpuThrottle:
 
     @classmethod
     def from_percent(cls, max_cpu_pct: float) -> CpuThrottle:
-        """The throttle for `--max-cpu PCT` (percent of all logical cores)."""
+        """The throttle for `--max-cpu PCT` (percent of all logical cores; under torchrun each
+        rank on the machine holds its share)."""
         cores = psutil.cpu_count(logical=True) or 1
-        return cls(cores * max_cpu_pct / 100)
+        mine = share.current()
+        return cls(
+            cores * mine.cpu_percent(max_cpu_pct) / 100,
+            all_cores=cores * mine.cpu_percent(100) / 100,
+        )
 
     def restart(self) -> None:
         self._wall_start = self._clock()

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from minigpt_cli.config.schema import Config, parse_memory
+from minigpt_cli.config.schema import Config, ResourcesConfig, parse_memory
 from minigpt_cli.engine.core.events import EventCallback, emit
+from minigpt_cli.engine.hardware import share
 from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
-from minigpt_cli.engine.resources.estimate import FRAMEWORK_BYTES, PIPELINE_BYTES, plan_micro_batch
+from minigpt_cli.engine.resources.estimate import (
+    FRAMEWORK_BYTES,
+    PIPELINE_BYTES,
+    MemoryEstimate,
+    plan_micro_batch,
+)
 from minigpt_cli.engine.resources.governor import release_memory
 from minigpt_cli.errors import UserError
 
@@ -37,18 +43,16 @@ def fit_memory(
     `measure_baseline`: a training run plans with what this process really holds already (never
     less than the estimator's constant), since imports and libraries differ between machines.
     """
-    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    cap = memory_cap_bytes(config.resources)
     if measure_baseline and "framework_bytes" not in estimate_kwargs:
         estimate_kwargs["framework_bytes"] = measured_framework_bytes()
+    mine = share.current()
+    if mine.world_size > 1:  # DistributedDataParallel's buckets: one more copy of the gradients
+        estimate_kwargs.setdefault("ddp_buckets", True)
     plan = plan_micro_batch(
         config, vocab_size, precision, data_bytes, cap, stage=stage, **estimate_kwargs
     )
-    emit(
-        on_event,
-        "note",
-        stage,
-        message=f"memory: {plan.configured_estimate.describe()}; cap {cap / 2**20:,.0f} MB",
-    )
+    emit(on_event, "note", stage, message=memory_line(plan.configured_estimate, cap, mine))
     if not plan.fits:
         raise UserError(plan.refusal)
     if plan.activation_checkpointing and not config.model.activation_checkpointing:
@@ -56,6 +60,27 @@ def fit_memory(
     for message in plan.messages:
         emit(on_event, "governor", stage, message=message)
     return plan.micro_batch_size, plan.messages
+
+
+def memory_cap_bytes(resources: ResourcesConfig) -> int:
+    """This process's memory cap: `--max-memory` (the machine's), or under torchrun this rank's
+    share of it (`hardware/share.py`)."""
+    return share.current().memory_bytes(parse_memory(resources.max_memory, physical_memory_bytes()))
+
+
+def memory_line(estimate: MemoryEstimate, cap_bytes: int, mine: share.MachineShare) -> str:
+    """The estimate beside the cap; under torchrun for each rank and for the whole machine."""
+    mb = 2**20
+    if mine.local_processes <= 1 and not mine.launcher_bytes:
+        return f"memory: {estimate.describe()}; cap {cap_bytes / mb:,.0f} MB"
+    processes = mine.local_processes
+    total = processes * estimate.total + mine.launcher_bytes
+    machine_cap = processes * cap_bytes + mine.launcher_bytes
+    return (
+        f"memory, each of {processes} processes: {estimate.describe()}; cap {cap_bytes / mb:,.0f} "
+        f"MB each. This machine: {processes} x {estimate.total / mb:,.0f} MB + the launcher's "
+        f"{mine.launcher_bytes / mb:,.0f} MB = {total / mb:,.0f} MB; cap {machine_cap / mb:,.0f} MB"
+    )
 
 
 def measured_framework_bytes() -> int:
@@ -67,7 +92,7 @@ def measured_framework_bytes() -> int:
 
 def refuse_what_cannot_fit(config: Config, precision: str) -> None:
     """Exit 2 before tokenizer training when not even the smallest setting could fit the cap."""
-    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    cap = memory_cap_bytes(config.resources)
     plan = plan_micro_batch(config, config.tokenizer.vocab_size, precision, 0, cap)
     if not plan.fits:
         raise UserError(plan.refusal)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt_cli.config.schema import Config, TrainConfig, parse_memory
+from minigpt_cli.config.schema import Config, TrainConfig
 from minigpt_cli.datasets import BUILTIN_DATA_SEED
 from minigpt_cli.datasets.builtin import pretrain_records
 from minigpt_cli.engine.core.events import EventCallback, emit
@@ -29,11 +29,15 @@ from minigpt_cli.engine.data.shards import (
 from minigpt_cli.engine.data.stage_records import validation_split
 from minigpt_cli.engine.data.tokenizer import Tokenizer
 from minigpt_cli.engine.data.tokenizer_training import VocabularyTooLarge, train_tokenizer
-from minigpt_cli.engine.hardware.monitor import physical_memory_bytes, tree_rss_bytes
+from minigpt_cli.engine.hardware.monitor import tree_rss_bytes
 from minigpt_cli.engine.metrics.text import token_byte_lengths
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.resources.governor import tokenizer_training_chars
-from minigpt_cli.engine.resources.memory import fit_memory, refuse_what_cannot_fit
+from minigpt_cli.engine.resources.memory import (
+    fit_memory,
+    memory_cap_bytes,
+    refuse_what_cannot_fit,
+)
 from minigpt_cli.engine.runs.files import MODEL_FILE, TOKENIZER_FILE
 from minigpt_cli.engine.runs.load import load_model_weights
 from minigpt_cli.engine.training import distributed
@@ -228,7 +232,7 @@ def _prepare_tokenizer(
 
 def _tokenizer_chars_under_cap(config: Config, on_event: EventCallback | None) -> int:
     wanted = config.tokenizer.max_training_chars
-    cap = parse_memory(config.resources.max_memory, physical_memory_bytes())
+    cap = memory_cap_bytes(config.resources)
     chars = tokenizer_training_chars(wanted, cap, tree_rss_bytes())
     if chars < 10_000:
         raise UserError(

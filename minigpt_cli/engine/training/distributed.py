@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from minigpt_cli.engine.hardware import share
 from minigpt_cli.engine.resources.governor import Adjustment
 from minigpt_cli.errors import EXIT_MACHINE, EXIT_USER, MACHINE_ERRNOS, UserError
 
@@ -122,8 +123,8 @@ def collective_timeout() -> timedelta:
 
 def refuse_unsupported(stage: str, max_time: str | None, world: int) -> None:
     """Refuse, in one line, what does not run under several processes yet, rather than silently
-    training `world` independent copies (quickstart's pipeline) or letting each rank's own clock
-    end and plan the run (--max-time)."""
+    training `world` independent copies (the quickstart's pipeline). `max_time` runs: rank 0's
+    clock ends and plans them for every rank (`step_agreement.py`)."""
     if world <= 1:
         return
     if stage not in DISTRIBUTED_STAGES:
@@ -131,11 +132,6 @@ def refuse_unsupported(stage: str, max_time: str | None, world: int) -> None:
             f"{stage} does not run under several processes yet (only "
             f"{', '.join(DISTRIBUTED_STAGES)} do): run it as one process, without torchrun "
             "or --nproc"
-        )
-    if max_time:
-        raise UserError(
-            "--max-time does not run under several processes yet (each would read its own "
-            "clock): give --max-steps, --max-tokens or --epochs instead"
         )
 
 
@@ -210,10 +206,15 @@ def process_group(device_type: str) -> Iterator[Ranks]:
     _active = Ranks(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, backend
     )
+    # --max-memory and --max-cpu describe this machine: its ranks (and the launcher) share them.
+    share.set_share(
+        share.MachineShare(launch.local_world_size, launch.world_size, share.launcher_rss_bytes())
+    )
     try:
         yield _active
     finally:
         _active = SINGLE
+        share.set_share(share.WHOLE_MACHINE)
         with contextlib.suppress(Exception):  # a peer that died leaves nothing to close cleanly
             dist.destroy_process_group()
 

@@ -191,11 +191,15 @@ class Schedule:
         self.warmup = warmup
         self.warmup_planned = False  # the warmup is shortened against the deadline's horizon once
         if saved and deadline:
-            self.pace.load(saved.get("pace", {}))
-            if "plan" in saved:
-                self.plan = SchedulePlan.from_dict(saved["plan"])
-            self.warmup = int(saved.get("warmup", warmup))
-            self.warmup_planned = bool(saved.get("warmup_planned", False))
+            self.load_state(saved)
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        """Continue from `state()`: a resumed run's, or rank 0's plan handed to the other ranks."""
+        self.pace.load(saved.get("pace", {}))
+        if "plan" in saved:
+            self.plan = SchedulePlan.from_dict(saved["plan"])
+        self.warmup = int(saved.get("warmup", self.warmup))
+        self.warmup_planned = bool(saved.get("warmup_planned", False))
 
     def learning_rate(self, step: int) -> float:
         if not self.deadline:

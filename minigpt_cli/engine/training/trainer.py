@@ -35,6 +35,7 @@ from minigpt_cli.engine.resources.governor import (
     cap_device_memory,
     install_throttle,
 )
+from minigpt_cli.engine.resources.memory import memory_cap_bytes
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.files import (
     CONFIG_FILE,
@@ -48,6 +49,7 @@ from minigpt_cli.engine.training.pace import Schedule
 from minigpt_cli.engine.training.plot import plot_metrics
 from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
+from minigpt_cli.engine.training.step_agreement import StepAgreement
 from minigpt_cli.errors import UserError, describe_os_error
 
 
@@ -98,6 +100,7 @@ class Trainer:
         # Under torchrun: this process's rank; one process is rank 0 of 1 (training/distributed).
         self.ranks = distributed.ranks()
         self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self._agreement = StepAgreement(self.ranks)  # the stop step and deadline plan, shared
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -217,12 +220,9 @@ class Trainer:
         ranks can share it, and wrap the model in DistributedDataParallel, which also makes
         every rank start from rank 0's weights."""
         distributed.refuse_unsupported(self.stage.name, self.train.max_time, self.ranks.world_size)
-        (self.micro_batch_size,) = distributed.min_ints([self.micro_batch_size])
-        distributed.check_split(
-            self.train.global_batch_size,
-            self.micro_batch_size,
-            self.ranks.world_size,
-            self.stage.name,
+        (smallest,) = distributed.min_ints([self.micro_batch_size])
+        self.micro_batch_size = distributed.shareable_micro_batch(
+            smallest, self.train.global_batch_size, self.ranks.world_size
         )
         self._ddp = distributed.wrap_model(self.model, self.device)
         self._forward_model = self._ddp
@@ -235,7 +235,8 @@ class Trainer:
         # Evaluation and rollouts generate under the same CPU cap as the steps.
         previous_throttle = install_throttle(self.throttle)
         try:
-            return self._fit()
+            with self._agreement.interrupts_deferred():
+                return self._fit()
         finally:
             install_throttle(previous_throttle)
 
@@ -300,13 +301,13 @@ class Trainer:
             deadline=max_seconds is not None,
             saved=self._saved_schedule,
         )
-        cap_bytes = parse_memory(self.config.resources.max_memory, physical_memory_bytes())
+        cap_bytes = memory_cap_bytes(self.config.resources)  # under torchrun: this rank's share
         cap_mb = cap_bytes / 2**20
         self.governor = Governor(cap_bytes, on_pause=self._governor_notice)
         if self.device.type in ("cuda", "mps"):
-            note = cap_device_memory(
+            note = cap_device_memory(  # each rank has its own device: the whole cap applies
                 self.device.type,
-                cap_bytes,
+                parse_memory(self.config.resources.max_memory, physical_memory_bytes()),
                 physical_memory_bytes(),
                 memory_is_percent(self.config.resources.max_memory),
             )
@@ -364,7 +365,11 @@ class Trainer:
                 for key, value in {"loss": loss_value, **step_metrics}.items():
                     window_metrics.setdefault(key, []).append(value)
                 now = steps_end = self._clock()
-                elapsed = self._elapsed(now)
+                elapsed, interrupted = self._agreement.step_end(self._elapsed(now))
+                if interrupted:  # a Ctrl-C under several processes: all stop after this step
+                    self.save(self.stage.data_state(), rng_state())  # every rank's RNG gathered
+                    self.metrics.close()
+                    raise TrainingInterrupted(run_dir, self.step)
                 stop = limits.stop_reason(
                     self.train,
                     step=self.step,
@@ -410,8 +415,10 @@ class Trainer:
                 self._govern_memory()
                 self.schedule.pace.add_step(self.step, self._clock() - step_start)
                 if max_seconds is not None and not stop:
-                    # Before the save, so a checkpoint holds the plan the next step runs on.
-                    warmup_note = self.schedule.replan(self.step, max_seconds - self._elapsed())
+                    # Before the save (it holds the next step's plan); rank 0 plans for all ranks.
+                    remaining = max_seconds - self._elapsed()
+                    warmup_note = self.schedule.replan(self.step, remaining) if writer else None
+                    self._agreement.share_schedule(self.schedule)
                     if warmup_note:
                         self._event("note", message=warmup_note)
                 if self.step % (self.train.eval_every * unit) == 0 or stop:
