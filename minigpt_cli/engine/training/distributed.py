@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt_cli.engine.hardware import share
+from minigpt_cli.engine.hardware import share as machine_share
 from minigpt_cli.engine.resources.governor import Adjustment
 from minigpt_cli.errors import EXIT_MACHINE, EXIT_USER, MACHINE_ERRNOS, UserError
 
@@ -207,14 +207,16 @@ def process_group(device_type: str) -> Iterator[Ranks]:
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, backend
     )
     # --max-memory and --max-cpu describe this machine: its ranks (and the launcher) share them.
-    share.set_share(
-        share.MachineShare(launch.local_world_size, launch.world_size, share.launcher_rss_bytes())
+    machine_share.set_share(
+        machine_share.MachineShare(
+            launch.local_world_size, launch.world_size, machine_share.launcher_rss_bytes()
+        )
     )
     try:
         yield _active
     finally:
         _active = SINGLE
-        share.set_share(share.WHOLE_MACHINE)
+        machine_share.set_share(machine_share.WHOLE_MACHINE)
         with contextlib.suppress(Exception):  # a peer that died leaves nothing to close cleanly
             dist.destroy_process_group()
 
