@@ -27,6 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests.conftest import FINETUNE_SETS, TINY_SETS, set_args  # noqa: E402
 from tests.test_distributed_rl import (  # noqa: E402
+    DPO_RUN_FLAGS,
     DPO_RUN_SETS,
     GRPO,
     GRPO_SETS,
@@ -82,7 +83,7 @@ def main() -> None:
         minigpt("sft", *sft, *set_args(FINETUNE_SETS))
     reward = work / "ppo-1" / "reward"  # trained by the one-process PPO run, reused by GRPO
     runs = {
-        "dpo": ["dpo", "--max-steps", "20", *set_args(DPO_RUN_SETS)],
+        "dpo": ["dpo", *DPO_RUN_FLAGS, *set_args(DPO_RUN_SETS)],
         "ppo": ["rlhf", *PPO, *set_args([*RL_SETS, *REWARD_SETS])],
         "grpo": ["rlhf", *GRPO, "--reward-model", str(reward), *set_args(GRPO_SETS)],
     }

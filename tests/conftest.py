@@ -162,6 +162,12 @@ FINETUNE_SETS = [
     "log.plot=false",
 ]
 
+# DPO on top of FINETUNE_SETS: a rate at which 20 steps move the margins, 2 exact-match prompts.
+DPO_SETS = [*FINETUNE_SETS, "dpo.exact_match_per_family=2", "dpo.learning_rate=1e-3"]
+# The shared DPO run's: a train row every step (tests/test_distributed_rl.py compares each).
+DPO_RUN_SETS = [*DPO_SETS, "train.log_every=1"]
+DPO_RUN_FLAGS = ["--max-steps", "20", "--beta", "0.5"]
+
 # RLHF on top of FINETUNE_SETS: 8 rollouts of 8 new tokens an iteration, one optimizer step each.
 RLHF_SETS = [
     *FINETUNE_SETS,
@@ -231,4 +237,35 @@ def tiny_lora_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_pretrain_ru
         "--max-steps",
         "10",
         sets=sets,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
+    """A finished 20-step DPO run of `tiny_sft_run` (beta 0.5, a snapshot every 10 steps), built
+    once: what DPO logs, and the one-process reference of the two-process DPO run."""
+    return finished_run(
+        tmp_path_factory, "dpo", tiny_sft_run, "tiny-dpo", *DPO_RUN_FLAGS, sets=DPO_RUN_SETS
+    )
+
+
+# The smallest RLHF run with every file RLHF writes: two PPO iterations after a 2-step reward
+# model, every step of both saved.
+TINY_PPO_SETS = [
+    *RLHF_SETS,
+    "rlhf.ppo_epochs=1",
+    "rlhf.save_every=1",
+    "reward.max_steps=2",
+    "reward.save_every=1",
+    "reward.eval_every=2",
+]
+TINY_PPO_FLAGS = ["--max-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
+    """A finished `rlhf` run of `tiny_sft_run` (TINY_PPO_SETS): RLHF's files (reward/, value
+    head, RL state) at the smallest cost, and the unkilled reference of a killed copy."""
+    return finished_run(
+        tmp_path_factory, "rlhf", tiny_sft_run, "tiny-ppo", *TINY_PPO_FLAGS, sets=TINY_PPO_SETS
     )

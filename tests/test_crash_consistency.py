@@ -4,7 +4,7 @@ Real training processes are killed with SIGKILL (at a named write of a snapshot'
 at an instant while training), resumed with `--resume` as a user would, and the run directory is
 compared byte for byte with an unkilled run of the same command: every safetensors file, every
 trainer_state.json apart from its wall-clock fields, and no temporary left behind. The unkilled
-runs are the shared fixtures where one matches (pretrain, SFT). One kill a stage, each covering
+runs are the shared fixtures where one matches (pretrain, SFT, PPO). One kill a stage, each covering
 a case of its own (the benchmark draws 20 kills a stage, DPO and LoRA included): the last
 publication torn (pretrain), an instant while training (SFT), the reward model's publication
 torn before the RLHF run has a checkpoint of its own (RLHF, PPO).
@@ -36,7 +36,14 @@ from minigpt_cli.engine.core.io import FAULT_ENV
 from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.files import MODEL_FILE, STATE_FILE, load_tensors
 from minigpt_cli.errors import UserError
-from tests.conftest import FINETUNE_SETS, RLHF_SETS, TINY_SETS, run_cli, set_args
+from tests.conftest import (
+    FINETUNE_SETS,
+    TINY_PPO_FLAGS,
+    TINY_PPO_SETS,
+    TINY_SETS,
+    run_cli,
+    set_args,
+)
 
 FP32 = ["--precision", "fp32", "--device", "cpu"]
 
@@ -112,35 +119,24 @@ def test_sft_killed_at_an_instant_while_training_resumes_to_the_same_bytes(
 
 
 def test_rlhf_killed_while_its_reward_model_trains_resumes_to_the_same_bytes(
-    tiny_sft_run: Path, tmp_path: Path
+    tiny_sft_run: Path, tiny_ppo_run: Path, tmp_path: Path
 ) -> None:
-    sets = [
-        *RLHF_SETS,
-        "reward.max_steps=20",
-        "reward.save_every=10",
-        "reward.eval_every=10",
-        "reward.warmup_steps=2",
-    ]
-
-    def command(out: Path) -> list[str | Path]:
-        args = ["rlhf", "--from", tiny_sft_run, "--out", out, "--reward", "model"]
-        return [*args, "--max-steps", "2", *FP32, *set_args(sets)]
-
-    reference = tmp_path / "reference"
-    result = run_cli(*command(reference))
-    assert result.returncode == 0, result.stderr
+    # The shared PPO fixture is the unkilled run: a 2-step reward model saved every step, then
+    # two PPO iterations.
     run_dir = tmp_path / "run"
-    # 1. The reward model's step-10 save torn: the RLHF run itself has no checkpoint yet, and
+    command = ["rlhf", "--from", tiny_sft_run, "--out", run_dir, *TINY_PPO_FLAGS, *FP32]
+    command += set_args(TINY_PPO_SETS)
+    # 1. The reward model's step-1 save torn: the RLHF run itself has no checkpoint yet, and
     # --resume continues the reward model from its snapshot (the run's config and sources come
-    # from the reward run, which records them), then trains the policy.
+    # from the reward run, which records them), trains its step 2, then the policy.
     _killed_at(
-        [*command(run_dir), *_threads(reference)],
+        [*command, *_threads(tiny_ppo_run)],
         tmp_path,
         run_dir / "reward" / "optimizer.safetensors",
     )
     assert not (run_dir / STATE_FILE).exists()
     _resume("rlhf", run_dir)
-    _assert_same_run(reference, run_dir)
+    _assert_same_run(tiny_ppo_run, run_dir)
     resumed = [r for r in ckpt.read_metrics(run_dir / "reward") if r.get("event") == "resume"]
     assert len(resumed) == 1  # the reward model continued from its snapshot, not from scratch
 

@@ -36,7 +36,7 @@ from minigpt_cli.engine.runs import checkpoint as ckpt
 from minigpt_cli.engine.runs.space import plan_run_disk
 from minigpt_cli.engine.training.run_spec import RunSpec
 from minigpt_cli.errors import UserError
-from tests.conftest import REPO, RLHF_SETS, TINY_SETS, finished_run, set_args
+from tests.conftest import REPO, TINY_SETS, set_args
 
 
 def folder_on_disk(folder: Path) -> int:
@@ -59,23 +59,6 @@ def fresh_plan(run: Path, where: Path, **changes: object) -> DiskPlan:
     sources = {key: value for key, value in state["sources"].items() if key != "reward_model"}
     sources.update(changes)
     return plan_run_disk(state["stage"], read_run_config(run), where, sources, resume=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_ppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
-    """Two PPO iterations after a 2-step reward model, every step saved: RLHF's files (reward/,
-    value head, RL state) at the smallest cost (about 7 s)."""
-    sets = [
-        *RLHF_SETS,
-        "rlhf.ppo_epochs=1",
-        "rlhf.save_every=1",
-        "reward.max_steps=2",
-        "reward.save_every=1",
-        "reward.eval_every=2",
-    ]
-    return finished_run(
-        tmp_path_factory, "rlhf", tiny_sft_run, "tiny-ppo", "--max-steps", "2", sets=sets
-    )
 
 
 @pytest.mark.parametrize(

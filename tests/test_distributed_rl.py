@@ -14,7 +14,10 @@ compared within `RL_TOLERANCE`, and the token counts exactly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,14 +35,10 @@ from minigpt_cli.engine.runs.load import load_run
 from minigpt_cli.engine.stages.rlhf import RlStage, rl_settings
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.errors import UserError
-from tests.conftest import RLHF_SETS, finished_run, run_cli, set_args
+from tests.conftest import DPO_RUN_FLAGS, DPO_RUN_SETS, RLHF_SETS, run_cli, set_args
 from tests.test_distributed import FP32, TWO, _assert_same_training, _launch, _rows
 from tests.test_dpo import builtin_pairs, make_stage, tiny_model
-from tests.test_dpo_cmd import DPO_SETS
 from tests.test_rlhf import DigitShare
-
-# DPO's test runs: the fine-tuning fixtures' shapes, a train row every step.
-DPO_RUN_SETS = [*DPO_SETS, "train.log_every=1"]
 
 # Rounding of sums over differently sized batches, carried through a few updates: measured up to
 # 1.3e-6 relative (benchmarks/ddp_rl_agreement.py), so 1e-4 leaves a wide margin and still fails
@@ -89,25 +88,19 @@ def _same_rl_statistics(reference: Path, trial: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process_dpo(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
-    """20 DPO steps of the SFT fixture in one process, a snapshot every 10."""
-    return finished_run(
-        tmp_path_factory, "dpo", tiny_sft_run, "dpo-1", "--max-steps", "20", sets=DPO_RUN_SETS
-    )
-
-
-@pytest.fixture(scope="module")
 def two_process_dpo(tmp_path_factory: pytest.TempPathFactory, tiny_sft_run: Path) -> Path:
+    """The shared DPO fixture's run (20 steps, a snapshot every 10) again, under `--nproc 2`."""
     run_dir = tmp_path_factory.mktemp("dpo-2") / "run"
-    args = ["--from", tiny_sft_run, "--out", run_dir, "--max-steps", "20", *FP32, *TWO]
+    args = ["--from", tiny_sft_run, "--out", run_dir, *DPO_RUN_FLAGS, *FP32, *TWO]
     result = _launch("dpo", *args, *set_args(DPO_RUN_SETS))
     assert result.stdout.count("checkpoint saved at step 20") == 1  # rank 0 alone reports
     return run_dir
 
 
 def test_dpo_in_two_processes_trains_what_one_process_trains(
-    one_process_dpo: Path, two_process_dpo: Path
+    tiny_dpo_run: Path, two_process_dpo: Path
 ) -> None:
+    one_process_dpo = tiny_dpo_run
     _assert_same_training(one_process_dpo, two_process_dpo)
     state = json.loads((two_process_dpo / "trainer_state.json").read_text())
     # The reference log-probabilities each rank scored half of, gathered: one process's numbers.
@@ -192,20 +185,58 @@ def test_a_two_process_grpo_run_killed_after_a_save_resumes_to_the_same_bytes(
 def test_what_the_ranks_cannot_share_exits_2_in_one_line_before_training(
     tiny_sft_run: Path, tmp_path: Path
 ) -> None:
-    """The reward model's batch and the iteration's prompts are refused before anything trains."""
-    cases = {
-        "reward.global_batch_size=12": "2 processes cannot share a global batch of 12 sequences "
-        "in micro-batches of 4 (3 a step, not a multiple of 2): set reward.global_batch_size to "
-        "a multiple of 8 (micro-batch 4 x 2 processes), or reward.micro_batch_size to 3",
-        "rlhf.rollout_batch_size=1": "2 processes share each iteration's prompts: set "
-        "rlhf.rollout_batch_size (now 1) to at least that",
+    """The reward model's batch is refused by the ranks (under the launcher) before it trains;
+    the iteration's prompts, a setting alone, by each rank before the ranks meet."""
+    out = tmp_path / "reward-batch"
+    args = ["rlhf", "--from", tiny_sft_run, "--out", out, *FP32, *TWO]
+    result = run_cli(
+        *args,
+        *set_args([*RL_SETS, "reward.global_batch_size=12"]),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: 2 processes cannot share a global batch of 12 sequences in micro-batches of 4 "
+        "(3 a step, not a multiple of 2): set reward.global_batch_size to a multiple of 8 "
+        "(micro-batch 4 x 2 processes), or reward.micro_batch_size to 3"
+    ]
+    assert not (out / "reward" / "metrics.jsonl").exists()
+
+    # Each rank as torchrun starts it, with a port no rank ever reaches: both refuse before the
+    # rendezvous (a rank that waited for the other would hang until the timeout), rank 0 says why.
+    out = tmp_path / "prompts"
+    args = ["rlhf", "--from", tiny_sft_run, "--out", out, *FP32, "--threads", "1"]
+    args += set_args([*RL_SETS, "rlhf.rollout_batch_size=1"])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "minigpt_cli", *map(str, args)],
+            env={**os.environ, **_rank_env(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    (out0, err0), (out1, err1) = (rank.communicate(timeout=120) for rank in ranks)
+    assert [rank.returncode for rank in ranks] == [2, 2], out0 + err0 + out1 + err1
+    assert err0.strip().splitlines() == [
+        "error: 2 processes share each iteration's prompts: set rlhf.rollout_batch_size (now 1) "
+        "to at least that"
+    ]
+    assert (out1 + err1).strip() == ""
+    assert not out.exists()
+
+
+def _rank_env(rank: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",  # never reached: the refusal comes before the rendezvous
+        "OMP_NUM_THREADS": "1",
     }
-    for number, (setting, line) in enumerate(cases.items()):
-        args = ["rlhf", "--from", tiny_sft_run, "--out", tmp_path / str(number), *FP32, *TWO]
-        result = run_cli(*args, *set_args([*RL_SETS, setting]), env={"OMP_NUM_THREADS": "1"})
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert result.stderr.strip().splitlines() == [f"error: {line}"]
-        assert not (tmp_path / str(number) / "reward" / "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------ in process

@@ -9,11 +9,10 @@ from safetensors.torch import load_file
 
 from minigpt_cli.engine.model.lora import has_lora
 from minigpt_cli.engine.runs.load import load_run
-from tests.conftest import FINETUNE_SETS, run_cli, set_args
+from tests.conftest import DPO_SETS, run_cli, set_args
 from tests.test_sft_cmd import FP32, rows
 
 PREFERENCE_KEYS = {"chosen_reward", "rejected_reward", "margin", "pref_accuracy"}
-DPO_SETS = [*FINETUNE_SETS, "dpo.exact_match_per_family=2", "dpo.learning_rate=1e-3"]
 
 
 def _dpo(parent: Path, out: Path, *extra: str) -> None:
@@ -22,10 +21,9 @@ def _dpo(parent: Path, out: Path, *extra: str) -> None:
 
 
 def test_dpo_logs_preference_metrics_and_prefers_the_chosen_replies(
-    tiny_sft_run: Path, tmp_path: Path
+    tiny_sft_run: Path, tiny_dpo_run: Path
 ) -> None:
-    run_dir = tmp_path / "dpo"
-    _dpo(tiny_sft_run, run_dir, "--max-steps", "20", "--beta", "0.5")
+    run_dir = tiny_dpo_run  # 20 steps, --beta 0.5
     train = rows(run_dir, "train")
     assert train[0].keys() >= PREFERENCE_KEYS
     assert train[-1]["margin"] > train[0]["margin"]

@@ -192,6 +192,8 @@ def execute(
     distributed.check_split(
         train.global_batch_size, train.micro_batch_size, launch.world_size, run.stage
     )
+    if run.stage == "rlhf":
+        distributed.check_prompt_share(run.config.rlhf.rollout_batch_size, launch.world_size)
     shared = _SHARED_DISPLAY.get()
     continue_command = (
         shared.continue_command

@@ -532,11 +532,8 @@ def run_rlhf(
     """Train (or resume) an RLHF run: the reward model first when needed, then PPO or GRPO."""
     setup = start_finetune(config, spec, inputs, "rlhf", on_event)
     settings = rl_settings(config)
-    if settings.rollout_batch_size < distributed.world_size():  # before the reward model trains
-        raise UserError(
-            f"{distributed.world_size()} processes share each iteration's prompts: set "
-            f"rlhf.rollout_batch_size (now {settings.rollout_batch_size}) to at least that"
-        )
+    # Before the reward model trains (the CLI asked before the ranks met; a library caller here).
+    distributed.check_prompt_share(settings.rollout_batch_size, distributed.world_size())
     reward_model = None
     if config.rlhf.reward in ("model", "both"):
         reward_model, source = run_reward(

@@ -135,6 +135,16 @@ def refuse_unsupported(stage: str, max_time: str | None, world: int) -> None:
         )
 
 
+def check_prompt_share(rollout_batch_size: int, world: int) -> None:
+    """Refuse an RLHF iteration with fewer prompts than ranks (a rank would roll out nothing).
+    A setting alone decides it, so the CLI asks before the ranks meet, as for the batch split."""
+    if rollout_batch_size < world:
+        raise UserError(
+            f"{world} processes share each iteration's prompts: set "
+            f"rlhf.rollout_batch_size (now {rollout_batch_size}) to at least that"
+        )
+
+
 def check_split(global_batch: int, micro_batch: int, world: int, section: str) -> None:
     """Refuse a global batch whose micro-batches the ranks cannot share equally.
 
