@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -205,6 +206,41 @@ def test_every_rank_killed_mid_run_resumes_to_the_bytes_of_the_uninterrupted_run
     saved = json.loads((run_dir / "trainer_state.json").read_text())["step"]
     assert 10 <= saved < 30  # killed mid-run, after a save
     _resume_and_compare(run_dir, two_process_pretrain, tiny_pretrain_run)
+
+
+def _cut_to_step_20(run: Path, into: Path) -> Path:
+    """What a kill right after the step-20 save leaves of a finished 30-step run."""
+    shutil.copytree(run, into)
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        (into / name).unlink()
+    shutil.rmtree(into / "checkpoints" / "step-00000030")
+    return into
+
+
+def test_a_resume_with_another_world_size_continues_from_the_same_step_with_a_note(
+    tiny_pretrain_run: Path, two_process_pretrain: Path, tmp_path: Path
+) -> None:
+    # 2 -> 1 and 1 -> 2: the same step, data position and schedule, rank 0's random state; not
+    # bitwise, but with dropout 0 the same curve within float tolerance.
+    cases = (
+        (two_process_pretrain, [], 1, 2),
+        (tiny_pretrain_run, TWO, 2, 1),
+    )
+    for index, (reference, launch, world, saved) in enumerate(cases):
+        run_dir = _cut_to_step_20(reference, tmp_path / f"run{index}")
+        _launch("pretrain", "--out", run_dir, "--resume", "--tokenizer", tiny_pretrain_run, *launch)
+        events = _rows(run_dir, "event")
+        assert [r["step"] for r in events if r["event"] == "resume"] == [20]
+        notes = [r["message"] for r in events if r["event"] == "note"]
+        assert any(
+            f"resumed at step 20 with {world} process(es); it was saved by {saved}" in note
+            for note in notes
+        ), notes
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+        assert state["step"] == 30 and state.get("world_size", 1) == world
+        want = {r["step"]: r["loss"] for r in _rows(reference, "train")}
+        got = {r["step"]: r["loss"] for r in _rows(run_dir, "train") if r["step"] > 20}
+        assert got and all(got[step] == pytest.approx(want[step], rel=1e-4) for step in got)
 
 
 def test_a_rank_killed_stops_the_job_in_one_line_and_the_last_checkpoint_is_intact(
