@@ -176,13 +176,19 @@ def training_verb(
     omit: tuple[str, ...] = (),
     replace: dict[str, Any] | None = None,
     first: tuple[str, ...] = (),
+    launchable: bool = False,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a training verb the shared flags: its signature, as Typer reads it, becomes the shared
     head, the verb's own parameters, then the shared tail; the verb receives the shared values as
     its first argument, a `TrainingFlags`. `omit` drops shared flags the verb does not take;
     `replace` gives one its own option (e.g. rlhf's --max-steps counts iterations); the verb's
-    parameters named in `first` lead its --help (a fine-tuning verb's --from)."""
+    parameters named in `first` lead its --help (a fine-tuning verb's --from). A `launchable`
+    verb also takes the torchrun flags (`launch.LAUNCH_OPTIONS`: --nproc and the machines') and,
+    when they ask for it, runs again under torchrun before the verb's body does anything."""
+    from minigpt_cli.cli import launch
+
     replaced = replace or {}
+    launch_flags: dict[str, Any] = launch.LAUNCH_OPTIONS if launchable else {}
 
     def shared(names: dict[str, Any]) -> list[inspect.Parameter]:
         return [
@@ -201,7 +207,7 @@ def training_verb(
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         lead = [p for p in own if p.name in first]
         rest = [p for p in own if p.name not in first]
-        parameters = lead + shared(SHARED_HEAD) + rest + shared(SHARED_TAIL)
+        parameters = lead + shared(SHARED_HEAD) + rest + shared(launch_flags | SHARED_TAIL)
         shared_names = (set(SHARED_HEAD) | set(SHARED_TAIL)) - set(omit)
 
         signature = inspect.Signature(parameters)
@@ -212,6 +218,7 @@ def training_verb(
             bound = signature.bind(**given)
             bound.apply_defaults()
             given = dict(bound.arguments)
+            launch.relaunch_from_flags({name: given.pop(name) for name in launch_flags})
             values = {name: given.pop(name) for name in shared_names}
             flags = TrainingFlags(
                 **{name: values.pop(name, None) for name in (*SHARED_HEAD, "sets")},

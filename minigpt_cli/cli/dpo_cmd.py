@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune, launch
+from minigpt_cli.cli import common, finetune
 
 BetaOpt = Annotated[
     float | None,
@@ -20,7 +20,7 @@ LabelSmoothingOpt = Annotated[
 ]
 
 
-@common.training_verb(first=("from_run",))
+@common.training_verb(first=("from_run",), launchable=True)
 def dpo(
     flags: common.TrainingFlags,
     from_run: finetune.FromOpt = None,
@@ -32,18 +32,12 @@ def dpo(
     lora_dropout: finetune.LoraDropoutOpt = None,
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
-    nproc: launch.NprocOpt = None,
-    nnodes: launch.NnodesOpt = None,
-    node_rank: launch.NodeRankOpt = None,
-    master_addr: launch.MasterAddrOpt = None,
-    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Preference-tune a run with DPO: prefer the chosen reply over the rejected one.
 
     Data: {"prompt","chosen","rejected"} JSONL (a "Human: ... Assistant:" prompt is split into
     turns); with no --data, the built-in pairs. The reference is the starting model, frozen.
     """
-    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.engine.stages.dpo import run_dpo
 
     finetune.run_finetune(

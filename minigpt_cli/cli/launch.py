@@ -160,6 +160,28 @@ def _check_port_free(address: str, port: int) -> None:
             ) from None
 
 
+# The launch flags every verb that trains under torchrun takes (`common.training_verb(
+# launchable=True)` adds them to its signature and runs `relaunch_from_flags` before the verb).
+LAUNCH_OPTIONS: dict[str, Any] = {
+    "nproc": NprocOpt,
+    "nnodes": NnodesOpt,
+    "node_rank": NodeRankOpt,
+    "master_addr": MasterAddrOpt,
+    "master_port": MasterPortOpt,
+}
+
+
+def relaunch_from_flags(values: Mapping[str, Any]) -> None:
+    """`relaunch_if_asked` with the `LAUNCH_OPTIONS` values a verb was given."""
+    nodes = Nodes(
+        values.get("nnodes"),
+        values.get("node_rank"),
+        values.get("master_addr"),
+        values.get("master_port"),
+    )
+    relaunch_if_asked(values.get("nproc"), nodes)
+
+
 def relaunch_if_asked(nproc: int | None, nodes: Nodes) -> None:
     """What a training verb does first with its launch flags: nothing without --nproc (the
     machines' flags alone are refused), else run the job and exit with its status."""

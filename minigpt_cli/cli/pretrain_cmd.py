@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, launch
+from minigpt_cli.cli import common
 
 TokenizerOpt = Annotated[
     Path | None,
@@ -19,22 +19,16 @@ FromOpt = Annotated[
 ]
 
 
-@common.training_verb()
+@common.training_verb(launchable=True)
 def pretrain(
     flags: common.TrainingFlags,
     tokenizer: TokenizerOpt = None,
     from_run: FromOpt = None,
-    nproc: launch.NprocOpt = None,
-    nnodes: launch.NnodesOpt = None,
-    node_rank: launch.NodeRankOpt = None,
-    master_addr: launch.MasterAddrOpt = None,
-    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Pretrain a GPT on text: tokenizer, encoding, training, checkpoints, validation bits/byte.
 
     With no arguments it trains the tiny preset on the built-in English+Chinese corpus.
     """
-    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.cli import training
     from minigpt_cli.config.loader import read_run_config
     from minigpt_cli.engine.data.files import expand_paths, validate

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune, launch
+from minigpt_cli.cli import common, finetune
 from minigpt_cli.errors import UserError
 
 ALGOS = ("ppo", "grpo")
@@ -86,6 +86,7 @@ GenerationsOpt = Annotated[
             int | None, typer.Option("--max-steps", help="PPO/GRPO iterations (default 30).")
         ]
     },
+    launchable=True,
 )
 def rlhf(
     flags: common.TrainingFlags,
@@ -106,11 +107,6 @@ def rlhf(
     num_generations: GenerationsOpt = None,
     lora: finetune.LoraOpt = False,
     merge: finetune.MergeOpt = False,
-    nproc: launch.NprocOpt = None,
-    nnodes: launch.NnodesOpt = None,
-    node_rank: launch.NodeRankOpt = None,
-    master_addr: launch.MasterAddrOpt = None,
-    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Reinforcement learning from feedback: PPO (or GRPO) against a reward, with a KL leash.
 
@@ -140,7 +136,6 @@ def rlhf(
         raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
     if reward is not None and reward not in REWARDS:
         raise UserError(f"--reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     chosen_algo = algo or _saved_algo(flags.out, flags.resume) or default_algorithm(reward)
     finetune.run_finetune(
         "rlhf",

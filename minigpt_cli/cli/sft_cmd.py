@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from minigpt_cli.cli import common, finetune, launch
+from minigpt_cli.cli import common, finetune
 
 TrainOnPromptOpt = Annotated[
     bool | None,
@@ -27,7 +27,7 @@ TextOpt = Annotated[
 ]
 
 
-@common.training_verb(first=("from_run",))
+@common.training_verb(first=("from_run",), launchable=True)
 def sft(
     flags: common.TrainingFlags,
     from_run: finetune.FromOpt = None,
@@ -39,18 +39,12 @@ def sft(
     lora_targets: finetune.LoraTargetsOpt = None,
     merge: finetune.MergeOpt = False,
     text: TextOpt = None,
-    nproc: launch.NprocOpt = None,
-    nnodes: launch.NnodesOpt = None,
-    node_rank: launch.NodeRankOpt = None,
-    master_addr: launch.MasterAddrOpt = None,
-    master_port: launch.MasterPortOpt = None,
 ) -> None:
     """Fine-tune a run on conversations: loss on the assistant's replies, exact match per task.
 
     Data: {"instruction","input","output"} (+ "history"), {"prompt","completion"} or
     {"messages":[...]} JSONL; with no --data, the built-in bilingual instructions.
     """
-    launch.relaunch_if_asked(nproc, launch.Nodes(nnodes, node_rank, master_addr, master_port))
     from minigpt_cli.engine.data.files import expand_paths, validate
     from minigpt_cli.engine.stages.sft import SftInputs, run_sft
 
