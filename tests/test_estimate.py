@@ -339,7 +339,7 @@ def test_counted_tensors_match_what_autograd_saves() -> None:
     from minigpt_cli.engine.model import loss as loss_module
     from minigpt_cli.engine.model.gpt import GPT
 
-    assert activations.LOSS_CHUNK_ELEMENTS == loss_module._LOSS_CHUNK_ELEMENTS
+    assert activations.LOSS_CHUNK_ROWS == loss_module._LOSS_CHUNK_ROWS
     shapes = (
         ModelConfig(n_layer=2, n_embd=128, n_head=2, context_length=128),
         ModelConfig(n_layer=2, n_embd=256, n_head=8, n_kv_head=2, context_length=128),

@@ -301,8 +301,10 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(reduction: str) -> N
 def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     import minigpt_cli.engine.model.loss as loss_module
 
-    # 7 rows per chunk: 48 rows -> 7 chunks, the last one partial.
-    monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)
+    # At most 7 rows per chunk: 48 rows -> 7 chunks of 7 rows, the last one partial.
+    monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ROWS", 7)
+    assert loss_module.loss_chunk_rows(48) == 7 and loss_module.loss_chunk_rows(7) == 7
+    assert loss_module.loss_chunk_rows(8) == 4  # two equal chunks rather than 7 + 1
     test_fused_loss_and_gradients_equal_plain_cross_entropy("sum")
 
 
@@ -461,6 +463,41 @@ def test_grouped_query_attention_without_enable_gqa(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(layers_module, "_SDPA_GQA", False)
         repeated = model(ids)
     torch.testing.assert_close(native, repeated, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_backward_runs_in_fp32(dtype: torch.dtype) -> None:
+    """The bf16/fp16 attention whose backward is PyTorch's fp32 kernel: the forward is the half
+    kernel's own output, bit for bit; the gradients are the fp32 kernel's on the same inputs (so
+    closer to fp32 than the half kernel's); other calls keep the plain kernel."""
+    from minigpt_cli.engine.model import layers
+
+    generator = torch.Generator().manual_seed(12)
+    shape = (2, 4, 24, 16)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype).requires_grad_() for _ in "qkv")
+    grad_out = torch.randn(shape, generator=generator).to(dtype)
+    assert layers._fp32_backward_pays(q, True, None)
+    out = layers.attend(q, k, v, 4, 4, causal=True)
+    assert out.grad_fn is not None and "HalfAttention" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(
+        F.scaled_dot_product_attention(*fp32, is_causal=True), fp32, grad_out.float()
+    )
+    half = torch.autograd.grad(
+        F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out
+    )
+    for mine, exact, plain in zip(grads, want, half, strict=True):
+        assert mine.dtype == dtype
+        error = (mine.float() - exact).abs().max()
+        assert error <= 2 * (plain.float() - exact).abs().max() and error < 0.05
+    # fp32, no gradient, a mask, wide heads over long sequences: the plain kernel.
+    assert not layers._fp32_backward_pays(q.detach().float().requires_grad_(), True, None)
+    assert not layers._fp32_backward_pays(q.detach(), True, None)
+    assert not layers._fp32_backward_pays(q, True, torch.ones(24, 24, dtype=torch.bool))
+    wide = torch.zeros(1, 1, 256, 64, dtype=dtype, requires_grad=True)
+    assert not layers._fp32_backward_pays(wide, True, None)
 
 
 def test_frozen_head_gets_no_gradient_but_the_body_does() -> None:

@@ -17,9 +17,9 @@ MMAP_MAX_BYTES = 32 * 2**20
 at least this large always get their own mapping, so they neither fragment the heap nor stay
 resident once freed."""
 
-LOSS_CHUNK_ELEMENTS = 4 * 2**20
-"""Logits the fused loss holds at once: `engine.model.loss._LOSS_CHUNK_ELEMENTS`, repeated here to
-stay torch-free (a test checks that they agree)."""
+LOSS_CHUNK_ROWS = 256
+"""Rows of logits the fused loss holds at once, at most: `engine.model.loss._LOSS_CHUNK_ROWS`,
+repeated here to stay torch-free (a test checks that they agree)."""
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -122,7 +122,7 @@ def activation_bytes(
     # Embedding (its int64 ids), final norm (fp32 normalised input, 1/rms) and the fused loss,
     # which keeps d(loss)/d(hidden) in the compute dtype and d(loss)/d(head) in fp32.
     saved += tokens * (8 + 4 * d + 4 + compute * d) + 4 * vocab_size * d
-    rows = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // vocab_size))
+    rows = min(tokens, LOSS_CHUNK_ROWS)
     loss_chunk = rows * vocab_size * (8 + (2 * compute if compute != 4 else 0))
     mlp_backward = tokens * compute * 3 * f
     return ActivationBytes(saved, max(loss_chunk, mlp_backward), mapped)
@@ -144,6 +144,6 @@ def evaluation_bytes(
         d + (heads + 2 * kv) * hd + 2 * (heads + kv) * hd + heads * hd
     )
     mlp = 4 * 2 * d + compute * (d + 4 * f)
-    rows = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // vocab_size))
+    rows = min(tokens, LOSS_CHUNK_ROWS)
     loss = rows * vocab_size * (8 + (compute if compute != 4 else 0)) + tokens * (4 + compute) * d
     return max(tokens * max(attention, mlp), loss)
