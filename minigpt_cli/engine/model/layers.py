@@ -201,7 +201,7 @@ class _HalfAttentionFp32Backward(torch.autograd.Function):
     positions x 32 dims took 5-8 ms against 1.4-1.8 ms for casting to fp32 and running the fp32
     kernel; it was a quarter of a `tiny` bf16 training step. The forward stays the bf16 kernel
     (fast); the gradients come out closer to fp32's than the bf16 kernel's do. `attend` uses it
-    only where it measured faster (see `_FP32_BACKWARD_PAYS`).
+    only where it measured faster (see `_fp32_backward_pays`).
     """
 
     # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.

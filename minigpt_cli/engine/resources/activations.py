@@ -102,8 +102,8 @@ def activation_bytes(
 
     The working set is the largest short-lived allocation on top of what is saved: a chunk of
     logits and their softmax in the fused loss (fp32; under autocast also the low-precision logits
-    and their gradient), or the SwiGLU backward of the last layer (gradients of gate/up, silu and
-    their product), whichever is larger.
+    and their gradient), the SwiGLU backward of the last layer (gradients of gate/up, silu and
+    their product), or a bf16/fp16 attention backward run in fp32, whichever is larger.
     """
     compute = _dtype_bytes(precision)
     d, f = model_cfg.n_embd, model_cfg.ffn_dim
@@ -125,7 +125,13 @@ def activation_bytes(
     rows = min(tokens, LOSS_CHUNK_ROWS)
     loss_chunk = rows * vocab_size * (8 + (2 * compute if compute != 4 else 0))
     mlp_backward = tokens * compute * 3 * f
-    return ActivationBytes(saved, max(loss_chunk, mlp_backward), mapped)
+    attention_backward = 0
+    short_or_narrow = model_cfg.head_dim < 64 or model_cfg.context_length <= 128
+    if compute != 4 and short_or_narrow and model_cfg.kv_heads == model_cfg.n_head:
+        # `model.layers._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and its
+        # gradient, and the three fp32 gradients, for one layer at a time.
+        attention_backward = tokens * 4 * 8 * model_cfg.n_head * model_cfg.head_dim
+    return ActivationBytes(saved, max(loss_chunk, mlp_backward, attention_backward), mapped)
 
 
 def evaluation_bytes(
