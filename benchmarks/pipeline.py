@@ -19,6 +19,10 @@ preference accuracy.
     python benchmarks/pipeline.py                        # about 10 minutes on 2 cores
     python benchmarks/pipeline.py --real DATA  # plus the real-data runs
     python benchmarks/pipeline.py --workdir /tmp/p --keep  # reuse finished stages
+    python benchmarks/pipeline.py --seed 1                 # another seed
+
+It runs the `minigpt` of the folder it is started from, else the installed one (`python -m`), so
+`cd ../other-checkout && python ~/minigpt/benchmarks/pipeline.py` times another version.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="continue the quickstart in --workdir")
     parser.add_argument("--real", type=Path, default=None, help="folder with the real datasets")
+    parser.add_argument("--seed", type=int, default=None, help="the quickstart's --seed")
     parser.add_argument(
         "--real-steps",
         type=int,
@@ -88,6 +93,8 @@ def main() -> None:
         shutil.rmtree(out)
     folder.mkdir(parents=True, exist_ok=True)
     command = ["quickstart", "--preset", "tiny", "--out", str(out)]
+    if args.seed is not None:
+        command += ["--seed", str(args.seed)]
     start = time.perf_counter()
     with (folder / "quickstart.log").open("w") as handle:
         result = subprocess.run(
