@@ -14,10 +14,7 @@ compared within `RL_TOLERANCE`, and the token counts exactly.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,14 @@ from minigpt_cli.engine.stages.rlhf import RlStage, rl_settings
 from minigpt_cli.engine.training import distributed
 from minigpt_cli.errors import UserError
 from tests.conftest import DPO_RUN_FLAGS, DPO_RUN_SETS, RLHF_SETS, run_cli, set_args
-from tests.test_distributed import FP32, TWO, _assert_same_training, _launch, _rows
+from tests.test_distributed import (
+    FP32,
+    TWO,
+    _assert_same_training,
+    _both_ranks,
+    _launch,
+    _rows,
+)
 from tests.test_dpo import builtin_pairs, make_stage, tiny_model
 from tests.test_rlhf import DigitShare
 
@@ -207,36 +211,13 @@ def test_what_the_ranks_cannot_share_exits_2_in_one_line_before_training(
     out = tmp_path / "prompts"
     args = ["rlhf", "--from", tiny_sft_run, "--out", out, *FP32, "--threads", "1"]
     args += set_args([*RL_SETS, "rlhf.rollout_batch_size=1"])
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "minigpt_cli", *map(str, args)],
-            env={**os.environ, **_rank_env(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    (out0, err0), (out1, err1) = (rank.communicate(timeout=120) for rank in ranks)
-    assert [rank.returncode for rank in ranks] == [2, 2], out0 + err0 + out1 + err1
+    (_, err0), (out1, err1) = _both_ranks(args, {"OMP_NUM_THREADS": "1"})
     assert err0.strip().splitlines() == [
         "error: 2 processes share each iteration's prompts: set rlhf.rollout_batch_size (now 1) "
         "to at least that"
     ]
     assert (out1 + err1).strip() == ""
     assert not out.exists()
-
-
-def _rank_env(rank: int) -> dict[str, str]:
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": "2",
-        "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "1",  # never reached: the refusal comes before the rendezvous
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 # ------------------------------------------------------------------------------ in process

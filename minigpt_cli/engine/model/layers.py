@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.resources.activations import half_attention_backward_in_fp32
 
 # scaled_dot_product_attention learnt grouped-query attention (`enable_gqa`) in PyTorch 2.5.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -236,7 +237,7 @@ def _fp32_backward_pays(q: torch.Tensor, causal: bool, mask: torch.Tensor | None
         return False
     if not (torch.is_grad_enabled() and q.requires_grad):
         return False
-    return q.shape[-1] < 64 or q.shape[-2] <= 128
+    return half_attention_backward_in_fp32(q.shape[-1], q.shape[-2])
 
 
 def attend(

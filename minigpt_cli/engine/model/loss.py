@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from minigpt_cli.engine.resources.activations import LOSS_CHUNK_ROWS
+
 IGNORE_INDEX = -100
 """Target id that contributes no loss (padding, prompt tokens in SFT): PyTorch's and HF's value."""
 
@@ -22,7 +24,7 @@ IGNORE_INDEX = -100
 # over 1,024 rows took 15 ms in 256-row chunks against 24 ms in 838-row ones (bf16; fp32 23 vs 22),
 # over 4,608 rows 52 vs 75 ms (fp32 87 vs 119); `small` (10,000 words, 2,048 rows) 111 ms against
 # 150 ms in 128-row chunks and 110 ms in 419-row ones. The rows are split evenly over the chunks.
-_LOSS_CHUNK_ROWS = 256
+_LOSS_CHUNK_ROWS = LOSS_CHUNK_ROWS  # the memory estimate counts the same chunk
 
 
 def loss_chunk_rows(rows: int) -> int:

@@ -18,8 +18,16 @@ at least this large always get their own mapping, so they neither fragment the h
 resident once freed."""
 
 LOSS_CHUNK_ROWS = 256
-"""Rows of logits the fused loss holds at once, at most: `engine.model.loss._LOSS_CHUNK_ROWS`,
-repeated here to stay torch-free (a test checks that they agree)."""
+"""Rows of logits the fused loss holds at once, at most (`engine.model.loss` reads it from here, so
+the count and the code cannot drift apart; why 256 is said there)."""
+
+
+def half_attention_backward_in_fp32(head_dim: int, seq_len: int) -> bool:
+    """Whether a bf16/fp16 CPU attention of this shape runs its backward in fp32
+    (`engine.model.layers._HalfAttentionFp32Backward`, where the measurements are): heads narrower
+    than 64 or sequences of 128 positions or fewer. One rule for the model and for this count."""
+    return head_dim < 64 or seq_len <= 128
+
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -126,8 +134,8 @@ def activation_bytes(
     loss_chunk = rows * vocab_size * (8 + (2 * compute if compute != 4 else 0))
     mlp_backward = tokens * compute * 3 * f
     attention_backward = 0
-    short_or_narrow = model_cfg.head_dim < 64 or model_cfg.context_length <= 128
-    if compute != 4 and short_or_narrow and model_cfg.kv_heads == model_cfg.n_head:
+    in_fp32 = half_attention_backward_in_fp32(model_cfg.head_dim, model_cfg.context_length)
+    if compute != 4 and in_fp32 and model_cfg.kv_heads == model_cfg.n_head:
         # `model.layers._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and its
         # gradient, and the three fp32 gradients, for one layer at a time.
         attention_backward = tokens * 4 * 8 * model_cfg.n_head * model_cfg.head_dim
