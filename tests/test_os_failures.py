@@ -381,7 +381,9 @@ def test_a_disk_that_fills_during_a_real_run_keeps_the_snapshot_and_resumes_bitw
     tiny_pretrain_run: Path, tmp_path: Path
 ) -> None:
     # Inside a private 64 MB tmpfs: train, fill the disk once the first snapshot is out, let the
-    # run hit the full disk, free the space, resume, and copy the result out for comparison.
+    # run hit the full disk, free the space, resume, and copy the result out for comparison. The
+    # job is stopped (SIGSTOP) while the disk fills: a fast machine otherwise wrote the step-20
+    # snapshot before `head` had filled the disk, and the run kept step 20 instead of 10.
     args = " ".join(
         f"'{a}'"
         for a in ["--max-steps", "30", *FP32, *set_args(TINY_SETS), "--set", "log.plot=false"]
@@ -390,8 +392,10 @@ def test_a_disk_that_fills_during_a_real_run_keeps_the_snapshot_and_resumes_bitw
 cd {Path.cwd()}
 "$PY" -m minigpt_cli pretrain --out "$DISK/run" {args} 2> "$DISK/err" &
 job=$!
-while [ ! -d "$DISK/run/checkpoints/step-00000010" ]; do sleep 0.02; done
+while [ ! -d "$DISK/run/checkpoints/step-00000010" ]; do sleep 0.01; done
+kill -STOP $job
 head -c 200M /dev/zero > "$DISK/filler" 2>/dev/null
+kill -CONT $job
 wait $job; echo "status=$?"
 cat "$DISK/err" | tail -1
 rm "$DISK/filler"
