@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -559,6 +560,28 @@ def test_decoding_verbs_take_the_training_verbs_cpu_flags(run_dir: Path) -> None
         assert result.exit_code == 0 and "1 threads" in result.stderr  # a 2-layer model: one
     finally:
         torch.set_num_threads(before)
+
+
+def test_decoding_threads_follow_the_cores_idle_now_not_the_load_average(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psutil
+
+    from minigpt_cli.engine.inference import generation
+
+    # A trailing load average from a run that just ended must not cost a thread.
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(psutil, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    idle = {"cores": 1.8}
+    monkeypatch.setattr(generation, "idle_cores", lambda seconds: idle["cores"])
+    big = generation._SINGLE_THREAD_DECODE_PARAMS
+    assert generation.decode_threads(big, 2) == 2
+    assert generation.decode_threads(big, 1) == 1  # the cap
+    assert generation.decode_threads(big - 1, 2) == 1  # small models: one thread
+    idle["cores"] = 0.6  # another program holds a core and a half
+    assert generation.decode_threads(big, 2) == 1
+    idle["cores"] = 0.0
+    assert generation.decode_threads(big, 2) == 1  # never zero
 
 
 def test_cpu_flags_lie_over_the_runs_resources_and_bad_values_exit_2(

@@ -308,6 +308,39 @@ def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
     test_fused_loss_and_gradients_equal_plain_cross_entropy("sum")
 
 
+@pytest.mark.parametrize("group_rows", [5, 10, 1000])
+def test_bf16_head_gradient_summed_by_groups_of_chunks(
+    monkeypatch: pytest.MonkeyPatch, group_rows: int
+) -> None:
+    """Under autocast the head's gradient is one bf16 product per group of chunks (one chunk, two,
+    or all ten here), summed in fp32: each grouping must give the fp32 gradient to bf16 accuracy,
+    with ignored rows contributing nothing and a partial last group."""
+    import minigpt_cli.engine.model.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ROWS", 5)
+    monkeypatch.setattr(loss_module, "LOSS_GRAD_GROUP_ROWS", group_rows)
+    assert loss_module.loss_grad_group_rows(48, 5) == min(max(5, group_rows // 5 * 5), 50)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    targets = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    targets[0, :7] = IGNORE_INDEX
+    grouped, reference = make_model(), make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = grouped(ids, targets=targets, reduction="sum")
+    loss.backward()
+    _reference_loss(reference, ids, targets, "sum").backward()
+    head, expected = grouped.lm_head.weight.grad, reference.lm_head.weight.grad
+    assert head.dtype == torch.float32
+    torch.testing.assert_close(head, expected, atol=0.02 * expected.abs().max().item(), rtol=0.05)
+    # Rows whose targets are all ignored feed no gradient: a model fed only those gets none.
+    only_ignored = make_model()
+    blank = torch.full_like(targets, IGNORE_INDEX)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, nothing = only_ignored(ids, targets=blank, reduction="sum")
+    nothing.backward()
+    assert torch.count_nonzero(only_ignored.lm_head.weight.grad) == 0
+
+
 def test_per_token_losses_and_returned_logits() -> None:
     model = make_model()
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
@@ -450,6 +483,40 @@ def test_rms_norm_gradients_are_exact() -> None:
     with torch.no_grad():
         torch.testing.assert_close(norm(data), expected)
         assert norm(data.bfloat16()).dtype == torch.bfloat16  # computed in fp32, returned as given
+
+
+def test_fused_rms_norm_kernel_is_bitwise_the_composite_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fp32 norms run PyTorch's one-kernel forward (`_fused_rms_norm`) and a backward rebuilt from
+    the saved input: outputs and gradients must be bitwise those of the composite path."""
+    from minigpt_cli.engine.model import layers
+
+    if not layers._FUSED_RMS_NORM:
+        pytest.skip("this PyTorch has no _fused_rms_norm")
+    norm = layers.RMSNorm(24, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    data = torch.randn(3, 7, 24) * 3
+    upstream = torch.randn(3, 7, 24)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x = data.clone().requires_grad_()
+        norm.weight.grad = None
+        out = norm(x)
+        out.backward(upstream)
+        with torch.no_grad():
+            plain = norm(data)
+        return out.detach(), plain, x.grad, norm.weight.grad
+
+    assert layers._fused_forward(data, norm.weight)
+    fused = run()
+    monkeypatch.setattr(layers, "_FUSED_RMS_NORM", False)
+    assert not layers._fused_forward(data, norm.weight)
+    composite = run()
+    names = ("forward", "no-grad forward", "x grad", "weight grad")
+    for name, a, b in zip(names, fused, composite, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_grouped_query_attention_without_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from minigpt_cli.engine.resources.activations import LOSS_CHUNK_ROWS
+from minigpt_cli.engine.resources.activations import LOSS_CHUNK_ROWS, LOSS_GRAD_GROUP_ROWS
 
 IGNORE_INDEX = -100
 """Target id that contributes no loss (padding, prompt tokens in SFT): PyTorch's and HF's value."""
@@ -31,6 +31,13 @@ def loss_chunk_rows(rows: int) -> int:
     """Rows per chunk for `rows` rows: at most `_LOSS_CHUNK_ROWS`, the chunks equal in size."""
     chunks = max(1, -(-rows // _LOSS_CHUNK_ROWS))
     return max(1, -(-rows // chunks))
+
+
+def loss_grad_group_rows(rows: int, chunk: int) -> int:
+    """Rows of logit gradients gathered for one product of the head's gradient (autocast only):
+    whole chunks, as many as fit in `LOSS_GRAD_GROUP_ROWS`, never more than `rows` needs."""
+    per_group = max(1, LOSS_GRAD_GROUP_ROWS // chunk)
+    return min(chunk * per_group, chunk * max(1, -(-rows // chunk)))
 
 
 # A target probability below this has lost precision (fp32 denormals) or underflowed to zero; such
@@ -106,11 +113,9 @@ class _ChunkBuffers:
     def probs(self, rows: int) -> torch.Tensor:
         return self._buffer("probs", self.shape, torch.float32)[:rows]
 
-    def in_compute_dtype(self, values: torch.Tensor) -> torch.Tensor:
-        if self.compute_dtype == torch.float32:
-            return values
-        buffer = self._buffer("grad", self.shape, self.compute_dtype)[: values.shape[0]]
-        return buffer.copy_(values)
+    def gradient_rows(self, group_rows: int) -> torch.Tensor:
+        """The (group_rows x vocab) buffer the chunks' logit gradients are gathered into."""
+        return self._buffer("grad", (group_rows, self.shape[1]), self.compute_dtype)
 
     def weight_product(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """left @ right into a reused (vocab x n_embd) buffer."""
@@ -148,42 +153,59 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(h) if need_hidden_grad else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if need_weight_grad
-            else None
-        )
+        low_precision = compute_dtype != torch.float32
+        grad_weight = None
+        if need_weight_grad:  # under autocast the first group's product is copied in whole
+            make = torch.empty if low_precision else torch.zeros
+            grad_weight = make(weight.shape, dtype=torch.float32, device=weight.device)
         # One set of chunk-sized buffers for the whole call, rather than fresh tensors per chunk:
         # a fresh multi-megabyte tensor is fresh pages, and on the CPU the page faults of first
         # touching them cost as much as the softmax itself. Results are bitwise the same.
         buffers = _ChunkBuffers(chunk, weight.shape[0], compute_dtype, hidden.device)
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            h_chunk = h[start:stop]
-            logits = buffers.logits(h_chunk, w)
-            target = targets[start:stop]
-            valid = target != IGNORE_INDEX
-            safe_target = torch.where(valid, target, 0).unsqueeze(1)
-            probs, token_losses = _softmax_and_losses(
-                logits, safe_target, valid, out=buffers.probs(stop - start)
-            )
-            total += token_losses.sum()
-            if want_grad:
+        # Under autocast the head's gradient is one low-precision product per group of chunks
+        # (their logit gradients gathered into one buffer), added into the fp32 sum: per chunk,
+        # the (vocab x n_embd) product and its conversion cost as much as the chunk's matmuls.
+        grouped = low_precision and need_weight_grad
+        group = loss_grad_group_rows(rows, chunk) if grouped else chunk
+        keep_all = (targets != IGNORE_INDEX).unsqueeze(1).to(compute_dtype)
+        for group_start in range(0, rows, group):
+            group_stop = min(group_start + group, rows)
+            gathered = None  # the group's logit gradients in the compute dtype
+            if want_grad and low_precision:
+                gathered = buffers.gradient_rows(group)[: group_stop - group_start]
+            for start in range(group_start, group_stop, chunk):
+                stop = min(start + chunk, group_stop)
+                h_chunk = h[start:stop]
+                logits = buffers.logits(h_chunk, w)
+                target = targets[start:stop]
+                valid = target != IGNORE_INDEX
+                safe_target = torch.where(valid, target, 0).unsqueeze(1)
+                probs, token_losses = _softmax_and_losses(
+                    logits, safe_target, valid, out=buffers.probs(stop - start)
+                )
+                total += token_losses.sum()
+                if not want_grad:
+                    continue
                 # d loss_i / d logits_i = softmax_i - onehot(target_i); zero for ignored rows.
                 minus_one = torch.full_like(safe_target, -1, dtype=probs.dtype)
                 probs.scatter_add_(1, safe_target, minus_one)
-                grad_logits = buffers.in_compute_dtype(probs)
+                if gathered is None:
+                    grad_logits = probs
+                else:
+                    grad_logits = gathered[start - group_start : stop - group_start].copy_(probs)
                 # Ignored rows must contribute nothing: zero them on the narrow (rows x n_embd)
                 # side rather than on the wide (rows x vocabulary) gradient.
-                keep = valid.unsqueeze(1).to(compute_dtype)
                 if grad_hidden is not None:
-                    torch.mm(grad_logits, w, out=grad_hidden[start:stop]).mul_(keep)
-                if grad_weight is not None:
-                    masked_hidden = h_chunk * keep
-                    if compute_dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.t(), masked_hidden)
-                    else:
-                        grad_weight += buffers.weight_product(grad_logits.t(), masked_hidden)
+                    torch.mm(grad_logits, w, out=grad_hidden[start:stop]).mul_(keep_all[start:stop])
+                if grad_weight is not None and gathered is None:
+                    grad_weight.addmm_(grad_logits.t(), h_chunk * keep_all[start:stop])
+            if grad_weight is not None and gathered is not None:
+                masked_hidden = h[group_start:group_stop] * keep_all[group_start:group_stop]
+                product = buffers.weight_product(gathered.t(), masked_hidden)
+                if group_start == 0:
+                    grad_weight.copy_(product)
+                else:
+                    grad_weight += product
         ctx.save_for_backward(grad_hidden, grad_weight)  # None where not needed
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
