@@ -509,10 +509,10 @@ def test_fused_rms_norm_kernel_is_bitwise_the_composite_one(
             plain = norm(data)
         return out.detach(), plain, x.grad, norm.weight.grad
 
-    assert layers._fused_forward(data, norm.weight)
+    assert layers.fused_rms_norm_applies(data, norm.weight)
     fused = run()
     monkeypatch.setattr(layers, "_FUSED_RMS_NORM", False)
-    assert not layers._fused_forward(data, norm.weight)
+    assert not layers.fused_rms_norm_applies(data, norm.weight)
     composite = run()
     names = ("forward", "no-grad forward", "x grad", "weight grad")
     for name, a, b in zip(names, fused, composite, strict=True):

@@ -81,10 +81,10 @@ def _softmax_and_losses(
 class _ChunkBuffers:
     """The fused loss's per-chunk tensors, allocated once per call and reused by every chunk.
 
-    Each chunk's logits (compute dtype), their fp32 copy and softmax, the gradient back in the
-    compute dtype, and under autocast the chunk's product for the head's gradient; a shorter last
-    chunk uses the first rows. Allocated on first use, so a call that needs no gradient never
-    holds the gradient's buffers.
+    Each chunk's logits (compute dtype), their fp32 copy and softmax; under autocast the logit
+    gradients of a group of chunks back in the compute dtype, and the group's product for the
+    head's gradient. A shorter last chunk or group uses the first rows. Allocated on first use, so
+    a call that needs no gradient never holds the gradient's buffers.
     """
 
     def __init__(
