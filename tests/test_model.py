@@ -312,13 +312,21 @@ def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_bf16_head_gradient_summed_by_groups_of_chunks(
     monkeypatch: pytest.MonkeyPatch, group_rows: int
 ) -> None:
-    """Under autocast the head's gradient is one bf16 product per group of chunks (one chunk, two,
-    or all ten here), summed in fp32: each grouping must give the fp32 gradient to bf16 accuracy,
-    with ignored rows contributing nothing and a partial last group."""
+    """Under autocast a large head's gradient is one bf16 product per group of chunks (one chunk,
+    two, or all ten here), summed in fp32: each grouping must give the fp32 gradient to bf16
+    accuracy, with ignored rows contributing nothing and a partial last group. Which heads count
+    as large: small's and up, not tiny's (whose runs keep their per-chunk rounding)."""
+    from minigpt_cli.config.loader import load_config
+    from minigpt_cli.engine.resources.activations import loss_grad_grouped
+
+    for preset, grouped in (("tiny", False), ("small", True), ("medium", True)):
+        config = load_config(preset)
+        assert loss_grad_grouped(config.tokenizer.vocab_size, config.model.n_embd) is grouped
     import minigpt_cli.engine.model.loss as loss_module
 
     monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ROWS", 5)
     monkeypatch.setattr(loss_module, "LOSS_GRAD_GROUP_ROWS", group_rows)
+    monkeypatch.setattr(loss_module, "loss_grad_grouped", lambda vocab, width: True)
     assert loss_module.loss_grad_group_rows(48, 5) == min(max(5, group_rows // 5 * 5), 50)
     gen = torch.Generator().manual_seed(8)
     ids = torch.randint(0, VOCAB, (3, 16), generator=gen)

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-from minigpt_cli.engine.resources.activations import LOSS_CHUNK_ROWS, LOSS_GRAD_GROUP_ROWS
+from minigpt_cli.engine.resources.activations import (
+    LOSS_CHUNK_ROWS,
+    LOSS_GRAD_GROUP_ROWS,
+    loss_grad_grouped,
+)
 
 IGNORE_INDEX = -100
 """Target id that contributes no loss (padding, prompt tokens in SFT): PyTorch's and HF's value."""
@@ -162,10 +166,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # a fresh multi-megabyte tensor is fresh pages, and on the CPU the page faults of first
         # touching them cost as much as the softmax itself. Results are bitwise the same.
         buffers = _ChunkBuffers(chunk, weight.shape[0], compute_dtype, hidden.device)
-        # Under autocast the head's gradient is one low-precision product per group of chunks
+        # Under autocast a large head's gradient is one low-precision product per group of chunks
         # (their logit gradients gathered into one buffer), added into the fp32 sum: per chunk,
         # the (vocab x n_embd) product and its conversion cost as much as the chunk's matmuls.
-        grouped = low_precision and need_weight_grad
+        grouped = low_precision and need_weight_grad and loss_grad_grouped(*weight.shape)
         group = loss_grad_group_rows(rows, chunk) if grouped else chunk
         keep_all = (targets != IGNORE_INDEX).unsqueeze(1).to(compute_dtype)
         for group_start in range(0, rows, group):

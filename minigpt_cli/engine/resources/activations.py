@@ -28,6 +28,16 @@ product of the head's gradient. Measured on an AMX CPU, `small`'s bf16 training 
 at 1,024, 555 at 2,048; each product is a (vocabulary x width) matrix converted and added into the
 fp32 sum, as costly as the chunk's matmul."""
 
+LOSS_GRAD_GROUP_MIN_WEIGHTS = 2**21
+"""Heads with fewer weights keep one product per chunk: at `tiny`'s 5,000 x 128 the conversions are
+cheap (head and loss of 1,024 rows: 13.8 ms either way, bf16), and a grouping changes the bf16
+rounding of the head's gradient, so every seed's run would take another (equally accurate) path."""
+
+
+def loss_grad_grouped(vocab_size: int, n_embd: int) -> bool:
+    """Whether the fused loss gathers chunks for the head's gradient under autocast (see above)."""
+    return vocab_size * n_embd >= LOSS_GRAD_GROUP_MIN_WEIGHTS
+
 
 def half_attention_backward_in_fp32(head_dim: int, seq_len: int) -> bool:
     """Whether a bf16/fp16 CPU attention of this shape runs its backward in fp32
@@ -141,7 +151,10 @@ def activation_bytes(
     rows = min(tokens, LOSS_CHUNK_ROWS)
     loss_chunk = rows * vocab_size * 8  # fp32 logits and softmax
     if compute != 4:  # the chunk's logits, and the group's logit gradients, in the compute dtype
-        loss_chunk += (rows + min(tokens, max(rows, LOSS_GRAD_GROUP_ROWS))) * vocab_size * compute
+        group = rows
+        if loss_grad_grouped(vocab_size, d):
+            group = min(tokens, max(rows, LOSS_GRAD_GROUP_ROWS))
+        loss_chunk += (rows + group) * vocab_size * compute
     mlp_backward = tokens * compute * 3 * f
     attention_backward = 0
     in_fp32 = half_attention_backward_in_fp32(model_cfg.head_dim, model_cfg.context_length)
