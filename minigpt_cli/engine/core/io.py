@@ -81,8 +81,10 @@ def make_dir(path: str | Path) -> Path:
     return folder
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (creating its folder); nothing is left on failure."""
+def atomic_write_bytes(path: str | Path, *parts: bytes | memoryview) -> None:
+    """Replace `path` with `parts` written one after the other, atomically (creating its folder);
+    nothing is left on failure. Parts rather than one buffer: a caller need not join its pieces
+    into one more copy of a large file."""
     target = Path(path)
     make_dir(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -90,7 +92,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             before_write(target)
             os.fchmod(handle.fileno(), _FILE_MODE)
-            handle.write(data)
+            for part in parts:
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
