@@ -496,8 +496,8 @@ def test_rms_norm_gradients_are_exact() -> None:
 def test_fused_rms_norm_kernel_is_bitwise_the_composite_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """fp32 norms run PyTorch's one-kernel forward (`_fused_rms_norm`) and a backward rebuilt from
-    the saved input: outputs and gradients must be bitwise those of the composite path."""
+    """fp32 norms run PyTorch's own forward (`_fused_rms_norm`) and a backward rebuilt from the
+    saved input: outputs and gradients must be bitwise those of our composite path."""
     from minigpt_cli.engine.model import layers
 
     if not layers._FUSED_RMS_NORM:

@@ -68,9 +68,10 @@ class KVCache:
             buffer[:, :, :filled] = buffer[rows, :, :filled]
 
 
-# PyTorch's one-kernel CPU RMSNorm forward (`aten::_fused_rms_norm`, which F.rms_norm calls), newer
-# than the oldest torch this package supports; its results are bitwise those of `_rms_normalise`
-# times the weight (checked in tests/test_model.py). It has no CPU backward.
+# PyTorch's own RMSNorm forward (`aten::_fused_rms_norm`, which F.rms_norm calls), newer than the
+# oldest torch this package supports. On the CPU it is the same few element-wise kernels as
+# `_rms_normalise` times the weight, bitwise (checked in tests/test_model.py), but dispatched from
+# C++ with no Python between them, and it returns 1/rms for a backward; it has no CPU backward.
 _FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
@@ -106,8 +107,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ctx.x_dtype = x.dtype
         if fused_rms_norm_applies(x, weight):
-            # One kernel for the forward (the residual stream is fp32 under autocast too); the
-            # backward rebuilds x * rstd from the input it keeps instead of the normalised copy.
+            # PyTorch's forward (the residual stream is fp32 under autocast too); the backward
+            # rebuilds x * rstd from the input it keeps instead of a normalised copy.
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
             ctx.save_for_backward(x, rstd, weight)
             ctx.saved_input = True
@@ -142,7 +143,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        if fused_rms_norm_applies(x, self.weight):  # the fused kernel, through its fast binding
+        if fused_rms_norm_applies(x, self.weight):  # PyTorch's, through its C++ binding
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed, _ = _rms_normalise(x, self.eps)
         return (normed * self.weight.to(normed.dtype)).to(x.dtype)
