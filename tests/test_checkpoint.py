@@ -191,7 +191,7 @@ def test_tensor_files_are_the_same_bytes_whatever_order_their_metadata_came_in(
 def test_writing_a_tensor_file_holds_at_most_two_copies_of_it(tmp_path: Path) -> None:
     # safetensors serialises into one buffer beside its per-tensor bytes (two copies); making the
     # header canonical by slicing and concatenating that buffer held two more at once, which made
-    # a `small` run's snapshot save peak 190-360 MB above its memory estimate.
+    # a `small` run's snapshot save peak 215-410 MB above its memory estimate.
     import tracemalloc
 
     tensors = {"big": torch.randn(1024, 1024), "small": torch.ones(3)}  # 4 MiB of fp32

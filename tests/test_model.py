@@ -316,14 +316,13 @@ def test_bf16_head_gradient_summed_by_groups_of_chunks(
     two, or all ten here), summed in fp32: each grouping must give the fp32 gradient to bf16
     accuracy, with ignored rows contributing nothing and a partial last group. Which heads count
     as large: small's and up, not tiny's (whose runs keep their per-chunk rounding)."""
+    import minigpt_cli.engine.model.loss as loss_module
     from minigpt_cli.config.loader import load_config
     from minigpt_cli.engine.resources.activations import loss_grad_grouped
 
-    for preset, grouped in (("tiny", False), ("small", True), ("medium", True)):
+    for preset, large in (("tiny", False), ("small", True), ("medium", True)):
         config = load_config(preset)
-        assert loss_grad_grouped(config.tokenizer.vocab_size, config.model.n_embd) is grouped
-    import minigpt_cli.engine.model.loss as loss_module
-
+        assert loss_grad_grouped(config.tokenizer.vocab_size, config.model.n_embd) is large
     monkeypatch.setattr(loss_module, "_LOSS_CHUNK_ROWS", 5)
     monkeypatch.setattr(loss_module, "LOSS_GRAD_GROUP_ROWS", group_rows)
     monkeypatch.setattr(loss_module, "loss_grad_grouped", lambda vocab, width: True)
@@ -493,7 +492,7 @@ def test_rms_norm_gradients_are_exact() -> None:
         assert norm(data.bfloat16()).dtype == torch.bfloat16  # computed in fp32, returned as given
 
 
-def test_fused_rms_norm_kernel_is_bitwise_the_composite_one(
+def test_pytorchs_rms_norm_forward_is_bitwise_ours(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """fp32 norms run PyTorch's own forward (`_fused_rms_norm`) and a backward rebuilt from the
