@@ -516,10 +516,10 @@ def test_pytorchs_rms_norm_forward_is_bitwise_ours(
             plain = norm(data)
         return out.detach(), plain, x.grad, norm.weight.grad
 
-    assert layers.fused_rms_norm_applies(data, norm.weight)
+    assert layers.fused_rms_norm_applies(data.dtype, norm.weight)
     fused = run()
     monkeypatch.setattr(layers, "_FUSED_RMS_NORM", False)
-    assert not layers.fused_rms_norm_applies(data, norm.weight)
+    assert not layers.fused_rms_norm_applies(data.dtype, norm.weight)
     composite = run()
     names = ("forward", "no-grad forward", "x grad", "weight grad")
     for name, a, b in zip(names, fused, composite, strict=True):

@@ -75,13 +75,13 @@ class KVCache:
 _FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
-def fused_rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `_fused_rms_norm` computes this norm: fp32 input and weight on the CPU (it computes
-    in the input's dtype, and warns and falls back when the two differ)."""
+def fused_rms_norm_applies(dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Whether `_fused_rms_norm` computes the norm of `dtype` inputs: fp32 inputs and weight on the
+    CPU (it computes in the input's dtype, and warns and falls back when the two differ)."""
     return (
         _FUSED_RMS_NORM
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.compiler.is_compiling()
     )
@@ -106,7 +106,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ctx.x_dtype = x.dtype
-        if fused_rms_norm_applies(x, weight):
+        if fused_rms_norm_applies(x.dtype, weight):
             # PyTorch's forward (the residual stream is fp32 under autocast too); the backward
             # rebuilds x * rstd from the input it keeps instead of a normalised copy.
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
@@ -143,7 +143,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        if fused_rms_norm_applies(x, self.weight):  # PyTorch's, through its C++ binding
+        if fused_rms_norm_applies(x.dtype, self.weight):  # PyTorch's, through its C++ binding
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed, _ = _rms_normalise(x, self.eps)
         return (normed * self.weight.to(normed.dtype)).to(x.dtype)

@@ -88,7 +88,7 @@ def norm_function(norm: RMSNorm, dtype: torch.dtype) -> Projection:
     `layers.fused_rms_norm_applies`: 18 -> 10 us a call at small's width, no Python between its
     kernels; 13 calls a token of `small`), else the module's own forward."""
     weight, shape, eps = norm.weight, (norm.weight.shape[0],), norm.eps
-    if not fused_rms_norm_applies(torch.empty(0, dtype=dtype, device=weight.device), weight):
+    if not fused_rms_norm_applies(dtype, weight):
         return norm.forward
     return lambda x: F.rms_norm(x, shape, weight, eps)
 
@@ -146,6 +146,7 @@ class DecodeStep:
             return None
         if type(model.model.embed_tokens) is not nn.Embedding:
             return None
+        dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype
         layers = []
         for block in model.model.layers:
             assert isinstance(block, DecoderLayer)
@@ -160,7 +161,6 @@ class DecodeStep:
                 return None
             qkv, out, gate_up, down = parts
             assert qkv is not None and out is not None and gate_up is not None and down is not None
-            dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype
             input_norm = norm_function(block.input_layernorm, dtype)
             post_norm = norm_function(block.post_attention_layernorm, dtype)
             layers.append(_Layer(input_norm, qkv, out, post_norm, gate_up, down))
