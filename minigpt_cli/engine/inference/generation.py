@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 _SLIDE_KEEP = 0.75
 
 # Below this many parameters a decoding step is a few dozen tiny kernels: a second thread only adds
-# synchronisation, and on a busy machine OpenMP's waiting makes it many times slower.
-_SINGLE_THREAD_DECODE_PARAMS = 8_000_000
+# synchronisation, and on a busy machine OpenMP's waiting makes it many times slower. Measured on
+# an idle 2-core machine (greedy, 100 tokens, tokens/s at 2 threads against 1): 0.14M parameters
+# 0.94x, 0.34M 1.00x, 0.73M 1.10x, the tiny preset (1.49M) 1.20x.
+_SINGLE_THREAD_DECODE_PARAMS = 500_000
 
 # How long `decode_threads` watches the machine's load: part of the wait before the first token.
 _IDLE_SAMPLE_SECONDS = 0.1
@@ -314,13 +316,14 @@ class TextStream:
 def decode_threads(num_parameters: int, max_threads: int) -> int:
     """CPU threads for token-by-token decoding of a model this size, at most `max_threads`.
 
-    Small models decode fastest on one thread. Larger ones are bound by memory bandwidth, which
-    more threads do help, but only on cores that are free: with every core busy, a thread that
-    waits for a descheduled sibling at each of the hundreds of kernels per token can make decoding
-    5-70x slower (measured on a shared 2-core machine). So the count is the cores other programs
-    leave idle right now (sampled for a tenth of a second, as the training verbs do), within the
-    cap. Not the load average: it trails by a minute, so a decode started after a training run
-    ended took one thread of two on an idle machine (`small` int8: 293 against 418 tokens/s).
+    Models under half a million parameters decode fastest on one thread. Larger ones (the tiny
+    preset too) gain from more threads, but only on cores that are free: with every core busy, a
+    thread that waits for a descheduled sibling at each of the hundreds of kernels per token can
+    make decoding 5-70x slower (measured on a shared 2-core machine). So the count is the cores
+    other programs leave idle right now (sampled for a tenth of a second, as the training verbs
+    do), within the cap. Not the load average: it trails by a minute, so a decode started after a
+    training run ended took one thread of two on an idle machine (`small` int8: 293 against 418
+    tokens/s).
     """
     if num_parameters < _SINGLE_THREAD_DECODE_PARAMS or max_threads <= 1:
         return 1

@@ -7,9 +7,16 @@ products themselves running on `F.linear`'s (out, in) weight layout, which MKL m
 single row about 1.5-2x slower than an (in, out) copy of the same matrix (measured on the output
 head, 5000 x 128, and on small's 10000 x 512). `DecodeStep` therefore prepares, once per decoding
 call, the projections as (in, out) copies with q/k/v and gate/up stacked, and runs the layer
-arithmetic as plain tensor calls. It reuses the layers' own norm, rotary and attention code, so the
-numbers differ from the module forward only by the matrix product's summation order (logits agree
-to float rounding; greedy tokens are tested equal to the no-cache forward).
+arithmetic as plain tensor calls on 2-D (batch, width) activations (a 3-D product costs a reshape
+more). A later profile (tiny, torch.profiler) found the norms the costliest small calls: PyTorch's
+`rms_norm` is a C++ composite of about eight kernels on the CPU, 9-10 us where the product after it
+takes 3-4. Where the projection is fp32 the norm's weight is folded into the copy's rows, leaving
+x / rms(x) in three kernels (`_unit_rms`), and the residual additions after the output and down
+projections run inside the product (`addmm`): tiny 1,289-1,327 -> 1,463-1,517 tokens/s on one
+thread, small fp32 212-215 -> 223-236 on two. It reuses the layers' rotary and attention code, so
+the numbers differ from the module forward by float rounding only (summation order, the folded
+weight, the norm's root squared back); greedy tokens are tested equal to the no-cache forward,
+and were identical on 100 of 100 prompts of a trained tiny run.
 
 The copies live as long as the `DecodeStep` (one `generate` call, one chat answer): weights can
 change in place between two calls (see `layers.reuse_stacked_weights`), and a decode costs one
@@ -76,21 +83,77 @@ def projection_of(modules: Sequence[nn.Module]) -> Projection | None:
 class _Layer:
     input_norm: Projection
     qkv: Projection
-    out: Projection
+    out_added: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # residual + out(y)
     post_norm: Projection
     gate_up: Projection
-    down: Projection
+    down_added: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # residual + down(h)
 
 
 def norm_function(norm: RMSNorm, dtype: torch.dtype) -> Projection:
     """The norm of activations in `dtype` as one call: `F.rms_norm` where that is PyTorch's C++
     norm, bitwise equal to `RMSNorm.forward` (fp32 activations and weight, see
-    `layers.fused_rms_norm_applies`: 18 -> 10 us a call at small's width, no Python between its
-    kernels; 13 calls a token of `small`), else the module's own forward."""
+    `layers.fused_rms_norm_applies`), else the module's own forward."""
     weight, shape, eps = norm.weight, (norm.weight.shape[0],), norm.eps
     if not fused_rms_norm_applies(dtype, weight):
         return norm.forward
     return lambda x: F.rms_norm(x, shape, weight, eps)
+
+
+def _unit_rms(eps: float, width: int, device: torch.device) -> Projection:
+    """x / rms(x) in fp32, the norm without its weight (folded into the next product).
+
+    Three kernels (vector norm, eps + norm²/width, times its reciprocal square root) where
+    `F.rms_norm` runs about eight on the CPU (its C++ composite: casts, power, mean, division):
+    5 against 9-10 us a call at tiny's width, nine calls a token. Equal to the module's norm to
+    float rounding (the root is squared back: about one unit in the last place).
+    """
+    epsilon = torch.tensor(eps, dtype=torch.float32, device=device)
+    inverse_width = 1.0 / width
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        length = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(epsilon, length, length, value=inverse_width).rsqrt_()
+
+    return unit
+
+
+def _normed_projection(
+    norm: RMSNorm, modules: Sequence[nn.Module], dtype: torch.dtype
+) -> tuple[Projection, Projection] | None:
+    """(norm, projection) computing `projection(norm(x))` for 2-D activations in `dtype`.
+
+    For fp32 bias-free `nn.Linear`s the norm's weight is folded into the rows of the (in, out)
+    matrix, (x / rms · w) @ W = (x / rms) @ (w · W), so the norm is the cheap `_unit_rms`; any
+    other kind keeps the module norm and `projection_of`. None when the modules cannot run here.
+    """
+    linears = [module for module in modules if type(module) is nn.Linear]
+    weight = norm.weight
+    foldable = (
+        dtype == torch.float32
+        and weight.dtype == torch.float32
+        and len(linears) == len(modules)
+        and all(linear.bias is None and linear.weight.dtype == dtype for linear in linears)
+    )
+    if foldable:
+        matrix = _transposed([linear.weight for linear in linears]) * weight.detach()[:, None]
+        unit = _unit_rms(norm.eps, weight.shape[0], weight.device)
+        return unit, lambda x: torch.mm(x, matrix)
+    projection = projection_of(modules)
+    return None if projection is None else (norm_function(norm, dtype), projection)
+
+
+def _residual_projection(
+    module: nn.Module,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """`residual + module(x)` for 2-D x: one `addmm` for a plain bias-free `nn.Linear` (the
+    addition inside the product's kernel), else the projection and an addition."""
+    if type(module) is nn.Linear and module.bias is None:
+        matrix = _transposed([module.weight])
+        return lambda residual, x: torch.addmm(residual, x, matrix)
+    projection = projection_of((module,))
+    if projection is None:
+        return None
+    return lambda residual, x: residual + projection(x)
 
 
 class DecodeStep:
@@ -101,13 +164,15 @@ class DecodeStep:
     `model(token_ids.unsqueeze(1), kv_cache=cache)[:, -1]`.
     """
 
-    def __init__(self, model: GPT, layers: list[_Layer], head: Projection) -> None:
+    def __init__(
+        self, model: GPT, layers: list[_Layer], final_norm: Projection, head: Projection
+    ) -> None:
         config = model.config
         self._model = model
         self._layers = layers
+        self._final_norm = final_norm
         self._head = head
         self._embedding = model.model.embed_tokens.weight
-        self._final_norm = norm_function(model.model.norm, self._embedding.dtype)
         self._heads = (config.n_head, config.kv_heads, config.head_dim)
         # Every position's rotary rows in the compute dtype, the sine's first half negated (the
         # layout `layers._apply_rotary` takes, as GPT.hidden_states prepares it each forward).
@@ -151,21 +216,19 @@ class DecodeStep:
         for block in model.model.layers:
             assert isinstance(block, DecoderLayer)
             attention, mlp = block.self_attn, block.mlp
-            parts = (
-                projection_of((attention.q_proj, attention.k_proj, attention.v_proj)),
-                projection_of((attention.o_proj,)),
-                projection_of((mlp.gate_proj, mlp.up_proj)),
-                projection_of((mlp.down_proj,)),
+            attention_in = _normed_projection(
+                block.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj), dtype
             )
-            if any(part is None for part in parts):
+            mlp_in = _normed_projection(
+                block.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), dtype
+            )
+            out_added = _residual_projection(attention.o_proj)
+            down_added = _residual_projection(mlp.down_proj)
+            if attention_in is None or mlp_in is None or out_added is None or down_added is None:
                 return None
-            qkv, out, gate_up, down = parts
-            assert qkv is not None and out is not None and gate_up is not None and down is not None
-            input_norm = norm_function(block.input_layernorm, dtype)
-            post_norm = norm_function(block.post_attention_layernorm, dtype)
-            layers.append(_Layer(input_norm, qkv, out, post_norm, gate_up, down))
-        head = projection_of((model.lm_head,))
-        return None if head is None else cls(model, layers, head)
+            layers.append(_Layer(*attention_in, out_added, *mlp_in, down_added))
+        head = _normed_projection(model.model.norm, (model.lm_head,), dtype)
+        return None if head is None else cls(model, layers, *head)
 
     def __call__(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         heads, kv_heads, head_dim = self._heads
@@ -176,7 +239,7 @@ class DecodeStep:
         end = position + 1
         cos, sin = self._cos[position:end], self._sin[position:end]  # (1, 1, head_dim)
         qk_heads = heads + kv_heads
-        x = F.embedding(token_ids.unsqueeze(1), self._embedding)
+        x = F.embedding(token_ids, self._embedding)  # (B, dim): 2-D products throughout
         for layer, keys, values in zip(self._layers, cache.keys, cache.values, strict=True):
             qkv = layer.qkv(layer.input_norm(x)).view(batch, 1, -1, head_dim)
             qk, v = qkv.split_with_sizes((qk_heads, kv_heads), 2)
@@ -187,9 +250,9 @@ class DecodeStep:
             k, v = keys.narrow(2, 0, end), values.narrow(2, 0, end)
             if k.dtype != x.dtype:  # a cache kept in another dtype, as GPT.forward allows
                 k, v = k.to(x.dtype), v.to(x.dtype)
-            y = attend(q.transpose(1, 2), k, v, heads, kv_heads)
-            x = x + layer.out(y.transpose(1, 2).reshape(batch, 1, heads * head_dim))
+            y = attend(q.transpose(1, 2), k, v, heads, kv_heads)  # (B, heads, 1, head_dim)
+            x = layer.out_added(x, y.reshape(batch, heads * head_dim))
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate).mul_(up))
+            x = layer.down_added(x, F.silu(gate).mul_(up))
         cache.length = end
-        return self._head(self._final_norm(x))[:, 0]
+        return self._head(self._final_norm(x))
