@@ -398,3 +398,28 @@ def test_a_long_warmup_is_shortened_against_the_deadlines_first_plan(tmp_path: P
     assert rates[:4] == pytest.approx([peak / 20, 2 * peak / 20, 3 * peak / 4, peak])
     end = [e for e in events if e.kind == "stage_end"][-1].data
     assert (end["stop_reason"], end["step"]) == ("max_time", 31)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0, float("nan")])
+def test_gradient_clipping_is_torchs_bitwise_whether_or_not_it_clips(scale: float) -> None:
+    """`optim.clip_gradients` skips torch's multiplication by 1.0 under the bound; the gradients and
+    the returned norm must stay exactly torch's, over the bound and with a NaN gradient too."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    values = [torch.randn(shape, generator=generator) * scale for shape in shapes]
+    mine = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for a, b, value in zip(mine, theirs, values, strict=True):
+        a.grad, b.grad = value.clone(), value.clone()
+    norm = optim.clip_gradients(mine, 1.0)
+    want = float(torch.nn.utils.clip_grad_norm_(theirs, 1.0))
+    assert norm == want or (math.isnan(norm) and math.isnan(want))
+    for a, b in zip(mine, theirs, strict=True):
+        assert _same_bits(a.grad, b.grad)
+    clipped = scale != 0.01
+    assert clipped == any(not torch.equal(a.grad, v) for a, v in zip(mine, values, strict=True))
+
+
+def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    assert a is not None and b is not None
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -87,6 +87,22 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_`, bitwise, without its pass over the gradients when the
+    norm is under the bound: torch multiplies every gradient by the clamped coefficient, 1.0 then,
+    so as not to synchronise a GPU; the norm is read on the host at every step here anyway (it is
+    logged). On `small` that multiplication was 5 ms of a 550 ms bf16 step (profile)."""
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: the one-call form
+        return float(utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    total = utils.get_total_norm(grads)
+    # torch's own coefficient before its clamp; NaN (a NaN gradient) scales as torch would
+    if not float(max_norm / (total + 1e-6)) >= 1.0:
+        utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
 def apply_update(
     optimizer: torch.optim.Optimizer, grad_clip: float, scaler: torch.amp.GradScaler | None
 ) -> float:
@@ -99,7 +115,7 @@ def apply_update(
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        grad_norm = clip_gradients(params, grad_clip)
     else:
         grad_norm = float(
             torch.linalg.vector_norm(
