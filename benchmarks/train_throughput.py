@@ -10,7 +10,8 @@ Per preset shape it measures, each in a fresh process (so peak RSS is that measu
   keeps its best for the rounds.
 - **minigpt step**: the same loop through minigpt's own training pieces (`GPT`'s fused loss,
   `optim.build_optimizer` / `backward` / `apply_update`) at the precision `--precision auto`
-  picks.
+  picks, in a process with the allocator setting every minigpt verb makes
+  (`governor.keep_freed_pages`; `--peer-pages` gives the peer's process the same).
 - **minigpt run** (unless `--no-wall`): what a user waits for: `minigpt pretrain --preset P` for two
   lengths on the built-in data, timed from outside (process start to exit); the extra tokens over
   the extra seconds is a step's real cost, data, logging, the governor, evaluations and saves
@@ -46,8 +47,13 @@ from logged_rate import _cli  # noqa: E402  (runs the CLI of a checkout, timed f
 PEER_PRECISIONS = ("fp32", "fp32_medium", "bf16")
 
 
-def measure(preset: str, impl: str, precision: str, steps: int, micro_batch: int) -> dict:
-    """One process's measurement: the median step of `steps` after two warm-up steps."""
+def measure(
+    preset: str, impl: str, precision: str, steps: int, micro_batch: int, peer_pages: bool = False
+) -> dict:
+    """One process's measurement: the median step of `steps` after two warm-up steps.
+
+    `peer_pages`: the peer's process gets minigpt's allocator setting too
+    (`governor.keep_freed_pages`), to see how much of the ratio that setting is."""
     import torch
 
     from minigpt_cli.config.loader import load_config
@@ -67,8 +73,10 @@ def measure(preset: str, impl: str, precision: str, steps: int, micro_batch: int
     y = torch.randint(0, vocab, (micro_batch, seq))
     if impl == "minigpt":
         from minigpt_cli.engine.model.gpt import GPT
+        from minigpt_cli.engine.resources.governor import keep_freed_pages
         from minigpt_cli.engine.training.optim import apply_update, backward, build_optimizer
 
+        keep_freed_pages()  # what every minigpt verb sets (`governor.apply_resources`)
         decision = resolve_precision("auto", "cpu")
         apply_matmul_precision(decision)
         precision = decision.peak_key
@@ -83,6 +91,10 @@ def measure(preset: str, impl: str, precision: str, steps: int, micro_batch: int
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        if peer_pages:
+            from minigpt_cli.engine.resources.governor import keep_freed_pages
+
+            keep_freed_pages()
         if precision == "fp32_medium":
             torch.set_float32_matmul_precision("medium")
         shape = config.model
@@ -135,7 +147,7 @@ def measure(preset: str, impl: str, precision: str, steps: int, micro_batch: int
 def _one(preset: str, impl: str, precision: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--one", preset, impl, precision]
     command += ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads)] + (["--peer-pages"] if args.peer_pages else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -197,13 +209,18 @@ def main() -> None:
         metavar=("SHORT", "LONG"),
         help="run lengths for the wall clock (default: 20 120 for tiny, 2 6 otherwise)",
     )
+    parser.add_argument(
+        "--peer-pages",
+        action="store_true",
+        help="give the peer minigpt's allocator setting too (governor.keep_freed_pages)",
+    )
     parser.add_argument("--one", nargs=3, metavar=("PRESET", "IMPL", "PRECISION"))
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.micro_batch)))
+        print(json.dumps(measure(*args.one, args.steps, args.micro_batch, args.peer_pages)))
         return
     print(
         f"micro-batch {args.micro_batch} x each preset's context, {args.threads} threads, median "
