@@ -44,6 +44,23 @@ def loss_grad_group_rows(rows: int, chunk: int) -> int:
     return min(chunk * per_group, chunk * max(1, -(-rows // chunk)))
 
 
+# Rows of the head's gradient per addition of a lower-precision group product (see _add_in_blocks).
+_ADD_BLOCK_ROWS = 256
+
+
+def _add_in_blocks(total: torch.Tensor, part: torch.Tensor) -> None:
+    """total += part for an fp32 `total` and a bf16/fp16 `part`, a block of rows at a time.
+
+    PyTorch adds a tensor of another dtype by first converting all of it: a (vocabulary x width)
+    fp32 temporary written and read back through memory. Block by block the converted rows stay
+    in the cache. Bitwise the same sum (the conversion is exact); measured 1.55-1.80 -> 0.88-0.91
+    ms warm at small's 10,000 x 512, and in small's profiled step the whole addition (conversion
+    and sum, three a step) took 9.3-9.8 ms.
+    """
+    for start in range(0, total.shape[0], _ADD_BLOCK_ROWS):
+        total[start : start + _ADD_BLOCK_ROWS] += part[start : start + _ADD_BLOCK_ROWS]
+
+
 # A target probability below this has lost precision (fp32 denormals) or underflowed to zero; such
 # rows (a loss above ~69 nats: only a diverging model) get their loss from an exact logsumexp.
 _TINY_PROBABILITY = 1e-30
@@ -209,7 +226,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if group_start == 0:
                     grad_weight.copy_(product)
                 else:
-                    grad_weight += product
+                    _add_in_blocks(grad_weight, product)
         ctx.save_for_backward(grad_hidden, grad_weight)  # None where not needed
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -223,7 +240,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         scale = grad_total.float()
         # Scaled in place (the saved gradients serve this one backward): a fresh (vocab x n_embd)
-        # result is fresh pages, whose first touch cost as much as the product (small: 4 ms).
+        # result is a fresh allocation to fill (small's profiled step: 4.1 ms for that product;
+        # 0.8 against 0.4 ms warm, out of place against in place).
         g_hidden = None if grad_hidden is None else grad_hidden.float().mul_(scale).to(hidden_dtype)
         g_weight = None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype)
         return g_hidden, g_weight, None, None, None, None
