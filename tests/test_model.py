@@ -587,3 +587,99 @@ def test_frozen_head_gets_no_gradient_but_the_body_does() -> None:
     assert model.lm_head.weight.grad is None
     layer, ref_layer = model.model.layers[1].mlp.down_proj, reference.model.layers[1].mlp.down_proj
     torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_hand_written_backwards_match_autograds(dtype: torch.dtype) -> None:
+    """`layers._RotaryQKV` and `layers._SwiGLU` (the large shapes' backwards): the forward is
+    autograd's, bitwise; SwiGLU's gradient is too, the rotary's within the sum's rounding."""
+    from minigpt_cli.engine.model import layers
+
+    generator = torch.Generator().manual_seed(3)
+    heads, kv, dim = 4, 2, 8
+    qkv = torch.randn(2, 5, heads + 2 * kv, dim, generator=generator).to(dtype)
+    cos = torch.randn(5, 1, dim, generator=generator).to(dtype)
+    sin = torch.randn(5, 1, dim, generator=generator).to(dtype)
+    upstream = [torch.randn(2, 5, n, dim, generator=generator).to(dtype) for n in (heads, kv, kv)]
+
+    def rotary(fused: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        x = qkv.clone().requires_grad_()
+        if fused:
+            outs = list(layers._RotaryQKV.apply(x, cos, sin, heads))
+        else:
+            qk, v = x.split((heads + kv, kv), 2)
+            outs = [*layers._apply_rotary(qk, cos, sin).split((heads, kv), 2), v]
+        sum((out * grad).sum() for out, grad in zip(outs, upstream, strict=True)).backward()
+        assert x.grad is not None
+        return [out.detach() for out in outs], x.grad
+
+    (outs, grad), (want_outs, want_grad) = rotary(True), rotary(False)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want_outs, strict=True))
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=tolerance, atol=tolerance)
+
+    gate_up = torch.randn(2, 5, 12, generator=generator).to(dtype)
+    upstream_mlp = torch.randn(2, 5, 6, generator=generator).to(dtype)
+
+    def swiglu(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = gate_up.clone().requires_grad_()
+        if fused:
+            out = layers._SwiGLU.apply(x)
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            out = F.silu(gate) * up
+        out.backward(upstream_mlp)
+        assert x.grad is not None
+        return out.detach(), x.grad
+
+    (out, grad), (want_out, want_grad) = swiglu(True), swiglu(False)
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
+
+
+def test_large_activations_train_through_the_hand_written_backwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every activation counted large, a training step (rotary, SwiGLU, RMSNorm's row sums
+    by matrix-vector product) gives autograd's loss and gradients to float rounding, and really
+    runs the hand-written functions."""
+    from minigpt_cli.engine.model import layers
+
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+
+    def gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = make_model(seed=8, n_kv_head=2)
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = gradients()
+    calls: list[str] = []
+    for function in (layers._RotaryQKV, layers._SwiGLU):
+        original = function.backward
+        monkeypatch.setattr(
+            function,
+            "backward",
+            staticmethod(
+                lambda ctx, *g, _f=original, _n=function.__name__: calls.append(_n) or _f(ctx, *g)
+            ),
+        )
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_ELEMENTS", 0)
+    loss, got = gradients()
+    assert sorted(set(calls)) == ["_RotaryQKV", "_SwiGLU"]
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)  # forwards are bitwise
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rms_norm_row_sums_by_matrix_vector_product_are_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from minigpt_cli.engine.model import layers
+
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_ELEMENTS", 0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, w: layers._RMSNormFunction.apply(a, w, 1e-5), (x, weight)
+    )

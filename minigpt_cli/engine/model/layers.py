@@ -20,6 +20,13 @@ from torch import nn
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.resources.activations import half_attention_backward_in_fp32
 
+# Activations from this many elements on take the hand-written backwards of the q/k rotary,
+# SwiGLU and RMSNorm's row sums: measured at `small`'s shapes (1-6M elements) a bf16 step 561-573
+# -> 546-551 ms; at `tiny`'s (130-720K) the same step was 1-2 % slower (five interleaved rounds:
+# the Python of an autograd.Function weighs more than the passes saved), so tiny keeps autograd's
+# and its runs stay bitwise those of before.
+FUSED_BACKWARD_MIN_ELEMENTS = 2**20
+
 # scaled_dot_product_attention learnt grouped-query attention (`enable_gqa`) in PyTorch 2.5.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -98,10 +105,10 @@ class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward.
 
     PyTorch has no fused CPU kernel for `rms_norm`: its composite forward and autograd backward
-    run about a dozen element-wise kernels. This backward runs seven passes, the row sums of
-    g·w·x̂ it needs taken as one matrix-vector product, (g·x̂) @ w, of the product the weight's
-    gradient sums anyway (1.44 -> 1.13-1.17 ms at small's shape, fp32, against a product and a
-    mean; 2-4x faster forward + backward than autograd's on the CPU).
+    run about a dozen element-wise kernels. This backward runs five to seven (measured 2-4x
+    faster forward + backward on the CPU). From `FUSED_BACKWARD_MIN_ELEMENTS` on, the row sums
+    of g·w·x̂ it needs are one matrix-vector product of the g·x̂ the weight's gradient sums
+    anyway, not a product and a mean (1.44 -> 1.13-1.17 ms at small's shape, fp32).
     """
 
     # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
@@ -129,11 +136,17 @@ class _RMSNormFunction(torch.autograd.Function):
         # unvectorised path (measured: slower than the conversion pass it would save).
         grad = grad_out.to(normed.dtype)
         scale = weight.to(normed.dtype)
-        rows = (grad * normed).flatten(0, -2)
-        grad_weight = rows.sum(0).to(weight.dtype)
-        # d/dx of w·x·rstd: rstd·(g·w − x̂·mean(g·w·x̂)), the row sums of g·w·x̂ being (g·x̂) @ w.
-        row_sums = rows.mv(scale).view(*grad.shape[:-1], 1)
-        grad_x = torch.addcmul(grad * scale, normed, row_sums, value=-1.0 / normed.shape[-1])
+        grad_normed = grad * normed
+        grad_weight = grad_normed.flatten(0, -2).sum(0).to(weight.dtype)
+        scaled = grad * scale
+        # d/dx of w·x·rstd: rstd·(g·w − x̂·mean(g·w·x̂)).
+        if grad.numel() >= FUSED_BACKWARD_MIN_ELEMENTS:
+            # The row sums of g·w·x̂ as one matrix-vector product, (g·x̂) @ w.
+            row_sums = grad_normed.flatten(0, -2).mv(scale).view(*grad.shape[:-1], 1)
+            means = row_sums.mul_(1.0 / normed.shape[-1])
+        else:
+            means = (scaled * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(scaled, normed, means, value=-1.0)
         return grad_x.mul_(rstd).to(ctx.x_dtype), grad_weight, None
 
 
@@ -236,10 +249,16 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def _differentiated_eagerly(x: torch.Tensor) -> bool:
-    """Whether autograd will differentiate `x`'s uses, outside torch.compile (whose compiled
-    kernels fuse what the hand-written backwards below save)."""
-    return torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+def _fused_backward_pays(x: torch.Tensor) -> bool:
+    """Whether `x`'s uses take the hand-written backwards below: autograd will differentiate
+    them, outside torch.compile (whose compiled kernels fuse what they save), and `x` is large
+    enough that the passes saved outweigh the Python of a custom autograd function."""
+    return (
+        x.numel() >= FUSED_BACKWARD_MIN_ELEMENTS
+        and torch.is_grad_enabled()
+        and x.requires_grad
+        and not torch.compiler.is_compiling()
+    )
 
 
 class _RotaryQKV(torch.autograd.Function):
@@ -409,7 +428,7 @@ class Attention(nn.Module):
             # Split, not sliced: a split's backward is one concatenation, where each slice's
             # fills a zeroed full-size gradient that autograd then adds to its sibling's.
             qkv = F.linear(x, weight).view(batch, seq, h + 2 * kv, hd)
-            if _differentiated_eagerly(qkv):
+            if _fused_backward_pays(qkv):
                 return _RotaryQKV.apply(qkv, cos, sin, h)
             qk, v = qkv.split((h + kv, kv), 2)
             q, k = _apply_rotary(qk, cos, sin).split((h, kv), 2)
@@ -466,7 +485,7 @@ class MLP(nn.Module):
         if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
             weight = _concat_weights(self, (self.gate_proj, self.up_proj))
             gate_up = F.linear(x, weight)
-            if _differentiated_eagerly(gate_up):
+            if _fused_backward_pays(gate_up):
                 return self.down_proj(_SwiGLU.apply(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:
