@@ -639,7 +639,7 @@ def test_the_hand_written_backwards_match_autograds(dtype: torch.dtype) -> None:
 def test_large_activations_train_through_the_hand_written_backwards(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With every activation counted large, a training step (rotary, SwiGLU, RMSNorm's row sums
+    """With every model counted wide, a training step (rotary, SwiGLU, RMSNorm's row sums
     by matrix-vector product) gives autograd's loss and gradients to float rounding, and really
     runs the hand-written functions."""
     from minigpt_cli.engine.model import layers
@@ -663,7 +663,7 @@ def test_large_activations_train_through_the_hand_written_backwards(
                 lambda ctx, *g, _f=original, _n=function.__name__: calls.append(_n) or _f(ctx, *g)
             ),
         )
-    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
     loss, got = gradients()
     assert sorted(set(calls)) == ["_RotaryQKV", "_SwiGLU"]
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)  # forwards are bitwise
@@ -677,7 +677,7 @@ def test_rms_norm_row_sums_by_matrix_vector_product_are_exact(
 ) -> None:
     from minigpt_cli.engine.model import layers
 
-    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(

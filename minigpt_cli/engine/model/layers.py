@@ -20,12 +20,15 @@ from torch import nn
 from minigpt_cli.config.schema import ModelConfig
 from minigpt_cli.engine.resources.activations import half_attention_backward_in_fp32
 
-# Activations from this many elements on take the hand-written backwards of the q/k rotary,
-# SwiGLU and RMSNorm's row sums: measured at `small`'s shapes (1-6M elements) a bf16 step 561-573
-# -> 546-551 ms; at `tiny`'s (130-720K) the same step was 1-2 % slower (five interleaved rounds:
-# the Python of an autograd.Function weighs more than the passes saved), so tiny keeps autograd's
-# and its runs stay bitwise those of before.
-FUSED_BACKWARD_MIN_ELEMENTS = 2**20
+# Models this wide and wider take the hand-written backwards of the q/k rotary, SwiGLU and
+# RMSNorm's row sums below. Measured at `small`'s width (512; activations of 1-6M elements), with
+# the stacked weights' cast, a bf16 step 561-573 -> 546-551 ms (three interleaved rounds). At
+# `tiny`'s (128) the same step was 1-2 % slower (five rounds: the Python of an autograd.Function
+# weighs more than the passes it saves), and a narrow model keeps autograd's for another reason
+# too: its runs stay bitwise those of before, and the quickstart's scores swing by tens of points
+# between two equally accurate rounding paths (its SFT, at micro-batch 36, has activations as
+# large as small's pretraining: the hand-written path moved seed 1's addition score 40 -> 2 %).
+FUSED_BACKWARD_MIN_WIDTH = 512
 
 # scaled_dot_product_attention learnt grouped-query attention (`enable_gqa`) in PyTorch 2.5.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -106,9 +109,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     PyTorch has no fused CPU kernel for `rms_norm`: its composite forward and autograd backward
     run about a dozen element-wise kernels. This backward runs five to seven (measured 2-4x
-    faster forward + backward on the CPU). From `FUSED_BACKWARD_MIN_ELEMENTS` on, the row sums
-    of g·w·x̂ it needs are one matrix-vector product of the g·x̂ the weight's gradient sums
-    anyway, not a product and a mean (1.44 -> 1.13-1.17 ms at small's shape, fp32).
+    faster forward + backward on the CPU). From `FUSED_BACKWARD_MIN_WIDTH` on, the row sums of
+    g·w·x̂ it needs are one matrix-vector product of the g·x̂ the weight's gradient sums anyway,
+    not a product and a mean (1.44 -> 1.13-1.17 ms at small's shape, fp32).
     """
 
     # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
@@ -140,7 +143,7 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_weight = grad_normed.flatten(0, -2).sum(0).to(weight.dtype)
         scaled = grad * scale
         # d/dx of w·x·rstd: rstd·(g·w − x̂·mean(g·w·x̂)).
-        if grad.numel() >= FUSED_BACKWARD_MIN_ELEMENTS:
+        if grad.shape[-1] >= FUSED_BACKWARD_MIN_WIDTH:
             # The row sums of g·w·x̂ as one matrix-vector product, (g·x̂) @ w.
             row_sums = grad_normed.flatten(0, -2).mv(scale).view(*grad.shape[:-1], 1)
             means = row_sums.mul_(1.0 / normed.shape[-1])
@@ -249,12 +252,12 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def _fused_backward_pays(x: torch.Tensor) -> bool:
-    """Whether `x`'s uses take the hand-written backwards below: autograd will differentiate
-    them, outside torch.compile (whose compiled kernels fuse what they save), and `x` is large
-    enough that the passes saved outweigh the Python of a custom autograd function."""
+def _fused_backward_pays(x: torch.Tensor, width: int) -> bool:
+    """Whether `x`'s uses in a model `width` wide take the hand-written backwards below: the
+    model is wide enough (`FUSED_BACKWARD_MIN_WIDTH`) and autograd will differentiate them,
+    outside torch.compile (whose compiled kernels fuse what they save)."""
     return (
-        x.numel() >= FUSED_BACKWARD_MIN_ELEMENTS
+        width >= FUSED_BACKWARD_MIN_WIDTH
         and torch.is_grad_enabled()
         and x.requires_grad
         and not torch.compiler.is_compiling()
@@ -428,7 +431,7 @@ class Attention(nn.Module):
             # Split, not sliced: a split's backward is one concatenation, where each slice's
             # fills a zeroed full-size gradient that autograd then adds to its sibling's.
             qkv = F.linear(x, weight).view(batch, seq, h + 2 * kv, hd)
-            if _fused_backward_pays(qkv):
+            if _fused_backward_pays(qkv, x.shape[-1]):
                 return _RotaryQKV.apply(qkv, cos, sin, h)
             qk, v = qkv.split((h + kv, kv), 2)
             q, k = _apply_rotary(qk, cos, sin).split((h, kv), 2)
@@ -485,7 +488,7 @@ class MLP(nn.Module):
         if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
             weight = _concat_weights(self, (self.gate_proj, self.up_proj))
             gate_up = F.linear(x, weight)
-            if _fused_backward_pays(gate_up):
+            if _fused_backward_pays(gate_up, x.shape[-1]):
                 return self.down_proj(_SwiGLU.apply(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:
