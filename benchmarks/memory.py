@@ -131,6 +131,9 @@ def run_worker(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
+    from minigpt_cli.engine.resources.governor import keep_freed_pages
+
+    keep_freed_pages()  # the allocator setting of every minigpt verb (`apply_resources`)
 
     from minigpt_cli.config.schema import Config, LogConfig, TrainConfig
     from minigpt_cli.engine.core.seeding import seed_everything
