@@ -102,8 +102,8 @@ def keep_freed_pages() -> bool:
     them on free, and trims the heap's top when more than its trim threshold is free, so each
     step page-faults the same memory in again: 25 M minor faults and 52 s of system time in one
     quickstart. With the threshold at 32 MiB and trimming only past 256 MiB free, the pages stay:
-    small's bf16 step 547-558 -> 526-530 ms, peak RSS +1 to +42 MB (`benchmarks/memory.py
-    --quick`, every row still within 3 % of its estimate). `release_memory`'s malloc_trim still
+    small's bf16 step 547-558 -> 526-530 ms, peak RSS +1 to +42 MB (`benchmarks/memory.py`:
+    every re-measured row still within 6.6 % of its estimate). `release_memory`'s malloc_trim still
     hands them back when the governor must. Returns whether both settings took (glibc only; a
     no-op elsewhere).
     """
