@@ -591,7 +591,7 @@ def test_frozen_head_gets_no_gradient_but_the_body_does() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_hand_written_backwards_match_autograds(dtype: torch.dtype) -> None:
-    """`layers._RotaryQKV` and `layers._SwiGLU` (the large shapes' backwards): the forward is
+    """`layers._RotaryQKV` and `layers._SwiGLU` (wide models' backwards): the forward is
     autograd's, bitwise; SwiGLU's gradient is too, the rotary's within the sum's rounding."""
     from minigpt_cli.engine.model import layers
 
@@ -636,7 +636,7 @@ def test_the_hand_written_backwards_match_autograds(dtype: torch.dtype) -> None:
     assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
 
 
-def test_large_activations_train_through_the_hand_written_backwards(
+def test_wide_models_train_through_the_hand_written_backwards(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With every model counted wide, a training step (rotary, SwiGLU, RMSNorm's row sums
