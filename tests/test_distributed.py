@@ -359,13 +359,14 @@ def test_the_ranks_agree_on_rank_0s_clock_any_ranks_ctrl_c_and_rank_0s_deadline_
 
 # ------------------------------------------------------------------------- caps per machine
 
-# Windows of 256 tokens, micro-batches of 32: each rank's estimate is about 580 MB at micro-batch
-# 32 and 475 MB at 16 (with DDP's buckets, the process measured at about 355 MB), so a machine cap
-# that leaves each of the two ranks about 530 MB beside the launcher (about 290 MB) forces 16.
+# Windows of 512 tokens, micro-batches of 64: each rank's estimate is about 1,060 MB at micro-batch
+# 64 and 746 MB at 32, a gap wide enough for what the same run measures on different machines (a
+# rank at micro-batch 16 of 256-token windows peaked at 445 MB on one 2-core machine, ~550 on
+# another). A machine cap between the two estimates, beside the launcher (~233 MB), forces 32.
 CAPPED_SETS = [
-    "model.context_length=256",
-    "train.micro_batch_size=32",
-    "train.global_batch_size=64",
+    "model.context_length=512",
+    "train.micro_batch_size=64",
+    "train.global_batch_size=128",
     "train.eval_every=100",
     "train.save_every=100",
 ]
@@ -413,9 +414,9 @@ def _peak_tree_rss(job: subprocess.Popen[str]) -> int:
 def test_two_ranks_share_the_machines_memory_cap_and_the_job_stays_under_it(
     tiny_pretrain_run: Path, tmp_path: Path
 ) -> None:
-    # The whole machine: 2 ranks and the launcher. Under the estimate for micro-batch 32 (2 x
-    # 552-559 MB + the launcher's ~233 = 1,338-1,352 MB), over the peak measured at 16 (<= 1,313).
-    cap_mb = 1330
+    # The whole machine: 2 ranks and the launcher. Under the estimate for micro-batch 64 (2 x
+    # 1,060 MB + the launcher's ~233 = 2,353 MB), over the peak measured at 32 (1,711-1,714 here).
+    cap_mb = 2150
     command = ["pretrain", "--out", tmp_path / "run", "--tokenizer", tiny_pretrain_run]
     command += ["--max-steps", "3", "--max-memory", f"{cap_mb}MiB", *FP32, *TWO]
     command += set_args([*TINY_SETS, *CAPPED_SETS])
@@ -433,8 +434,8 @@ def test_two_ranks_share_the_machines_memory_cap_and_the_job_stays_under_it(
     assert "memory, each of 2 processes: estimated peak" in out  # per rank, and the total:
     assert re.search(r"This machine: 2 x [\d,]+ MB \+ the launcher's [\d,]+ MB = ", out), out
     assert "DDP buckets" in out
-    assert "training with micro-batch 16 x 4 accumulation" in out, out  # the governor's choice
-    assert "micro-batch 16 x 4 accumulation, shared by 2 processes" in out, out
+    assert "training with micro-batch 32 x 4 accumulation" in out, out  # the governor's choice
+    assert "micro-batch 32 x 4 accumulation, shared by 2 processes" in out, out
 
 
 def test_nproc_0_exits_2_in_one_line() -> None:
