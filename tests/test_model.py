@@ -528,15 +528,38 @@ def test_pytorchs_rms_norm_forward_is_bitwise_ours(
 
 def test_grouped_query_attention_without_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
     """PyTorch before 2.5 lacks SDPA's enable_gqa: repeating keys/values must give the same."""
-    import minigpt_cli.engine.model.layers as layers_module
+    import minigpt_cli.engine.model.attention as attention_module
 
     model = make_model(n_kv_head=2).eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         native = model(ids)
-        monkeypatch.setattr(layers_module, "_SDPA_GQA", False)
+        monkeypatch.setattr(attention_module, "_SDPA_GQA", False)
         repeated = model(ids)
     torch.testing.assert_close(native, repeated, atol=1e-6, rtol=1e-5)
+
+
+def _attention_gradients(
+    dtype: torch.dtype, shape: tuple[int, ...], seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """attend's output and gradients for random causal inputs, beside fp32's and PyTorch's own
+    half kernel's gradients on the same inputs."""
+    from minigpt_cli.engine.model import attention
+
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype).requires_grad_() for _ in "qkv")
+    grad_out = torch.randn(shape, generator=generator).to(dtype)
+    out = attention.attend(q, k, v, shape[1], shape[1], causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    mine = list(torch.autograd.grad(out, (q, k, v), grad_out))
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    exact = torch.autograd.grad(
+        F.scaled_dot_product_attention(*fp32, is_causal=True), fp32, grad_out.float()
+    )
+    plain = torch.autograd.grad(
+        F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out
+    )
+    return out, mine, list(exact), list(plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -544,34 +567,44 @@ def test_half_precision_attention_backward_runs_in_fp32(dtype: torch.dtype) -> N
     """The bf16/fp16 attention whose backward is PyTorch's fp32 kernel: the forward is the half
     kernel's own output, bit for bit; the gradients are the fp32 kernel's on the same inputs (so
     closer to fp32 than the half kernel's); other calls keep the plain kernel."""
-    from minigpt_cli.engine.model import layers
+    from minigpt_cli.engine.model import attention
 
-    generator = torch.Generator().manual_seed(12)
     shape = (2, 4, 24, 16)
-    q, k, v = (torch.randn(shape, generator=generator).to(dtype).requires_grad_() for _ in "qkv")
-    grad_out = torch.randn(shape, generator=generator).to(dtype)
-    assert layers._fp32_backward_pays(q, True, None)
-    out = layers.attend(q, k, v, 4, 4, causal=True)
-    assert out.grad_fn is not None and "HalfAttention" in type(out.grad_fn).__name__
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    want = torch.autograd.grad(
-        F.scaled_dot_product_attention(*fp32, is_causal=True), fp32, grad_out.float()
-    )
-    half = torch.autograd.grad(
-        F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out
-    )
+    q = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    assert attention._backward_path(q, True, None) == "fp32"
+    out, grads, want, half = _attention_gradients(dtype, shape, seed=12)
+    assert "HalfAttentionFp32" in type(out.grad_fn).__name__
     for mine, exact, plain in zip(grads, want, half, strict=True):
         assert mine.dtype == dtype
         error = (mine.float() - exact).abs().max()
         assert error <= 2 * (plain.float() - exact).abs().max() and error < 0.05
     # fp32, no gradient, a mask, wide heads over long sequences: the plain kernel.
-    assert not layers._fp32_backward_pays(q.detach().float().requires_grad_(), True, None)
-    assert not layers._fp32_backward_pays(q.detach(), True, None)
-    assert not layers._fp32_backward_pays(q, True, torch.ones(24, 24, dtype=torch.bool))
-    wide = torch.zeros(1, 1, 256, 64, dtype=dtype, requires_grad=True)
-    assert not layers._fp32_backward_pays(wide, True, None)
+    assert attention._backward_path(q.detach().float().requires_grad_(), True, None) == "kernel"
+    assert attention._backward_path(q.detach(), True, None) == "kernel"
+    assert attention._backward_path(q, True, torch.ones(24, 24, dtype=torch.bool)) == "kernel"
+    wide = torch.zeros(1, 1, 512, 64, dtype=dtype, requires_grad=True)
+    assert attention._backward_path(wide, True, None) == "kernel"
+
+
+@pytest.mark.parametrize("positions", [256, 200])  # whole key blocks, and a part-block at the end
+def test_bf16_attention_backward_by_key_blocks_is_as_close_to_fp32_as_the_kernels(
+    positions: int,
+) -> None:
+    """64-dim heads over 129-256 positions in bf16 (`small`'s shape) take the blocked backward:
+    the forward is the kernel's own output, bit for bit, and every gradient is within twice the
+    bf16 kernel's own distance from fp32's (relative, over the whole tensor; measured 0.6-1.45x);
+    fp16 keeps the kernel. A wrong mask, scale or block boundary is off by far more than that."""
+    from minigpt_cli.engine.model import attention
+
+    shape = (2, 3, positions, 64)
+    half = torch.zeros(shape, dtype=torch.float16, requires_grad=True)
+    assert attention._backward_path(half, True, None) == "kernel"
+    out, grads, want, plain = _attention_gradients(torch.bfloat16, shape, seed=13)
+    assert "HalfAttentionBlocked" in type(out.grad_fn).__name__
+    for mine, exact, kernel in zip(grads, want, plain, strict=True):
+        assert mine.dtype == torch.bfloat16 and mine.shape == exact.shape
+        error = (mine.float() - exact).norm() / exact.norm()
+        assert error <= 2 * (kernel.float() - exact).norm() / exact.norm() and error < 0.01
 
 
 def test_frozen_head_gets_no_gradient_but_the_body_does() -> None:

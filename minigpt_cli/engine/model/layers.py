@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine.resources.activations import half_attention_backward_in_fp32
+from minigpt_cli.engine.model.attention import attend
 
 # Models this wide and wider take the hand-written backwards of the q/k rotary, SwiGLU and
 # RMSNorm's row sums below. Measured at `small`'s width (512; activations of 1-6M elements), with
@@ -29,9 +29,6 @@ from minigpt_cli.engine.resources.activations import half_attention_backward_in_
 # between two equally accurate rounding paths (its SFT, at micro-batch 36, has activations as
 # large as small's pretraining: the hand-written path moved seed 1's addition score 40 -> 2 %).
 FUSED_BACKWARD_MIN_WIDTH = 512
-
-# scaled_dot_product_attention learnt grouped-query attention (`enable_gqa`) in PyTorch 2.5.
-_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class KVCache:
@@ -328,78 +325,6 @@ class _SwiGLU(torch.autograd.Function):
         torch.mul(grad, activated, out=into_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=into_gate)
         return grad_gate_up
-
-
-class _HalfAttentionFp32Backward(torch.autograd.Function):
-    """Causal CPU attention in bf16/fp16 whose backward runs PyTorch's fp32 kernel.
-
-    PyTorch's CPU flash-attention backward in reduced precision pays a large cost per block at
-    short sequences and narrow heads: measured on an AMX CPU (torch 2.13), 8 x 4 heads x 128
-    positions x 32 dims took 5-8 ms against 1.4-1.8 ms for casting to fp32 and running the fp32
-    kernel; it was a quarter of a `tiny` bf16 training step. The forward stays the bf16 kernel
-    (fast); the gradients come out closer to fp32's than the bf16 kernel's do. `attend` uses it
-    only where it measured faster (see `_fp32_backward_pays`).
-    """
-
-    # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, True
-        )
-        ctx.save_for_backward(q, k, v, out, logsumexp)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q, k, v, out, logsumexp = ctx.saved_tensors
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
-        )
-        return tuple(grad.to(q.dtype) for grad in grads)
-
-
-def _fp32_backward_pays(q: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> bool:
-    """Whether this attention call should take `_HalfAttentionFp32Backward`.
-
-    Only a causal, unmasked CPU call in bf16/fp16 that autograd will differentiate. The bf16
-    kernel's backward is as fast as fp32's from 64-dim heads over 256 positions on (the `small`
-    preset's shape: 14.6 against 15.5 ms) and faster at 512 (`medium`: 27 against 34 ms), so
-    those keep it; narrower heads or 128 positions and fewer measured 1.3-6x faster in fp32.
-    """
-    if not causal or mask is not None or q.device.type != "cpu":
-        return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
-        return False
-    if not (torch.is_grad_enabled() and q.requires_grad):
-        return False
-    return half_attention_backward_in_fp32(q.shape[-1], q.shape[-2])
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    n_head: int,
-    n_kv_head: int,
-    mask: torch.Tensor | None = None,
-    causal: bool = False,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Scaled dot-product attention of (B, heads, T, head_dim) queries over (B, kv_heads, S,
-    head_dim) keys and values; grouped-query heads share keys without copies where torch can."""
-    if dropout == 0.0 and n_kv_head == n_head and _fp32_backward_pays(q, causal, mask):
-        return _HalfAttentionFp32Backward.apply(q, k, v)
-    grouped = {}
-    if n_kv_head != n_head:
-        if _SDPA_GQA:
-            grouped = {"enable_gqa": True}  # no copies of the shared keys/values
-        else:
-            repeats = n_head // n_kv_head
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, **grouped
-    )
 
 
 class Attention(nn.Module):

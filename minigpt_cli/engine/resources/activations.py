@@ -39,11 +39,21 @@ def loss_grad_grouped(vocab_size: int, n_embd: int) -> bool:
     return vocab_size * n_embd >= LOSS_GRAD_GROUP_MIN_WEIGHTS
 
 
-def half_attention_backward_in_fp32(head_dim: int, seq_len: int) -> bool:
-    """Whether a bf16/fp16 CPU attention of this shape runs its backward in fp32
-    (`engine.model.layers._HalfAttentionFp32Backward`, where the measurements are): heads narrower
-    than 64 or sequences of 128 positions or fewer. One rule for the model and for this count."""
-    return head_dim < 64 or seq_len <= 128
+ATTENTION_KEY_BLOCK = 64
+"""Keys per block of the blocked attention backward (`engine.model.attention`): 64 measured
+10.4-11.0 ms at `small`'s shape against 11.9-12.2 at 32 and 11.8-12.8 at 128."""
+
+
+def half_attention_backward(head_dim: int, seq_len: int) -> str:
+    """Which backward a causal bf16/fp16 CPU attention of this shape runs (`engine.model.attention`,
+    where the measurements are): "fp32" (PyTorch's fp32 kernel) for heads narrower than 64 or
+    sequences of 128 positions or fewer, "blocked" (batched products a key block at a time, bf16
+    only) up to 256 positions, "kernel" (PyTorch's own) beyond, where the blocked one measured
+    slower (`medium`'s 512: 91-97 against 85-90 ms forward and backward). One rule for the model
+    and for this count."""
+    if head_dim < 64 or seq_len <= 128:
+        return "fp32"
+    return "blocked" if seq_len <= 256 else "kernel"
 
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -157,11 +167,20 @@ def activation_bytes(
         loss_chunk += (rows + group) * vocab_size * compute
     mlp_backward = tokens * compute * 3 * f
     attention_backward = 0
-    in_fp32 = half_attention_backward_in_fp32(model_cfg.head_dim, model_cfg.context_length)
-    if compute != 4 and in_fp32 and model_cfg.kv_heads == model_cfg.n_head:
-        # `model.layers._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and its
-        # gradient, and the three fp32 gradients, for one layer at a time.
-        attention_backward = tokens * 4 * 8 * model_cfg.n_head * model_cfg.head_dim
+    path = half_attention_backward(model_cfg.head_dim, model_cfg.context_length)
+    if compute != 4 and model_cfg.kv_heads == model_cfg.n_head:
+        per_head = tokens * model_cfg.n_head * model_cfg.head_dim
+        if path == "fp32":
+            # `model.attention._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and
+            # its gradient, and the three fp32 gradients, for one layer at a time.
+            attention_backward = per_head * 4 * 8
+        elif path == "blocked" and precision == "bf16":
+            # `model.attention._HalfAttentionBlockedBackward`: flat copies of q, k, v, the output
+            # and its gradient, fp32 q and k, the fp32 q gradient and the bf16 k, v and q ones
+            # (32 bytes an element), and one key block's probabilities and their gradient over
+            # every query (14 bytes for each of the block's keys).
+            block = min(ATTENTION_KEY_BLOCK, model_cfg.context_length)
+            attention_backward = per_head * 32 + tokens * model_cfg.n_head * block * 14
     return ActivationBytes(saved, max(loss_chunk, mlp_backward, attention_backward), mapped)
 
 
