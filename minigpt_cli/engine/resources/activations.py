@@ -138,8 +138,8 @@ def activation_bytes(
     The working set is the largest short-lived allocation on top of what is saved: a chunk of
     logits and their softmax in the fused loss (fp32; under autocast also the low-precision
     logits, and the gradients of a group of chunks), the SwiGLU backward of the last layer
-    (gradients of gate/up, silu and their product), or a bf16/fp16 attention backward run in fp32,
-    whichever is larger.
+    (gradients of gate/up, silu and their product), or a bf16/fp16 attention backward run in fp32
+    or by key blocks, whichever is larger.
     """
     compute = _dtype_bytes(precision)
     d, f = model_cfg.n_embd, model_cfg.ffn_dim
@@ -175,10 +175,11 @@ def activation_bytes(
             # its gradient, and the three fp32 gradients, for one layer at a time.
             attention_backward = per_head * 4 * 8
         elif path == "blocked" and precision == "bf16":
-            # `model.attention._HalfAttentionBlockedBackward`: flat copies of q, k, v, the output
-            # and its gradient, fp32 q and k, the fp32 q gradient and the bf16 k, v and q ones
-            # (32 bytes an element), and one key block's probabilities and their gradient over
-            # every query (14 bytes for each of the block's keys).
+            # `model.attention._HalfAttentionBlockedBackward`: flat copies of q, k, v and the
+            # output's gradient, fp32 q and k, the output and its gradient in fp32 for the row
+            # sums, the fp32 q gradient and the bf16 k, v and q ones (at most 32 bytes an
+            # element), and one key block's probabilities and their gradient over every query
+            # (14 bytes for each of the block's keys).
             block = min(ATTENTION_KEY_BLOCK, model_cfg.context_length)
             attention_backward = per_head * 32 + tokens * model_cfg.n_head * block * 14
     return ActivationBytes(saved, max(loss_chunk, mlp_backward, attention_backward), mapped)
