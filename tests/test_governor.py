@@ -386,11 +386,11 @@ def test_the_process_tree_counts_a_new_child_from_its_next_rescan() -> None:
 
 _PAGE_FAULTS_OF_A_STEP_PATTERN = """
 import ctypes, resource, sys, torch
-from minigpt_cli.engine.resources.governor import keep_freed_pages
+from minigpt_cli.engine.resources import governor as gov
 if sys.argv[1] == "keep":
-    assert keep_freed_pages()
+    assert gov.keep_freed_pages()
 else:  # glibc's static default, 128 KiB (its dynamic one moves with the heap's layout)
-    assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+    assert ctypes.CDLL("libc.so.6").mallopt(gov._M_MMAP_THRESHOLD, 128 * 1024)
 def step():  # a step's pattern: large tensors allocated, touched, all freed at its end
     held = [torch.ones(2 * 2**20) for _ in range(8)]
     del held

@@ -44,16 +44,16 @@ ATTENTION_KEY_BLOCK = 64
 64 measured 10.4-11.0 ms a layer, 128 10.7-12.1 and the whole 256 in one block 13.7-13.9."""
 
 
-def half_attention_backward(head_dim: int, seq_len: int) -> str:
-    """Which backward a causal bf16/fp16 CPU attention of this shape runs (`engine.model.attention`,
-    where the measurements are): "fp32" (PyTorch's fp32 kernel) for heads narrower than 64 or
-    sequences of 128 positions or fewer, "blocked" (batched products a key block at a time, bf16
-    only) up to 256 positions, "kernel" (PyTorch's own) beyond, where the blocked one measured
-    slower (`medium`'s 512: 91-97 against 85-90 ms forward and backward). One rule for the model
-    and for this count."""
+def half_attention_backward(head_dim: int, seq_len: int, bf16: bool) -> str:
+    """Which backward a causal bf16 (or fp16, `bf16` false) CPU attention of this shape runs
+    (`engine.model.attention`, where the measurements are): "fp32" (PyTorch's fp32 kernel) for
+    heads narrower than 64 or sequences of 128 positions or fewer, "blocked" (batched products a
+    key block at a time, bf16 only) up to 256 positions, "kernel" (PyTorch's own) beyond, where
+    the blocked one measured slower (`medium`'s 512: 91-97 against 85-90 ms forward and
+    backward), and for fp16. One rule for the model and for this count."""
     if head_dim < 64 or seq_len <= 128:
         return "fp32"
-    return "blocked" if seq_len <= 256 else "kernel"
+    return "blocked" if seq_len <= 256 and bf16 else "kernel"
 
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -167,14 +167,16 @@ def activation_bytes(
         loss_chunk += (rows + group) * vocab_size * compute
     mlp_backward = tokens * compute * 3 * f
     attention_backward = 0
-    path = half_attention_backward(model_cfg.head_dim, model_cfg.context_length)
+    path = half_attention_backward(
+        model_cfg.head_dim, model_cfg.context_length, bf16=precision == "bf16"
+    )
     if compute != 4 and model_cfg.kv_heads == model_cfg.n_head:
         per_head = tokens * model_cfg.n_head * model_cfg.head_dim
         if path == "fp32":
             # `model.attention._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and
             # its gradient, and the three fp32 gradients, for one layer at a time.
             attention_backward = per_head * 4 * 8
-        elif path == "blocked" and precision == "bf16":
+        elif path == "blocked":
             # `model.attention._HalfAttentionBlockedBackward`: flat copies of q, k, v and the
             # output's gradient, fp32 q and k, the output and its gradient in fp32 for the row
             # sums, the fp32 q gradient and the bf16 k, v and q ones (at most 32 bytes an
