@@ -28,6 +28,51 @@ def test_importing_the_cli_pulls_in_no_heavy_library() -> None:
     assert result.stdout.strip() == "[]"
 
 
+_FP32_TWO_THREAD_STEPS = """
+import hashlib, sys, torch
+import minigpt_cli.cli.app  # what every verb imports first
+from minigpt_cli.config.loader import load_config
+from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.training.optim import apply_update, backward, build_optimizer
+torch.set_num_threads(2)
+config = load_config("tiny")
+vocab, seq = config.tokenizer.vocab_size, config.model.context_length
+torch.manual_seed(0)
+x, y = torch.randint(0, vocab, (8, seq)), torch.randint(0, vocab, (8, seq))
+model = GPT(config.model, vocab)
+opt, _ = build_optimizer(model, config.train, torch.device("cpu"))
+for _ in range(4):
+    backward(model(x, targets=y)[1], None)
+    apply_update(opt, 1.0, None)
+weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+print(hashlib.sha256(weights).hexdigest())
+"""
+
+
+def test_the_cli_asks_mkl_for_sums_split_the_same_way_every_run() -> None:
+    """Before torch is imported, the CLI sets MKL's strict reproducibility mode (a user's own
+    setting kept). Without it, four fp32 steps of `tiny` with 2 threads ended on other weights in
+    about one run of ten here; with it, two runs must agree bit for bit."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    show = (
+        "import os, sys, minigpt_cli.cli.app; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"
+    )
+    for preset, want in ((None, "AUTO,STRICT False"), ("COMPATIBLE", "COMPATIBLE False")):
+        run_env = env if preset is None else {**env, "MKL_CBWR": preset}
+        shown = subprocess.run(
+            [sys.executable, "-c", show], env=run_env, capture_output=True, text=True
+        )
+        assert shown.stdout.strip() == want, shown.stderr
+    hashes = set()
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", _FP32_TWO_THREAD_STEPS], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        hashes.add(run.stdout.strip())
+    assert len(hashes) == 1
+
+
 def test_version_and_help_list_the_verbs() -> None:
     assert run_cli("--version").stdout.strip() == f"minigpt {__version__}"
     help_text = run_cli("--help").stdout
