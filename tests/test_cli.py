@@ -51,8 +51,8 @@ print(hashlib.sha256(weights).hexdigest())
 
 def test_the_cli_asks_mkl_for_sums_split_the_same_way_every_run() -> None:
     """Before torch is imported, the CLI sets MKL's strict reproducibility mode (a user's own
-    setting kept). Without it, four fp32 steps of `tiny` with 2 threads ended on other weights in
-    about one run of ten here; with it, two runs must agree bit for bit."""
+    setting kept). Without it, fp32 training of `tiny` with 2 threads ended on other weights in
+    about one run of ten (6 of 53 six-step runs); with it, these two runs must agree bit for bit."""
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     show = (
         "import os, sys, minigpt_cli.cli.app; print(os.environ['MKL_CBWR'], 'torch' in sys.modules)"

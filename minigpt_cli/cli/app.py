@@ -25,9 +25,9 @@ from minigpt_cli.errors import (
 )
 
 # Intel MKL (PyTorch's fp32 matmuls on x86 CPUs) may split a product's sums across its threads
-# differently from one run to the next: the same fp32 training with 2 threads, run 20 times, ended
-# on one of two sets of weights (2 of the 20 the other), so no run was bitwise repeatable and a
-# resumed one could differ from the uninterrupted one. Its strict conditional numerical
+# differently from one run to the next: the same 6-step fp32 training of `tiny` with 2 threads
+# ended on other weights in 6 of 53 runs, so no run was bitwise repeatable and a resumed one could
+# differ from the uninterrupted one. Its strict conditional numerical
 # reproducibility mode fixes the split (30 of 30 runs identical) at no measured cost (tiny and
 # small fp32 steps within noise). MKL reads it when it starts, so it is set here, before any verb
 # imports torch; a value the user set is kept. Non-MKL builds ignore it.
