@@ -11,7 +11,8 @@ Per preset shape it measures, each in a fresh process (so peak RSS is that measu
 - **minigpt step**: the same loop through minigpt's own training pieces (`GPT`'s fused loss,
   `optim.build_optimizer` / `backward` / `apply_update`) at the precision `--precision auto`
   picks, in a process with the allocator setting every minigpt verb makes
-  (`governor.keep_freed_pages`; `--peer-pages` gives the peer's process the same).
+  (`governor.keep_freed_pages`; `--peer-pages` gives the peer's process the same) and MKL's
+  strict reproducibility mode the training verbs set (`MKL_CBWR`, unless already set).
 - **minigpt run** (unless `--no-wall`): what a user waits for: `minigpt pretrain --preset P` for two
   lengths on the built-in data, timed from outside (process start to exit); the extra tokens over
   the extra seconds is a step's real cost, data, logging, the governor, evaluations and saves
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -43,6 +45,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from logged_rate import _cli  # noqa: E402  (runs the CLI of a checkout, timed from outside)
+
+from minigpt_cli.cli.app import MKL_REPRODUCIBLE  # noqa: E402
 
 PEER_PRECISIONS = ("fp32", "fp32_medium", "bf16")
 
@@ -148,7 +152,10 @@ def _one(preset: str, impl: str, precision: str, args: argparse.Namespace) -> di
     command = [sys.executable, __file__, "--one", preset, impl, precision]
     command += ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
     command += ["--threads", str(args.threads)] + (["--peer-pages"] if args.peer_pages else [])
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ)
+    if impl == "minigpt":  # MKL's mode as minigpt's training verbs set it (`cli/app.py`)
+        env.setdefault(*MKL_REPRODUCIBLE)
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -482,7 +482,9 @@ def test_rms_norm_gradients_are_exact() -> None:
 
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-5), (x, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, w: _RMSNormFunction.apply(a, w, 1e-5, False), (x, weight)
+    )
     norm = RMSNorm(8, 1e-5)
     data = torch.randn(4, 8) * 3
     expected = F.rms_norm(data, (8,), norm.weight, 1e-5)
@@ -490,6 +492,68 @@ def test_rms_norm_gradients_are_exact() -> None:
     with torch.no_grad():
         torch.testing.assert_close(norm(data), expected)
         assert norm(data.bfloat16()).dtype == torch.bfloat16  # computed in fp32, returned as given
+
+
+def _norm_step(feeds_matmul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder-layer-shaped norm under bf16 autocast: (output, x's gradient, weight's)."""
+    from minigpt_cli.engine.model.layers import _RMSNormFunction
+
+    generator = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 7, 16, generator=generator) * 2).requires_grad_()
+    weight = (torch.rand(16, generator=generator) + 0.5).requires_grad_()
+    upstream = torch.randn(3, 7, 16, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _RMSNormFunction.apply(x, weight, 1e-5, feeds_matmul)
+    out.backward(upstream.to(out.dtype))
+    assert x.grad is not None and weight.grad is not None
+    return out.detach(), x.grad, weight.grad
+
+
+def test_bf16_norms_that_feed_a_matmul_run_compiled_kernels_with_eagers_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under autocast a decoder layer's norm (wide models; here every width counts as wide) runs
+    one compiled kernel each way and hands over the bf16 copy autocast's matmul would make: the
+    same values as the eager norm followed by autocast's cast, gradients to fp32 rounding."""
+    from minigpt_cli.engine.model import fused_norm, layers
+
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
+    want_out, want_x, want_weight = _norm_step(feeds_matmul=False)
+    assert want_out.dtype == torch.float32  # the final norm's kind: eager, fp32 out
+    out, grad_x, grad_weight = _norm_step(feeds_matmul=True)
+    if fused_norm.unavailable_reason() is not None:
+        pytest.skip(f"torch.compile cannot build kernels here: {fused_norm.unavailable_reason()}")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want_out.bfloat16().float(), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(grad_x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight, want_weight, rtol=1e-5, atol=1e-6)
+
+
+def test_norms_stay_eager_for_the_rest_of_the_process_once_compiling_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No C++ compiler (say): the failure is kept and said; the norm's values are eager's."""
+    from minigpt_cli.engine.model import fused_norm, layers
+
+    monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
+    monkeypatch.setattr(fused_norm, "_compiled", {})
+    monkeypatch.setattr(fused_norm, "_failure", [])
+    attempts: list[object] = []
+
+    def no_compiler(function: object, **_: object) -> object:
+        attempts.append(function)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    want_out, want_x, want_weight = _norm_step(feeds_matmul=False)
+    for _ in range(2):
+        out, grad_x, grad_weight = _norm_step(feeds_matmul=True)
+        assert torch.equal(out, want_out) and torch.equal(grad_x, want_x)
+        assert torch.equal(grad_weight, want_weight)
+    assert len(attempts) == 1  # tried once, then eager without trying again
+    assert fused_norm.unavailable_reason() == (
+        "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    )
 
 
 def test_pytorchs_rms_norm_forward_is_bitwise_ours(
@@ -714,5 +778,5 @@ def test_rms_norm_row_sums_by_matrix_vector_product_are_exact(
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, w: layers._RMSNormFunction.apply(a, w, 1e-5), (x, weight)
+        lambda a, w: layers._RMSNormFunction.apply(a, w, 1e-5, False), (x, weight)
     )

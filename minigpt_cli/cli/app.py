@@ -33,7 +33,7 @@ from minigpt_cli.errors import (
 # train and promise exact resume ask for it and the decoding verbs do not. MKL reads it once, when
 # it starts (a later change is refused), so it is set before the verb imports torch; a value the
 # user set is kept. Non-MKL builds ignore it.
-_MKL_REPRODUCIBLE = ("MKL_CBWR", "AUTO,STRICT")
+MKL_REPRODUCIBLE = ("MKL_CBWR", "AUTO,STRICT")
 _TRAINING_VERBS = frozenset({"quickstart", "pretrain", "sft", "dpo", "rlhf"})
 
 app = typer.Typer(
@@ -72,7 +72,7 @@ def _root(
     if debug:
         os.environ[_DEBUG_ENV] = "1"
     if ctx.invoked_subcommand in _TRAINING_VERBS:
-        os.environ.setdefault(*_MKL_REPRODUCIBLE)
+        os.environ.setdefault(*MKL_REPRODUCIBLE)
 
 
 def _register_verbs() -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config.schema import ModelConfig
+from minigpt_cli.engine.model import fused_norm
 from minigpt_cli.engine.model.attention import attend
 
 # Models this wide and wider take the hand-written backwards of the q/k rotary, SwiGLU and
@@ -113,8 +114,26 @@ class _RMSNormFunction(torch.autograd.Function):
 
     # `ctx` is autograd's context (Any in torch too): forward hangs on it what backward needs.
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, feeds_matmul: bool
+    ) -> torch.Tensor:
         ctx.x_dtype = x.dtype
+        ctx.compiled = False
+        low = feeds_matmul and torch.is_autocast_enabled("cpu")
+        if (
+            low
+            and fused_rms_norm_applies(x.dtype, weight)
+            and x.shape[-1] >= FUSED_BACKWARD_MIN_WIDTH
+        ):
+            # A norm whose output only enters an autocast matmul: one compiled kernel each way
+            # (`fused_norm`), the forward writing the low-precision copy autocast would make. (With
+            # an fp32 output the compiled pair measured no faster than this class's eager path.)
+            out_dtype = torch.get_autocast_dtype("cpu")
+            fused = fused_norm.rms_norm_forward(x, weight, eps, out_dtype)
+            if fused is not None:
+                ctx.save_for_backward(x, fused[1], weight)
+                ctx.compiled = ctx.saved_input = True
+                return fused[0]
         if fused_rms_norm_applies(x.dtype, weight):
             # PyTorch's forward (the residual stream is fp32 under autocast too); the backward
             # rebuilds x * rstd from the input it keeps instead of a normalised copy.
@@ -128,8 +147,12 @@ class _RMSNormFunction(torch.autograd.Function):
         return (normed * weight.to(normed.dtype)).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         normed, rstd, weight = ctx.saved_tensors
+        if ctx.compiled:
+            fused = fused_norm.rms_norm_backward(grad_out, normed, rstd, weight)
+            if fused is not None:
+                return fused[0].to(ctx.x_dtype), fused[1].to(weight.dtype), None, None
         if ctx.saved_input:
             normed = normed * rstd
         # One dtype throughout: a CPU kernel mixing bf16 and fp32 operands takes a slow,
@@ -147,20 +170,23 @@ class _RMSNormFunction(torch.autograd.Function):
         else:
             means = (scaled * normed).mean(-1, keepdim=True)
         grad_x = torch.addcmul(scaled, normed, means, value=-1.0)
-        return grad_x.mul_(rstd).to(ctx.x_dtype), grad_weight, None
+        return grad_x.mul_(rstd).to(ctx.x_dtype), grad_weight, None, None
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in fp32 whatever the input dtype."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, feeds_matmul: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # True where the output only enters a linear layer (a decoder layer's two norms): under
+        # autocast the norm may then hand over the low-precision copy the matmul would make.
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+            return _RMSNormFunction.apply(x, self.weight, self.eps, self.feeds_matmul)
         if fused_rms_norm_applies(x.dtype, self.weight):  # PyTorch's, through its C++ binding
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed, _ = _rms_normalise(x, self.eps)
@@ -426,9 +452,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, feeds_matmul=True)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, feeds_matmul=True)
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 

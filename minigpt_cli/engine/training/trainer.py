@@ -27,6 +27,7 @@ from minigpt_cli.engine.core.seeding import restore_rng, rng_state
 from minigpt_cli.engine.hardware.device import PrecisionDecision, autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.hardware.speed_cache import peak_flops
+from minigpt_cli.engine.model import fused_norm
 from minigpt_cli.engine.resources.governor import (
     Adjustment,
     CpuThrottle,
@@ -97,6 +98,7 @@ class Trainer:
         self.stop_reason = ""
         self._forward_model: torch.nn.Module = model
         self._compile_pending = bool(self.train.compile)
+        self._kernel_note_pending = True
         # Under torchrun: this process's rank; one process is rank 0 of 1 (training/distributed).
         self.ranks = distributed.ranks()
         self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
@@ -411,6 +413,11 @@ class Trainer:
                     self.metrics.write(row)
                     self._event("step", **row, total_steps=self.schedule.plan.horizon)
                     window_tokens, window_metrics, window_start = 0, {}, now
+                if self._kernel_note_pending:  # which norm kernels the first step ran
+                    self._kernel_note_pending = False
+                    kernel_note = fused_norm.note()
+                    if kernel_note:
+                        self._event("note", message=kernel_note)
                 # After the step's row (which shows the settings it ran with), before any save.
                 self._govern_memory()
                 self.schedule.pace.add_step(self.step, self._clock() - step_start)
