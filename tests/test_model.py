@@ -524,6 +524,9 @@ def test_bf16_norms_that_feed_a_matmul_run_compiled_kernels_with_eagers_values(
     if fused_norm.unavailable_reason() is not None:
         pytest.skip(f"torch.compile cannot build kernels here: {fused_norm.unavailable_reason()}")
     assert out.dtype == torch.bfloat16
+    assert "two torch.compile kernels" in str(fused_norm.note(2.5)) and "(2.5 s;" in str(
+        fused_norm.note(2.5)
+    )
     torch.testing.assert_close(out.float(), want_out.bfloat16().float(), rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_weight, want_weight, rtol=1e-5, atol=1e-6)
@@ -553,6 +556,10 @@ def test_norms_stay_eager_for_the_rest_of_the_process_once_compiling_fails(
     assert len(attempts) == 1  # tried once, then eager without trying again
     assert fused_norm.unavailable_reason() == (
         "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    )
+    assert fused_norm.note(0.1) == (
+        "RMSNorm runs eagerly, without its torch.compile kernels "
+        "(RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
     )
 
 

@@ -16,6 +16,7 @@ eager from its first step, and resumed there it takes the same path, bit for bit
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,15 +32,15 @@ def unavailable_reason() -> str | None:
     return _failure[0] if _failure else None
 
 
-def note() -> str | None:
+def note(first_step_seconds: float) -> str | None:
     """One line for a training run's log once its first step ran: which norm kernels it uses
-    (the first step's time includes compiling them), or None where they never applied."""
+    (that step's time includes compiling them), or None where they never applied."""
     if _failure:
-        return f"RMSNorm runs eagerly: torch.compile could not build its kernels ({_failure[0]})"
+        return f"RMSNorm runs eagerly, without its torch.compile kernels ({_failure[0]})"
     if _used:
         return (
-            "RMSNorm runs as two torch.compile kernels; the first step compiled them (about 15 s "
-            "the first time on a machine, a few seconds once Inductor has cached them)"
+            "RMSNorm runs as two torch.compile kernels, compiled during the first step "
+            f"({first_step_seconds:.1f} s; Inductor keeps them on disk for later runs)"
         )
     return None
 
@@ -71,6 +72,9 @@ def _run(name: str, function: Callable[..., Any], *args: Any) -> Any:
     try:
         import torch._inductor.config as inductor_config
 
+        if os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # torch.compile would return eager code
+            _failure.append("torch.compile is switched off (TORCHDYNAMO_DISABLE=1)")
+            return None
         if compiled is None:
             compiled = _compiled[name] = torch.compile(function, fullgraph=True)
         # Compiled in this process, not in a pool of worker processes: the workers' memory would

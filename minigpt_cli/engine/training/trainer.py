@@ -415,7 +415,7 @@ class Trainer:
                     window_tokens, window_metrics, window_start = 0, {}, now
                 if self._kernel_note_pending:  # which norm kernels the first step ran
                     self._kernel_note_pending = False
-                    kernel_note = fused_norm.note()
+                    kernel_note = fused_norm.note(self._clock() - step_start)
                     if kernel_note:
                         self._event("note", message=kernel_note)
                 # After the step's row (which shows the settings it ran with), before any save.
