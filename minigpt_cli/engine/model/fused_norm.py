@@ -86,9 +86,8 @@ def _run(name: str, function: Callable[..., Any], *args: Any) -> Any:
         _used[:] = [True]
         return result
     except Exception as error:  # noqa: BLE001 - no compiler, unsupported Python: stay eager
-        _failure.append(
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        )
+        first_line = str(error).strip().splitlines()[:1]
+        _failure.append(": ".join([type(error).__name__, *first_line]))
         return None
 
 
