@@ -6,6 +6,23 @@ from pathlib import Path
 
 from minigpt_cli.engine.core.io import atomic_write_bytes
 from minigpt_cli.engine.runs.checkpoint import read_metrics
+from minigpt_cli.errors import describe_os_error
+
+
+def plot_run(run_dir: Path, step: int) -> str | None:
+    """Draw a finished run's loss.png; returns the note to log when it could not be written.
+
+    The picture is a view of metrics.jsonl: a full disk here loses nothing of the run, which is
+    complete and saved, so it is said, not raised. Without matplotlib (the optional `plot` extra)
+    there is simply no picture."""
+    try:
+        plot_metrics(run_dir)
+    except ImportError:
+        return None
+    except OSError as error:
+        reason = describe_os_error(error)
+        return f"loss plot not written ({reason}); the run is complete at step {step}"
+    return None
 
 
 def plot_metrics(run_dir: Path) -> Path | None:

@@ -47,11 +47,11 @@ from minigpt_cli.engine.runs.files import (
 )
 from minigpt_cli.engine.training import distributed, limits, optim
 from minigpt_cli.engine.training.pace import Schedule
-from minigpt_cli.engine.training.plot import plot_metrics
+from minigpt_cli.engine.training.plot import plot_run
 from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
 from minigpt_cli.engine.training.stage import Batch, Stage, TrainedModel
 from minigpt_cli.engine.training.step_agreement import StepAgreement
-from minigpt_cli.errors import UserError, describe_os_error
+from minigpt_cli.errors import UserError
 
 
 class Trainer:
@@ -591,16 +591,7 @@ class Trainer:
         }
 
     def _plot(self) -> None:
-        if not self.config.log.plot or not self.ranks.is_writer:
-            return
-        try:
-            plot_metrics(self.spec.run_dir)
-        except ImportError:
-            pass  # matplotlib is optional (the `plot` extra)
-        except OSError as error:
-            # The picture is a view of metrics.jsonl; the run itself is complete and saved.
-            self._event(
-                "note",
-                message=f"loss plot not written ({describe_os_error(error)}); "
-                f"the run is complete at step {self.step}",
-            )
+        if self.config.log.plot and self.ranks.is_writer:
+            note = plot_run(self.spec.run_dir, self.step)
+            if note:
+                self._event("note", message=note)
