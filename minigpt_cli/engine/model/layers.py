@@ -151,8 +151,8 @@ class _RMSNormFunction(torch.autograd.Function):
         normed, rstd, weight = ctx.saved_tensors
         if ctx.compiled:
             fused = fused_norm.rms_norm_backward(grad_out, normed, rstd, weight)
-            if fused is not None:
-                return fused[0].to(ctx.x_dtype), fused[1].to(weight.dtype), None, None
+            if fused is not None:  # fp32 input and weight (`fused_rms_norm_applies`): no casts
+                return fused[0], fused[1], None, None
         if ctx.saved_input:
             normed = normed * rstd
         # One dtype throughout: a CPU kernel mixing bf16 and fp32 operands takes a slow,
