@@ -22,8 +22,15 @@ Rounds interleave peer and minigpt (`--repeats`, 3 by default) so a machine whos
 moves both; the ratio is taken within each round and reported as the median with its range. MFU is
 against the matmul peak `minigpt doctor` measured on this machine, not a datasheet.
 
+`--split` instead says where each side's step goes: every ATen call of a few steps timed (a
+`TorchDispatchMode`) and summed as matmuls, attention and the rest, with the calls a step. The
+timed total differs from the untimed step printed beside it by the timer's own cost (in it) and the
+Python between calls (not in it); code compiled by `torch.compile` (the bf16 norms of wide models)
+runs eagerly under the timer.
+
     python benchmarks/train_throughput.py                          # tiny and small, 3 rounds
     python benchmarks/train_throughput.py --presets tiny --repeats 5 --no-wall
+    python benchmarks/train_throughput.py --presets tiny --split   # matmuls / attention / rest
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,14 +59,63 @@ from minigpt_cli.cli.app import MKL_REPRODUCIBLE  # noqa: E402
 
 PEER_PRECISIONS = ("fp32", "fp32_medium", "bf16")
 
+MATMUL_OPS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm"})
+"""ATen operators counted as matmuls by `--split` (after autograd, PyTorch's CPU ops)."""
+
+
+def time_calls(step: Callable[[], object], steps: int) -> dict[str, float]:
+    """Milliseconds a step spends in matmuls, attention and every other ATen call, and the calls a
+    step: each call timed by a dispatch mode over `steps` steps (the step already warm).
+
+    A dispatch mode sees the calls autograd makes in the backward too, so this is the whole step
+    as PyTorch runs it, which is how two implementations built differently are compared call for
+    call; each call's time includes the mode's own overhead.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seconds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    calls = 0
+
+    class CallTimer(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+        ) -> Any:
+            nonlocal calls
+            start = time.perf_counter()
+            result = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in MATMUL_OPS:
+                kind = "matmul"
+            elif "attention" in name:
+                kind = "attention"
+            else:
+                kind = "other"
+            seconds[kind] += time.perf_counter() - start
+            calls += 1
+            return result
+
+    with CallTimer():
+        for _ in range(steps):
+            step()
+    split = {f"{kind}_ms": 1000 * total / steps for kind, total in seconds.items()}
+    split["calls"] = calls / steps
+    return split
+
 
 def measure(
-    preset: str, impl: str, precision: str, steps: int, micro_batch: int, peer_pages: bool = False
+    preset: str,
+    impl: str,
+    precision: str,
+    steps: int,
+    micro_batch: int,
+    peer_pages: bool = False,
+    split: bool = False,
 ) -> dict:
     """One process's measurement: the median step of `steps` after two warm-up steps.
 
     `peer_pages`: the peer's process gets minigpt's allocator setting too
-    (`governor.keep_freed_pages`), to see how much of the ratio that setting is."""
+    (`governor.keep_freed_pages`), to see how much of the ratio that setting is. `split`: then
+    `steps` more steps with every call timed (`time_calls`)."""
     import torch
 
     from minigpt_cli.config.loader import load_config
@@ -140,6 +198,8 @@ def measure(
     rate = micro_batch * seq / statistics.median(timings)
     peak = peak_flops("cpu", precision)
     return {
+        "step_ms": 1000 * statistics.median(timings),
+        **({"split": time_calls(step, steps)} if split else {}),
         "tokens_per_sec": rate,
         "precision": precision,
         "mfu": flops_per_token(config.model, vocab, seq) * rate / peak,
@@ -152,6 +212,7 @@ def _one(preset: str, impl: str, precision: str, args: argparse.Namespace) -> di
     command = [sys.executable, __file__, "--one", preset, impl, precision]
     command += ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
     command += ["--threads", str(args.threads)] + (["--peer-pages"] if args.peer_pages else [])
+    command += ["--split"] if args.split else []
     env = dict(os.environ)
     if impl == "minigpt":  # MKL's mode as minigpt's training verbs set it (`cli/app.py`)
         env.setdefault(*MKL_REPRODUCIBLE)
@@ -201,6 +262,29 @@ def bf16_pays() -> bool:
         return False
 
 
+def print_split(preset: str, peer: dict, mine: dict) -> None:
+    """The `--split` table for one preset, and the step minigpt would need for 1.5x and 1.4x."""
+    print(
+        "| side | step, untimed | all calls, timed | matmuls | attention | other calls "
+        "| calls a step |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for side, result in (("HF", peer), (f"minigpt ({mine['precision']})", mine)):
+        split = result["split"]
+        timed = split["matmul_ms"] + split["attention_ms"] + split["other_ms"]
+        print(
+            f"| {side} | {result['step_ms']:.1f} ms | {timed:.1f} ms | {split['matmul_ms']:.1f} ms "
+            f"| {split['attention_ms']:.1f} ms | {split['other_ms']:.1f} ms "
+            f"| {split['calls']:,.0f} |"
+        )
+    fixed = mine["split"]["matmul_ms"] + mine["split"]["attention_ms"]
+    print(
+        f"\n{preset}: 1.5x / 1.4x the peer's untimed step is {peer['step_ms'] / 1.5:.1f} / "
+        f"{peer['step_ms'] / 1.4:.1f} ms; minigpt's matmuls and attention take {fixed:.1f} ms of "
+        f"its timed calls\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -221,13 +305,22 @@ def main() -> None:
         action="store_true",
         help="give the peer minigpt's allocator setting too (governor.keep_freed_pages)",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="instead of the rounds: where each side's step goes (every ATen call timed)",
+    )
     parser.add_argument("--one", nargs=3, metavar=("PRESET", "IMPL", "PRECISION"))
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.micro_batch, args.peer_pages)))
+        print(
+            json.dumps(
+                measure(*args.one, args.steps, args.micro_batch, args.peer_pages, args.split)
+            )
+        )
         return
     print(
         f"micro-batch {args.micro_batch} x each preset's context, {args.threads} threads, median "
@@ -240,6 +333,10 @@ def main() -> None:
             best = max(trials, key=lambda p: trials[p]["tokens_per_sec"])
             tried = ", ".join(f"{p} {t['tokens_per_sec']:,.0f}" for p, t in trials.items())
             print(f"## {preset}: peer precision {best} (tried: {tried} tokens/s)\n")
+            if args.split:
+                peer, mine = _one(preset, "hf", best, args), _one(preset, "minigpt", "auto", args)
+                print_split(preset, peer, mine)
+                continue
             print(
                 "| round | HF tokens/s | minigpt step | ratio | minigpt run, wall clock | "
                 "logged | ratio (wall) | MFU HF / minigpt | peak RSS HF / minigpt |"
