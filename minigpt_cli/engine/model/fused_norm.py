@@ -74,10 +74,10 @@ def _run(name: str, function: Callable[..., Any], *args: Any) -> Any:
     try:
         import torch._inductor.config as inductor_config
 
-        if os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # torch.compile would return eager code
-            _failure.append("torch.compile is switched off (TORCHDYNAMO_DISABLE=1)")
-            return None
         if compiled is None:
+            if os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # torch.compile would be eager code
+                _failure.append("torch.compile is switched off (TORCHDYNAMO_DISABLE=1)")
+                return None
             compiled = _compiled[name] = torch.compile(function, fullgraph=True, dynamic=True)
         # Compiled in this process, not in a pool of worker processes: the workers' memory would
         # count against `--max-memory` and a run's process tree for a few seconds' gain.
