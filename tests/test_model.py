@@ -515,18 +515,17 @@ def test_bf16_norms_that_feed_a_matmul_run_compiled_kernels_with_eagers_values(
     """Under autocast a decoder layer's norm (wide models; here every width counts as wide) runs
     one compiled kernel each way and hands over the bf16 copy autocast's matmul would make: the
     same values as the eager norm followed by autocast's cast, gradients to fp32 rounding."""
-    from minigpt_cli.engine.model import fused_norm, layers
+    from minigpt_cli.engine.model import kernels, layers
 
     monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
     want_out, want_x, want_weight = _norm_step(feeds_matmul=False)
     assert want_out.dtype == torch.float32  # the final norm's kind: eager, fp32 out
     out, grad_x, grad_weight = _norm_step(feeds_matmul=True)
-    if fused_norm.unavailable_reason() is not None:
-        pytest.skip(f"torch.compile cannot build kernels here: {fused_norm.unavailable_reason()}")
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"torch.compile cannot build kernels here: {kernels.unavailable_reason()}")
     assert out.dtype == torch.bfloat16
-    assert "two torch.compile kernels" in str(fused_norm.note(2.5)) and "(2.5 s;" in str(
-        fused_norm.note(2.5)
-    )
+    assert str(kernels.note(2.5)).startswith("torch.compile kernels for RMSNorm")
+    assert "(2.5 s;" in str(kernels.note(2.5))
     torch.testing.assert_close(out.float(), want_out.bfloat16().float(), rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_weight, want_weight, rtol=1e-5, atol=1e-6)
@@ -536,11 +535,12 @@ def test_norms_stay_eager_for_the_rest_of_the_process_once_compiling_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No C++ compiler (say): the failure is kept and said; the norm's values are eager's."""
-    from minigpt_cli.engine.model import fused_norm, layers
+    from minigpt_cli.engine.model import kernels, layers
 
     monkeypatch.setattr(layers, "FUSED_BACKWARD_MIN_WIDTH", 0)
-    monkeypatch.setattr(fused_norm, "_compiled", {})
-    monkeypatch.setattr(fused_norm, "_failure", [])
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_failure", [])
+    monkeypatch.setattr(kernels, "_tried", {})
     attempts: list[object] = []
 
     def no_compiler(function: object, **_: object) -> object:
@@ -554,11 +554,11 @@ def test_norms_stay_eager_for_the_rest_of_the_process_once_compiling_fails(
         assert torch.equal(out, want_out) and torch.equal(grad_x, want_x)
         assert torch.equal(grad_weight, want_weight)
     assert len(attempts) == 1  # tried once, then eager without trying again
-    assert fused_norm.unavailable_reason() == (
+    assert kernels.unavailable_reason() == (
         "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
     )
-    assert fused_norm.note(0.1) == (
-        "RMSNorm runs eagerly, without its torch.compile kernels "
+    assert kernels.note(0.1) == (
+        "no torch.compile kernels for RMSNorm: eager code instead "
         "(RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
     )
 
@@ -657,21 +657,38 @@ def test_half_precision_attention_backward_runs_in_fp32(dtype: torch.dtype) -> N
     assert attention._backward_path(wide, True, None) == "kernel"
 
 
-@pytest.mark.parametrize("positions", [256, 200])  # whole key blocks, and a part-block at the end
-def test_bf16_attention_backward_by_key_blocks_is_as_close_to_fp32_as_the_kernels(
-    positions: int,
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("positions", [256, 200])
+def test_bf16_attention_backward_over_whole_squares_is_as_close_to_fp32_as_the_kernels(
+    positions: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """64-dim heads over 129-256 positions in bf16 (`small`'s shape) take the blocked backward:
-    the forward is the kernel's own output, bit for bit, and every gradient is within twice the
-    bf16 kernel's own distance from fp32's (relative, over the whole tensor; measured 0.6-1.45x);
-    fp16 keeps the kernel. A wrong mask, scale or block boundary is off by far more than that."""
-    from minigpt_cli.engine.model import attention
+    """64-dim heads over 129-256 positions in bf16 (`small`'s shape) take the square backward,
+    or by key blocks where compiled kernels are unavailable: the forward is the kernel's own
+    output, bit for bit, and every gradient is within twice the bf16 kernel's own distance from
+    fp32's (relative, over the whole tensor; measured 0.6-1.45x); fp16 keeps the kernel. A wrong
+    mask, scale or block boundary is off by far more than that. The squares' scores product
+    borrows the "medium" fp32 matmul precision and gives it back."""
+    from minigpt_cli.engine.model import attention, kernels
 
+    if not compiled:
+        monkeypatch.setattr(kernels, "_failure", ["compiling switched off by the test"])
+    monkeypatch.setattr(kernels, "_used", {})
+    monkeypatch.setattr(kernels, "_tried", {})
     shape = (2, 3, positions, 64)
     half = torch.zeros(shape, dtype=torch.float16, requires_grad=True)
     assert attention._backward_path(half, True, None) == "kernel"
-    out, grads, want, plain = _attention_gradients(torch.bfloat16, shape, seed=13)
-    assert "HalfAttentionBlocked" in type(out.grad_fn).__name__
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out, grads, want, plain = _attention_gradients(torch.bfloat16, shape, seed=13)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert "HalfAttentionSquare" in type(out.grad_fn).__name__
+    ran_compiled = "attention" in kernels._used
+    assert ran_compiled == (compiled and kernels.unavailable_reason() is None)
+    note = str(kernels.note(1.0))  # the run's log says which backward it runs
+    assert "attention's backward" in note and note.startswith("no ") != ran_compiled
     for mine, exact, kernel in zip(grads, want, plain, strict=True):
         assert mine.dtype == torch.bfloat16 and mine.shape == exact.shape
         error = (mine.float() - exact).norm() / exact.norm()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_cli.config.schema import ModelConfig
-from minigpt_cli.engine.model import fused_norm
+from minigpt_cli.engine.model import kernels
 from minigpt_cli.engine.model.attention import attend
 
 # Models this wide and wider take the hand-written backwards of the q/k rotary, SwiGLU and
@@ -126,10 +126,10 @@ class _RMSNormFunction(torch.autograd.Function):
             and x.shape[-1] >= FUSED_BACKWARD_MIN_WIDTH
         ):
             # A norm whose output only enters an autocast matmul: one compiled kernel each way
-            # (`fused_norm`), the forward writing the low-precision copy autocast would make. (With
+            # (`kernels`), the forward writing the low-precision copy autocast would make. (With
             # an fp32 output the compiled pair measured no faster than this class's eager path.)
             out_dtype = torch.get_autocast_dtype("cpu")
-            fused = fused_norm.rms_norm_forward(x, weight, eps, out_dtype)
+            fused = kernels.rms_norm_forward(x, weight, eps, out_dtype)
             if fused is not None:
                 ctx.save_for_backward(x, fused[1], weight)
                 ctx.compiled = ctx.saved_input = True
@@ -150,7 +150,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         normed, rstd, weight = ctx.saved_tensors
         if ctx.compiled:
-            fused = fused_norm.rms_norm_backward(grad_out, normed, rstd, weight)
+            fused = kernels.rms_norm_backward(grad_out, normed, rstd, weight)
             if fused is not None:  # fp32 input and weight (`fused_rms_norm_applies`): no casts
                 return fused[0], fused[1], None, None
         if ctx.saved_input:

@@ -39,21 +39,16 @@ def loss_grad_grouped(vocab_size: int, n_embd: int) -> bool:
     return vocab_size * n_embd >= LOSS_GRAD_GROUP_MIN_WEIGHTS
 
 
-ATTENTION_KEY_BLOCK = 64
-"""Keys per block of the blocked attention backward (`engine.model.attention`): at `small`'s shape
-64 measured 10.4-11.0 ms a layer, 128 10.7-12.1 and the whole 256 in one block 13.7-13.9."""
-
-
 def half_attention_backward(head_dim: int, seq_len: int, bf16: bool) -> str:
     """Which backward a causal bf16 (or fp16, `bf16` false) CPU attention of this shape runs
     (`engine.model.attention`, where the measurements are): "fp32" (PyTorch's fp32 kernel) for
-    heads narrower than 64 or sequences of 128 positions or fewer, "blocked" (batched products a
-    key block at a time, bf16 only) up to 256 positions, "kernel" (PyTorch's own) beyond, where
-    the blocked one measured slower (`medium`'s 512: 91-97 against 85-90 ms forward and
-    backward), and for fp16. One rule for the model and for this count."""
+    heads narrower than 64 or sequences of 128 positions or fewer, "square" (batched products
+    over whole positions x positions squares, bf16 only) up to 256 positions, "kernel" (PyTorch's
+    own) beyond, where the squares measured slower (`medium`'s 512: 134-137 against 92-96 ms
+    forward and backward), and for fp16. One rule for the model and for this count."""
     if head_dim < 64 or seq_len <= 128:
         return "fp32"
-    return "blocked" if seq_len <= 256 and bf16 else "kernel"
+    return "square" if seq_len <= 256 and bf16 else "kernel"
 
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -139,7 +134,7 @@ def activation_bytes(
     logits and their softmax in the fused loss (fp32; under autocast also the low-precision
     logits, and the gradients of a group of chunks), the SwiGLU backward of the last layer
     (gradients of gate/up, silu and their product), or a bf16/fp16 attention backward run in fp32
-    or by key blocks, whichever is larger.
+    or over whole positions x positions squares, whichever is larger.
     """
     compute = _dtype_bytes(precision)
     d, f = model_cfg.n_embd, model_cfg.ffn_dim
@@ -176,14 +171,16 @@ def activation_bytes(
             # `model.attention._HalfAttentionFp32Backward`: fp32 copies of q, k, v, the output and
             # its gradient, and the three fp32 gradients, for one layer at a time.
             attention_backward = per_head * 4 * 8
-        elif path == "blocked":
-            # `model.attention._HalfAttentionBlockedBackward`: flat copies of q, k, v and the
-            # output's gradient, fp32 q and k, the output and its gradient in fp32 for the row
-            # sums, the fp32 q gradient and the bf16 k, v and q ones (at most 32 bytes an
-            # element), and one key block's probabilities and their gradient over every query
-            # (14 bytes for each of the block's keys).
-            block = min(ATTENTION_KEY_BLOCK, model_cfg.context_length)
-            attention_backward = per_head * 32 + tokens * model_cfg.n_head * block * 14
+        elif path == "square":
+            # `model.attention._square_backward`: flat bf16 copies of q, k, v and the output's
+            # gradient, fp32 q and k for the scores, the three bf16 gradients (22 bytes an
+            # element), and over every (query, key) pair the fp32 scores and the bf16 dO·vᵀ,
+            # probabilities and scores' gradient (10 bytes). Without compiled kernels
+            # `_blocked_backward` runs: the same copies, fp32 row sums and q gradient (32 bytes
+            # an element), and 14 bytes for each key of one 64-key block. The larger of the two.
+            squares = tokens * model_cfg.n_head * model_cfg.context_length
+            block = tokens * model_cfg.n_head * min(64, model_cfg.context_length)
+            attention_backward = max(per_head * 22 + squares * 10, per_head * 32 + block * 14)
     return ActivationBytes(saved, max(loss_chunk, mlp_backward, attention_backward), mapped)
 
 

@@ -27,7 +27,7 @@ from minigpt_cli.engine.core.seeding import restore_rng, rng_state
 from minigpt_cli.engine.hardware.device import PrecisionDecision, autocast_context
 from minigpt_cli.engine.hardware.monitor import CpuMeter, physical_memory_bytes, tree_rss_bytes
 from minigpt_cli.engine.hardware.speed_cache import peak_flops
-from minigpt_cli.engine.model import fused_norm
+from minigpt_cli.engine.model import kernels
 from minigpt_cli.engine.resources.governor import (
     Adjustment,
     CpuThrottle,
@@ -413,9 +413,9 @@ class Trainer:
                     self.metrics.write(row)
                     self._event("step", **row, total_steps=self.schedule.plan.horizon)
                     window_tokens, window_metrics, window_start = 0, {}, now
-                if self._kernel_note_pending:  # which norm kernels the first step ran
+                if self._kernel_note_pending:  # which compiled kernels the first step ran
                     self._kernel_note_pending = False
-                    kernel_note = fused_norm.note(self._clock() - step_start)
+                    kernel_note = kernels.note(self._clock() - step_start)
                     if kernel_note:
                         self._event("note", message=kernel_note)
                 # After the step's row (which shows the settings it ran with), before any save.
