@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_cli.engine.model import kernels
-from minigpt_cli.engine.resources.activations import half_attention_backward
+from minigpt_cli.engine.resources.activations import ATTENTION_KEY_BLOCK, half_attention_backward
 
 # scaled_dot_product_attention learnt grouped-query attention (`enable_gqa`) in PyTorch 2.5.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -51,11 +51,6 @@ class _HalfAttentionFp32Backward(torch.autograd.Function):
             grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
         )
         return tuple(grad.to(q.dtype) for grad in grads)
-
-
-_KEY_BLOCK = 64
-"""Keys per block of `_blocked_backward`: at small's shape 64 measured 10.4-11.0 ms a layer, 128
-10.7-12.1 and the whole 256 in one block 13.7-13.9."""
 
 
 @lru_cache(maxsize=8)
@@ -92,9 +87,9 @@ def _blocked_backward(
     logsumexp: torch.Tensor,
     grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The causal bf16 attention backward a block of `_KEY_BLOCK` keys at a time, five batched
-    products per block over every sequence and head, the queries before the block (which cannot
-    see it) left out: what `_HalfAttentionSquareBackward` runs without compiled kernels. Its
+    """The causal bf16 attention backward a block of `ATTENTION_KEY_BLOCK` keys at a time, five
+    batched products per block over every sequence and head, the queries before the block (which
+    cannot see it) left out: what `_HalfAttentionSquareBackward` runs without compiled kernels. Its
     element-wise work covers the causal blocks only, so eagerly it beats the squares' (small's
     step 725 against 773 ms with both eager, faster in 7 of 8 pairs); its products, on sliced
     operands that PyTorch's CPU bf16 `bmm` copies, lose to them. Probabilities rebuilt as
@@ -111,8 +106,8 @@ def _blocked_backward(
     grad_q = torch.zeros(flat, device=q.device)  # summed over the key blocks in fp32
     grad_k = torch.empty(flat, dtype=low, device=q.device)
     grad_v = torch.empty(flat, dtype=low, device=q.device)
-    for start in range(0, seq, _KEY_BLOCK):
-        stop = min(start + _KEY_BLOCK, seq)
+    for start in range(0, seq, ATTENTION_KEY_BLOCK):
+        stop = min(start + ATTENTION_KEY_BLOCK, seq)
         block_keys = keys[:, start:stop]
         # Rows `start` on: the queries that see this block (the first `stop - start` in part).
         probs = torch.bmm(queries32[:, start:], keys32[:, start:stop].transpose(1, 2))

@@ -39,6 +39,12 @@ def loss_grad_grouped(vocab_size: int, n_embd: int) -> bool:
     return vocab_size * n_embd >= LOSS_GRAD_GROUP_MIN_WEIGHTS
 
 
+ATTENTION_KEY_BLOCK = 64
+"""Keys per block of the blocked attention backward (`engine.model.attention._blocked_backward`,
+which runs where compiled kernels are unavailable): at `small`'s shape 64 measured 10.4-11.0 ms a
+layer, 128 10.7-12.1 and the whole 256 in one block 13.7-13.9."""
+
+
 def half_attention_backward(head_dim: int, seq_len: int, bf16: bool) -> str:
     """Which backward a causal bf16 (or fp16, `bf16` false) CPU attention of this shape runs
     (`engine.model.attention`, where the measurements are): "fp32" (PyTorch's fp32 kernel) for
@@ -177,9 +183,9 @@ def activation_bytes(
             # element), and over every (query, key) pair the fp32 scores and the bf16 dO·vᵀ,
             # probabilities and scores' gradient (10 bytes). Without compiled kernels
             # `_blocked_backward` runs: the same copies, fp32 row sums and q gradient (32 bytes
-            # an element), and 14 bytes for each key of one 64-key block. The larger of the two.
+            # an element), and 14 bytes for each key of one key block. The larger of the two.
             squares = tokens * model_cfg.n_head * model_cfg.context_length
-            block = tokens * model_cfg.n_head * min(64, model_cfg.context_length)
+            block = tokens * model_cfg.n_head * min(ATTENTION_KEY_BLOCK, model_cfg.context_length)
             attention_backward = max(per_head * 22 + squares * 10, per_head * 32 + block * 14)
     return ActivationBytes(saved, max(loss_chunk, mlp_backward, attention_backward), mapped)
 
