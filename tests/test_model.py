@@ -298,6 +298,60 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(reduction: str) -> N
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_the_head_sees_the_scored_rows_and_enough_ignored_ones_for_a_multiple_of_32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import minigpt_cli.engine.model.gpt as gpt_module
+
+    targets = torch.full((120,), IGNORE_INDEX)
+    targets[[3, 50, 119]] = 7
+    rows = gpt_module.scored_rows(targets)
+    assert rows is not None and len(rows) == gpt_module.SCORED_ROWS_MULTIPLE
+    assert rows[:3].tolist() == [3, 50, 119]  # the scored rows first, then ignored ones
+    assert bool((targets[rows[3:]] == IGNORE_INDEX).all()) and len(set(rows.tolist())) == 32
+    targets[:40] = 7  # 42 scored rows: 64 kept
+    assert len(gpt_module.scored_rows(targets)) == 64
+    assert gpt_module.scored_rows(torch.full((120,), 7)) is None  # pretraining: every row
+    assert gpt_module.scored_rows(targets[:60]) is None  # 64 would save nothing
+
+    # In a forward, the fused head gets only those rows, and the loss is the plain one.
+    seen = []
+    fused = gpt_module.FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(
+        gpt_module.FusedLinearCrossEntropy,
+        "apply",
+        lambda hidden, *rest: seen.append(hidden.shape[0]) or fused(hidden, *rest),
+    )
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+    answers = torch.full((4, 24), IGNORE_INDEX)
+    answers[:, 20:] = ids[:, 20:]
+    model = make_model()
+    _, loss = model(ids, targets=answers, reduction="sum")
+    assert seen == [32]
+    torch.testing.assert_close(loss, _reference_loss(model, ids, answers, "sum"))
+
+
+def test_group_losses_are_each_groups_own_forward_in_one_pass() -> None:
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (5, 12), generator=gen)
+    targets = torch.randint(0, VOCAB, (5, 12), generator=gen)
+    targets[:3, :6] = IGNORE_INDEX
+    model = make_model()
+    first, second = model.group_losses(ids, targets, (3, 2))
+    (first + 0.25 * second).backward()
+    together = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, alone_first = model(ids[:3], targets=targets[:3], reduction="sum")
+    _, alone_second = model(ids[3:], targets=targets[3:], reduction="sum")
+    (alone_first + 0.25 * alone_second).backward()
+    torch.testing.assert_close(first, alone_first)
+    torch.testing.assert_close(second, alone_second)
+    for got, want in zip(together, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="groups of"):
+        model.group_losses(ids, targets, (3, 3))
+
+
 def test_fused_loss_spans_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     import minigpt_cli.engine.model.loss as loss_module
 

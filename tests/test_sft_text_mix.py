@@ -74,17 +74,26 @@ def test_every_micro_batch_holds_its_share_of_text_at_its_weight() -> None:
     assert "text_ids" not in plain and plain["input_ids"].shape[0] == 8
 
 
-def test_the_loss_weighs_text_tokens_as_configured(tiny_pretrain_run: Path) -> None:
+@pytest.mark.parametrize("length", [10, 24])  # examples shorter, then longer than a window
+def test_the_loss_weighs_text_tokens_as_configured(tiny_pretrain_run: Path, length: int) -> None:
     from minigpt_cli.engine.runs.load import load_run
 
     model = load_run(tiny_pretrain_run).model
-    stage = mixed_stage(synthetic([10] * 40), 0.25, weight=0.5, stream=400, base=100)
+    stage = mixed_stage(synthetic([length] * 40), 0.25, weight=0.5, stream=400, base=100)
     batch = stage.next_batch(8)
+    # One forward for examples and windows (padded to one length) ...
     loss, metrics = stage.loss(model, batch)
+    loss.backward()
+    merged = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # ... is the two forwards, each at its own length.
     _, answers = model(batch["input_ids"], targets=batch["targets"], reduction="sum")
     _, text = model(batch["text_ids"], targets=batch["text_targets"], reduction="sum")
+    (answers + 0.5 * text).backward()
     torch.testing.assert_close(loss, answers + 0.5 * text)
     assert metrics["text_loss"] == pytest.approx(float(text.detach()) / 32)
+    for got, want in zip(merged, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_resuming_replays_the_same_examples_and_text() -> None:

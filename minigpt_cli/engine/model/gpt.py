@@ -22,8 +22,8 @@ Why these choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,37 @@ Reduction = Literal["mean", "sum", "none"]
 # to a multiple of 8 inside the forward (the padding after the real tokens, which causal attention
 # never lets them see, and is cut off again) keeps a handful of shapes and the RSS flat.
 CPU_AUTOCAST_LENGTH_MULTIPLE = 8
+
+# The fused head and loss skip ignored positions on the CPU (see `scored_rows`), keeping a multiple
+# of this many rows: a handful of matmul shapes, for the reason above.
+SCORED_ROWS_MULTIPLE = 32
+
+
+def language_model(model: nn.Module) -> GPT:
+    """The GPT inside a `torch.compile` wrapper: stages that call its methods (`hidden_states`,
+    `group_losses`) rather than its forward run them eagerly."""
+    return cast(GPT, getattr(model, "_orig_mod", model))
+
+
+def scored_rows(targets: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows of flat `targets` the output head must see, or None for all of them.
+
+    SFT's records are mostly prompt and padding (IGNORE_INDEX targets: on the built-in data 186 of
+    828 positions a step are answers), yet the head's products and the softmax over the vocabulary
+    cost the same for an ignored row as for a scored one. The scored rows come first, then as many
+    ignored ones (which add nothing) as round the count up to `SCORED_ROWS_MULTIPLE`. None when that
+    saves nothing (pretraining, whose targets are all scored, keeps its exact path), off the CPU
+    (counting the rows would wait for the device) and under torch.compile (a data-dependent shape).
+    """
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    ignored = targets == IGNORE_INDEX
+    scored = targets.numel() - int(ignored.sum())
+    kept = max(SCORED_ROWS_MULTIPLE, -(-scored // SCORED_ROWS_MULTIPLE) * SCORED_ROWS_MULTIPLE)
+    if kept >= targets.numel():
+        return None
+    filler = ignored.nonzero().squeeze(1)[: kept - scored]
+    return torch.cat(((~ignored).nonzero().squeeze(1), filler))
 
 
 class GPT(nn.Module):
@@ -284,10 +315,15 @@ class GPT(nn.Module):
             total = per_token.view_as(targets) if reduction == "none" else per_token
         else:
             grad_on = torch.is_grad_enabled()
+            flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten().long()
+            rows = scored_rows(flat_targets)
+            if rows is not None:
+                flat_hidden = flat_hidden.index_select(0, rows)
+                flat_targets = flat_targets.index_select(0, rows)
             total = FusedLinearCrossEntropy.apply(
-                hidden.flatten(0, 1),
+                flat_hidden,
                 self.lm_head.weight,
-                targets.flatten().long(),
+                flat_targets,
                 self._compute_dtype(hidden.device),
                 grad_on and hidden.requires_grad,
                 grad_on and self.lm_head.weight.requires_grad,
@@ -296,6 +332,31 @@ class GPT(nn.Module):
             count = (targets != IGNORE_INDEX).sum().clamp(min=1)
             return total / count
         return total
+
+    def group_losses(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, group_rows: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Summed loss of each group of consecutive rows (`group_rows` sizes), from one forward.
+
+        For a stage that weighs groups of sequences differently (SFT's answers and its plain-text
+        windows): one pass through the layers for all rows rather than one per group. A tiny
+        model's step is mostly per-call work, so on the built-in SFT data the one pass (both
+        groups padded to one length) made a step 64 -> 48 ms (the head on scored rows included).
+        """
+        if sum(group_rows) != input_ids.shape[0] or targets.shape != input_ids.shape:
+            raise ValueError(
+                f"groups of {list(group_rows)} rows for input_ids {tuple(input_ids.shape)} and "
+                f"targets {tuple(targets.shape)}"
+            )
+        hidden, padding = self._padded_hidden_states(input_ids, None, None)
+        if padding:
+            targets = F.pad(targets, (0, padding), value=IGNORE_INDEX)
+        losses, start = [], 0
+        for rows in group_rows:
+            stop = start + rows
+            losses.append(self._loss(hidden[start:stop], targets[start:stop], None, "sum"))
+            start = stop
+        return losses
 
     # ----------------------------------------------------------------------------------------
     # weights in and out

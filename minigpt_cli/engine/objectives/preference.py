@@ -15,23 +15,16 @@ Like `objectives.rl`, nothing here knows about batches, stages or the Trainer.
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.gpt import language_model
 
 # Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
 # loss: large enough for efficient matmuls, small enough that a long batch never holds
 # (tokens x vocabulary) logits.
 _LOGIT_CHUNK_ELEMENTS = 4 * 2**20
-
-
-def _language_model(model: torch.nn.Module) -> GPT:
-    """The GPT inside a `torch.compile` wrapper (scoring needs its `hidden_states`)."""
-    return cast(GPT, getattr(model, "_orig_mod", model))
 
 
 def _token_logps(
@@ -52,7 +45,7 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     on each chunk's logits are recomputed in backward rather than kept, so the (tokens x
     vocabulary) logits of a batch are never held at once.
     """
-    network = _language_model(model)
+    network = language_model(model)
     inputs, targets, scored = ids[:, :-1], ids[:, 1:], mask[:, 1:].bool()
     hidden = network.hidden_states(inputs)
     picked_hidden = hidden[scored]

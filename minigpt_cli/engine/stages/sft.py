@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minigpt_cli.config.schema import Config
 from minigpt_cli.engine.core.events import EventCallback, emit
@@ -33,7 +34,7 @@ from minigpt_cli.engine.data.examples import SftExample, build_examples, ids_fin
 from minigpt_cli.engine.data.shards import TokenRange
 from minigpt_cli.engine.metrics.exact_match import held_out_exact_match
 from minigpt_cli.engine.metrics.text import score_windows, token_byte_lengths
-from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.gpt import GPT, language_model
 from minigpt_cli.engine.model.loss import IGNORE_INDEX
 from minigpt_cli.engine.resources.memory import fit_memory
 from minigpt_cli.engine.training import distributed
@@ -71,6 +72,19 @@ class TextMix:
     chunk: int = 64
     weight: float = 1.0
     held_out: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+
+def _pad_to(rows: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """(B, T) `rows` padded on the right with `value` to (B, length)."""
+    missing = length - rows.shape[1]
+    return F.pad(rows, (0, missing), value=value) if missing else rows
+
+
+def _group_losses(
+    model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, groups: tuple[int, int]
+) -> list[torch.Tensor]:
+    """`GPT.group_losses` of the network (through DDP's forward via `forward_through`)."""
+    return language_model(model).group_losses(ids, targets, groups)
 
 
 class SftStage(StageBase):
@@ -227,18 +241,36 @@ class SftStage(StageBase):
         return answers + self.text.weight * text
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        total: torch.Tensor | None = None
-        metrics: dict[str, float] = {}
-        if "targets" in batch:
+        if "text_targets" not in batch:
             _, total = model(batch["input_ids"], targets=batch["targets"], reduction="sum")
-        if "text_targets" in batch:
-            targets = batch["text_targets"]
-            _, text_loss = model(batch["text_ids"], targets=targets, reduction="sum")
-            metrics["text_loss"] = float(text_loss.detach()) / targets.numel()
-            weighted = self.text.weight * text_loss
-            total = weighted if total is None else total + weighted
-        assert total is not None, "a batch holds examples, text or both"
-        return total, metrics
+            return total, {}
+        text_targets = batch["text_targets"]
+        if "targets" in batch:
+            # Examples and text windows in one forward (one length, the longer of the two), each
+            # group's loss summed apart so the text tokens take their weight.
+            length = max(batch["input_ids"].shape[1], text_targets.shape[1])
+            ids = torch.cat(
+                [
+                    _pad_to(batch["input_ids"], length, self.pad_id),
+                    _pad_to(batch["text_ids"], length, self.pad_id),
+                ]
+            )
+            targets = torch.cat(
+                [
+                    _pad_to(batch["targets"], length, IGNORE_INDEX),
+                    _pad_to(text_targets, length, IGNORE_INDEX),
+                ]
+            )
+            groups = (batch["input_ids"].shape[0], text_targets.shape[0])
+            answers, text_loss = distributed.forward_through(
+                model, _group_losses, ids, targets, groups
+            )
+        else:
+            answers = None
+            _, text_loss = model(batch["text_ids"], targets=text_targets, reduction="sum")
+        metrics = {"text_loss": float(text_loss.detach()) / text_targets.numel()}
+        weighted = self.text.weight * text_loss
+        return (weighted if answers is None else answers + weighted), metrics
 
     # ------------------------------------------------------------------------------ evaluation
 
