@@ -85,6 +85,18 @@ def piece_id(piece: bytes) -> int:
 # ------------------------------------------------------------------------------ choose_next
 
 
+def test_a_draw_takes_each_token_at_its_probability_and_never_an_impossible_one() -> None:
+    # Impossible tokens first, between and last: where a running total stands still.
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log().repeat(8000, 1)
+    draws = choose_next(logits, settings(), torch.Generator().manual_seed(4)).tolist()
+    assert set(draws) == {1, 3, 4}
+    for token in (1, 3, 4):
+        assert abs(draws.count(token) / len(draws) - float(probs[token])) < 0.02
+    again = choose_next(logits, settings(), torch.Generator().manual_seed(4)).tolist()
+    assert again == draws  # the generator decides every draw
+
+
 def test_top_k_never_samples_outside_the_k_best() -> None:
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)).repeat(4000, 1)
     best = set(logits[0].topk(5).indices.tolist())
