@@ -338,3 +338,47 @@ def test_normalise_and_clip_standardises_with_running_statistics() -> None:
     assert float(again) == pytest.approx(0.0, abs=1e-7) and moments.count == 4
     lone = rl.normalise_and_clip(torch.tensor([5.0]), rl.RunningMoments(), clip=3.0)
     assert float(lone) == 0.0  # one number: centred, not divided by a zero std
+
+
+def test_response_outputs_run_the_head_on_real_tokens_only_and_match_the_dense_head() -> None:
+    from minigpt_cli.engine.inference.rollouts import pack_responses
+    from minigpt_cli.engine.model.heads import PolicyWithValue
+    from minigpt_cli.engine.objectives.policy import response_outputs
+    from tests.test_model import VOCAB, make_model
+
+    generator = torch.Generator().manual_seed(3)
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(1, VOCAB, (count,), generator=generator).tolist()
+
+    prompts = [tokens(3), tokens(5)]
+    lengths = (1, 20, 3, 2, 5, 4)  # 35 real tokens of 6 x 20 positions
+    batch = pack_responses(prompts, [(n % 2, tokens(n)) for n in lengths], pad_id=0)
+    mask = batch["mask"]
+    model = PolicyWithValue(make_model())
+    head_rows: list[int] = []
+    model.policy.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[0]))
+    logps, values, entropy = response_outputs(model, batch, with_values=True, with_entropy=True)
+    (logps * torch.linspace(0.5, 2.0, mask.numel()).view(mask.shape)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    assert int(mask.sum()) == 35 and mask.numel() == 120
+    assert head_rows == [64]  # the 35 real rows and padding ones up to a multiple of 32
+
+    # The dense way: every (B, R) position through the head, picked logit minus logsumexp.
+    hidden = model.policy.hidden_states(batch["ids"][:, :-1])
+    index = (batch["positions"] - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    logits = model.policy.lm_head(hidden.gather(1, index)).float()
+    picked = logits.gather(-1, batch["ids"].gather(1, batch["positions"]).unsqueeze(-1))
+    dense = picked.squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    (dense * mask * torch.linspace(0.5, 2.0, mask.numel()).view(mask.shape)).sum().backward()
+    torch.testing.assert_close(logps[mask], dense[mask], atol=1e-5, rtol=1e-5)
+    assert bool((logps[~mask] == 0).all())
+    assert values is not None and values.shape == mask.shape
+    assert entropy is not None
+    dense_entropy = rl.entropy_from_logits(logits.detach(), mask)
+    assert float(entropy) == pytest.approx(float(dense_entropy), rel=1e-5)
+    for got, want in zip(
+        grads, [p.grad for p in model.parameters() if p.grad is not None], strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

@@ -112,6 +112,58 @@ def test_reinforcement_raises_the_reward_and_the_kl_leash_holds(
     assert ("value_loss" in steps[-1]) == (algo == "ppo")
 
 
+class AutocastSeen(DigitShare):
+    """DigitShare that notes whether each scoring ran under CPU autocast."""
+
+    seen: list[bool]
+
+    def terms(self, records, sequences, responses):  # type: ignore[no-untyped-def]
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return super().terms(records, sequences, responses)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_a_rollout_scores_in_the_precision_the_losses_train_in(
+    tiny_pretrain_run: Path, algo: str
+) -> None:
+    """The reward, the reference's log-probs and PPO's old log-probs come from the same
+    arithmetic as the loss's forward (here bf16 autocast), not from fp32 beside a bf16 loss."""
+    torch.set_num_threads(1)
+    loaded = load_run(tiny_pretrain_run)
+    shapes = {"rollout_batch_size": 4, "num_generations": 4, "ppo_epochs": 1, "max_new_tokens": 8}
+    settings = replace(rl_settings(load_config("tiny")), algo=algo, samples_every=0, **shapes)
+    records = builtin_records("rlhf", "train", 16, 0)
+    policy = loaded.model
+    reward = AutocastSeen("rule")
+    reward.seen = []
+
+    def bf16() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    stage = RlStage(
+        records,
+        records[:4],
+        tokenizer=loaded.tokenizer,
+        reward=reward,
+        reference=Reference(policy),
+        settings=settings,
+        seed=0,
+        global_batch_size=4 if algo == "ppo" else 16,
+        seq_len=policy.config.context_length,
+        autocast=bf16,
+    )
+    stage.rollout(PolicyWithValue(policy) if algo == "ppo" else policy)
+    buffer = stage.buffer
+    assert buffer is not None and reward.seen == [True]
+    with bf16():
+        in_bf16 = stage.reference.logps(buffer)
+    in_fp32 = stage.reference.logps(buffer)
+    assert torch.equal(buffer["ref_logps"], in_bf16)
+    assert not torch.equal(buffer["ref_logps"], in_fp32)  # the two precisions do differ here
+    if algo == "ppo":  # the policy is still its reference: the same numbers, a KL of exactly 0
+        assert torch.equal(buffer["old_logps"], buffer["ref_logps"])
+
+
 def test_the_default_kl_control_keeps_the_kl_under_its_target(
     tiny_sft_run: Path, tmp_path: Path
 ) -> None:

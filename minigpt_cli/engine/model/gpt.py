@@ -66,15 +66,20 @@ def scored_rows(targets: torch.Tensor) -> torch.Tensor | None:
     saves nothing (pretraining, whose targets are all scored, keeps its exact path), off the CPU
     (counting the rows would wait for the device) and under torch.compile (a data-dependent shape).
     """
-    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+    return kept_rows(targets != IGNORE_INDEX)
+
+
+def kept_rows(scored_mask: torch.Tensor) -> torch.Tensor | None:
+    """`scored_rows` for a flat boolean mask of the rows that count (RL's real response tokens)."""
+    if scored_mask.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    ignored = targets == IGNORE_INDEX
-    scored = targets.numel() - int(ignored.sum())
+    ignored = ~scored_mask
+    scored = scored_mask.numel() - int(ignored.sum())
     kept = max(SCORED_ROWS_MULTIPLE, -(-scored // SCORED_ROWS_MULTIPLE) * SCORED_ROWS_MULTIPLE)
-    if kept >= targets.numel():
+    if kept >= scored_mask.numel():
         return None
     filler = ignored.nonzero().squeeze(1)[: kept - scored]
-    return torch.cat(((~ignored).nonzero().squeeze(1), filler))
+    return torch.cat((scored_mask.nonzero().squeeze(1), filler))
 
 
 class GPT(nn.Module):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from minigpt_cli.engine.model.gpt import GPT
+from minigpt_cli.engine.model.gpt import GPT, kept_rows
 from minigpt_cli.engine.model.heads import PolicyWithValue, policy_of
 from minigpt_cli.engine.model.lora import LoRALinear, has_lora
 from minigpt_cli.engine.objectives import rl
@@ -78,22 +78,37 @@ def response_outputs(
     """(logps, values, entropy) of the response tokens of a batch, each (B, R).
 
     `batch["ids"]` (B, L) holds prompt + response + padding, `batch["positions"]` (B, R) the
-    index in `ids` of each response token. Only the response positions go through the output head.
+    index in `ids` of each response token and `batch["mask"]` which of them are real. On the CPU
+    only the real response tokens (and a few padding ones, `gpt.kept_rows`: a multiple of 32
+    rows, so that bf16 matmuls meet few shapes and oneDNN keeps few) go through the output head
+    and its softmax: responses are short beside the longest one they are padded to (in the tiny
+    quickstart's GRPO rollouts 12-21 % of the (B, R) positions are real), and over all of them
+    the 5,000-word head and its softmax took half of tiny's forward and backward. Log-probs are 0
+    at padding; `entropy` is the mean over the real tokens.
     """
     policy = policy_of(model)
-    ids, positions = batch["ids"], batch["positions"]
+    ids, positions, mask = batch["ids"], batch["positions"], batch["mask"]
     hidden = policy.hidden_states(ids[:, :-1])
     # The token at position p is predicted from the hidden state at p - 1.
     index = (positions - 1).clamp(min=0)
     selected = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    logits = policy.lm_head(selected).float()
-    tokens = ids.gather(1, positions)
-    logps = rl.logps_from_logits(logits, tokens)
+    flat_hidden, flat_tokens = selected.flatten(0, 1), ids.gather(1, positions).flatten()
+    flat_mask = mask.flatten()
+    rows = kept_rows(flat_mask)
+    if rows is not None:
+        flat_hidden, flat_tokens, flat_mask = flat_hidden[rows], flat_tokens[rows], flat_mask[rows]
+    logits = policy.lm_head(flat_hidden).float()
+    token_logps = torch.where(flat_mask, rl.logps_from_logits(logits, flat_tokens), 0.0)
+    if rows is None:
+        logps = token_logps.view(mask.shape)
+    else:
+        logps = token_logps.new_zeros(mask.numel()).index_copy(0, rows, token_logps)
+        logps = logps.view(mask.shape)
     values = None
     if with_values and isinstance(model, PolicyWithValue):
         values = model.value_head(selected).squeeze(-1).float()
     entropy = None
     if with_entropy:
         with torch.no_grad():  # a figure for the log, never a loss term
-            entropy = rl.entropy_from_logits(logits.detach(), batch["mask"])
+            entropy = rl.entropy_from_logits(logits.detach(), flat_mask)
     return logps, values, entropy

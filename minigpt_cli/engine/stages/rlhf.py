@@ -1,14 +1,14 @@
 """RLHF on the one Trainer: PPO (policy + value head) and GRPO (groups, no value model).
 
-The stage turns reinforcement learning into what the Trainer already runs, a sequence of optimizer
-steps over batches:
+The stage turns reinforcement learning into what the Trainer already runs, optimizer steps:
 
 - An *iteration* samples responses to `rollout_batch_size` prompts with the KV cache (GRPO: G per
   prompt), scores them (`metrics.rewards.RewardSource`: a reward model trained here by
   `stages.reward`, the rule checker, or both) and computes, without gradients, everything the
   losses compare against: the sampling policy's log-probabilities, the frozen reference's, values
-  and advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards). That happens
-  in `before_step`, when the buffer is used up. Under torchrun each rank does its share of the
+  and advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards), in the
+  precision the losses train in (`autocast`; sampling keeps the decoder's). That happens in
+  `before_step`, when the buffer is used up. Under torchrun each rank does its share of the
   prompts and every rank then holds the whole rollout (`RlStage.rollout`).
 - The buffer is then consumed in `ppo_epochs` shuffled passes of `global_batch_size` responses
   per optimizer step, so one iteration is `steps_per_iteration` Trainer steps; the Trainer counts
@@ -28,6 +28,7 @@ gathered from it (`objectives.policy.response_outputs`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from minigpt_cli.engine.core.events import EventCallback, emit
 from minigpt_cli.engine.core.seeding import seed_everything, tensor_from_json, tensor_to_json
 from minigpt_cli.engine.data import chat_template
 from minigpt_cli.engine.data.tokenizer import Tokenizer
+from minigpt_cli.engine.hardware.device import autocast_context
 from minigpt_cli.engine.inference.generation import SamplingSettings
 from minigpt_cli.engine.inference.rollouts import pack_responses, sample_groups
 from minigpt_cli.engine.metrics.exact_match import (
@@ -124,6 +126,7 @@ class RlStage(StageBase):
         seq_len: int,
         on_sample: Callable[[str], None] | None = None,
         eval_batch: int = EVAL_BATCH,
+        autocast: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         if not train_records:
             raise UserError("no RLHF training prompts")
@@ -135,6 +138,7 @@ class RlStage(StageBase):
         self.settings = settings
         self.seed = seed
         self.on_sample = on_sample
+        self.autocast = autocast or nullcontext  # the Trainer's precision context, for scoring
         samples = settings.num_generations if settings.algo == "grpo" else 1
         if settings.algo == "grpo" and samples < 2:
             raise UserError("GRPO needs --num-generations of at least 2 (a group to compare)")
@@ -248,11 +252,12 @@ class RlStage(StageBase):
             numbers = distributed.share(len(indices))
             own = self._sample(model, indices, numbers)
             own_texts = [self.tokenizer.decode(r) for _, r in own]
-            own_terms = self.reward.terms(
-                [self.train_records[i] for i, _ in own],
-                [[*self.prompts[i], *r] for i, r in own],
-                own_texts,
-            )
+            with self.autocast():
+                own_terms = self.reward.terms(
+                    [self.train_records[i] for i, _ in own],
+                    [[*self.prompts[i], *r] for i, r in own],
+                    own_texts,
+                )
             responses = distributed.gather_lists(own)
             texts = distributed.gather_lists(own_texts)
             terms = {name: distributed.gather_rows(values) for name, values in own_terms.items()}
@@ -263,11 +268,12 @@ class RlStage(StageBase):
             rows = slice(numbers.start * group, numbers.stop * group)
             own_batch = {key: value[rows] for key, value in batch.items()}
             own_logps = own_values = own_entropy = None
-            if not self.on_policy:
-                own_logps, own_values, own_entropy = response_outputs(
-                    model, own_batch, with_values=True, with_entropy=True
-                )
-            own_ref_logps = self.reference.logps(own_batch)
+            with self.autocast():
+                if not self.on_policy:
+                    own_logps, own_values, own_entropy = response_outputs(
+                        model, own_batch, with_values=True, with_entropy=True
+                    )
+                own_ref_logps = self.reference.logps(own_batch)
         finally:
             model.train(was_training)
         mask, kl_stats = batch["mask"], {}
@@ -589,5 +595,6 @@ def run_rlhf(
         seq_len=config.model.context_length,
         on_sample=lambda message: emit(on_event, "note", "rlhf", message=message),
         eval_batch=micro_batch,
+        autocast=lambda: autocast_context(setup.precision, setup.device),
     )
     return finish_finetune(config, spec, inputs, setup, stage, micro_batch, on_event)
