@@ -388,8 +388,9 @@ def grpo_loss(
 
 def logps_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens) under `logits` (..., V), shaped like `tokens`, in fp32 whatever the logits'
-    dtype. Through `log_softmax` (one fused pass, and a fused backward): on the CPU 1.5-2x the
-    speed of the picked logit minus `logsumexp`, equal to it within fp32 rounding."""
+    dtype. Through `log_softmax` (one fused pass, and a fused backward): on the CPU, 900 rows of
+    5,000, 1.3-1.8x the speed of the picked logit minus `logsumexp` (1.6-2.2x with the backward),
+    equal to it within fp32 rounding."""
     picked = logits.float().log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1))
     return picked.squeeze(-1)
 
