@@ -395,17 +395,14 @@ def logps_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return picked.squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean entropy (nats) of the next-token distributions at the masked positions (every one
-    without a mask).
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the next-token distributions at the masked positions.
 
     H = logsumexp(l) - sum(softmax(l) * l), in fp32. Falling entropy shows the policy narrowing;
     a collapse to near 0 usually comes with repetitive, reward-hacking samples.
     """
     logits = logits.float()
     entropy = torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    if mask is None:
-        mask = torch.ones_like(entropy, dtype=torch.bool)
     return masked_mean(entropy, mask)
 
 
