@@ -137,8 +137,15 @@ def test_sequence_logps_is_the_masked_per_token_sum_and_ignores_prompt_and_paddi
     mask[0, 5:20] = True
     mask[1, 8:14] = True  # ids[1, 14:] are padding
     mask[2, 1:3] = True
+    head_rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[0]))
     with torch.no_grad():
         got = sequence_logps(model, ids, mask)
+    hook.remove()
+    # The 23 scored positions of 3 x 19 reach the head topped up with unscored ones to a multiple
+    # of 32 rows (`gpt.kept_rows`: few matmul shapes), which the sums leave out.
+    assert int(mask[:, 1:].sum()) == 23 and head_rows == [32]
+    with torch.no_grad():
         logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)
     per_token = logprobs.gather(2, ids[:, 1:, None]).squeeze(2)
     brute = [float(per_token[row][mask[row, 1:]].sum()) for row in range(3)]
@@ -156,9 +163,9 @@ def test_sequence_logps_is_the_masked_per_token_sum_and_ignores_prompt_and_paddi
 
 def test_sequence_logps_gradient_equals_the_plain_computation() -> None:
     model = tiny_model()
-    ids = torch.randint(7, TOK.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
-    mask = torch.zeros(2, 16, dtype=torch.bool)
-    mask[:, 6:] = True
+    ids = torch.randint(7, TOK.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[:, 28:] = True  # 24 scored positions, the head's 32 rows topped up with unscored ones
     weights = torch.tensor([1.0, -2.0])  # a different upstream gradient per sequence
     (sequence_logps(model, ids, mask) * weights).sum().backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}

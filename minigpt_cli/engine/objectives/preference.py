@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minigpt_cli.engine.model.gpt import language_model
+from minigpt_cli.engine.model.gpt import SCORED_ROWS_MULTIPLE, kept_rows, language_model
 
 # Logits materialised at once when scoring replies (4M floats = 16 MB), as in the model's fused
 # loss: large enough for efficient matmuls, small enough that a long batch never holds
@@ -48,19 +48,30 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     network = language_model(model)
     inputs, targets, scored = ids[:, :-1], ids[:, 1:], mask[:, 1:].bool()
     hidden = network.hidden_states(inputs)
-    picked_hidden = hidden[scored]
-    picked_targets = targets[scored]
+    flat_scored = scored.flatten()
+    real = int(flat_scored.sum())
+    # On the CPU the scored rows come first, topped up with unscored ones to a multiple of 32
+    # (`kept_rows`): each new row count is a new set of bf16 matmul shapes that oneDNN compiles
+    # and keeps, and replies of every length gave DPO hundreds (its peak RSS twice fp32's).
+    rows = kept_rows(flat_scored)
+    if rows is None:
+        rows = flat_scored.nonzero().squeeze(1)
+    picked_hidden = hidden.flatten(0, 1).index_select(0, rows)
+    picked_targets = targets.flatten().index_select(0, rows)
     head = network.lm_head
-    chunk = max(1, _LOGIT_CHUNK_ELEMENTS // int(network.vocab_size))
+    rows_per_chunk = _LOGIT_CHUNK_ELEMENTS // int(network.vocab_size)
+    chunk = max(SCORED_ROWS_MULTIPLE, rows_per_chunk // SCORED_ROWS_MULTIPLE * SCORED_ROWS_MULTIPLE)
     pieces = []
     for start in range(0, picked_hidden.shape[0], chunk):
-        rows = picked_hidden[start : start + chunk]
-        row_targets = picked_targets[start : start + chunk]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, rows, row_targets, use_reentrant=False))
+        chunk_hidden = picked_hidden[start : start + chunk]
+        chunk_targets = picked_targets[start : start + chunk]
+        if torch.is_grad_enabled() and chunk_hidden.requires_grad:
+            pieces.append(
+                checkpoint(_token_logps, head, chunk_hidden, chunk_targets, use_reentrant=False)
+            )
         else:
-            pieces.append(_token_logps(head, rows, row_targets))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+            pieces.append(_token_logps(head, chunk_hidden, chunk_targets))
+    token_logps = torch.cat(pieces)[:real] if pieces else hidden.new_zeros(0, dtype=torch.float32)
     per_position = torch.zeros(scored.shape, dtype=torch.float32, device=ids.device)
     per_position = per_position.masked_scatter(scored, token_logps)
     return per_position.sum(dim=1)
