@@ -41,9 +41,10 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     `ids` and `mask` are (B, L): the model reads `ids[:, :-1]`, and `mask[:, 0]` is ignored (the
     first id has no context). Prompt and padding positions (mask False) contribute nothing.
 
-    Only the scored positions go through the output head, chunk by chunk, and while gradients are
-    on each chunk's logits are recomputed in backward rather than kept, so the (tokens x
-    vocabulary) logits of a batch are never held at once.
+    Only the scored positions (on the CPU a few unscored ones too, up to a multiple of 32 rows) go
+    through the output head, chunk by chunk, and while gradients are on each chunk's logits are
+    recomputed in backward rather than kept, so the (tokens x vocabulary) logits of a batch are
+    never held at once.
     """
     network = language_model(model)
     inputs, targets, scored = ids[:, :-1], ids[:, 1:], mask[:, 1:].bool()
