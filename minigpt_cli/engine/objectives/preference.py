@@ -50,10 +50,10 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     inputs, targets, scored = ids[:, :-1], ids[:, 1:], mask[:, 1:].bool()
     hidden = network.hidden_states(inputs)
     flat_scored = scored.flatten()
-    real = int(flat_scored.sum())
     # On the CPU the scored rows come first, topped up with unscored ones to a multiple of 32
     # (`kept_rows`): each new row count is a new set of bf16 matmul shapes that oneDNN compiles
-    # and keeps, and replies of every length gave DPO hundreds (its peak RSS twice fp32's).
+    # and keeps, and replies of every length gave DPO hundreds (its peak RSS twice fp32's). The
+    # scatter below takes the first log-prob per scored position, so the extra ones are dropped.
     rows = kept_rows(flat_scored)
     if rows is None:
         rows = flat_scored.nonzero().squeeze(1)
@@ -72,7 +72,7 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
             )
         else:
             pieces.append(_token_logps(head, chunk_hidden, chunk_targets))
-    token_logps = torch.cat(pieces)[:real] if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     per_position = torch.zeros(scored.shape, dtype=torch.float32, device=ids.device)
     per_position = per_position.masked_scatter(scored, token_logps)
     return per_position.sum(dim=1)
