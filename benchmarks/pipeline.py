@@ -69,6 +69,37 @@ def last_eval(run_dir: Path) -> dict[str, Any]:
     return [r for r in rows if r["kind"] == "eval"][-1]
 
 
+def phases(out: Path, seconds: dict[str, float]) -> None:
+    """Where each stage's wall time went: its training loop (the Trainer's own clock, its
+    evaluations included) and the rest (tokenizer, encoding, reference log-probs, loading,
+    the final save); the steps it ran of its limit and what stopped it."""
+    print("\n| phase | wall time | training loop | outside the loop | steps | stopped by |")
+    print("|---|---|---|---|---|---|")
+    runs = {"pretrain": out / "pretrain", "sft": out / "sft", "dpo": out / "dpo"}
+    runs |= {"reward": out / "rlhf" / "reward", "rlhf": out / "rlhf"}
+    loops = {
+        name: json.loads((run / "trainer_state.json").read_text()) for name, run in runs.items()
+    }
+    for name, state in loops.items():
+        wall = seconds.get(name)
+        if name == "reward":
+            wall = None  # timed inside the rlhf stage
+        loop = state["elapsed"]
+        outside = wall - loop if wall is not None else None
+        if name == "rlhf" and wall is not None:
+            outside = wall - loop - loops["reward"]["elapsed"]
+        cells = [
+            name,
+            f"{wall:.1f} s" if wall is not None else "(in rlhf)",
+            f"{loop:.1f} s",
+            f"{outside:.1f} s" if outside is not None else "",
+            f"{state['step']} of {state.get('total_steps', '?')}",
+            state.get("stop_reason", ""),
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print(f"| eval | {seconds.get('eval', float('nan')):.1f} s | | | | |")
+
+
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f} %"
 
@@ -79,6 +110,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="continue the quickstart in --workdir")
     parser.add_argument("--real", type=Path, default=None, help="folder with the real datasets")
     parser.add_argument("--seed", type=int, default=None, help="the quickstart's --seed")
+    parser.add_argument(
+        "--max-time",
+        default=None,
+        help="the quickstart's --max-time (its time budget; default: the preset's, tiny 5m)",
+    )
     parser.add_argument(
         "--real-steps",
         type=int,
@@ -95,6 +131,8 @@ def main() -> None:
     command = ["quickstart", "--preset", "tiny", "--out", str(out)]
     if args.seed is not None:
         command += ["--seed", str(args.seed)]
+    if args.max_time is not None:
+        command += ["--max-time", args.max_time]
     start = time.perf_counter()
     with (folder / "quickstart.log").open("w") as handle:
         result = subprocess.run(
@@ -121,6 +159,7 @@ def main() -> None:
         cells.append(percent(row.get("pref_accuracy")))
         print(f"| {name} | {seconds.get(name, float('nan')):.0f} s | " + " | ".join(cells) + " |")
     print(f"| eval | {seconds.get('eval', float('nan')):.0f} s |" + " |" * (len(header) - 2))
+    phases(out, seconds)
     dpo = last_eval(out / "dpo")
     reward = last_eval(out / "rlhf" / "reward")
     print(

@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_cli.cli.quickstart_cmd import TRAINING_STAGES, stage_status
+from minigpt_cli.cli.quickstart_cmd import (
+    TRAINING_STAGES,
+    _budget_seconds,
+    _cut_by_budget,
+    _phases_to_run,
+    stage_dirs,
+    stage_status,
+)
 from minigpt_cli.config.loader import read_run_config
+from minigpt_cli.config.schema import parse_duration
 from minigpt_cli.engine.evaluate.report import EvalReport, RunReport, best_chat_run
 from minigpt_cli.engine.runs.checkpoint import read_metrics, read_state
+from minigpt_cli.engine.training import budget
 from tests.conftest import TINY_SETS, run_cli, set_args
 
 pytestmark = pytest.mark.slow
@@ -51,7 +60,8 @@ QUICK_ARGS = ["--seed", "3", "--device", "cpu", *set_args(QUICK_SETS)]
 @pytest.fixture(scope="module")
 def finished_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    result = run_cli("quickstart", "--out", out, *QUICK_ARGS, timeout=900)
+    # A time budget these few steps never reach: every stage plans for it and finishes first.
+    result = run_cli("quickstart", "--out", out, *QUICK_ARGS, "--max-time", "10m", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result.stdout
 
@@ -86,6 +96,51 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
     times = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert set(times["seconds"]) == {*TRAINING_STAGES, "eval"}
     assert sum(times["seconds"].values()) <= times["total_seconds"]
+    # The budget reached every run as its max_time (each config.toml keeps it, for --resume),
+    # and these few steps all finished before theirs.
+    assert (times["budget"]["seconds"], times["cut_by_budget"]) == (600.0, {})
+    assert set(times["budget"]["loop_seconds"]) == {*TRAINING_STAGES, "reward"}
+    # Each stage's first loop was timed from the stage's start: this machine's speed.
+    assert set(times["budget"]["before_loop_seconds"]) == {"pretrain", "sft", "dpo", "reward"}
+    limits = {}
+    for name, folder in {**stage_dirs(out), "reward": out / "rlhf" / "reward"}.items():
+        recorded = read_run_config(folder).stage_train(name).max_time
+        assert recorded is not None, name
+        limits[name] = parse_duration(recorded)
+    assert limits == pytest.approx(times["budget"]["loop_seconds"], abs=0.1)
+    # Pretraining got its measured share; its few steps left the rest to the loops after it.
+    assert 0 < limits["pretrain"] < limits["sft"] < limits["rlhf"] < 600
+
+
+def test_the_budget_flag_and_the_phases_still_to_run(
+    finished_quickstart: tuple[Path, str], tmp_path: Path
+) -> None:
+    assert _budget_seconds(None, "none") is None
+    assert _budget_seconds("90s", "none") == 90.0
+    assert _budget_seconds(None, "5m") == 300.0  # --set quickstart.max_time=5m
+    assert _budget_seconds("none", "5m") is None
+    assert _phases_to_run(stage_dirs(tmp_path)) == list(budget.PHASES)
+    assert _phases_to_run(stage_dirs(finished_quickstart[0])) == ["eval"]
+    # The stages the budget stopped, read from their trainer states (reward is rlhf's sub-run).
+    dirs = stage_dirs(tmp_path / "cut")
+    states = {
+        dirs["pretrain"]: {"step": 471, "total_steps": 1200, "stop_reason": "max_time"},
+        dirs["sft"]: {"step": 1200, "total_steps": 1200, "stop_reason": "max_steps"},
+        dirs["rlhf"] / "reward": {"step": 51, "total_steps": 150, "stop_reason": "max_time"},
+    }
+    for folder, state in states.items():
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    assert _cut_by_budget(dirs, ["pretrain", "sft", "reward", "eval"]) == {
+        "pretrain": (471, 1200),
+        "reward": (51, 150),
+    }
+    result = run_cli("quickstart", "--out", tmp_path / "qs", "--max-time", "soon")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --max-time: 'soon' is not a duration (use seconds, or e.g. 90s, 10m, 2h)"
+    ]
+    assert not (tmp_path / "qs").exists()
 
 
 def test_rerun_skips_finished_stages(finished_quickstart: tuple[Path, str]) -> None:
@@ -97,6 +152,7 @@ def test_rerun_skips_finished_stages(finished_quickstart: tuple[Path, str]) -> N
         assert f"{stage}: finished earlier" in result.stdout
     times = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert set(times["seconds"]) == {"eval"}, "a skipped stage was timed as if it ran"
+    assert times["budget"] is None  # none unless asked for ([quickstart] max_time = "none")
     assert _weight_times(out) == before
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.config.loader import load_config
+from minigpt_cli.config.loader import load_config, read_run_config
+from minigpt_cli.config.schema import parse_duration
 from minigpt_cli.engine.core.events import Event
 from minigpt_cli.engine.core.seeding import seed_everything
 from minigpt_cli.engine.hardware.device import resolve_precision
 from minigpt_cli.engine.model.gpt import GPT
 from minigpt_cli.engine.stages.pretrain import PretrainStage, TokenRange
-from minigpt_cli.engine.training import optim, step_timing
+from minigpt_cli.engine.training import budget, optim, step_timing
 from minigpt_cli.engine.training.optim import learning_rate
 from minigpt_cli.engine.training.pace import Pace, SchedulePlan, planned_learning_rate
 from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
@@ -312,7 +314,75 @@ def test_a_step_limit_below_the_deadline_is_the_horizon(tmp_path: Path) -> None:
     assert [row["horizon"] for row in steps] == [20] * 20
     peak, floor = config.train.learning_rate, config.train.min_lr
     plain = [learning_rate(step, 20, 0, peak, floor) for step in range(20)]
-    assert [row["lr"] for row in steps] == pytest.approx(plain, rel=1e-12)
+    # Bitwise: a horizon that does not move keeps the plan, so a pipeline's budget that the step
+    # limit beats (quickstart on a fast machine) trains exactly as without one.
+    assert [row["lr"] for row in steps] == plain
+
+
+def test_a_pipeline_budget_becomes_the_runs_max_time(tmp_path: Path) -> None:
+    # The quickstart's budget, 10.3 s of the real clock for this one phase, read as the loop
+    # starts (after the run's setup): the rest becomes the run's max_time, on DEADLINE's clock.
+    with budget.active(budget.PipelineBudget(10.3, time.perf_counter(), ["pretrain"])):
+        _, events = _clocked_train(tmp_path, DEADLINE[:-1], FakeClock())
+    recorded = read_run_config(tmp_path).pretrain.max_time  # --resume continues the same plan
+    assert recorded is not None
+    limit = parse_duration(recorded)
+    assert 5.0 < limit <= 10.3
+    notes = [e.data["message"] for e in events if e.kind == "note"]
+    assert any("time budget" in note for note in notes), notes
+    # Step n ends at 0.25 n s plus a second for each evaluation before it (after 10, 20, ...).
+    stop = next(n for n in range(1, 100) if 0.25 * n + (n - 1) // 10 >= limit)
+    end = [e for e in events if e.kind == "stage_end"][-1]
+    assert (end.data["stop_reason"], end.data["step"]) == ("max_time", stop)
+    config = load_config("tiny", sets=[*SETS, *DEADLINE])
+    peak, floor = config.train.learning_rate, config.train.min_lr
+    last = [e.data for e in events if e.kind == "step"][-1]
+    assert last["lr"] - floor < 0.05 * (peak - floor)  # planned for the budget: annealed
+    # A smaller max_time of the run's own is kept (step 16 ends at 5 s).
+    own = [*DEADLINE[:-1], "pretrain.max_time=5s"]
+    with budget.active(budget.PipelineBudget(10.3, time.perf_counter(), ["pretrain"])):
+        _, events = _clocked_train(tmp_path / "own", own, FakeClock())
+    assert [e.data["step"] for e in events if e.kind == "stage_end"] == [16]
+    assert not [e for e in events if e.kind == "note" and "budget" in e.data["message"]]
+
+
+def test_the_budget_gives_each_loop_its_share_of_what_is_left() -> None:
+    loops, outside = budget.LOOP_SECONDS, budget.OUTSIDE_SECONDS
+    clock = FakeClock(100.0)
+    pipeline = budget.PipelineBudget(300.0, 100.0, list(budget.PHASES), clock=clock)
+    assert budget.phase_time_limit("pretrain", None, 0.0) == (None, None)  # not inside `active`
+    with budget.active(pipeline):
+        # This machine took twice the measured time for pretraining's tokenizer and encoding:
+        # the later phases' fixed work is reserved at twice the measured time too.
+        pipeline.begin_stage()
+        clock.now += 2 * budget.BEFORE_LOOP_SECONDS["pretrain"]
+        limit, note = budget.phase_time_limit("pretrain", None, 0.0)
+        assert pipeline.speed_factor() == pytest.approx(2.0)
+        reserve = 2 * sum(outside[phase] for phase in budget.PHASES[1:])
+        left = 300.0 - 2 * budget.BEFORE_LOOP_SECONDS["pretrain"] - reserve
+        given = left * loops["pretrain"] / sum(loops.values())
+        assert limit == f"{given:.1f}s" and note is not None
+        # Pretraining's step limit came at half its time: SFT gets its share of all the rest.
+        clock.now += given / 2
+        pipeline.begin_stage()
+        clock.now += 2 * budget.BEFORE_LOOP_SECONDS["sft"]
+        sft = pipeline.loop_seconds("sft")
+        later = budget.PHASES[2:]
+        left = 400.0 - clock.now - 2 * sum(outside[phase] for phase in later)
+        assert sft == pytest.approx(left * loops["sft"] / sum(loops[p] for p in budget.PHASES[1:]))
+        assert sft > given * loops["sft"] / loops["pretrain"]  # more than its share of before
+        # A resumed run adds its earlier training time; past the budget a loop gets one iteration.
+        clock.now = 1000.0
+        assert budget.phase_time_limit("dpo", None, 12.0)[0] == "12.0s"
+        assert budget.phase_time_limit("rlhf", None, 0.0)[0] == "0.1s"
+    assert set(pipeline.record()["loop_seconds"]) == {"pretrain", "sft", "dpo", "rlhf"}
+    assert pipeline.record()["before_loop_seconds"] == pytest.approx(
+        {
+            "pretrain": 2 * budget.BEFORE_LOOP_SECONDS["pretrain"],
+            "sft": 2 * budget.BEFORE_LOOP_SECONDS["sft"],
+        },
+        abs=0.01,
+    )
 
 
 def test_a_resumed_time_limited_run_repeats_the_uninterrupted_one_bitwise(tmp_path: Path) -> None:

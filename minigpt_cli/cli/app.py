@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Annotated
 
 import typer
 
 from minigpt_cli import __version__
+from minigpt_cli.cli import common
 from minigpt_cli.errors import (
     EXIT_MACHINE,
     EXIT_USER,
@@ -130,6 +132,7 @@ def main() -> None:
     failed during the work (the line says what was kept and how to continue); 130: interrupted.
     Any other exception is a bug in minigpt and keeps its traceback.
     """
+    common.COMMAND_STARTED.append(time.perf_counter())
     try:
         app(prog_name="minigpt")
     except (UserError, RunFailed, OSError, KeyboardInterrupt) as error:

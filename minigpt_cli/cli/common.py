@@ -107,6 +107,11 @@ SetOpt = Annotated[
 ]
 
 
+COMMAND_STARTED: list[float] = []
+"""`time.perf_counter()` when the console script's `main` began (empty when a verb is called in
+process, e.g. by a test): `quickstart`'s clock and time budget count what the user waits for,
+torch's import included."""
+
 # The flags every training verb takes, in --help order around the verb's own (name -> type).
 # Each verb declares only its own flags; `training_verb` adds these to its signature for Typer.
 SHARED_HEAD = {

@@ -39,6 +39,15 @@ OutDirOpt = Annotated[
         "(default runs/quickstart-<preset>).",
     ),
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-time",
+        help="Wall time for the whole pipeline, tokenizer to eval (90s, 5m, 1h): each stage's "
+        "loop gets its measured share of the time left and plans its schedule for it. Default: "
+        "[quickstart] max_time, none (every stage's steps in full).",
+    ),
+]
 
 
 def stage_dirs(out: Path) -> dict[str, Path]:
@@ -71,6 +80,7 @@ def stage_status(run_dir: Path, stage: str | None = None, sub_run: str | None = 
 def quickstart(
     preset: common.PresetOpt = None,
     out: OutDirOpt = None,
+    max_time: BudgetOpt = None,
     max_memory: common.MaxMemoryOpt = None,
     max_cpu: common.MaxCpuOpt = None,
     seed: common.SeedOpt = None,
@@ -82,7 +92,8 @@ def quickstart(
 
     One dashboard shows every stage; the eval table at the end shows what each stage added.
     Re-running the same command continues: finished stages are skipped, a stopped one resumes.
-    Tune a stage with --set, e.g. --set sft.max_steps=200.
+    Tune a stage with --set, e.g. --set sft.max_steps=200. With --max-time the pipeline ends
+    within a time budget: each stage trains for its measured share of it.
     """
     from rich.console import Console
 
@@ -94,15 +105,18 @@ def quickstart(
     from minigpt_cli.engine.resources.governor import release_memory
     from minigpt_cli.engine.runs import checkpoint as ckpt
     from minigpt_cli.engine.runs.files import REWARD_DIR
-    from minigpt_cli.engine.training import distributed
+    from minigpt_cli.engine.training import budget, distributed
 
     # Its DPO and RLHF stages do not run split yet: refused before any stage rather than midway.
     distributed.refuse_unsupported("quickstart", None, distributed.from_environment().world_size)
     preset_name = preset or "tiny"
     folder = out or Path("runs") / f"quickstart-{preset_name}"
     dirs = stage_dirs(folder)
-    # The [eval] section says how much to evaluate; read now so a bad --set fails before training.
-    eval_section = load_config(preset_name, config_file, {}, sets or []).eval
+    # [eval] says how much to evaluate, [quickstart] how long it may all take: read now so a bad
+    # --set fails before training.
+    pipeline_config = load_config(preset_name, config_file, {}, sets or [])
+    eval_section = pipeline_config.eval
+    budget_seconds = _budget_seconds(max_time, pipeline_config.quickstart.max_time)
     eval_options = EvalOptions.from_config(
         eval_section,
         seed=seed or 0,
@@ -130,16 +144,23 @@ def quickstart(
         "rlhf": lambda **kw: rlhf_cmd.rlhf(from_run=dirs["dpo"], reward="both", **kw),
     }
     console = Console(highlight=False)
+    within = f", within {format_duration(budget_seconds)}" if budget_seconds else ""
     console.print(
         f"quickstart ({preset_name}): {' -> '.join(DASHBOARD_ROWS)} on the built-in data, in "
-        f"{folder}/",
+        f"{folder}/{within}",
         markup=False,
     )
-    started = time.perf_counter()
+    # From the command's start when run as `minigpt` (torch's import is waited for too).
+    started = common.COMMAND_STARTED[0] if common.COMMAND_STARTED else time.perf_counter()
     timings: dict[str, float] = {}
+    phases = _phases_to_run(dirs)
+    pipeline_budget = (
+        budget.PipelineBudget(budget_seconds, started, phases) if budget_seconds else None
+    )
     with (
         PipelineRenderer(list(DASHBOARD_ROWS), console=console) as dashboard,
         training.shared_display(dashboard, continue_command),
+        budget.active(pipeline_budget),
     ):
         for stage in TRAINING_STAGES:
             status = stage_status(dirs[stage], stage, REWARD_DIR if stage == "rlhf" else None)
@@ -149,6 +170,8 @@ def quickstart(
                 dashboard.stage_skipped(stage, "finished earlier")
                 continue
             stage_start = time.perf_counter()
+            if pipeline_budget is not None:
+                pipeline_budget.begin_stage()
             verbs[stage](
                 out=dirs[stage],
                 resume=status == "resume",
@@ -166,18 +189,83 @@ def quickstart(
         timings["eval"] = time.perf_counter() - eval_start
         dashboard.stage_finished("eval", f"done in {format_duration(timings['eval'])}")
     total_seconds = time.perf_counter() - started
-    _save_times(folder / TIMES_FILE, timings, total_seconds)
+    cut = _cut_by_budget(dirs, phases) if pipeline_budget is not None else {}
+    split = pipeline_budget.record() if pipeline_budget is not None else None
+    _save_times(folder / TIMES_FILE, timings, total_seconds, split, cut)
     _print_summary(console, report, folder, dirs, timings, total_seconds)
+    if cut:
+        steps = ", ".join(
+            f"{name} at step {step} of {total}" for name, (step, total) in cut.items()
+        )
+        console.print(
+            f"the {format_duration(budget_seconds or 0)} budget ended {steps}; "
+            "without --max-time (or with a longer one) every stage trains all its steps",
+            markup=False,
+        )
 
 
-def _save_times(path: Path, timings: dict[str, float], total_seconds: float) -> None:
+def _budget_seconds(flag: str | None, configured: str) -> float | None:
+    """The pipeline's time budget in seconds: --max-time, else [quickstart] max_time; None for
+    "none" (every stage's step limit in full)."""
+    from minigpt_cli.config.schema import parse_duration
+    from minigpt_cli.errors import UserError
+
+    text = flag if flag is not None else configured
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise UserError(f"--max-time: {error}") from None
+
+
+def _phases_to_run(dirs: dict[str, Path]) -> list[str]:
+    """The budget's phases this invocation runs (finished stages are skipped), eval last."""
+    from minigpt_cli.engine.runs.files import REWARD_DIR
+
+    phases = []
+    for stage in TRAINING_STAGES:
+        if stage_status(dirs[stage], stage, REWARD_DIR if stage == "rlhf" else None) == "finished":
+            continue
+        if stage == "rlhf" and stage_status(dirs[stage] / REWARD_DIR) != "finished":
+            phases.append("reward")
+        phases.append(stage)
+    return [*phases, "eval"]
+
+
+def _cut_by_budget(dirs: dict[str, Path], phases: list[str]) -> dict[str, tuple[int, int]]:
+    """The runs of this invocation (`phases`) the time budget stopped before their step limit:
+    name -> (step reached, step limit). The reward model is a run of its own inside rlhf/."""
+    from minigpt_cli.engine.runs import checkpoint as ckpt
+    from minigpt_cli.engine.runs.files import REWARD_DIR
+
+    folders = {**dirs, "reward": dirs["rlhf"] / REWARD_DIR}
+    cut = {}
+    for name in phases:
+        state = ckpt.read_state(folders[name]) if name in folders else {}
+        if state.get("stop_reason") == "max_time":
+            cut[name] = (int(state["step"]), int(state["total_steps"]))
+    return cut
+
+
+def _save_times(
+    path: Path,
+    timings: dict[str, float],
+    total_seconds: float,
+    split: dict[str, object] | None,
+    cut: dict[str, tuple[int, int]],
+) -> None:
     """Record how long each stage took, as measured around its verb (data preparation, tokenizer
-    and evaluations included), so the figures a person reads later are the measured ones."""
+    and evaluations included), so the figures a person reads later are the measured ones; with
+    the time budget's split (`PipelineBudget.record`), and the runs it stopped early (step
+    reached, step limit)."""
     from minigpt_cli.engine.core.io import atomic_write_text
 
     record = {
         "seconds": {stage: round(value, 1) for stage, value in timings.items()},
         "total_seconds": round(total_seconds, 1),
+        "budget": split,
+        "cut_by_budget": {name: list(steps) for name, steps in cut.items()},
     }
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 

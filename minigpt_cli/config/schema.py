@@ -500,6 +500,27 @@ class EvalConfig(Section):
     )
 
 
+class QuickstartConfig(Section):
+    """How long `minigpt quickstart` may take: its budget split over the stages it runs."""
+
+    # "none" rather than None: a preset's budget must be one a config file can also switch off.
+    max_time: str = Field(
+        "none",
+        description="wall time for the whole pipeline, tokenizer to eval (a duration such as "
+        '"5m"), or "none" for every stage\'s own step limit in full',
+    )
+
+    @field_validator("max_time")
+    @classmethod
+    def _check_time(cls, value: str) -> str:
+        if value.strip().lower() != "none":
+            try:
+                parse_duration(value)
+            except ValueError as error:
+                raise ValueError(f'{error}, or "none" for no budget') from None
+        return value
+
+
 class ResourcesConfig(Section):
     """Caps the governor enforces. max_memory: a bare number is percent of physical RAM."""
 
@@ -537,6 +558,7 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    quickstart: QuickstartConfig = Field(default_factory=QuickstartConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

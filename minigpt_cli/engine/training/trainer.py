@@ -45,7 +45,7 @@ from minigpt_cli.engine.runs.files import (
     load_tensors,
     read_metadata,
 )
-from minigpt_cli.engine.training import distributed, limits, optim
+from minigpt_cli.engine.training import budget, distributed, limits, optim
 from minigpt_cli.engine.training.pace import Schedule
 from minigpt_cli.engine.training.plot import plot_run
 from minigpt_cli.engine.training.run_spec import RunSpec, TrainingInterrupted
@@ -91,8 +91,7 @@ class Trainer:
         self.micro_batch_size = micro_batch_size or self.train.micro_batch_size
         self.optimizer, self.param_names = optim.build_optimizer(model, self.train, device)
         self.scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
-        self.step = 0
-        self.tokens = 0
+        self.step = self.tokens = 0
         self.elapsed_before = 0.0
         self.finished = False
         self.stop_reason = ""
@@ -286,6 +285,10 @@ class Trainer:
             self.metrics.close()
             return {"nothing_to_do": True, "step": self.step, "total_steps": self.total_steps}
         self.finished = False
+        limit, note = budget.phase_time_limit(self.stage.name, self.train.max_time, self._elapsed())
+        if note:  # a pipeline's time budget (quickstart) is this run's max_time, in config.toml
+            self.train.max_time = getattr(self.config, self.stage.name).max_time = limit
+            self._event("note", message=note)
         if writer:
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(self.config))
         warmup, warmup_note = limits.warmup_steps(self.train.warmup_steps, self.total_steps)

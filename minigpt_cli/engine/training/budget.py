@@ -1,0 +1,145 @@
+"""A time budget shared by the phases of one pipeline: `minigpt quickstart --max-time`.
+
+The quickstart runs pretrain -> SFT -> DPO -> reward model -> RLHF -> eval, each with its
+preset's step limit. On a machine too slow to run them all within the budget, fixed smaller step
+counts would be wrong on every other machine, so the budget is split as the pipeline goes, from
+measurements: each phase has work that does not shrink with its step count (the tokenizer, the
+encoding, DPO's reference log-probabilities, the final evaluation: `OUTSIDE_SECONDS`) and a
+training loop that does (`LOOP_SECONDS`), both measured on one machine. When a phase's loop
+starts, the time left is what the budget has not spent, less the fixed work of the phases after
+it (scaled by how fast this machine did its fixed work so far against the measured one); the loop
+gets its measured share of that, among the loops still to run. So a machine twice as slow trains
+every loop for about the same fraction of its steps, time a loop did not use (its step limit came
+first) passes to the loops after it, and time one overran comes out of them.
+
+The Trainer asks for its loop's seconds when the loop starts (`phase_time_limit`) and trains under
+them as an ordinary `max_time`, so it plans its cosine for the time it has (`pace.Schedule`) and
+ends annealed. On a machine fast enough for the whole pipeline every step limit comes first and
+the budget changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from minigpt_cli.config.schema import parse_duration
+
+PHASES = ("pretrain", "sft", "dpo", "reward", "rlhf", "eval")
+
+# Measured: `python benchmarks/pipeline.py --seed 0 --max-time 1h` (a budget that never binds) on a
+# 2-core Sapphire Rapids emulating a CPU without bf16 (README "A time budget for the quickstart").
+# Only ratios are used: a machine's speed is measured as the pipeline runs, not assumed.
+LOOP_SECONDS = {
+    "pretrain": 100.6,
+    "sft": 93.4,
+    "dpo": 16.0,
+    "reward": 5.6,
+    "rlhf": 48.4,
+    "eval": 0.0,
+}
+"""Each phase's training loop (the Trainer's own clock, its evaluations included)."""
+OUTSIDE_SECONDS = {
+    "pretrain": 4.6,
+    "sft": 1.6,
+    "dpo": 8.6,
+    "reward": 0.9,
+    "rlhf": 0.6,
+    "eval": 9.7,
+}
+"""Each phase's work outside its loop (before it: tokenizer, encoding, loading, reference
+log-probabilities; after it: the last save), and the whole of the final evaluation."""
+BEFORE_LOOP_SECONDS = {"pretrain": 4.15, "sft": 1.4, "dpo": 8.44, "reward": 0.85}
+"""The part of `OUTSIDE_SECONDS` before the loop of each stage's first phase: what the
+pipeline can time on this machine to learn its speed before the loop starts."""
+
+
+@dataclass
+class PipelineBudget:
+    """`seconds` of wall time from `start` for `phases` (in order, eval last), handed out to
+    their training loops as each starts. `clock` is `time.perf_counter` (a test's fake one)."""
+
+    seconds: float
+    start: float
+    phases: Sequence[str]
+    clock: Callable[[], float] = time.perf_counter
+    before_loop: dict[str, float] = field(default_factory=dict)  # measured here, by phase
+    given: dict[str, float] = field(default_factory=dict)  # each loop's seconds, as handed out
+    _stage_began: float | None = None
+
+    def begin_stage(self) -> None:
+        """Mark a stage's start: the time to its first loop is this machine's fixed work."""
+        self._stage_began = self.clock()
+
+    def speed_factor(self) -> float:
+        """How much longer this machine took for the fixed work measured so far than the
+        machine of `BEFORE_LOOP_SECONDS` (1 before any was measured)."""
+        reference = sum(BEFORE_LOOP_SECONDS[phase] for phase in self.before_loop)
+        if not reference:
+            return 1.0
+        return max(sum(self.before_loop.values()) / reference, 0.1)
+
+    def loop_seconds(self, phase: str) -> float | None:
+        """The seconds `phase`'s training loop may take, asked as it starts; None for a phase
+        this budget does not cover."""
+        if phase not in self.phases:
+            return None
+        now = self.clock()
+        if self._stage_began is not None and phase in BEFORE_LOOP_SECONDS:
+            self.before_loop[phase] = now - self._stage_began
+        self._stage_began = None  # a stage's later loop (RLHF after its reward model) is not timed
+        later = list(self.phases[self.phases.index(phase) + 1 :])
+        reserve = self.speed_factor() * sum(OUTSIDE_SECONDS[name] for name in later)
+        left = max(self.start + self.seconds - now - reserve, 0.0)
+        loops = sum(LOOP_SECONDS[name] for name in [phase, *later])
+        self.given[phase] = left * LOOP_SECONDS[phase] / loops if loops else left
+        return self.given[phase]
+
+    def record(self) -> dict[str, object]:
+        """What quickstart.json keeps of the split: the budget, each loop's seconds, the fixed
+        work measured before each stage's loop and the speed factor it gave."""
+        return {
+            "seconds": self.seconds,
+            "loop_seconds": {name: round(value, 1) for name, value in self.given.items()},
+            "before_loop_seconds": {k: round(v, 2) for k, v in self.before_loop.items()},
+            "speed_factor": round(self.speed_factor(), 3),
+        }
+
+
+_BUDGET: ContextVar[PipelineBudget | None] = ContextVar("pipeline_budget", default=None)
+
+
+@contextlib.contextmanager
+def active(pipeline: PipelineBudget | None) -> Iterator[None]:
+    """Training loops started inside this block take their time from `pipeline` (None: none)."""
+    token = _BUDGET.set(pipeline)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def phase_time_limit(
+    phase: str, configured: str | None, elapsed_before: float
+) -> tuple[str | None, str | None]:
+    """The `max_time` a phase's run trains under, and a note when the pipeline's budget set it.
+
+    Called as the training loop starts: the limit counts the run's own training time, so a
+    resumed run's earlier time (`elapsed_before`) is added to the loop's seconds. A loop given
+    no time still trains one iteration (a run with no step is no model). A smaller `max_time`
+    the config already asks for is kept.
+    """
+    pipeline = _BUDGET.get()
+    seconds = pipeline.loop_seconds(phase) if pipeline is not None else None
+    if seconds is None:
+        return configured, None
+    limit = elapsed_before + seconds
+    if configured is not None and parse_duration(configured) <= limit:
+        return configured, None
+    return f"{max(limit, 0.1):.1f}s", (
+        f"training for {limit:.0f} s at most, this stage's part of the pipeline's time budget: "
+        "the schedule is planned to end annealed within them"
+    )
