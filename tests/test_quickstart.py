@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from minigpt_cli.cli import common
 from minigpt_cli.cli.quickstart_cmd import (
     TRAINING_STAGES,
     _budget_seconds,
+    _command_start,
     _cut_by_budget,
     _phases_to_run,
     stage_dirs,
@@ -113,8 +115,14 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
 
 
 def test_the_budget_flag_and_the_phases_still_to_run(
-    finished_quickstart: tuple[Path, str], tmp_path: Path
+    finished_quickstart: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Run as `minigpt`, the clock starts with the process (counted back at most 10 s); called in
+    # process, with the call.
+    monkeypatch.setattr(common, "COMMAND_STARTED", [(1000.0, time.time())])
+    assert 990.0 <= _command_start() < 1000.0
+    monkeypatch.setattr(common, "COMMAND_STARTED", [])
+    assert abs(_command_start() - time.perf_counter()) < 1.0
     assert _budget_seconds(None, "none") is None
     assert _budget_seconds("90s", "none") == 90.0
     assert _budget_seconds(None, "5m") == 300.0  # --set quickstart.max_time=5m

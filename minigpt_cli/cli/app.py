@@ -132,7 +132,7 @@ def main() -> None:
     failed during the work (the line says what was kept and how to continue); 130: interrupted.
     Any other exception is a bug in minigpt and keeps its traceback.
     """
-    common.COMMAND_STARTED.append(time.perf_counter())
+    common.COMMAND_STARTED.append((time.perf_counter(), time.time()))
     try:
         app(prog_name="minigpt")
     except (UserError, RunFailed, OSError, KeyboardInterrupt) as error:

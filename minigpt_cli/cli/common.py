@@ -107,10 +107,10 @@ SetOpt = Annotated[
 ]
 
 
-COMMAND_STARTED: list[float] = []
-"""`time.perf_counter()` when the console script's `main` began (empty when a verb is called in
-process, e.g. by a test): `quickstart`'s clock and time budget count what the user waits for,
-torch's import included."""
+COMMAND_STARTED: list[tuple[float, float]] = []
+"""(`time.perf_counter()`, `time.time()`) when the console script's `main` began (empty when a
+verb is called in process, e.g. by a test): `quickstart`'s clock and time budget count what the
+user waits for, the interpreter's start and torch's import included."""
 
 # The flags every training verb takes, in --help order around the verb's own (name -> type).
 # Each verb declares only its own flags; `training_verb` adds these to its signature for Typer.
