@@ -347,20 +347,22 @@ def test_a_pipeline_budget_becomes_the_runs_max_time(tmp_path: Path) -> None:
 
 
 def test_the_budget_gives_each_loop_its_share_of_what_is_left() -> None:
-    loops, outside = budget.LOOP_SECONDS, budget.OUTSIDE_SECONDS
+    weights, outside = budget.BUDGET_WEIGHTS, budget.OUTSIDE_SECONDS
+    trained = [phase for phase in budget.PHASES if phase in weights]
     clock = FakeClock(100.0)
-    pipeline = budget.PipelineBudget(300.0, 100.0, list(budget.PHASES), clock=clock)
+    pipeline = budget.PipelineBudget(150.0, 100.0, list(budget.PHASES), clock=clock)
     assert budget.phase_time_limit("pretrain", None, 0.0) == (None, None)  # not inside `active`
     with budget.active(pipeline):
         # This machine took twice the measured time for pretraining's tokenizer and encoding:
-        # the later phases' fixed work is reserved at twice the measured time too.
+        # the later phases' fixed work is reserved at twice the measured time too. The budget
+        # is far below every loop's need: each gets its weight's share.
         pipeline.begin_stage()
         clock.now += 2 * budget.BEFORE_LOOP_SECONDS["pretrain"]
         limit, note = budget.phase_time_limit("pretrain", None, 0.0)
         assert pipeline.speed_factor() == pytest.approx(2.0)
         reserve = 2 * sum(outside[phase] for phase in budget.PHASES[1:])
-        left = 300.0 - 2 * budget.BEFORE_LOOP_SECONDS["pretrain"] - reserve
-        given = left * loops["pretrain"] / sum(loops.values())
+        left = 150.0 - 2 * budget.BEFORE_LOOP_SECONDS["pretrain"] - reserve
+        given = left * weights["pretrain"] / sum(weights.values())
         assert limit == f"{given:.1f}s" and note is not None
         # Pretraining's step limit came at half its time: SFT gets its share of all the rest.
         clock.now += given / 2
@@ -368,9 +370,8 @@ def test_the_budget_gives_each_loop_its_share_of_what_is_left() -> None:
         clock.now += 2 * budget.BEFORE_LOOP_SECONDS["sft"]
         sft = pipeline.loop_seconds("sft")
         later = budget.PHASES[2:]
-        left = 400.0 - clock.now - 2 * sum(outside[phase] for phase in later)
-        assert sft == pytest.approx(left * loops["sft"] / sum(loops[p] for p in budget.PHASES[1:]))
-        assert sft > given * loops["sft"] / loops["pretrain"]  # more than its share of before
+        left = 250.0 - clock.now - 2 * sum(outside[phase] for phase in later)
+        assert sft == pytest.approx(left * weights["sft"] / sum(weights[p] for p in trained[1:]))
         # A resumed run adds its earlier training time; past the budget a loop gets one iteration.
         clock.now = 1000.0
         assert budget.phase_time_limit("dpo", None, 12.0)[0] == "12.0s"
@@ -383,6 +384,28 @@ def test_the_budget_gives_each_loop_its_share_of_what_is_left() -> None:
         },
         abs=0.01,
     )
+
+
+def test_a_loop_never_gets_more_than_its_run_needs_the_rest_goes_to_the_others() -> None:
+    loops = [phase for phase in budget.PHASES if phase in budget.BUDGET_WEIGHTS]
+    needs = {phase: budget.LOOP_SECONDS[phase] for phase in loops}
+    # Nearly enough time: the loops whose weight's share covers their run are whole, and the
+    # lightest (RLHF, whose few steps add least) takes what remains.
+    nearly = sum(needs.values()) - 10.0
+    shares = budget.split(nearly, loops, needs)
+    assert shares == pytest.approx({**needs, "rlhf": needs["rlhf"] - 10.0})
+    # Tight: no loop reaches its need, each gets its weight's share.
+    shares = budget.split(60.0, loops, needs)
+    weight = sum(budget.BUDGET_WEIGHTS.values())
+    assert shares == pytest.approx({p: 60.0 * budget.BUDGET_WEIGHTS[p] / weight for p in loops})
+    assert sum(shares.values()) == pytest.approx(60.0)
+    # More than enough: every loop its need; the pipeline gives the surplus to the running loop.
+    clock = FakeClock(0.0)
+    pipeline = budget.PipelineBudget(10_000.0, 0.0, list(budget.PHASES), clock=clock)
+    rest = sum(needs[p] for p in loops[1:]) + sum(
+        budget.OUTSIDE_SECONDS[p] for p in budget.PHASES[1:]
+    )
+    assert pipeline.loop_seconds("pretrain") == pytest.approx(10_000.0 - rest)
 
 
 def test_a_resumed_time_limited_run_repeats_the_uninterrupted_one_bitwise(tmp_path: Path) -> None:

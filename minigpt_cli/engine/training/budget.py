@@ -7,10 +7,13 @@ measurements: each phase has work that does not shrink with its step count (the 
 encoding, DPO's reference log-probabilities, the final evaluation: `OUTSIDE_SECONDS`) and a
 training loop that does (`LOOP_SECONDS`), both measured on one machine. When a phase's loop
 starts, the time left is what the budget has not spent, less the fixed work of the phases after
-it (scaled by how fast this machine did its fixed work so far against the measured one); the loop
-gets its measured share of that, among the loops still to run. So a machine twice as slow trains
-every loop for about the same fraction of its steps, time a loop did not use (its step limit came
-first) passes to the loops after it, and time one overran comes out of them.
+it (scaled by how fast this machine did its fixed work so far against the measured one). That is
+shared among the loops still to run by `BUDGET_WEIGHTS`, no loop getting more than its whole run
+needs on this machine (its `LOOP_SECONDS`, scaled the same way), the rest going to the others:
+when the budget is tight SFT, which carries the eval table, gets most of it; when it is nearly
+enough, the loops whose share covers their whole run keep it and the lightest (RLHF) takes what
+remains. Time a loop did not use (its step limit came first) passes to the loops after it, and
+time one overran comes out of them.
 
 The Trainer asks for its loop's seconds when the loop starts (`phase_time_limit`) and trains under
 them as an ordinary `max_time`, so it plans its cosine for the time it has (`pace.Schedule`) and
@@ -52,6 +55,13 @@ OUTSIDE_SECONDS = {
 }
 """Each phase's work outside its loop (before it: tokenizer, encoding, loading, reference
 log-probabilities; after it: the last save), and the whole of the final evaluation."""
+BUDGET_WEIGHTS = {"pretrain": 40.0, "sft": 190.0, "dpo": 4.0, "reward": 5.6, "rlhf": 6.0}
+"""How a budget too small for every loop is shared, chosen by the final eval table at
+`--max-time 125s` (the same machine, seed 0; README "A time budget for the quickstart"): its
+exact match was 18-25.5 % with the loops' own seconds as weights, 50.5 % with pretrain 60 /
+SFT 150 / DPO 8 / RLHF 12, 44.5-56.5 % with these; on seeds 1 and 2, not used to choose them,
+15.5 -> 29.0 % and 16.5 -> 45.5 %. SFT, even from a short pretraining, learns the table; DPO and
+RLHF add little in a few steps."""
 BEFORE_LOOP_SECONDS = {"pretrain": 4.15, "sft": 1.4, "dpo": 8.44, "reward": 0.85}
 """The part of `OUTSIDE_SECONDS` before the loop of each stage's first phase: what the
 pipeline can time on this machine to learn its speed before the loop starts."""
@@ -92,10 +102,16 @@ class PipelineBudget:
             self.before_loop[phase] = now - self._stage_began
         self._stage_began = None  # a stage's later loop (RLHF after its reward model) is not timed
         later = list(self.phases[self.phases.index(phase) + 1 :])
-        reserve = self.speed_factor() * sum(OUTSIDE_SECONDS[name] for name in later)
+        speed = self.speed_factor()
+        reserve = speed * sum(OUTSIDE_SECONDS[name] for name in later)
         left = max(self.start + self.seconds - now - reserve, 0.0)
-        loops = sum(LOOP_SECONDS[name] for name in [phase, *later])
-        self.given[phase] = left * LOOP_SECONDS[phase] / loops if loops else left
+        loops = [name for name in [phase, *later] if name in BUDGET_WEIGHTS]
+        shares = split(left, loops, {name: speed * LOOP_SECONDS[name] for name in loops})
+        if shares[phase] >= speed * LOOP_SECONDS[phase]:
+            # Enough for its whole run: all the others do not get (its step limit ends it, and
+            # what it does not use passes on).
+            shares[phase] = left - sum(value for name, value in shares.items() if name != phase)
+        self.given[phase] = shares[phase]
         return self.given[phase]
 
     def record(self) -> dict[str, object]:
@@ -107,6 +123,26 @@ class PipelineBudget:
             "before_loop_seconds": {k: round(v, 2) for k, v in self.before_loop.items()},
             "speed_factor": round(self.speed_factor(), 3),
         }
+
+
+def split(seconds: float, loops: Sequence[str], needs: dict[str, float]) -> dict[str, float]:
+    """`seconds` shared among `loops` by `BUDGET_WEIGHTS`, none above its `needs` (the seconds
+    its whole run takes): a loop whose share would exceed that gets exactly it, and the rest is
+    shared again among the others (water-filling)."""
+    shares: dict[str, float] = {}
+    open_loops = list(loops)
+    while open_loops:
+        weight = sum(BUDGET_WEIGHTS[name] for name in open_loops)
+        offer = {name: seconds * BUDGET_WEIGHTS[name] / weight for name in open_loops}
+        full = [name for name in open_loops if offer[name] >= needs[name]]
+        if not full:
+            shares.update(offer)
+            break
+        for name in full:
+            shares[name] = needs[name]
+            seconds -= needs[name]
+            open_loops.remove(name)
+    return shares
 
 
 _BUDGET: ContextVar[PipelineBudget | None] = ContextVar("pipeline_budget", default=None)
