@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--max-time",
         default=None,
-        help="the quickstart's --max-time (its time budget; default: the preset's, tiny 5m)",
+        help="the quickstart's --max-time (its time budget; default none: every step)",
     )
     parser.add_argument(
         "--real-steps",
