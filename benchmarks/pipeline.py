@@ -81,9 +81,7 @@ def phases(out: Path, seconds: dict[str, float]) -> None:
         name: json.loads((run / "trainer_state.json").read_text()) for name, run in runs.items()
     }
     for name, state in loops.items():
-        wall = seconds.get(name)
-        if name == "reward":
-            wall = None  # timed inside the rlhf stage
+        wall = None if name == "reward" else seconds.get(name)  # reward: inside rlhf's time
         loop = state["elapsed"]
         outside = wall - loop if wall is not None else None
         if name == "rlhf" and wall is not None:

@@ -218,14 +218,11 @@ def _command_start() -> float:
 def _budget_seconds(flag: str | None, configured: str) -> float | None:
     """The pipeline's time budget in seconds: --max-time, else [quickstart] max_time; None for
     "none" (every stage's step limit in full)."""
-    from minigpt_cli.config.schema import parse_duration
+    from minigpt_cli.config.schema import parse_budget
     from minigpt_cli.errors import UserError
 
-    text = flag if flag is not None else configured
-    if text.strip().lower() == "none":
-        return None
     try:
-        return parse_duration(text)
+        return parse_budget(flag if flag is not None else configured)
     except ValueError as error:
         raise UserError(f"--max-time: {error}") from None
 

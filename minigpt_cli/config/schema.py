@@ -39,6 +39,12 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
+def parse_budget(value: str) -> float | None:
+    """Seconds of a time budget (`[quickstart] max_time`, `quickstart --max-time`): a duration, or
+    None for "none" (no budget: every stage's step limit in full)."""
+    return None if value.strip().lower() == "none" else parse_duration(value)
+
+
 def memory_is_percent(value: str | float | int) -> bool:
     """Whether a memory cap is a share of RAM (a bare number or `N%`) rather than a size; the
     same reading as `parse_memory`'s."""
@@ -513,11 +519,10 @@ class QuickstartConfig(Section):
     @field_validator("max_time")
     @classmethod
     def _check_time(cls, value: str) -> str:
-        if value.strip().lower() != "none":
-            try:
-                parse_duration(value)
-            except ValueError as error:
-                raise ValueError(f'{error}, or "none" for no budget') from None
+        try:
+            parse_budget(value)
+        except ValueError as error:
+            raise ValueError(f'{error}, or "none" for no budget') from None
         return value
 
 

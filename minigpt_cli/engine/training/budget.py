@@ -42,9 +42,8 @@ LOOP_SECONDS = {
     "dpo": 16.0,
     "reward": 5.6,
     "rlhf": 48.4,
-    "eval": 0.0,
 }
-"""Each phase's training loop (the Trainer's own clock, its evaluations included)."""
+"""Each training phase's loop (the Trainer's own clock, its evaluations included)."""
 OUTSIDE_SECONDS = {
     "pretrain": 4.6,
     "sft": 1.6,
