@@ -48,7 +48,7 @@ def mixed_stage(
 
 
 def test_every_micro_batch_holds_its_share_of_text_at_its_weight() -> None:
-    examples = synthetic([10] * 40)
+    examples = synthetic([16] * 40)  # as long as a window
     stage = mixed_stage(examples, 0.25)
     for _ in range(30):
         batch = stage.next_batch(8)
@@ -74,6 +74,21 @@ def test_every_micro_batch_holds_its_share_of_text_at_its_weight() -> None:
     assert "text_ids" not in plain and plain["input_ids"].shape[0] == 8
 
 
+def test_text_windows_take_the_width_of_shorter_examples() -> None:
+    # Examples of 10 tokens: the share's 2 windows of 16 tokens become 4 windows of 10 (the
+    # first 10 tokens of 4 windows), so no example is padded to a window's length and the step
+    # holds at least the text tokens it would have held.
+    stage = mixed_stage(synthetic([10] * 40), 0.25)
+    for _ in range(10):
+        batch = stage.next_batch(8)
+        assert batch["input_ids"].shape == (6, 10) and batch["text_ids"].shape == (4, 10)
+        assert torch.equal(batch["text_targets"][:, :-1], batch["text_ids"][:, 1:])
+        assert all(int(start - 1000) % 16 == 0 for start in batch["text_ids"][:, 0])
+        answers = int((batch["targets"] != IGNORE_INDEX).sum())
+        assert stage.count_tokens(batch) == answers + 40
+        assert stage.loss_normaliser(batch) == answers + 0.5 * 40
+
+
 @pytest.mark.parametrize("length", [10, 24])  # examples shorter, then longer than a window
 def test_the_loss_weighs_text_tokens_as_configured(tiny_pretrain_run: Path, length: int) -> None:
     from minigpt_cli.engine.runs.load import load_run
@@ -91,7 +106,7 @@ def test_the_loss_weighs_text_tokens_as_configured(tiny_pretrain_run: Path, leng
     _, text = model(batch["text_ids"], targets=batch["text_targets"], reduction="sum")
     (answers + 0.5 * text).backward()
     torch.testing.assert_close(loss, answers + 0.5 * text)
-    assert metrics["text_loss"] == pytest.approx(float(text.detach()) / 32)
+    assert metrics["text_loss"] == pytest.approx(float(text.detach()) / (40 if length < 16 else 32))
     for got, want in zip(merged, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 

@@ -100,7 +100,9 @@ class SftStage(StageBase):
 
     With a `TextMix`, a share of every micro-batch's sequences are pretraining-text windows (their
     own order, from the seed and the text's own epoch): groups are then the examples of one
-    micro-batch, its size less its windows.
+    micro-batch, its size less its windows. Where the group's examples are shorter than a window
+    its text comes as more, narrower windows (`next_batch`): on the built-in data a step then runs
+    806 positions on average instead of 1,263 (README "Fine-tuning").
     """
 
     name = "sft"
@@ -200,7 +202,8 @@ class SftStage(StageBase):
         before = drawn * self.mix // MIX_SCALE
         return (drawn + num_sequences) * self.mix // MIX_SCALE - before
 
-    def _next_text(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_text(self, count: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` windows, each the first `width` tokens of the next `chunk`-token window."""
         assert self.text.train is not None
         chunk, rows = self.text.chunk, []
         for _ in range(count):
@@ -209,7 +212,7 @@ class SftStage(StageBase):
                 self.text_cursor = 0
                 self._text_order = self._text_epoch_order(self.text_epoch)
             start = int(self._text_order[self.text_cursor]) * chunk
-            rows.append(np.asarray(self.text.train[start : start + chunk + 1], dtype=np.int64))
+            rows.append(np.asarray(self.text.train[start : start + width + 1], dtype=np.int64))
             self.text_cursor += 1
         data = torch.from_numpy(np.stack(rows))
         return data[:, :-1], data[:, 1:]
@@ -227,7 +230,12 @@ class SftStage(StageBase):
             self.cursor += 1
         batch = pad_batch(picked, self.pad_id) if picked else {}
         if texts:
-            batch["text_ids"], batch["text_targets"] = self._next_text(texts)
+            # Records shorter than a window: the share's text tokens in windows of their width
+            # (each window's first tokens), so no record is padded to a window's length.
+            chunk = self.text.chunk
+            width = min(chunk, batch["input_ids"].shape[1]) if picked else chunk
+            count = -(-texts * chunk // width)
+            batch["text_ids"], batch["text_targets"] = self._next_text(count, width)
         return batch
 
     def count_tokens(self, batch: Batch) -> int:
