@@ -342,6 +342,40 @@ def test_data_state_round_trip_replays_the_same_batches() -> None:
         edited.load_data_state(state)
 
 
+def test_the_reference_scores_only_the_pairs_the_run_draws() -> None:
+    pairs = builtin_pairs(12)
+    model = tiny_model()
+    whole = make_stage(pairs)
+    whole.cache_reference(model, batch_pairs=4)
+    short = make_stage(pairs)
+    short.cache_reference(model, batch_pairs=4, pairs_drawn=6)  # 3 steps of 2 pairs
+    drawn = torch.from_numpy(short.order.first_epoch()[:6])
+    unscored = torch.ones(12, dtype=torch.bool)
+    unscored[drawn] = False
+    assert short.reference_train[unscored].isnan().all()
+    assert not short.reference_train[drawn].isnan().any()
+    # The same numbers as scoring every pair (other chunks, other padding: to rounding).
+    torch.testing.assert_close(short.reference_train[drawn], whole.reference_train[drawn])
+    torch.testing.assert_close(short.reference_val, whole.reference_val)
+    for _ in range(3):
+        batch = short.next_batch(2)
+        assert not batch["reference"].isnan().any()
+    with pytest.raises(RuntimeError, match="more than the 6 pairs"):
+        short.next_batch(2)
+    # A resume that runs longer (or scores every pair) checks the reference on the pairs both
+    # scored; one that scores fewer has nothing to compare and accepts.
+    saved = json.loads(json.dumps(short.extra_state()))
+    assert saved["reference_pairs"] == 6
+    whole.load_extra_state(saved)
+    other = make_stage(pairs)
+    other.cache_reference(tiny_model(seed=1), batch_pairs=4, pairs_drawn=8)
+    with pytest.raises(UserError, match="reference model differs"):
+        other.load_extra_state(saved)
+    shorter = make_stage(pairs)
+    shorter.cache_reference(tiny_model(seed=1), batch_pairs=4, pairs_drawn=4)
+    shorter.load_extra_state(saved)
+
+
 def test_resume_refuses_a_different_reference_model() -> None:
     pairs = builtin_pairs(6)
     stage = make_stage(pairs)

@@ -280,6 +280,10 @@ class PairOrder:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.count)
 
+    def first_epoch(self) -> np.ndarray:
+        """The first epoch's order: which pairs a run of n pairs draws first (DPO scores those)."""
+        return self._epoch_order(0)
+
     def take(self, count: int) -> list[int]:
         """The indices of the next `count` pairs, crossing into the next epoch as needed."""
         indices = []

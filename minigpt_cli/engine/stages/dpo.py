@@ -5,9 +5,10 @@ each prompt in the one chat template, each reply and its end-of-turn after it, c
 trains a `DpoStage` on the one Trainer, the policy started and finished by `training.finetune`.
 
 - `DpoStage`: the Trainer's `Stage`. The reference model is the frozen starting policy; its
-  log-probabilities are computed once (`cache_reference`; under torchrun each rank scores its
-  share, then all have them all) and stored on the stage, so memory holds one model and a resumed
-  run uses exactly the reference of the first run.
+  log-probabilities are computed once, for the pairs the run's steps will draw
+  (`cache_reference`; under torchrun each rank scores its share, then all have them all), and
+  stored on the stage, so memory holds one model and a resumed run uses exactly the reference of
+  the first run.
 - The loss is `objectives.preference.dpo_loss` on `sequence_logps` (the sigmoid DPO loss with
   TRL's conservative label smoothing) and the implicit rewards beta * (log p_policy - log
   p_reference) feed `preference_metrics`.
@@ -123,6 +124,7 @@ class DpoStage(PairStage):
         self.order = PairOrder(self.train_pairs, seed, "DPO")
         self.reference_train: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         self.reference_val: torch.Tensor | None = None
+        self.reference_pairs = 0  # the training pairs scored: the first of the first epoch's
 
     # ------------------------------------------------------------------------------ reference
 
@@ -132,38 +134,52 @@ class DpoStage(PairStage):
         model: torch.nn.Module,
         *,
         batch_pairs: int = 8,
+        pairs_drawn: int | None = None,
         autocast: Callable[[], AbstractContextManager[Any]] | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
-        """Score every training and held-out pair with `model` (the reference) and keep the numbers.
+        """Score the training pairs the run will draw, and every held-out pair, with `model` (the
+        reference), and keep the numbers.
+
+        `pairs_drawn` (max_steps x the global batch; None: every pair) bounds the training pairs:
+        the first that many of the first epoch's order, so the tiny preset's 100 steps of 8 pairs
+        score 800 of 6,000 (scoring all had been a third of its DPO stage's time). They are
+        scored in chunks of `batch_pairs` consecutive places of that order, so a resume with a
+        longer run scores the same chunks first (all but the last, partial one, the same
+        numbers); a pair left unscored holds NaN, which `next_batch` refuses.
 
         Eval mode (no dropout) and no gradients; `autocast` (e.g. the Trainer's precision context)
         should be the one training uses, so that at step 0 policy and reference agree. Emits
         `progress` events (unit "pairs").
 
-        Under several processes each rank scores its own share of the chunks of `batch_pairs`
-        pairs, then every rank gets all of them: the pairs are scored once in the job, each in
-        the same chunk (the same padding) as one process scores it, so the numbers are its.
+        Under several processes each rank scores its own share of the chunks, then every rank
+        gets all of them: the pairs are scored once in the job, each in the same chunk (the same
+        padding) as one process scores it, so the numbers are its.
         """
         context = autocast or nullcontext
         size = max(1, batch_pairs)
+        first_epoch = self.order.first_epoch()
+        drawn = len(first_epoch) if pairs_drawn is None else min(pairs_drawn, len(first_epoch))
+        self.reference_pairs = drawn
+        places = (first_epoch[:drawn], np.arange(len(self.val_pairs)))
         splits = (self.train_pairs, self.val_pairs)
         chunks = [
-            (which, start)
-            for which, pairs in enumerate(splits)
-            for start in range(0, len(pairs), size)
+            (which, places[which][start : start + size])
+            for which in (0, 1)
+            for start in range(0, len(places[which]), size)
         ]
-        mine = [chunks[number] for number in distributed.share(len(chunks))]
-        total = sum(len(splits[which][start : start + size]) for which, start in mine)
+        mine = distributed.share(len(chunks))
+        total = sum(len(chunks[number][1]) for number in mine)
         done = 0
         was_training = model.training
         model.eval()
-        scored: list[tuple[int, int, torch.Tensor]] = []
+        scored: list[tuple[int, torch.Tensor]] = []
         try:
-            for which, start in mine:
-                chunk = splits[which][start : start + size]
-                scored.append((which, start, self._score(model, chunk, context)))
-                done += len(chunk)
+            for number in mine:
+                which, indices = chunks[number]
+                pairs = [splits[which][int(i)] for i in indices]
+                scored.append((number, self._score(model, pairs, context)))
+                done += len(indices)
                 emit(
                     on_event,
                     "progress",
@@ -175,9 +191,10 @@ class DpoStage(PairStage):
                 )
         finally:
             model.train(was_training)
-        results = [torch.empty(len(pairs), 2, dtype=torch.float32) for pairs in splits]
-        for which, start, scores in distributed.gather_lists(scored):
-            results[which][start : start + len(scores)] = scores
+        results = [torch.full((len(pairs), 2), math.nan) for pairs in splits]
+        for number, scores in distributed.gather_lists(scored):
+            which, indices = chunks[number]
+            results[which][torch.from_numpy(indices)] = scores
         self.reference_train, self.reference_val = results
 
     def _score(
@@ -206,6 +223,10 @@ class DpoStage(PairStage):
         indices = self.order.take(num_sequences)
         ids, mask = pad_pairs([self.train_pairs[i] for i in indices], self.pad_id)
         index = torch.tensor(indices, dtype=torch.long)
+        if reference[index].isnan().any():
+            raise RuntimeError(
+                f"DPO drew more than the {self.reference_pairs} pairs its reference was scored for"
+            )
         return {"ids": ids, "mask": mask, "pair_index": index, "reference": reference[index]}
 
     def count_tokens(self, batch: Batch) -> int:
@@ -268,17 +289,29 @@ class DpoStage(PairStage):
 
     # ------------------------------------------------------------------------------ position
 
+    def _reference_mean(self, pairs: int) -> list[float]:
+        """Mean chosen and rejected reference log-probs of the first `pairs` scored pairs."""
+        assert self.reference_train is not None
+        first = torch.from_numpy(self.order.first_epoch()[:pairs])
+        return [float(v) for v in self.reference_train[first].double().mean(0)]
+
     def extra_state(self) -> dict[str, Any]:
         """A summary of the cached reference, so a resume can tell it was recomputed faithfully."""
         if self.reference_train is None:
             return {}
-        return {"reference_mean": [float(v) for v in self.reference_train.double().mean(0)]}
+        return {
+            "reference_mean": self._reference_mean(self.reference_pairs),
+            "reference_pairs": self.reference_pairs,
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuse a resume whose reference differs from the run's: compared over the pairs both
+        scored (a checkpoint from before `reference_pairs` scored every pair)."""
         saved = state.get("reference_mean")
-        if saved is None or self.reference_train is None:
-            return
-        now = [float(v) for v in self.reference_train.double().mean(0)]
+        saved_pairs = int(state.get("reference_pairs", len(self.train_pairs)))
+        if saved is None or self.reference_train is None or saved_pairs > self.reference_pairs:
+            return  # this run scores fewer pairs (a shorter max_steps): nothing to compare
+        now = self._reference_mean(saved_pairs)
         if any(
             not math.isclose(a, b, rel_tol=_REFERENCE_TOLERANCE, abs_tol=_REFERENCE_TOLERANCE)
             for a, b in zip(saved, now, strict=True)
@@ -343,9 +376,11 @@ def run_dpo(
         exact_match_per_family=settings.exact_match_per_family,
         eval_batch=min(EVAL_BATCH, micro_batch),
     )
+    steps = train.max_steps
     stage.cache_reference(
         setup.model,
         batch_pairs=micro_batch,
+        pairs_drawn=None if steps is None else steps * train.global_batch_size,
         autocast=lambda: autocast_context(setup.precision, setup.device),
         on_event=on_event,
     )
