@@ -16,7 +16,7 @@ real text from the quickstart's pretrained model: SFT on sft_alpaca_en.jsonl and
 sft_oasst_zh.jsonl, DPO on dpo_hh_helpful_en.jsonl, and reports their held-out losses and
 preference accuracy.
 
-    python benchmarks/pipeline.py                        # about 10 minutes on 2 cores
+    python benchmarks/pipeline.py                        # about 2 minutes on 2 cores
     python benchmarks/pipeline.py --real DATA  # plus the real-data runs
     python benchmarks/pipeline.py --workdir /tmp/p --keep  # reuse finished stages
     python benchmarks/pipeline.py --seed 1                 # another seed

@@ -60,7 +60,7 @@ def minigpt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 EXPECTED_SHAPES = {
     # name: (n_embd, n_layer, n_head, vocab, context, lr, global batch, max_steps)
-    "tiny": (128, 4, 4, 5000, 128, 3e-3, 8, 1200),
+    "tiny": (128, 4, 4, 5000, 128, 3e-3, 8, 300),
     "small": (512, 6, 8, 10000, 256, 1e-3, 32, 2000),
     "medium": (640, 10, 10, 16000, 512, 6e-4, 64, 5000),
     "large": (768, 12, 12, 32000, 512, 3e-4, 64, 10000),

@@ -11,9 +11,9 @@ it (scaled by how fast this machine did its fixed work so far against the measur
 shared among the loops still to run by `BUDGET_WEIGHTS`, no loop getting more than its whole run
 needs on this machine (its `LOOP_SECONDS`, scaled the same way), the rest going to the others:
 when the budget is tight SFT, which carries the eval table, gets most of it; when it is nearly
-enough, the loops whose share covers their whole run keep it and the lightest (RLHF) takes what
-remains. Time a loop did not use (its step limit came first) passes to the loops after it, and
-time one overran comes out of them.
+enough, the loops whose share covers their whole run keep it and the others share what remains.
+Time a loop did not use (its step limit came first) passes to the loops after it, and time one
+overran comes out of them.
 
 The Trainer asks for its loop's seconds when the loop starts (`phase_time_limit`) and trains under
 them as an ordinary `max_time`, so it plans its cosine for the time it has (`pace.Schedule`) and
@@ -34,34 +34,35 @@ from minigpt_cli.config.schema import parse_duration
 PHASES = ("pretrain", "sft", "dpo", "reward", "rlhf", "eval")
 
 # Measured: `python benchmarks/pipeline.py --seed 0 --max-time 1h` (a budget that never binds) on a
-# 2-core Sapphire Rapids emulating a CPU without bf16 (README "A time budget for the quickstart").
-# Only ratios are used: a machine's speed is measured as the pipeline runs, not assumed.
+# 2-core Sapphire Rapids emulating a CPU without bf16, with the tiny preset's steps (README "What
+# each stage adds"). Only ratios are used: a machine's speed is measured as the pipeline runs.
 LOOP_SECONDS = {
-    "pretrain": 100.6,
-    "sft": 93.4,
-    "dpo": 16.0,
-    "reward": 5.6,
-    "rlhf": 48.4,
+    "pretrain": 22.9,
+    "sft": 73.5,
+    "dpo": 4.1,
+    "reward": 2.0,
+    "rlhf": 4.1,
 }
 """Each training phase's loop (the Trainer's own clock, its evaluations included)."""
 OUTSIDE_SECONDS = {
-    "pretrain": 4.6,
-    "sft": 1.6,
-    "dpo": 8.6,
+    "pretrain": 4.2,
+    "sft": 1.4,
+    "dpo": 2.2,
     "reward": 0.9,
-    "rlhf": 0.6,
-    "eval": 9.7,
+    "rlhf": 0.7,
+    "eval": 5.6,
 }
 """Each phase's work outside its loop (before it: tokenizer, encoding, loading, reference
 log-probabilities; after it: the last save), and the whole of the final evaluation."""
 BUDGET_WEIGHTS = {"pretrain": 40.0, "sft": 190.0, "dpo": 4.0, "reward": 5.6, "rlhf": 6.0}
 """How a budget too small for every loop is shared, chosen by the final eval table at
-`--max-time 125s` (the same machine, seed 0; README "A time budget for the quickstart"): its
+`--max-time 125s` with the preset's earlier, longer steps (pretraining 1,200, DPO 400, RLHF 80;
+the same machine, seed 0; README "A time budget for the quickstart"): its
 exact match was 18-25.5 % with the loops' own seconds as weights, 50.5 % with pretrain 60 /
 SFT 150 / DPO 8 / RLHF 12, 44.5-56.5 % with these; on seeds 1 and 2, not used to choose them,
 15.5 -> 29.0 % and 16.5 -> 45.5 %. SFT, even from a short pretraining, learns the table; DPO and
 RLHF add little in a few steps."""
-BEFORE_LOOP_SECONDS = {"pretrain": 4.15, "sft": 1.4, "dpo": 8.44, "reward": 0.85}
+BEFORE_LOOP_SECONDS = {"pretrain": 3.8, "sft": 1.29, "dpo": 1.97, "reward": 0.86}
 """The part of `OUTSIDE_SECONDS` before the loop of each stage's first phase: what the
 pipeline can time on this machine to learn its speed before the loop starts."""
 
