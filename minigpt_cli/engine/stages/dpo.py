@@ -223,11 +223,12 @@ class DpoStage(PairStage):
         indices = self.order.take(num_sequences)
         ids, mask = pad_pairs([self.train_pairs[i] for i in indices], self.pad_id)
         index = torch.tensor(indices, dtype=torch.long)
-        if reference[index].isnan().any():
+        drawn = reference[index]
+        if drawn.isnan().any():
             raise RuntimeError(
                 f"DPO drew more than the {self.reference_pairs} pairs its reference was scored for"
             )
-        return {"ids": ids, "mask": mask, "pair_index": index, "reference": reference[index]}
+        return {"ids": ids, "mask": mask, "pair_index": index, "reference": drawn}
 
     def count_tokens(self, batch: Batch) -> int:
         """Reply tokens scored in the batch (both replies): throughput and --max-tokens."""
