@@ -67,6 +67,9 @@ def test_metrics_follow_the_contract_and_loss_falls(tiny_pretrain_run: Path) -> 
     assert 0 < evals[-1]["val_bpb"] < 8
     tokens = [r["tokens"] for r in train]
     assert tokens == sorted(tokens) and tokens[-1] == 30 * 8 * 64
+    # The folder says what the steps ran in, before the first of them (`--precision fp32`).
+    (precision,) = [r for r in rows if r.get("event") == "precision"]
+    assert precision["step"] == 0 and precision["message"].startswith("fp32")
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tiny_pretrain_run: Path) -> None:

@@ -111,7 +111,10 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
         limits[name] = parse_duration(recorded)
     assert limits == pytest.approx(times["budget"]["loop_seconds"], abs=0.1)
     # Pretraining got its measured share; its few steps left the rest to the loops after it.
-    assert 0 < limits["pretrain"] < limits["sft"] < limits["rlhf"] < 600
+    # (Between two later loops the order depends on how long the stages between them took:
+    # each covered loop gets what is left less the later loops' measured needs.)
+    later = [limits[name] for name in ("sft", "dpo", "reward", "rlhf")]
+    assert 0 < limits["pretrain"] < min(later) and max(later) < 600
 
 
 def test_the_budget_flag_and_the_phases_still_to_run(

@@ -323,11 +323,11 @@ class Trainer:
         if peak is not None:
             peak *= self.ranks.world_size  # tokens/s counts every rank: so does the peak
         cpu = CpuMeter()
+        events = list(self.spec.events)
         if self._resumed_from is not None:
-            self.metrics.write(
-                self._row("event", event="resume", message=f"resumed from {self._resumed_from}")
-            )
-        for extra in self.spec.events:
+            events.insert(0, {"event": "resume", "message": f"resumed from {self._resumed_from}"})
+        # `auto` differs by machine: the folder says what the steps (and their MFU) ran in.
+        for extra in [*events, {"event": "precision", "message": self.precision.reason}]:
             self.metrics.write(self._row("event", **extra))
         self._event(
             "stage_start",
