@@ -109,7 +109,10 @@ def test_eval_report_compares_every_stage(finished_quickstart: tuple[Path, str])
         recorded = read_run_config(folder).stage_train(name).max_time
         assert recorded is not None, name
         limits[name] = parse_duration(recorded)
-    assert limits == pytest.approx(times["budget"]["loop_seconds"], abs=0.1)
+    # Each max_time is the loop's seconds plus the run's own seconds before its loop (counted
+    # against it too), both rounded to 0.1 s.
+    for name, seconds in times["budget"]["loop_seconds"].items():
+        assert seconds - 0.1 <= limits[name] <= seconds + 5, name
     # Pretraining got its measured share; its few steps left the rest to the loops after it.
     # (Between two later loops the order depends on how long the stages between them took:
     # each covered loop gets what is left less the later loops' measured needs.)
