@@ -79,9 +79,18 @@ def make(kit: Kit) -> None:
     _resume(kit, quickstart)
     _throughput(
         kit,
-        {"quickstart pretrain (tiny, auto)": quickstart / "pretrain"}
+        {f"quickstart pretrain (tiny, {_ran_in(quickstart / 'pretrain')})": quickstart / "pretrain"}
         | {f"{name}, fp32, 1 thread": m["run"] for name, m in measured.items()},
     )
+
+
+def _ran_in(run: Path) -> str:
+    """What `--precision auto` chose and the threads the run trained on, from its folder."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    chosen = [row["message"] for row in rows if row.get("event") == "precision"]
+    threads = json.loads((run / "trainer_state.json").read_text())["threads"]
+    precision = chosen[0].split(":")[0] if chosen else "precision not logged"
+    return f"auto: {precision}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _estimates() -> dict:
