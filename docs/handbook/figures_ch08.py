@@ -86,9 +86,10 @@ def make(kit: Kit) -> None:
 
 def _ran_in(run: Path) -> str:
     """What `--precision auto` chose and the threads the run trained on, from its folder."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    chosen = [row["message"] for row in rows if row.get("event") == "precision"]
-    threads = json.loads((run / "trainer_state.json").read_text())["threads"]
+    from minigpt_cli.engine.runs.checkpoint import read_metrics, read_state
+
+    chosen = [row["message"] for row in read_metrics(run) if row.get("event") == "precision"]
+    threads = read_state(run)["threads"]
     precision = chosen[0].split(":")[0] if chosen else "precision not logged"
     return f"auto: {precision}, {threads} thread{'s' if threads != 1 else ''}"
 
